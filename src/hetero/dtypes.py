@@ -1,0 +1,70 @@
+"""The one table of bytes per element for every storage type and compute precision.
+
+Every size estimate in hetero (ModelSpec, cost model, planner, engine budgets) derives from here,
+so a change of quantisation layout changes all of them at once.
+"""
+from __future__ import annotations
+
+import math
+
+# Compute precisions the planner and the engine know. Order: largest to smallest.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "int4")
+
+# Default group size of group-wise int4 (torch's CPU int4 kernel accepts 32, 64, 128, 256).
+INT4_GROUP = 32
+
+# GGML block layouts: type -> (elements per block, bytes per block); mirrors gguf's GGML_QUANT_SIZES
+# for the types we read, so sizes do not need the gguf package at import time.
+GGML_BLOCKS: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "F64": (1, 8),
+    "I8": (1, 1), "I16": (1, 2), "I32": (1, 4), "I64": (1, 8),
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+    "Q8_0": (32, 34), "Q8_1": (32, 40),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
+    "Q6_K": (256, 210), "Q8_K": (256, 292),
+}
+
+# safetensors / torch dtype names -> bytes per element.
+DENSE_BYTES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "fp32": 4, "bf16": 2, "fp16": 2,
+}
+
+
+def storage_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of `shape` occupies when stored as `dtype` (a GGML or safetensors type)."""
+    n = math.prod(shape)
+    if dtype in GGML_BLOCKS:
+        block, size = GGML_BLOCKS[dtype]
+        return (n // block) * size if n % block == 0 else math.ceil(n / block) * size
+    if dtype in DENSE_BYTES:
+        return n * DENSE_BYTES[dtype]
+    raise ValueError(f"unknown storage type {dtype!r}")
+
+
+def weight_bytes(precision: str, shape: tuple[int, ...], group: int = INT4_GROUP) -> int:
+    """Bytes of a weight of `shape` ([out, in] for 2-D) held at a compute precision.
+
+    1-D tensors (norm weights, biases) always stay fp32: they are tiny and precision-critical.
+    int8 is per output channel (one bf16 scale per row); int4 is group-wise along the input
+    dimension with a bf16 scale and zero per group (the layout of torch's int4 CPU kernel).
+    """
+    n = math.prod(shape)
+    if len(shape) < 2:
+        return n * 4
+    rows, cols = shape[0], math.prod(shape[1:])
+    if precision == "fp32":
+        return n * 4
+    if precision in ("bf16", "fp16"):
+        return n * 2
+    if precision == "int8":
+        return n + rows * 2
+    if precision == "int4":
+        groups = math.ceil(cols / group)
+        return math.ceil(n / 2) + rows * groups * 4
+    raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+
+
+def kv_bytes_per_element(precision: str) -> int:
+    """The KV cache is held in fp32, bf16 or fp16 (quantised weights still use a bf16 cache)."""
+    return 4 if precision == "fp32" else 2

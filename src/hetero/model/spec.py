@@ -1,0 +1,199 @@
+"""ModelSpec: an architecture-neutral description of a decoder model, built without reading weights.
+
+Everything the planner needs — shapes, stored bytes, FLOPs per token, KV-cache bytes — comes from
+here. Tensor names are canonical (Hugging Face Llama names) whatever the source format, so the
+planner, the loader and the engine speak one language.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from hetero.dtypes import kv_bytes_per_element, weight_bytes
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str                 # canonical name, e.g. model.layers.0.self_attn.q_proj.weight
+    shape: tuple[int, ...]    # torch order: [out, in] for linear weights
+    dtype: str                # storage type as found: F32, BF16, Q4_1, Q8_0, ...
+    nbytes: int               # bytes as stored in the source
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    type: str                                   # "llama3" | "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    architecture: str          # llama | mistral | qwen2
+    source: str                # where it came from (path, built-in name or synthetic:NAME)
+    format: str                # gguf | safetensors | synthetic
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    attention_bias: bool
+    rope_scaling: RopeScaling | None = None
+    tensors: tuple[TensorInfo, ...] = field(default=(), repr=False)
+
+    # ---- units: the granularity at which the planner places work --------------------------------
+    def unit_names(self) -> list[str]:
+        """`embed`, `layers.0` … `layers.{n-1}`, `head` (final norm + output projection)."""
+        return ["embed", *(f"layers.{i}" for i in range(self.n_layers)), "head"]
+
+    def unit_of(self, tensor_name: str) -> str:
+        m = _LAYER_RE.match(tensor_name)
+        if m:
+            return f"layers.{m.group(1)}"
+        if tensor_name.startswith("model.embed_tokens"):
+            return "embed"
+        return "head"  # model.norm.weight, lm_head.weight
+
+    def unit_tensors(self, unit: str) -> list[TensorInfo]:
+        ts = [t for t in self.tensors if self.unit_of(t.name) == unit]
+        if unit == "head" and self.tie_embeddings:
+            # A tied head reads the embedding matrix: count it for the head's traffic too.
+            ts += [t for t in self.tensors if t.name == "model.embed_tokens.weight"]
+        return ts
+
+    def unit_params(self, unit: str) -> int:
+        return sum(math.prod(t.shape) for t in self.unit_tensors(unit))
+
+    def unit_bytes(self, unit: str, precision: str) -> int:
+        """Bytes of a unit's weights held at `precision` (1-D tensors stay fp32)."""
+        return sum(weight_bytes(precision, t.shape) for t in self.unit_tensors(unit))
+
+    def unit_stored_bytes(self, unit: str) -> int:
+        return sum(t.nbytes for t in self.unit_tensors(unit))
+
+    # ---- totals ---------------------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def total_bytes(self, precision: str) -> int:
+        return sum(weight_bytes(precision, t.shape) for t in self.tensors)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, precision: str = "bf16", layers: int | None = None) -> int:
+        """K and V for one token across `layers` (default: all) decoder layers."""
+        n = self.n_layers if layers is None else layers
+        return 2 * n * self.kv_dim * kv_bytes_per_element(precision)
+
+    # ---- FLOPs ----------------------------------------------------------------------------------
+    def layer_matmul_params(self) -> int:
+        h, kv, f = self.hidden_size, self.kv_dim, self.intermediate_size
+        q = self.n_heads * self.head_dim
+        return h * q + 2 * h * kv + q * h + 3 * h * f
+
+    def unit_flops_per_token(self, unit: str, context: int) -> float:
+        """FLOPs to process one token at `context` tokens of attention history (multiply-add = 2)."""
+        if unit == "embed":
+            return 0.0
+        if unit == "head":
+            return 2.0 * self.hidden_size * self.vocab_size
+        attn = 2.0 * 2.0 * self.n_heads * self.head_dim * context  # QK^T and AV
+        return 2.0 * self.layer_matmul_params() + attn
+
+    def flops_per_token(self, context: int) -> float:
+        return sum(self.unit_flops_per_token(u, context) for u in self.unit_names())
+
+    def prefill_flops(self, prompt_tokens: int) -> float:
+        """FLOPs of a causal prefill: the average token attends to about half the prompt."""
+        return prompt_tokens * self.flops_per_token(context=max(1, prompt_tokens // 2))
+
+    # ---- identity and serialisation -------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short stable id of the architecture and tensor layout (plans are keyed by it)."""
+        import hashlib
+
+        payload = json.dumps(
+            [self.architecture, self.n_layers, self.hidden_size, self.intermediate_size,
+             self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size,
+             [(t.name, list(t.shape), t.dtype) for t in self.tensors]],
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tensors"] = [dataclasses.asdict(t) for t in self.tensors]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        d = dict(d)
+        d["tensors"] = tuple(
+            TensorInfo(t["name"], tuple(t["shape"]), t["dtype"], t["nbytes"]) for t in d.get("tensors", ())
+        )
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "architecture": self.architecture, "format": self.format,
+            "layers": self.n_layers, "hidden": self.hidden_size, "ffn": self.intermediate_size,
+            "heads": self.n_heads, "kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "vocab": self.vocab_size, "context": self.max_context, "rope_theta": self.rope_theta,
+            "rope_scaling": dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None,
+            "norm_eps": self.norm_eps, "tied_embeddings": self.tie_embeddings,
+            "attention_bias": self.attention_bias, "params": self.n_params,
+            "stored_bytes": self.stored_bytes,
+        }
+
+
+def expected_tensors(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """Canonical names and shapes a Llama-family checkpoint of this shape holds."""
+    h, f, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    q, kv = spec.n_heads * spec.head_dim, spec.kv_dim
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
+    for i in range(spec.n_layers):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (q, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, q)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (f, h)),
+            (p + "mlp.up_proj.weight", (f, h)),
+            (p + "mlp.down_proj.weight", (h, f)),
+        ]
+        if spec.attention_bias:
+            out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
+                    (p + "self_attn.v_proj.bias", (kv,))]
+    out.append(("model.norm.weight", (h,)))
+    if not spec.tie_embeddings:
+        out.append(("lm_head.weight", (v, h)))
+    return out

@@ -1,0 +1,176 @@
+"""GGUF reading through the `gguf` package: metadata -> ModelSpec, tensors -> canonical torch tensors.
+
+llama.cpp's converter permutes the rows of Q and K for the `llama` architecture (it uses interleaved
+RoPE pairs); we undo that on load so that every source feeds the same half-split RoPE decoder.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from hetero.errors import HeteroError
+from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo
+
+_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def canonical_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLK.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None  # e.g. rope_freqs: derived from metadata instead
+
+
+@lru_cache(maxsize=4)
+def open_reader(path: Path):
+    """A memory-mapped GGUFReader; a truncated or corrupt file becomes a one-line error."""
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise HeteroError(f"{path}: not a GGUF file (bad magic)")
+        return gguf.GGUFReader(str(path), "r")
+    except HeteroError:
+        raise
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
+        raise HeteroError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:
+        return default
+
+
+def metadata(path: Path) -> dict[str, Any]:
+    """Scalar metadata of a GGUF file (token lists are skipped: they are large)."""
+    r = open_reader(path)
+    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+    return {k: _field(r, k) for k in r.fields if k not in skip and not k.startswith("GGUF.")}
+
+
+def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
+    r = open_reader(path)
+    arch = _field(r, "general.architecture")
+    if arch not in _GGUF_ARCH:
+        raise HeteroError(
+            f"unsupported architecture {arch!r} in {path.name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    a = arch
+
+    def key(k: str, default: Any = None) -> Any:
+        return _field(r, f"{a}.{k}", default)
+
+    try:
+        hidden = int(key("embedding_length"))
+        heads = int(key("attention.head_count"))
+        n_layers = int(key("block_count"))
+        ffn = int(key("feed_forward_length"))
+    except TypeError:
+        raise HeteroError(f"{path}: GGUF metadata lacks the {arch} shape keys") from None
+    kv_heads = int(key("attention.head_count_kv", heads))
+    head_dim = int(key("attention.key_length", hidden // heads))
+    tensors = []
+    for t in r.tensors:
+        cname = canonical_name(t.name)
+        if cname is None:
+            continue
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+        tensors.append(TensorInfo(cname, shape, t.tensor_type.name, int(t.n_bytes)))
+    names = {t.name for t in tensors}
+    vocab = key("vocab_size")
+    if vocab is None:
+        emb = next((t for t in tensors if t.name == "model.embed_tokens.weight"), None)
+        vocab = emb.shape[0] if emb else len(r.fields["tokenizer.ggml.tokens"].data)
+    scaling = None
+    if key("rope.scaling.type") == "linear":
+        scaling = RopeScaling(type="linear", factor=float(key("rope.scaling.factor", 1.0)))
+    elif "rope_freqs.weight" in {t.name for t in r.tensors}:
+        # Llama 3.1-style GGUFs carry precomputed llama3 frequency factors; original params are
+        # not in metadata, so we use the published defaults when the factors tensor is present.
+        scaling = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=8192)
+    return ModelSpec(
+        name=name or _field(r, "general.name") or path.stem,
+        architecture=_GGUF_ARCH[arch], source=str(path), format="gguf",
+        n_layers=n_layers, hidden_size=hidden, intermediate_size=ffn, n_heads=heads,
+        n_kv_heads=kv_heads, head_dim=head_dim, vocab_size=int(vocab),
+        max_context=int(key("context_length", 2048)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="lm_head.weight" not in names,
+        attention_bias="model.layers.0.self_attn.q_proj.bias" in names,
+        rope_scaling=scaling, tensors=tuple(tensors),
+    )
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Invert llama.cpp's Q/K row permutation (interleaved RoPE pairs -> half split)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize(t) -> np.ndarray:
+    """A GGUF tensor as float32 in torch's dim order."""
+    from gguf import GGMLQuantizationType, quants
+
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    qt = t.tensor_type
+    if qt == GGMLQuantizationType.F32:
+        arr = np.asarray(t.data, dtype=np.float32)
+    elif qt == GGMLQuantizationType.F16:
+        arr = np.asarray(t.data, dtype=np.float16).astype(np.float32)
+    else:
+        arr = quants.dequantize(np.asarray(t.data), qt).astype(np.float32, copy=False)
+    return arr.reshape(shape)
+
+
+def iter_tensors(path: Path, spec: ModelSpec, names: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (canonical name, float32 array) for each tensor (or those in `names`), Q/K unpermuted."""
+    r = open_reader(path)
+    permuted = spec.architecture in ("llama", "mistral")
+    for t in r.tensors:
+        cname = canonical_name(t.name)
+        if cname is None or (names is not None and cname not in names):
+            continue
+        try:
+            arr = dequantize(t)
+        except (ValueError, IndexError, NotImplementedError) as e:
+            raise HeteroError(f"{path}: cannot read tensor {t.name} ({e})") from None
+        if permuted and cname.endswith(("q_proj.weight", "q_proj.bias")):
+            arr = _unpermute(arr, spec.n_heads)
+        elif permuted and cname.endswith(("k_proj.weight", "k_proj.bias")):
+            arr = _unpermute(arr, spec.n_kv_heads)
+        yield cname, arr

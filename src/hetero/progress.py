@@ -1,0 +1,21 @@
+"""A progress bar for long work (rich, on stderr), silent when disabled or not a terminal."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: float, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Yields `advance(n=1)`. Rendered only when enabled and stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.console import Console
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as p:
+        task = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(task, n)

@@ -25,6 +25,7 @@ class DeviceSpec:
     available_bytes: int = 0       # free right now (RAM available), 0 if unknown
     caches: dict[str, int] = field(default_factory=dict)  # "L1d", "L2", "L3" -> bytes
     source: str = ""               # "measured here" or the datasheet it comes from
+    shares_memory_with: str = ""   # unified memory (Apple mps): the device whose RAM this one uses
 
     @property
     def computes(self) -> bool:
@@ -93,10 +94,11 @@ class DeviceProfile:
     device: str
     gemm_flops: dict[str, Measurement] = field(default_factory=dict)      # prefill-shaped matmul
     gemv_bandwidth: dict[str, Measurement] = field(default_factory=dict)  # decode: weight bytes/s streamed
-    mem_bandwidth: Measurement | None = None                              # copy bandwidth (read+write)/2
+    mem_bandwidth: Measurement | None = None                              # large copy, read+write bytes counted (STREAM Copy)
     op_overhead: Measurement | None = None                                # fixed seconds per op/launch
     h2d_pinned: Measurement | None = None                                 # host -> device, cuda only
     h2d_pageable: Measurement | None = None
+    mem_read_bandwidth: Measurement | None = None                         # read-only stream (a reduction), B/s
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class Profile:
                 op_overhead=m(p.get("op_overhead")),
                 h2d_pinned=m(p.get("h2d_pinned")),
                 h2d_pageable=m(p.get("h2d_pageable")),
+                mem_read_bandwidth=m(p.get("mem_read_bandwidth")),
             )
         return cls(
             host=d["host"], version=d["version"], versions=d.get("versions", {}), devices=devices,

@@ -1,0 +1,197 @@
+"""The measured profile of this machine: runs the micro-benchmarks once and caches the result per host
+under cache_dir()/profiles/<host>.json, so planning never waits on a benchmark twice.
+
+A cached file that is corrupt, of an older schema version, measured with another thread count, or
+quick when a full one is asked for, is ignored with a warning and re-measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hetero.dtypes import PRECISIONS
+from hetero.hardware import bench, diskbench
+from hetero.hardware.types import DeviceProfile, HardwareSpec, Profile
+from hetero.paths import cache_dir
+
+PROFILE_VERSION = 1
+
+
+class ProfileCacheWarning(UserWarning):
+    """A cached profile could not be used and is being re-measured."""
+
+
+def profile_path(host: str) -> Path:
+    return cache_dir() / "profiles" / f"{host}.json"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    try:
+        from importlib.metadata import version
+        hetero_v = version("hetero")
+    except Exception:
+        hetero_v = "unknown"
+    return {"torch": torch.__version__, "python": platform.python_version(), "numpy": numpy.__version__,
+            "hetero": hetero_v, "threads": str(torch.get_num_threads())}
+
+
+def _progress(enabled: bool, total: int):
+    """A rich progress bar (or a no-op one); yields an `advance(label)` callable."""
+    if not enabled:
+        class _Quiet:
+            def __enter__(self):
+                return lambda label: None
+
+            def __exit__(self, *exc):
+                return False
+        return _Quiet()
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    class _Bar:
+        def __enter__(self):
+            self.p = Progress(TextColumn("profiling {task.description:<24}"), BarColumn(),
+                              TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                              transient=True)
+            self.p.__enter__()
+            self.task = self.p.add_task("", total=total)
+
+            def advance(label: str) -> None:
+                self.p.update(self.task, description=label)
+                self.p.advance(self.task)
+            return advance
+
+        def __exit__(self, *exc):
+            return self.p.__exit__(*exc)
+    return _Bar()
+
+
+def _device_steps(dev_name: str, be: bench.Backend, sz: bench.Sizes, out: dict) -> list:
+    """(label, thunk) pairs for one compute device; each thunk stores its figure in `out`."""
+    out.update(gemm={}, gemv={})
+
+    def put(table: str, prec: str, fn):
+        def run():
+            m = fn(prec, be, sz)
+            if m is not None:  # no kernel for this precision on this device: no row
+                out[table][prec] = m
+        return run
+
+    def mem():
+        out["copy"], out["read"] = bench.mem_bandwidth(be, sz)
+
+    def over():
+        out["overhead"] = bench.op_overhead(be, sz)
+
+    def h2d():
+        out["h2d_pinned"], out["h2d_pageable"] = bench.h2d(be, sz)
+
+    steps = [(f"{dev_name} memory", mem), (f"{dev_name} op overhead", over)]
+    steps += [(f"{dev_name} gemm {p}", put("gemm", p, bench.gemm)) for p in PRECISIONS]
+    steps += [(f"{dev_name} gemv {p}", put("gemv", p, bench.gemv)) for p in PRECISIONS]
+    if be.is_cuda:
+        steps.append((f"{dev_name} host->device", h2d))
+    return steps
+
+
+def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
+            sizes: bench.Sizes | None = None) -> Profile:
+    """Run the micro-benchmarks on every compute device of `spec` (cpu, cuda:N) and the disk."""
+    import torch
+
+    sz = sizes or (bench.QUICK if quick else bench.FULL)
+    results: dict[str, dict] = {}
+    steps: list = []
+    for dev in spec.compute_devices():
+        if dev.kind not in ("cpu", "cuda"):
+            continue  # mps/xpu rates are not measured yet; the planner falls back to spec peaks
+        results[dev.name] = {}
+        steps += _device_steps(dev.name, bench.backend_for(dev.name), sz, results[dev.name])
+    disk: dict = {}
+    has_disk = any(d.kind == "disk" for d in spec.devices)
+    if has_disk:
+        def disk_step():
+            path = diskbench.probe_file(sz.disk_bytes)
+            disk["direct"], disk["method"] = diskbench.read_direct(path, sz)
+            disk["cached"] = diskbench.read_cached(path, sz)
+        steps.append(("disk reads", disk_step))
+
+    with torch.inference_mode(), _progress(progress, len(steps)) as advance:
+        for label, run in steps:
+            run()
+            advance(label)
+
+    devices = {
+        name: DeviceProfile(
+            device=name, gemm_flops=r["gemm"], gemv_bandwidth=r["gemv"], mem_bandwidth=r.get("copy"),
+            op_overhead=r.get("overhead"), h2d_pinned=r.get("h2d_pinned"),
+            h2d_pageable=r.get("h2d_pageable"), mem_read_bandwidth=r.get("read"),
+        )
+        for name, r in results.items()
+    }
+    v = versions()
+    if "method" in disk:
+        v["disk_read"] = disk["method"]
+    return Profile(host=spec.host, version=PROFILE_VERSION, versions=v, devices=devices,
+                   disk_direct=disk.get("direct"), disk_cached=disk.get("cached"),
+                   mode="quick" if quick else "full",
+                   measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def load_cached(host: str, quick: bool = True) -> Profile | None:
+    """The cached profile when it is usable for this request; None (with a warning) when it is not."""
+    path = profile_path(host)
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict) or d.get("version") != PROFILE_VERSION:
+            got = d.get("version") if isinstance(d, dict) else None
+            warnings.warn(f"cached profile {path} has version {got}, need {PROFILE_VERSION}; re-measuring",
+                          ProfileCacheWarning, stacklevel=3)
+            return None
+        prof = Profile.from_dict(d)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"cached profile {path} is unreadable ({type(e).__name__}: {e}); re-measuring",
+                      ProfileCacheWarning, stacklevel=3)
+        return None
+    threads = versions()["threads"]
+    if prof.versions.get("threads", threads) != threads:
+        warnings.warn(f"cached profile {path} was measured with {prof.versions.get('threads')} threads, "
+                      f"now {threads}; re-measuring", ProfileCacheWarning, stacklevel=3)
+        return None
+    if not quick and prof.mode != "full":
+        return None  # a full profile was asked for: a quick one does not count, no warning needed
+    return prof
+
+
+def save(prof: Profile) -> Path:
+    """Write atomically (temp file + rename): a reader never sees half a profile."""
+    path = profile_path(prof.host)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(prof.to_dict(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def get_profile(refresh: bool = False, quick: bool = True, progress: bool = True,
+                sizes: bench.Sizes | None = None) -> Profile:
+    """This machine's profile: the cached one when usable, else measured now and cached."""
+    from hetero.hardware.inventory import host_name, inventory
+
+    host = host_name()
+    if not refresh:
+        cached = load_cached(host, quick)
+        if cached is not None:
+            return cached
+    prof = measure(inventory(), quick=quick, progress=progress, sizes=sizes)
+    save(prof)
+    return prof

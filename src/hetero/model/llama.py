@@ -1,0 +1,198 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): where the model is defined.
+
+Lean by design: fused QKV and gate/up projections, a preallocated KV cache written in place, and
+linear layers whose kernel (fp32/bf16/int8/int4) and device are chosen per unit by the caller.
+Shapes: B batch, T new tokens, S cached positions, H query heads, K kv heads, D head dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hetero.model.spec import ModelSpec
+from hetero.runtime.linear import activation_dtype, make_linear
+
+
+@dataclass(frozen=True)
+class UnitConfig:
+    """How one unit runs: its device and precision (the Plan decides; default all-CPU)."""
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """RoPE inverse frequencies, with llama3 or linear scaling applied as transformers does."""
+    d = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = spec.rope_scaling
+    if rs is None:
+        return inv.float()
+    if rs.type == "linear":
+        return (inv / rs.factor).float()
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
+    low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    wl = 2 * math.pi / inv
+    scaled = torch.where(wl > low_wl, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wl - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    mid = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_mid = (wl >= high_wl) & (wl <= low_wl)
+    return torch.where(is_mid, mid, scaled).float()
+
+
+class RotaryTable:
+    """cos/sin for every position up to the cache length, computed once."""
+
+    def __init__(self, spec: ModelSpec, max_len: int, device: str = "cpu"):
+        pos = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(pos, rope_inv_freq(spec))            # [L, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                  # [L, D]
+        self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
+
+    def get(self, start: int, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        c, s = self.cos[start:start + length], self.sin[start:start + length]
+        return c.to(device=device, dtype=dtype), s.to(device=device, dtype=dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [T, D]; rotate_half pairs dim i with i + D/2 (HF convention).
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Computed in fp32 as the reference implementations do; returned in the input dtype.
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * y).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated per-layer K and V: [B, K, max_len, D], written in place, never reallocated."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtypes: list[torch.dtype], devices: list[str]):
+        self.max_len = max_len
+        shape = (batch, spec.n_kv_heads, max_len, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dt, device=dev) for dt, dev in zip(dtypes, devices)]
+        self.v = [torch.zeros(shape, dtype=dt, device=dev) for dt, dev in zip(dtypes, devices)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, weights: Callable[[str], torch.Tensor | None], i: int, unit: UnitConfig):
+        super().__init__()
+        p = f"model.layers.{i}."
+        self.spec, self.device, self.dtype = spec, unit.device, activation_dtype(unit.precision)
+        self.n_q, self.n_kv = spec.n_heads * spec.head_dim, spec.kv_dim
+        qkv_w = torch.cat([weights(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        qkv_b = None
+        if spec.attention_bias:
+            qkv_b = torch.cat([weights(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        self.qkv = make_linear(qkv_w, qkv_b, unit.precision, unit.device)
+        self.o = make_linear(weights(p + "self_attn.o_proj.weight"), None, unit.precision, unit.device)
+        gate_up = torch.cat([weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight")])
+        self.gate_up = make_linear(gate_up, None, unit.precision, unit.device)
+        self.down = make_linear(weights(p + "mlp.down_proj.weight"), None, unit.precision, unit.device)
+        self.attn_norm = weights(p + "input_layernorm.weight").float().to(unit.device)
+        self.mlp_norm = weights(p + "post_attention_layernorm.weight").float().to(unit.device)
+        self.scale = 1.0 / math.sqrt(spec.head_dim)
+
+    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        B, T, _ = x.shape
+        h = rms_norm(x, self.attn_norm, spec.norm_eps)
+        qkv = self.qkv(h)
+        q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=-1)
+        q = q.view(B, T, spec.n_heads, spec.head_dim).transpose(1, 2)       # [B, H, T, D]
+        k = k.view(B, T, spec.n_kv_heads, spec.head_dim).transpose(1, 2)    # [B, K, T, D]
+        v = v.view(B, T, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = start + T
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        attn = self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], start)
+        x = x + self.o(attn.transpose(1, 2).reshape(B, T, self.n_q)).to(x.dtype)
+        h = rms_norm(x, self.mlp_norm, spec.norm_eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up).to(x.dtype)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        B, H, T, D = q.shape
+        K = k.shape[1]
+        G = H // K
+        if T == 1:
+            # Decode: grouped matmul-softmax-matmul without repeating K/V (faster than SDPA at M=1).
+            qg = q.view(B, K, G, D)
+            scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scale        # [B, K, G, S]
+            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            return torch.matmul(probs, v).view(B, H, 1, D)
+        if G > 1:
+            k = k.repeat_interleave(G, dim=1)
+            v = v.repeat_interleave(G, dim=1)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        S = k.shape[2]
+        # Chunked prefill after a cache: query t sees keys up to start + t.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class LlamaModel(torch.nn.Module):
+    """Embedding -> decoder layers -> norm -> head. Each unit may sit on its own device/precision."""
+
+    def __init__(self, spec: ModelSpec, weights: Callable[[str], torch.Tensor | None],
+                 units: dict[str, UnitConfig] | None = None, default: UnitConfig = UnitConfig()):
+        super().__init__()
+        self.spec = spec
+        units = units or {}
+        self.units = {u: units.get(u, default) for u in spec.unit_names()}
+        emb = self.units["embed"]
+        self.embed_dtype = activation_dtype(emb.precision)
+        # The embedding is a lookup table: kept at fp32 or bf16 (quantised precisions gather bf16 rows).
+        self.embed = weights("model.embed_tokens.weight").to(device=emb.device, dtype=self.embed_dtype)
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(spec, weights, i, self.units[f"layers.{i}"]) for i in range(spec.n_layers)
+        )
+        head = self.units["head"]
+        self.norm = weights("model.norm.weight").float().to(head.device)
+        head_w = weights("model.embed_tokens.weight") if spec.tie_embeddings else weights("lm_head.weight")
+        self.head = make_linear(head_w, None, head.precision, head.device)
+        self.head_device = head.device
+        self.rope: RotaryTable | None = None
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if self.rope is None or self.rope.cos.shape[0] < max_len:
+            self.rope = RotaryTable(self.spec, max_len)
+        dtypes = [layer.dtype for layer in self.layers]
+        devices = [layer.device for layer in self.layers]
+        return KVCache(self.spec, batch, max_len, dtypes, devices)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, start: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """ids: [B, T] new tokens at positions start..start+T-1 -> logits [B, V] (last) or [B, T, V] (fp32)."""
+        T = ids.shape[1]
+        if start + T > cache.max_len:
+            raise ValueError(f"context overflow: {start + T} > cache length {cache.max_len}")
+        x = self.embed[ids.to(self.embed.device)]
+        tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one cos/sin per (dtype, device)
+        for i, layer in enumerate(self.layers):
+            if x.device.type != torch.device(layer.device).type or x.dtype != layer.dtype:
+                x = x.to(device=layer.device, dtype=layer.dtype)
+            key = (layer.dtype, layer.device)
+            if key not in tables:
+                tables[key] = self.rope.get(start, T, layer.dtype, layer.device)
+            x = layer(x, start, *tables[key], cache.k[i], cache.v[i])
+        if last_only:
+            x = x[:, -1:]
+        x = rms_norm(x.to(self.head_device), self.norm, self.spec.norm_eps)
+        logits = self.head(x).float()
+        return logits[:, -1] if last_only else logits

@@ -1,0 +1,72 @@
+"""Tensor access by canonical name: GGUF (dequantised through the gguf package) or safetensors (mmap).
+
+Never unpickles: safetensors and GGUF are plain data formats.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hetero.errors import HeteroError
+from hetero.model.sources import Source
+from hetero.model.spec import ModelSpec
+
+
+class WeightStore:
+    """`store(name)` -> float tensor in torch dim order (fp32 for GGUF, the stored dtype otherwise)."""
+
+    def __init__(self, source: Source, spec: ModelSpec):
+        self.source, self.spec = source, spec
+        self._gguf_cache: dict[str, torch.Tensor] = {}
+        self._files: dict[str, Path] = {}
+        if source.kind == "gguf":
+            self._read = self._read_gguf
+        else:
+            d = source.path
+            if source.kind == "synthetic":
+                from hetero.model.synthetic import ensure_weights
+
+                d = ensure_weights(source.name)
+            from hetero.model.hf import read_safetensors_header, safetensors_files
+
+            for f in safetensors_files(d):
+                for name in read_safetensors_header(f):
+                    if name != "__metadata__":
+                        self._files[name] = f
+            self._read = self._read_safetensors
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        return self._read(name)
+
+    def _read_safetensors(self, name: str) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        f = self._files.get(name)
+        if f is None:
+            return None
+        with safe_open(str(f), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def _read_gguf(self, name: str) -> torch.Tensor | None:
+        # GGUF tensors are dequantised one at a time, on first use.
+        from hetero.model.gguf import iter_tensors
+
+        if name not in self._gguf_cache:
+            for cname, arr in iter_tensors(self.source.path, self.spec, names={name}):
+                self._gguf_cache[cname] = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        t = self._gguf_cache.pop(name, None)
+        return t
+
+
+def required(store: Callable[[str], torch.Tensor | None]) -> Callable[[str], torch.Tensor]:
+    """Wrap a store so a missing tensor is a clear error rather than a None deep in the model."""
+
+    def get(name: str) -> torch.Tensor:
+        t = store(name)
+        if t is None:
+            raise HeteroError(f"weights lack tensor {name!r}")
+        return t
+
+    return get

@@ -1,0 +1,111 @@
+"""Generation in three layers: `generate_step` yields token ids; `stream_generate` turns them into
+response records (text delta, counts, speeds, finish reason); callers join them for a plain string.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from hetero.errors import HeteroError
+from hetero.model.llama import LlamaModel
+from hetero.model.tokenizer import Tokenizer
+from hetero.runtime.sampling import Sampler, SamplingParams
+
+PREFILL_CHUNK = 512  # long prompts are processed in chunks to bound activation memory
+
+
+@dataclass
+class Record:
+    """One step of a streamed response."""
+    text: str                       # new text since the previous record
+    token_ids: list[int]            # new token ids since the previous record
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    timings: dict = field(default_factory=dict)
+
+
+def generate_step(model: LlamaModel, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+                  stop_ids: set[int], max_len: int | None = None) -> Iterator[tuple[int, float]]:
+    """Yield (token id, seconds since start) for each generated token; the first includes prefill."""
+    ctx = max_len or model.spec.max_context
+    n = len(prompt_ids)
+    if n == 0:
+        raise HeteroError("empty prompt")
+    if n >= ctx:
+        raise HeteroError(f"prompt is {n} tokens but the context is {ctx}")
+    total = min(ctx, n + max_new_tokens)
+    cache = model.new_cache(1, total)
+    t0 = time.perf_counter()
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    logits = None
+    for s in range(0, n, PREFILL_CHUNK):
+        logits = model(ids[:, s:s + PREFILL_CHUNK], s, cache)
+    history = list(prompt_ids)
+    pos = n
+    while True:
+        tok = sampler(logits[0], history)
+        history.append(tok)
+        yield tok, time.perf_counter() - t0
+        pos += 1
+        if tok in stop_ids or pos >= total:
+            return
+        logits = model(torch.tensor([[tok]], dtype=torch.long), pos - 1, cache)
+
+
+class _Detok:
+    """Incremental detokenisation: emit only text that is stable (no half UTF-8 sequence)."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.ids, self.emitted = tok, [], ""
+
+    def add(self, tid: int) -> str:
+        self.ids.append(tid)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+def stream_generate(model: LlamaModel, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int = 128,
+                    params: SamplingParams = SamplingParams(), stop: list[str] | None = None,
+                    stop_ids: set[int] | None = None) -> Iterator[Record]:
+    if max_new_tokens <= 0:
+        raise HeteroError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    sampler = Sampler(params)
+    stops = tok.stop_ids if stop_ids is None else stop_ids
+    detok = _Detok(tok)
+    n_prompt = len(prompt_ids)
+    t_first = None
+    count = 0
+    text_so_far = ""
+    stop = [s for s in (stop or []) if s]
+    for tid, elapsed in generate_step(model, prompt_ids, max_new_tokens, sampler, stops):
+        count += 1
+        if t_first is None:
+            t_first = elapsed
+        prefill = n_prompt / t_first if t_first > 0 else 0.0
+        decode = (count - 1) / (elapsed - t_first) if count > 1 and elapsed > t_first else 0.0
+        if tid in stops:
+            yield Record("", [tid], n_prompt, count, prefill, decode, "stop")
+            return
+        delta = detok.add(tid)
+        finish = None
+        if stop and delta:
+            text_so_far += delta
+            hit = min((text_so_far.find(s) for s in stop if s in text_so_far), default=-1)
+            if hit >= 0:
+                delta = delta[: max(0, len(delta) - (len(text_so_far) - hit))]
+                yield Record(delta, [tid], n_prompt, count, prefill, decode, "stop")
+                return
+        if count >= max_new_tokens or n_prompt + count >= model.spec.max_context:
+            finish = "length"
+        yield Record(delta, [tid], n_prompt, count, prefill, decode, finish)
+        if finish:
+            return

@@ -1,0 +1,125 @@
+"""Linear layers at each compute precision, built once from a float weight.
+
+The decoder only calls `layer(x)`; which kernel runs is decided here, by the precision the plan
+gives the unit. Quantised kernels take bf16 activations (torch's CPU int8/int4 weight-only kernels
+are fast with bf16 and slow with fp32 inputs; see DESIGN.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hetero.dtypes import INT4_GROUP
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def activation_dtype(precision: str) -> torch.dtype:
+    """The dtype activations flow in for a unit of this precision."""
+    return torch.float32 if precision == "fp32" else (torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+class DenseLinear(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: str, device: str = "cpu"):
+        super().__init__()
+        dt = DTYPES[precision]
+        self.weight = weight.to(device=device, dtype=dt).contiguous()
+        self.bias = None if bias is None else bias.to(device=device, dtype=dt)
+        self.out_features, self.in_features = self.weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w ≈ q * scale[:, None]."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(torch.nn.Module):
+    """Weight-only int8 per output channel; bf16 activations through torch._weight_int8pack_mm (CPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: str = "cpu"):
+        super().__init__()
+        q, scale = quantize_int8_per_channel(weight)
+        # torch's CPU int8 kernel reads K in blocks of 16 and misbehaves (NaN, even a crash) otherwise.
+        self.pad = (-q.shape[1]) % 16
+        if self.pad:
+            q = F.pad(q, (0, self.pad))
+        self.qweight = q.to(device).contiguous()          # [N, K] int8
+        self.scales = scale.to(device=device, dtype=torch.bfloat16)  # [N]
+        self.bias = None if bias is None else bias.to(device=device, dtype=torch.bfloat16)
+        self.out_features, self.in_features = q.shape[0], q.shape[1] - self.pad
+        self._fast = self.qweight.device.type == "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.pad:
+            x2 = F.pad(x2, (0, self.pad))
+        x2 = x2.contiguous()
+        if self._fast:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            y = F.linear(x2, self.qweight.to(torch.bfloat16)) * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_int4_groupwise(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4 along the input dim: w ≈ (q - 8) * scale + zero_point_offset.
+
+    Returns q (uint8 in [0, 15], [N, K]), scale and zero ([N, K/group]) in torch's int4-kernel
+    convention: w = (q - 8) * scale + zero. K must be a multiple of `group` (callers pad).
+    """
+    w = weight.float()
+    n, k = w.shape
+    wg = w.reshape(n, k // group, group)
+    lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    zero = lo + 8.0 * scale  # so that (q - 8) * scale + zero == q * scale + lo
+    return q.reshape(n, k).to(torch.uint8), scale, zero
+
+
+class Int4Linear(torch.nn.Module):
+    """Weight-only group-wise int4; bf16 activations through torch._weight_int4pack_mm_for_cpu."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: str = "cpu", group: int = INT4_GROUP):
+        super().__init__()
+        n, k = weight.shape
+        pad = (-k) % group
+        if pad:  # a dimension the group does not divide is zero-padded, never skipped
+            weight = F.pad(weight.float(), (0, pad))
+        q, scale, zero = quantize_int4_groupwise(weight, group)
+        self.group, self.in_features, self.out_features, self.pad = group, k, n, pad
+        # torch CPU packing wants int32 [N, K] values in [0, 15]; scales_and_zeros is [K/g, N, 2] bf16.
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.bias = None if bias is None else bias.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if self.pad:
+            x2 = F.pad(x2, (0, self.pad))
+        y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str, device: str = "cpu") -> torch.nn.Module:
+    if precision in DTYPES:
+        return DenseLinear(weight, bias, precision, device)
+    if precision == "int8":
+        return Int8Linear(weight, bias, device)
+    if precision == "int4":
+        if device != "cpu":
+            raise NotImplementedError("int4 on CUDA needs torchao; plan int8 or bf16 for GPU units")
+        return Int4Linear(weight, bias, device)
+    raise ValueError(f"unknown precision {precision!r}")

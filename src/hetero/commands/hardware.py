@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            prof = get_profile(refresh=refresh, quick=quick, progress=sys.stderr.isatty() or not as_json)
+            prof = get_profile(refresh=refresh, quick=quick, progress=True)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         if as_json:

@@ -53,13 +53,14 @@ def _progress(enabled: bool, total: int):
                 return False
         return _Quiet()
 
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     class _Bar:
         def __enter__(self):
             self.p = Progress(TextColumn("profiling {task.description:<24}"), BarColumn(),
                               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                              transient=True)
+                              transient=True, console=Console(stderr=True))  # stdout stays clean JSON
             self.p.__enter__()
             self.task = self.p.add_task("", total=total)
 
@@ -177,8 +178,11 @@ def save(prof: Profile) -> Path:
     path = profile_path(prof.host)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(prof.to_dict(), indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(prof.to_dict(), indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left over when writing or renaming failed
     return path
 
 

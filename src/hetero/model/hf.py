@@ -27,8 +27,13 @@ def _architecture(cfg: dict[str, Any]) -> str:
     raise HeteroError(f"unsupported architecture {named!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    # transformers ≥ 5 writes `rope_parameters` (theta included); older configs `rope_scaling`.
+    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+
+
 def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling | None:
-    rs = cfg.get("rope_scaling")
+    rs = _rope_params(cfg)
     if not rs:
         return None
     kind = rs.get("rope_type") or rs.get("type")
@@ -59,7 +64,7 @@ def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             vocab_size=int(cfg["vocab_size"]),
             max_context=int(cfg.get("max_position_embeddings", 2048)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(cfg.get("rope_theta") or _rope_params(cfg).get("rope_theta") or 10000.0),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
@@ -112,6 +117,7 @@ def spec_from_hf_dir(d: Path, source: str | None = None, fmt: str = "safetensors
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise HeteroError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    _architecture(cfg)  # an unsupported model is named before anything else is looked at
     tensors = []
     for f in safetensors_files(d):
         for tname, meta in read_safetensors_header(f).items():

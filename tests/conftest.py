@@ -1,0 +1,27 @@
+"""Shared fixtures: an isolated cache dir per session and GPU skipping."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # Tests never write into the user's cache; the built-in tokenizer cache is rebuilt once per run.
+    if "HETERO_CACHE" not in os.environ or os.environ.get("HETERO_TEST_KEEP_CACHE") != "1":
+        os.environ["HETERO_CACHE"] = str(tmp_path_factory.mktemp("hetero-cache"))
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)

@@ -95,6 +95,34 @@ def resolve_spec(model: str | None) -> ModelSpec:
         from hetero.model.hf import spec_from_hf_dir
 
         return spec_from_hf_dir(src.path)
-    from hetero.model.gguf import spec_from_gguf
+    return _cached_gguf_spec(src)
 
-    return spec_from_gguf(src.path, name=src.name)
+
+def _cached_gguf_spec(src: Source) -> ModelSpec:
+    """gguf's reader parses every metadata field (seconds for a 49k-token vocab), so the derived
+    spec is cached, keyed by the file's path, size and mtime; a changed file is read afresh."""
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    from hetero.model.gguf import spec_from_gguf
+    from hetero.paths import cache_dir
+
+    st = src.path.stat()
+    key = hashlib.sha256(f"{src.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{src.name}|v1".encode()).hexdigest()[:20]
+    cached = cache_dir() / "specs" / f"{key}.json"
+    try:
+        return ModelSpec.from_dict(json.loads(cached.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    spec = spec_from_gguf(src.path, name=src.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec.to_dict(), f)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # an unwritable cache only costs speed
+    return spec

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -15,11 +16,43 @@ def test_time_op_batches_until_min_time():
     assert len(calls) > 4  # batched: many calls per timed repeat
 
 
-def test_rate_and_spread():
-    m = bench.rate(10.0, [1.0, 2.0, 5.0], "B/s")
-    assert (m.min, m.median, m.max, m.repeats) == (2.0, 5.0, 10.0, 3)
-    c = bench.per_call([3.0, 1.0, 2.0])
-    assert (c.min, c.median, c.max, c.unit) == (1.0, 2.0, 3.0, "s")
+def test_probe_pools_samples_over_rounds():
+    made = []
+
+    def make():
+        made.append(1)
+        return lambda: sum(range(100))
+
+    p = bench.Probe(("x",), "B/s", 1e6, make, lambda: None, 0.001)
+    p.sample(3)
+    p.sample(2)
+    m = p.result()
+    assert made == [1] and m.repeats == 5 and 0 < m.min <= m.median <= m.max
+    p.release()
+    assert p.fn is None
+
+
+def test_probe_seconds_are_scaled_per_op():
+    p = bench.Probe(("t",), "s", 0.0, lambda: (lambda: time.sleep(0.002)), lambda: None, 0.0, scale=0.5)
+    p.sample(2)
+    assert p.result().unit == "s" and 0.001 <= p.result().median < 0.05
+
+
+def test_unsupported_probe_has_no_result():
+    p = bench.Probe(("x",), "B/s", 1.0, lambda: None, lambda: None, 0.0)
+    p.sample(3)
+    assert p.result() is None and not p.supported
+
+
+def test_device_probes_cover_every_figure(tiny):
+    probes = bench.device_probes(bench.Backend("cpu"), tiny)
+    keys = {p.key for p in probes}
+    assert {("mem_bandwidth",), ("mem_read_bandwidth",), ("op_overhead",), ("gemm", "bf16"),
+            ("gemv", "int4")} <= keys
+    assert ("h2d_pinned",) not in keys  # only on CUDA
+    gemv = {p.key[1]: p.work for p in probes if p.key[0] == "gemv"}
+    assert gemv["fp32"] == 2 * gemv["bf16"]  # weight bytes streamed, by precision
+    assert gemv["int8"] < gemv["bf16"] and gemv["int4"] < gemv["int8"]
 
 
 @pytest.mark.parametrize("prec", ["fp32", "bf16", "int8", "int4"])
@@ -44,11 +77,6 @@ def test_unknown_precision_has_no_op():
     assert bench.matmul_op("fp8", 2, 64, 64, "cpu") is None
 
 
-def test_gemv_counts_weight_bytes(tiny):
-    m = bench.gemv("int8", bench.Backend("cpu"), tiny)
-    assert m.unit == "B/s" and m.median > 0
-
-
 def test_probe_file_written_once(tmp_path):
     p = diskbench.probe_file(1 << 20, tmp_path)
     assert p.stat().st_size == 1 << 20
@@ -60,9 +88,10 @@ def test_probe_file_written_once(tmp_path):
 
 def test_direct_read_reads_the_whole_file(tmp_path, tiny):
     p = diskbench.probe_file(1 << 20, tmp_path)
-    m, method = diskbench.read_direct(p, tiny)
-    assert method in ("O_DIRECT", "fadvise DONTNEED") and m.median > 0
-    assert diskbench.read_cached(p, tiny).median > 0
+    r = diskbench.DirectRead(p, 256 << 10)
+    assert r.method in ("O_DIRECT", "fadvise DONTNEED")
+    assert r() == 1 << 20
+    assert diskbench.CachedRead(p, 256 << 10)() == 1 << 20
 
 
 def test_direct_read_falls_back_without_o_direct(tmp_path, tiny, monkeypatch):
@@ -75,8 +104,16 @@ def test_direct_read_falls_back_without_o_direct(tmp_path, tiny, monkeypatch):
         return real_open(path, flags, *a)
 
     monkeypatch.setattr(os, "open", no_direct)
-    m, method = diskbench.read_direct(p, tiny)
-    assert method == "fadvise DONTNEED" and m.median > 0
+    r = diskbench.DirectRead(p, 256 << 10)
+    assert r.method == "fadvise DONTNEED" and r() == 1 << 20
+
+
+def test_disk_probes_record_the_method(tiny):
+    direct, cached = diskbench.disk_probes(tiny)
+    direct.sample(2)
+    cached.sample(2)
+    assert direct.note in ("O_DIRECT", "fadvise DONTNEED")
+    assert direct.result().median > 0 and cached.result().median > 0
 
 
 def test_read_all_counts_bytes(tmp_path):

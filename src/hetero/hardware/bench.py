@@ -1,8 +1,8 @@
 """Micro-benchmarks of one compute device: matmul rates (GEMM for prefill, GEMV for decode) per
 precision, memory bandwidth, fixed per-op overhead, and host->device copies on CUDA.
 
-Each returns a Measurement over `repeats` timed batches; a batch repeats the op until it lasts at
-least `min_time` seconds so that timer resolution and dispatch jitter do not dominate.
+Each figure is a Probe timed in batches; a batch repeats the op until it lasts at least `min_time`
+seconds so that timer resolution and dispatch jitter do not dominate.
 """
 from __future__ import annotations
 
@@ -24,14 +24,15 @@ class Sizes:
     copy_bytes: int = 256 << 20    # per buffer of the bandwidth copy
     disk_bytes: int = 256 << 20    # the probe file for disk reads
     disk_chunk: int = 16 << 20     # bytes per read() call
-    repeats: int = 5
+    repeats: int = 3               # timed batches per round
+    rounds: int = 3                # passes over all probes: each figure gets rounds x repeats samples
     min_time: float = 0.05         # seconds per timed batch
     overhead_iters: int = 2000
 
 
 QUICK = Sizes()
 FULL = Sizes(gemm_m=512, gemm_k=4096, gemm_n=4096, gemv_bytes=256 << 20, copy_bytes=512 << 20,
-             disk_bytes=512 << 20, repeats=11, min_time=0.2)
+             disk_bytes=512 << 20, repeats=3, rounds=5, min_time=0.15)
 
 
 class Backend:
@@ -54,10 +55,11 @@ def backend_for(device: str) -> Backend:
     return Backend(device)
 
 
-def time_op(fn: Callable[[], object], sync: Callable[[], None], repeats: int, min_time: float) -> list[float]:
-    """Seconds per call of `fn`, one value per timed batch."""
+def calibrate(fn: Callable[[], object], sync: Callable[[], None], min_time: float) -> int:
+    """Calls per timed batch so that one batch lasts at least `min_time` (after one warm-up call:
+    allocator, kernel selection, packing caches)."""
     fn()
-    sync()  # warm-up: allocator, kernel selection, packing caches
+    sync()
     n = 1
     while True:
         t0 = time.perf_counter()
@@ -66,10 +68,14 @@ def time_op(fn: Callable[[], object], sync: Callable[[], None], repeats: int, mi
         sync()
         dt = time.perf_counter() - t0
         if dt >= min_time or n >= 1 << 20:
-            break
+            return n
         n = max(n * 2, int(n * min_time / max(dt, 1e-9) * 1.1))
-    out = [dt / n]
-    for _ in range(repeats - 1):
+
+
+def time_batches(fn: Callable[[], object], sync: Callable[[], None], n: int, repeats: int) -> list[float]:
+    """Seconds per call, one value per batch of `n` calls."""
+    out = []
+    for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
@@ -78,16 +84,8 @@ def time_op(fn: Callable[[], object], sync: Callable[[], None], repeats: int, mi
     return out
 
 
-def rate(work: float, seconds: list[float], unit: str) -> Measurement:
-    """work / time for each batch; median, min, max of those rates."""
-    rates = [work / s for s in seconds if s > 0]
-    return Measurement(median=statistics.median(rates), min=min(rates), max=max(rates), unit=unit,
-                       repeats=len(rates))
-
-
-def per_call(seconds: list[float]) -> Measurement:
-    return Measurement(median=statistics.median(seconds), min=min(seconds), max=max(seconds), unit="s",
-                       repeats=len(seconds))
+def time_op(fn: Callable[[], object], sync: Callable[[], None], repeats: int, min_time: float) -> list[float]:
+    return time_batches(fn, sync, calibrate(fn, sync, min_time), repeats)
 
 
 def _int4_weight(n: int, k: int, device: str, group: int):
@@ -139,66 +137,103 @@ def matmul_op(precision: str, m: int, k: int, n: int, device: str, group: int = 
         return None
 
 
-def gemm(precision: str, be: Backend, sz: Sizes) -> Measurement | None:
-    """FLOP/s of a prefill-shaped matmul [M, K] x [K, N]."""
-    fn = matmul_op(precision, sz.gemm_m, sz.gemm_k, sz.gemm_n, be.device)
-    if fn is None:
-        return None
-    return rate(2.0 * sz.gemm_m * sz.gemm_k * sz.gemm_n, time_op(fn, be.sync, sz.repeats, sz.min_time),
-                "FLOP/s")
+class Probe:
+    """One figure: an op built lazily (`make` returns the callable, or None when unsupported) and
+    timed in batches. `sample` can be called several times, interleaved with other probes, so each
+    figure's samples spread over the whole profile and a burst of load elsewhere moves the median less.
+    """
+
+    def __init__(self, key: tuple[str, ...], unit: str, work: float, make: Callable[[], Callable | None],
+                 sync: Callable[[], None], min_time: float, scale: float = 1.0):
+        self.key, self.unit, self.work, self.scale = key, unit, work, scale  # scale: "s" per call -> per op
+        self.make, self.sync, self.min_time = make, sync, min_time
+        self.fn: Callable | None = None
+        self.supported = True
+        self.values: list[float] = []   # rates (work/s), or seconds per call when unit == "s"
+        self.n = 0                      # calls per timed batch, calibrated on the first sample
+        self.note = ""                  # how it was measured, when that varies (disk: O_DIRECT or not)
+
+    def sample(self, repeats: int) -> None:
+        if not self.supported:
+            return
+        if self.fn is None:
+            self.fn = self.make()
+            if self.fn is None:
+                self.supported = False
+                return
+        if self.n == 0:
+            self.n = calibrate(self.fn, self.sync, self.min_time)
+        secs = time_batches(self.fn, self.sync, self.n, repeats)
+        self.values += [s * self.scale for s in secs] if self.unit == "s" else [self.work / s for s in secs if s > 0]
+
+    def result(self) -> Measurement | None:
+        if not self.values:
+            return None
+        v = self.values
+        return Measurement(median=statistics.median(v), min=min(v), max=max(v), unit=self.unit,
+                           repeats=len(v))
+
+    def release(self) -> None:
+        self.fn = None  # frees the op's tensors; a later sample would rebuild them
 
 
-def gemv(precision: str, be: Backend, sz: Sizes) -> Measurement | None:
-    """Weight bytes streamed per second by a decode matvec (M=1) over weights larger than the cache."""
+def _gemv_n(precision: str, k: int, nbytes: int) -> int:
     from hetero.dtypes import weight_bytes
 
-    k = 4096
     per_row = weight_bytes(precision, (1, k))
-    n = max(64, (sz.gemv_bytes // per_row) // 64 * 64)  # multiple of 64 keeps the int4 packing happy
-    fn = matmul_op(precision, 1, k, n, be.device)
-    if fn is None:
-        return None
-    return rate(float(weight_bytes(precision, (n, k))), time_op(fn, be.sync, sz.repeats, sz.min_time), "B/s")
+    return max(64, (nbytes // per_row) // 64 * 64)  # multiple of 64 keeps the int4 packing happy
 
 
-def mem_bandwidth(be: Backend, sz: Sizes) -> tuple[Measurement, Measurement]:
-    """(copy, read): a large buffer copy counting bytes read + written (STREAM Copy convention), and a
-    read-only reduction over the same buffer."""
+def device_probes(be: Backend, sz: Sizes) -> list[Probe]:
+    """Every figure of one compute device, as lazily built probes."""
     import torch
 
+    from hetero.dtypes import PRECISIONS, weight_bytes
+
+    def p(key, unit, work, make, scale=1.0):
+        return Probe(key, unit, work, make, be.sync, sz.min_time, scale)
+
+    out = []
     n = sz.copy_bytes // 4
-    src = torch.rand(n, dtype=torch.float32, device=be.device)
-    dst = torch.empty_like(src)
-    copy = rate(2.0 * n * 4, time_op(lambda: dst.copy_(src), be.sync, sz.repeats, sz.min_time), "B/s")
-    read = rate(1.0 * n * 4, time_op(lambda: src.sum(), be.sync, sz.repeats, sz.min_time), "B/s")
-    return copy, read
 
+    def bufs():
+        # shared by the copy and read probes: [src, dst], built on first use
+        if not _bufs:
+            _bufs.append(torch.rand(n, dtype=torch.float32, device=be.device))
+            _bufs.append(torch.empty_like(_bufs[0]))
+        return _bufs
+    _bufs: list = []
+    # copy: bytes read + written (STREAM Copy convention); read: a reduction over the same buffer
+    out.append(p(("mem_bandwidth",), "B/s", 2.0 * n * 4, lambda: (lambda b=bufs(): b[1].copy_(b[0]))))
+    out.append(p(("mem_read_bandwidth",), "B/s", 1.0 * n * 4, lambda: (lambda b=bufs(): b[0].sum())))
 
-def op_overhead(be: Backend, sz: Sizes) -> Measurement:
-    """Seconds per tiny op: the fixed cost of dispatch (CPU) or kernel launch (GPU)."""
-    import torch
+    def tiny_ops():
+        a, b = torch.ones(8, device=be.device), torch.ones(8, device=be.device)
 
-    a = torch.ones(8, device=be.device)
-    b = torch.ones(8, device=be.device)
-    iters = sz.overhead_iters
+        def loop() -> None:
+            for _ in range(sz.overhead_iters):
+                torch.add(a, b)
+        return loop
+    # seconds per tiny op: the fixed cost of dispatch (CPU) or kernel launch (GPU)
+    out.append(p(("op_overhead",), "s", 0.0, tiny_ops, scale=1.0 / sz.overhead_iters))
 
-    def loop() -> None:
-        for _ in range(iters):
-            torch.add(a, b)
-
-    secs = time_op(loop, be.sync, sz.repeats, sz.min_time)
-    return per_call([s / iters for s in secs])
-
-
-def h2d(be: Backend, sz: Sizes) -> tuple[Measurement, Measurement]:
-    """(pinned, pageable) host -> device copy bandwidth."""
-    import torch
-
-    n = sz.copy_bytes
-    host = torch.empty(n, dtype=torch.uint8)
-    pinned = be.pin(torch.empty(n, dtype=torch.uint8))
-    dev = torch.empty(n, dtype=torch.uint8, device=be.device)
-    p = rate(float(n), time_op(lambda: dev.copy_(pinned, non_blocking=True), be.sync, sz.repeats,
-                               sz.min_time), "B/s")
-    q = rate(float(n), time_op(lambda: dev.copy_(host), be.sync, sz.repeats, sz.min_time), "B/s")
-    return p, q
+    gemm_work = 2.0 * sz.gemm_m * sz.gemm_k * sz.gemm_n
+    for prec in PRECISIONS:
+        out.append(p(("gemm", prec), "FLOP/s", gemm_work,
+                     lambda prec=prec: matmul_op(prec, sz.gemm_m, sz.gemm_k, sz.gemm_n, be.device)))
+    k = 4096
+    for prec in PRECISIONS:
+        nrows = _gemv_n(prec, k, sz.gemv_bytes)
+        out.append(p(("gemv", prec), "B/s", float(weight_bytes(prec, (nrows, k))),
+                     lambda prec=prec, nrows=nrows: matmul_op(prec, 1, k, nrows, be.device)))
+    if be.is_cuda:
+        def h2d(pinned: bool):
+            def make():
+                host = torch.empty(sz.copy_bytes, dtype=torch.uint8)
+                host = be.pin(host) if pinned else host
+                dev = torch.empty(sz.copy_bytes, dtype=torch.uint8, device=be.device)
+                return lambda: dev.copy_(host, non_blocking=pinned)
+            return make
+        out.append(p(("h2d_pinned",), "B/s", float(sz.copy_bytes), h2d(True)))
+        out.append(p(("h2d_pageable",), "B/s", float(sz.copy_bytes), h2d(False)))
+    return out

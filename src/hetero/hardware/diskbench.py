@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 from pathlib import Path
 
-from hetero.hardware.bench import Sizes, rate
-from hetero.hardware.types import Measurement
+from hetero.hardware.bench import Probe, Sizes
 from hetero.paths import cache_dir
 
 _ALIGN = 4096  # O_DIRECT needs buffer, offset and length aligned to the logical block size
@@ -58,52 +56,68 @@ def _drop_cache(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def read_direct(path: Path, sz: Sizes) -> tuple[Measurement, str]:
-    """(B/s, method): O_DIRECT reads in `disk_chunk` pieces into an aligned (mmap) buffer.
+class DirectRead:
+    """Reads the whole file, bypassing the page cache: O_DIRECT in `chunk` pieces into an aligned
+    (anonymous mmap) buffer. Filesystems without O_DIRECT (tmpfs, some overlays) fall back to evicting
+    the file before each pass (posix_fadvise DONTNEED); `method` says which ran."""
 
-    Filesystems without O_DIRECT (tmpfs, some overlays) fall back to evicting the file from the page
-    cache before each pass (posix_fadvise DONTNEED); the method string says which ran.
-    """
-    size = path.stat().st_size
-    chunk = max(_ALIGN, min(sz.disk_chunk, size) // _ALIGN * _ALIGN)
-    buf = mmap.mmap(-1, chunk)  # anonymous mmap: page-aligned, as O_DIRECT requires
-    method = "O_DIRECT"
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-        if not hasattr(os, "O_DIRECT"):
-            raise OSError("no O_DIRECT on this platform")
-        _read_all(fd, min(size, chunk), buf)  # fails here with EINVAL when unsupported
-    except OSError:
-        method = "fadvise DONTNEED"
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        secs = []
-        for _ in range(max(1, sz.repeats)):
-            if method != "O_DIRECT":
+    def __init__(self, path: Path, chunk: int):
+        self.path, self.size = path, path.stat().st_size
+        self.buf = mmap.mmap(-1, max(_ALIGN, min(chunk, self.size) // _ALIGN * _ALIGN))
+        self.method = "O_DIRECT"
+        try:
+            if not hasattr(os, "O_DIRECT"):
+                raise OSError("no O_DIRECT on this platform")
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                _read_all(fd, len(self.buf), self.buf)  # EINVAL here when the filesystem refuses
+            finally:
+                os.close(fd)
+        except OSError:
+            self.method = "fadvise DONTNEED"
+
+    def __call__(self) -> int:
+        direct = self.method == "O_DIRECT"
+        fd = os.open(self.path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:
+            if not direct:
                 _drop_cache(fd)
-            t0 = time.perf_counter()
-            got = _read_all(fd, size, buf)
-            secs.append(time.perf_counter() - t0)
-        return rate(float(got), secs, "B/s"), method
-    finally:
-        os.close(fd)
-        buf.close()
+            return _read_all(fd, self.size, self.buf)
+        finally:
+            os.close(fd)
 
 
-def read_cached(path: Path, sz: Sizes) -> Measurement:
-    """B/s re-reading a file that sits in the page cache (one warm-up read loads it)."""
-    size = path.stat().st_size
-    chunk = max(_ALIGN, min(sz.disk_chunk, size))
-    buf = mmap.mmap(-1, chunk)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _read_all(fd, size, buf)
-        secs = []
-        for _ in range(max(1, sz.repeats)):
-            t0 = time.perf_counter()
-            got = _read_all(fd, size, buf)
-            secs.append(time.perf_counter() - t0)
-        return rate(float(got), secs, "B/s")
-    finally:
-        os.close(fd)
-        buf.close()
+class CachedRead:
+    """Re-reads a file that sits in the page cache (the first call loads it)."""
+
+    def __init__(self, path: Path, chunk: int):
+        self.path, self.size = path, path.stat().st_size
+        self.buf = mmap.mmap(-1, max(_ALIGN, min(chunk, self.size)))
+
+    def __call__(self) -> int:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return _read_all(fd, self.size, self.buf)
+        finally:
+            os.close(fd)
+
+
+def disk_probes(sz: Sizes) -> list[Probe]:
+    """(O_DIRECT read, page-cache read) of the probe file under the cache dir, as probes; each call
+    reads the whole file, one call per batch."""
+    state: dict = {}
+
+    def path() -> Path:
+        if "path" not in state:
+            state["path"] = probe_file(sz.disk_bytes)
+        return state["path"]
+
+    def make_direct():
+        reader = DirectRead(path(), sz.disk_chunk)
+        direct.note = reader.method
+        return reader
+
+    size = float(max(_ALIGN, sz.disk_bytes // _ALIGN * _ALIGN))
+    direct = Probe(("disk_direct",), "B/s", size, make_direct, lambda: None, 0.0)
+    cached = Probe(("disk_cached",), "B/s", size, lambda: CachedRead(path(), sz.disk_chunk), lambda: None, 0.0)
+    return [direct, cached]

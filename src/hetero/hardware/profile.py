@@ -13,7 +13,6 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-from hetero.dtypes import PRECISIONS
 from hetero.hardware import bench, diskbench
 from hetero.hardware.types import DeviceProfile, HardwareSpec, Profile
 from hetero.paths import cache_dir
@@ -74,74 +73,57 @@ def _progress(enabled: bool, total: int):
     return _Bar()
 
 
-def _device_steps(dev_name: str, be: bench.Backend, sz: bench.Sizes, out: dict) -> list:
-    """(label, thunk) pairs for one compute device; each thunk stores its figure in `out`."""
-    out.update(gemm={}, gemv={})
-
-    def put(table: str, prec: str, fn):
-        def run():
-            m = fn(prec, be, sz)
-            if m is not None:  # no kernel for this precision on this device: no row
-                out[table][prec] = m
-        return run
-
-    def mem():
-        out["copy"], out["read"] = bench.mem_bandwidth(be, sz)
-
-    def over():
-        out["overhead"] = bench.op_overhead(be, sz)
-
-    def h2d():
-        out["h2d_pinned"], out["h2d_pageable"] = bench.h2d(be, sz)
-
-    steps = [(f"{dev_name} memory", mem), (f"{dev_name} op overhead", over)]
-    steps += [(f"{dev_name} gemm {p}", put("gemm", p, bench.gemm)) for p in PRECISIONS]
-    steps += [(f"{dev_name} gemv {p}", put("gemv", p, bench.gemv)) for p in PRECISIONS]
-    if be.is_cuda:
-        steps.append((f"{dev_name} host->device", h2d))
-    return steps
-
-
 def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
             sizes: bench.Sizes | None = None) -> Profile:
-    """Run the micro-benchmarks on every compute device of `spec` (cpu, cuda:N) and the disk."""
+    """Run the micro-benchmarks on every compute device of `spec` (cpu, cuda:N) and its disk.
+
+    All probes are sampled in `rounds` interleaved passes, so each figure's samples spread over the
+    whole run and a burst of load from another process moves its median less.
+    """
     import torch
 
     sz = sizes or (bench.QUICK if quick else bench.FULL)
-    results: dict[str, dict] = {}
-    steps: list = []
+    probes: list[tuple[str, bench.Probe]] = []
     for dev in spec.compute_devices():
         if dev.kind not in ("cpu", "cuda"):
             continue  # mps/xpu rates are not measured yet; the planner falls back to spec peaks
-        results[dev.name] = {}
-        steps += _device_steps(dev.name, bench.backend_for(dev.name), sz, results[dev.name])
-    disk: dict = {}
-    has_disk = any(d.kind == "disk" for d in spec.devices)
-    if has_disk:
-        def disk_step():
-            path = diskbench.probe_file(sz.disk_bytes)
-            disk["direct"], disk["method"] = diskbench.read_direct(path, sz)
-            disk["cached"] = diskbench.read_cached(path, sz)
-        steps.append(("disk reads", disk_step))
+        probes += [(dev.name, p) for p in bench.device_probes(bench.backend_for(dev.name), sz)]
+    if any(d.kind == "disk" for d in spec.devices):
+        probes += [("disk", p) for p in diskbench.disk_probes(sz)]
 
-    with torch.inference_mode(), _progress(progress, len(steps)) as advance:
-        for label, run in steps:
-            run()
-            advance(label)
+    with torch.inference_mode(), _progress(progress, len(probes) * sz.rounds) as advance:
+        for _ in range(sz.rounds):
+            for dev, p in probes:
+                p.sample(sz.repeats)
+                advance(f"{dev} {' '.join(p.key)}")
+    for _, p in probes:
+        p.release()
 
+    figures: dict[str, dict] = {}
+    for dev, p in probes:
+        m = p.result()
+        if m is None:
+            continue  # no kernel for this precision on this device: no row
+        d = figures.setdefault(dev, {"gemm": {}, "gemv": {}})
+        if p.key[0] in ("gemm", "gemv"):
+            d[p.key[0]][p.key[1]] = m
+        else:
+            d[p.key[0]] = m
+    disk = figures.pop("disk", {})
     devices = {
         name: DeviceProfile(
-            device=name, gemm_flops=r["gemm"], gemv_bandwidth=r["gemv"], mem_bandwidth=r.get("copy"),
-            op_overhead=r.get("overhead"), h2d_pinned=r.get("h2d_pinned"),
-            h2d_pageable=r.get("h2d_pageable"), mem_read_bandwidth=r.get("read"),
+            device=name, gemm_flops=f["gemm"], gemv_bandwidth=f["gemv"], mem_bandwidth=f.get("mem_bandwidth"),
+            op_overhead=f.get("op_overhead"), h2d_pinned=f.get("h2d_pinned"),
+            h2d_pageable=f.get("h2d_pageable"), mem_read_bandwidth=f.get("mem_read_bandwidth"),
         )
-        for name, r in results.items()
+        for name, f in figures.items()
     }
     v = versions()
-    if "method" in disk:
-        v["disk_read"] = disk["method"]
+    note = next((p.note for dev, p in probes if dev == "disk" and p.note), "")
+    if note:
+        v["disk_read"] = note
     return Profile(host=spec.host, version=PROFILE_VERSION, versions=v, devices=devices,
-                   disk_direct=disk.get("direct"), disk_cached=disk.get("cached"),
+                   disk_direct=disk.get("disk_direct"), disk_cached=disk.get("disk_cached"),
                    mode="quick" if quick else "full",
                    measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

@@ -1,0 +1,303 @@
+"""The executor: build a model exactly as a Plan says, run it, and measure it against the Plan.
+
+    eng = Engine.load(plan, "synthetic:llama-1b")        # check, convert once, build
+    rec = eng.generate(prompt, max_new_tokens=32)         # a Model.generate-like run
+    eng.report()                                          # predicted vs measured, per device
+
+Each unit runs on its device at its precision (the kernels of hetero.runtime.linear); activations
+move at device boundaries (LlamaModel.forward); the KV cache sits on each layer's device. Units
+whose residency is "disk" are read with O_DIRECT by a prefetch thread from the tensor cache;
+"ram" units on a GPU are copied from pinned host memory on a side stream. A plan with no streamed
+unit is built straight from the weights, dropping their page-cache pages as it goes, so that the
+footprint of every run is RSS + the model's cached file pages, inside the plan's budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from hetero.errors import HeteroError
+from hetero.model.api import Model
+from hetero.model.llama import LlamaModel, UnitConfig
+from hetero.model.sources import Source, resolve, resolve_spec
+from hetero.model.spec import ModelSpec
+from hetero.model.weights import WeightStore, required
+from hetero.plan.plan import Plan
+from hetero.runtime import memory
+from hetero.runtime.stream import DiskEmbedding, HostBuffer, DirectReader, Prefetcher, Source as StreamSource
+from hetero.runtime.stream import StreamedUnit, bind
+from hetero.runtime.tensorcache import Entry, ensure_entries
+
+OVER_BUDGET = 1.05  # measured footprint above budget x this is reported as a broken budget
+
+
+def source_files(src: Source) -> list[Path]:
+    """The files a model's weights are read from (their page-cache pages count in the footprint)."""
+    from hetero.model.hf import safetensors_files
+
+    if src.kind == "gguf":
+        return [src.path]
+    if src.kind == "synthetic":
+        from hetero.model.synthetic import ensure_weights
+
+        return safetensors_files(ensure_weights(src.name))
+    return safetensors_files(src.path)
+
+
+def check_fits(plan: Plan, available: int | None = None) -> str | None:
+    """Why the plan no longer fits this machine's free RAM now (None when it fits)."""
+    import psutil
+
+    need = plan.memory.get("cpu", 0)
+    if available is None:
+        # what this process already holds is the runtime's reserve, counted apart from `need`
+        available = psutil.virtual_memory().available
+    if need > available:
+        from hetero.plan.units import fmt_bytes
+
+        return (f"the plan needs {fmt_bytes(need)} of RAM beyond the runtime but only "
+                f"{fmt_bytes(available)} is free now")
+    return None
+
+
+class Engine:
+    """A built model plus its streaming machinery and footprint monitor."""
+
+    def __init__(self, plan: Plan, model: Model, prefetchers: list[Prefetcher], embed: DiskEmbedding | None,
+                 monitor: memory.Footprint, cache_bytes: int, build: dict):
+        self.plan, self.model, self.prefetchers, self.disk_embed = plan, model, prefetchers, embed
+        self.monitor, self.cache_bytes, self.build = monitor, cache_bytes, build
+        self.last: dict = {}
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, plan: Plan, model: str | None = None, prefetch: bool | None = None,
+             hardware=None, progress: bool = True, monitor: memory.Footprint | None = None) -> "Engine":
+        """Check the plan against the model (and the machine when `hardware` is given), then build it."""
+        from hetero.plan import check_plan
+
+        t0 = time.perf_counter()
+        src = resolve(model or plan.model)
+        spec = resolve_spec(model or plan.model)
+        check_plan(plan, spec, hardware)
+        names = [u.name for u in plan.units]
+        if names != spec.unit_names():
+            raise HeteroError(f"the plan's units ({len(names)}) do not match {spec.name}'s "
+                              f"({len(spec.unit_names())}): it was made for another model")
+        for u in plan.units:
+            if u.host:
+                raise HeteroError(f"unit {u.name} is planned on host {u.host}: a pipeline stage elsewhere "
+                                  "runs through the distributed runtime, not here")
+            if u.device.startswith("cuda") and not torch.cuda.is_available():
+                raise HeteroError(f"unit {u.name} is planned on {u.device} but CUDA is not available here")
+        files = source_files(src)
+        mon = monitor or memory.Footprint(files).start()
+        mon.files = list(dict.fromkeys([*mon.files, *files]))
+        store = WeightStore(src, spec)
+        weights = _dropping(required(store), files)
+        prefetch = plan.prefetch if prefetch is None else prefetch
+        streamed = [u for u in plan.units if _streams(u)]
+        prefetchers: list[Prefetcher] = []
+        disk_embed = None
+        cache_bytes = 0
+        t_conv = 0.0
+        if not streamed:
+            cfg = {u.name: UnitConfig(u.device, u.precision) for u in plan.units}
+            net = LlamaModel(spec, weights, cfg)
+        else:
+            t1 = time.perf_counter()
+            entries = ensure_entries(spec, weights, {u.name: (u.device, u.precision) for u in plan.units},
+                                     after_unit=lambda: [memory.drop_cache(f) for f in files],
+                                     progress=progress)
+            t_conv = time.perf_counter() - t1
+            mon.files += [e.path for e in entries.values()]
+            net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch)
+            cache_bytes = sum(entries[u.name].data_bytes for u in plan.units if u.residency == "disk")
+        _share_tied(net, spec)
+        for f in files:
+            memory.drop_cache(f)
+        from hetero.model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(src, spec.vocab_size, None)
+        m = Model(spec, net, tok, time.perf_counter() - t0)
+        mon.sample()
+        build = {"load_s": round(time.perf_counter() - t0, 3), "convert_s": round(t_conv, 3),
+                 "prefetch": bool(prefetch), "streamed_units": len(streamed)}
+        return cls(plan, m, prefetchers, disk_embed, mon, cache_bytes, build)
+
+    # ---- running ---------------------------------------------------------------------------------
+    def stream(self, prompt, **kwargs):
+        """Model.stream under the plan; the last record's speeds are kept for report()."""
+        for rec in self.model.stream(prompt, **kwargs):
+            self.last = {"prefill_tok_s": rec.prefill_tok_s, "decode_tok_s": rec.decode_tok_s,
+                         "prompt_tokens": rec.prompt_tokens, "generated_tokens": rec.generated_tokens}
+            yield rec
+
+    def generate(self, prompt, **kwargs) -> list[int]:
+        ids = []
+        for rec in self.stream(prompt, **kwargs):
+            ids += rec.token_ids
+        return ids
+
+    def footprint(self) -> dict[str, int]:
+        """Measured peak bytes per memory device: cpu (RSS + model file pages cached), cuda:N, disk."""
+        self.monitor.sample()
+        out = {"cpu": self.monitor.peak}
+        for d in self.plan.devices():
+            if d.startswith("cuda") and torch.cuda.is_available():
+                out[d] = torch.cuda.max_memory_reserved(torch.device(d))
+        if self.cache_bytes:
+            out["disk"] = self.cache_bytes
+        return out
+
+    def predicted_footprint(self) -> dict[str, int]:
+        p = self.plan
+        return {d: p.memory.get(d, 0) + p.reserve.get(d, 0) for d in p.memory if p.memory.get(d, 0) or d in p.reserve}
+
+    def over_budget(self) -> dict[str, tuple[int, int]]:
+        """Devices whose measured peak broke the budget by more than 5%: device -> (measured, budget)."""
+        out = {}
+        for d, used in self.footprint().items():
+            b = self.plan.budgets.get(d)
+            if b and d != "disk" and used > b * OVER_BUDGET:
+                out[d] = (used, b)
+        return out
+
+    def report(self) -> dict:
+        """budget_bytes, predicted and measured (prefill/decode tok/s, footprint per device), streaming stats."""
+        p = self.plan.predicted
+        return {
+            "budget_bytes": dict(self.plan.budgets),
+            "predicted": {"prefill_tok_s": round(p.prefill_tok_s, 2), "decode_tok_s": round(p.decode_tok_s, 2),
+                          "footprint_bytes": self.predicted_footprint()},
+            "measured": {"prefill_tok_s": round(self.last.get("prefill_tok_s", 0.0), 2),
+                         "decode_tok_s": round(self.last.get("decode_tok_s", 0.0), 2),
+                         "footprint_bytes": self.footprint()},
+            "streaming": [pf.stats() for pf in self.prefetchers],
+            "build": self.build,
+        }
+
+    def close(self) -> None:
+        for pf in self.prefetchers:
+            pf.close()
+        if self.disk_embed is not None:
+            self.disk_embed.close()
+        self.monitor.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _streams(u) -> bool:
+    """Disk units always stream; "ram" units stream only to a GPU (on a CPU, RAM is where they run)."""
+    return u.residency == "disk" or (u.residency == "ram" and not u.device.startswith("cpu"))
+
+
+def _dropping(weights, files: list[Path]):
+    """Read weights and evict their file pages every ~64 tensors, so a load never holds the whole
+    file in the page cache on top of the converted weights."""
+    count = [0]
+
+    def get(name: str) -> torch.Tensor:
+        t = weights(name)
+        count[0] += 1
+        if count[0] % 64 == 0:
+            for f in files:
+                memory.drop_cache(f)
+        return t
+
+    return get
+
+
+def _load_resident(entry: Entry, spec: ModelSpec, device: str) -> torch.nn.Module:
+    """A unit read whole from the cache (O_DIRECT) into memory of its own, tensors bound for good."""
+    template, tree = entry.template(spec, "cpu")
+    buf = HostBuffer(entry.data_bytes)
+    r = DirectReader(entry.path)
+    try:
+        r.read_into(buf.view, entry.data_offset, entry.data_bytes)
+    finally:
+        r.close()
+    bind(tree, entry.slots, buf.tensor)
+    if torch.device(device).type != "cpu":
+        for s in entry.slots:
+            m = tree[s.module]
+            object.__setattr__(m, s.attr, getattr(m, s.attr).to(device))
+        del buf
+    else:
+        object.__setattr__(template, "_hetero_buffer", buf)  # the views keep the mmap alive; so does this
+    return template
+
+
+def _pinned_copy(entry: Entry) -> torch.Tensor:
+    buf = HostBuffer(entry.data_bytes, pinned=True)
+    r = DirectReader(entry.path)
+    try:
+        r.read_into(buf.view, entry.data_offset, entry.data_bytes)
+    finally:
+        r.close()
+    return buf.tensor
+
+
+def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, prefetch: bool):
+    """LlamaModel's skeleton (norm only), then every unit from the cache: resident, or streamed."""
+    emb, head = plan.unit("embed"), plan.unit("head")
+    h = spec.hidden_size
+
+    def skeleton_weights(name: str) -> torch.Tensor:
+        return weights(name) if name == "model.norm.weight" else torch.zeros(1, h)
+
+    skel = dataclasses.replace(spec, n_layers=0)
+    net = LlamaModel(skel, skeleton_weights, {"embed": UnitConfig(emb.device, "fp32"),
+                                              "head": UnitConfig(head.device, "fp32")})
+    net.spec = spec
+    net.units = {u.name: UnitConfig(u.device, u.precision) for u in plan.units}
+    from hetero.runtime.linear import activation_dtype
+
+    net.embed_dtype = activation_dtype(emb.precision)
+    # streamed units in execution order, one prefetcher per compute device
+    order = [u for u in plan.units if u.name != "embed" and _streams(u)]
+    by_dev: dict[str, list[StreamSource]] = {}
+    for u in order:
+        e = entries[u.name]
+        host = _pinned_copy(e) if u.residency == "ram" else None
+        by_dev.setdefault(u.device, []).append(StreamSource(u.name, e.data_bytes, None if host is not None else e, host))
+    pfs = {d: Prefetcher(srcs, d, plan.prefetch_depth, prefetch) for d, srcs in by_dev.items()}
+
+    def unit_module(u) -> torch.nn.Module:
+        e = entries[u.name]
+        if not _streams(u):
+            return _load_resident(e, spec, u.device)
+        template, tree = e.template(spec, u.device)
+        return StreamedUnit(u.name, template, tree, e.slots, pfs[u.device])
+
+    disk_embed = None
+    if emb.residency == "disk":
+        disk_embed = DiskEmbedding(entries["embed"], emb.device)
+        net.embed = disk_embed
+    elif not (spec.tie_embeddings and head.residency == "resident" and head.precision in ("fp32", "bf16", "fp16")
+              and head.precision == emb.precision and head.device == emb.device):
+        net.embed = _load_resident(entries["embed"], spec, emb.device).weight
+    net.layers = torch.nn.ModuleList(unit_module(plan.unit(f"layers.{i}")) for i in range(spec.n_layers))
+    net.head = unit_module(head)
+    net.head_device = head.device
+    if spec.tie_embeddings and not isinstance(net.embed, DiskEmbedding) and net.embed.numel() <= h:
+        net.embed = net.head.weight  # the tied table is the (resident, dense) head's matrix
+    return net, list(pfs.values()), disk_embed
+
+
+def _share_tied(net: LlamaModel, spec: ModelSpec) -> None:
+    """Tied embeddings: let the table be the dense head's own matrix instead of a second copy."""
+    w = getattr(net.head, "weight", None)
+    e = net.embed
+    if (spec.tie_embeddings and isinstance(w, torch.Tensor) and isinstance(e, torch.Tensor)
+            and w.shape == e.shape and w.dtype == e.dtype and w.device == e.device):
+        net.embed = w

@@ -1,0 +1,140 @@
+"""The process's memory footprint as a user's memory limit sees it.
+
+footprint = RSS (anonymous + file-backed pages mapped by this process: interpreter, libraries,
+weights, KV cache, buffers) + the model's file pages sitting in the page cache (weights read
+through it count, as they would against a cgroup limit). Page-cache residency is measured with
+mincore(2) on a fresh read-only mapping of each file, so nothing is read to measure it.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _libc = lib
+    return _libc
+
+
+def rss_bytes() -> int:
+    """Resident set size now (statm: pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def peak_rss_bytes() -> int:
+    """The process's lifetime peak RSS (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cached_bytes(path: str | os.PathLike) -> int:
+    """Bytes of `path` resident in the page cache (0 for a missing or empty file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        libc = _c()
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return 0
+        try:
+            pages = (size + _PAGE - 1) // _PAGE
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, size, vec) != 0:
+                return 0
+            return sum(b & 1 for b in bytes(vec)) * _PAGE
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def drop_cache(path: str | os.PathLike) -> None:
+    """Ask the kernel to evict `path`'s clean pages (posix_fadvise DONTNEED); dirty ones are synced first."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+class Footprint:
+    """Samples RSS + the model files' page-cache bytes in a thread; `peak` is the largest seen.
+
+    The lifetime peak RSS (ru_maxrss) is folded in, so a spike between samples is not missed.
+    """
+
+    def __init__(self, files: list[Path] | None = None, interval_s: float = 0.05):
+        self.files = list(files or [])
+        self.interval = interval_s
+        self.peak = 0
+        self.peak_cached = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        cached = sum(cached_bytes(f) for f in self.files)
+        now = rss_bytes() + cached
+        self.peak = max(self.peak, now, peak_rss_bytes())
+        self.peak_cached = max(self.peak_cached, cached)
+        return now
+
+    def start(self) -> "Footprint":
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="hetero-footprint", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+        return self.peak
+
+    def __enter__(self) -> "Footprint":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def runtime_baseline() -> int:
+    """Bytes the runtime itself holds before any weights: interpreter, torch and hetero's modules,
+    the allocator's first arenas. Measured in this process, after importing what a run imports;
+    the planner takes it off the budget (Plan.reserve)."""
+    import torch  # noqa: F401  (the import is the point: its pages are part of the baseline)
+
+    import hetero.model.llama  # noqa: F401
+    import hetero.runtime.generate  # noqa: F401
+
+    # A small op initialises the thread pool and allocator, as the first forward will.
+    (torch.ones(64, 64) @ torch.ones(64, 64)).sum()
+    return rss_bytes()

@@ -1,0 +1,312 @@
+"""The cost model: pure functions from (ModelSpec, HardwareSpec, Profile, one choice) to seconds and bytes.
+
+A choice is where one unit (embed, layers.i, head) runs: a compute device, a precision, and a
+residency — where its weights live between uses:
+    resident  in the compute device's own memory
+    ram       in host RAM, copied to a GPU ahead of use (pinned buffers, a side stream)
+    disk      on disk, read with O_DIRECT ahead of use (then over the link when the device is a GPU)
+
+Times follow the roofline: max(FLOPs / rate, bytes / bandwidth) + per-op overhead x ops. Streamed
+units overlap their transfer with compute (prefetch): max(compute, transfer), blended towards the
+serial sum by `overlap` < 1. Rates come from the measured Profile when there is one, else from the
+spec sheet times the efficiency factors below. Every coefficient lives in `Coefficients`, and the
+fitted multipliers of `Profile.calibration` scale them (see `calibrated`), so that calibration can
+fit them without touching this code. Nothing here probes hardware or imports torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+
+from hetero.dtypes import PRECISIONS
+from hetero.hardware.types import DeviceSpec, HardwareSpec, Profile
+from hetero.model.spec import ModelSpec
+
+RESIDENCIES: tuple[str, ...] = ("resident", "ram", "disk")
+
+
+def _by_kind(**kw: float) -> dict[str, float]:
+    return dict(kw)
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Every tunable number of the cost model, in one place (issue: calibration fits these)."""
+    # Fraction of a spec-sheet figure reached in practice, used only when nothing was measured.
+    # cpu gemv 0.33: torch's M=1 matmuls stream ~10 of ~30 GB/s here (docs/DESIGN facts).
+    gemm_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.5, cuda=0.6, mps=0.4, xpu=0.5))
+    gemv_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.33, cuda=0.75, mps=0.6, xpu=0.6))
+    mem_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.6, cuda=0.8, mps=0.7, xpu=0.7))
+    # Weight-only quantised matmuls dequantise on the fly: their FLOP rate relative to bf16's.
+    quant_gemm: dict[str, float] = field(default_factory=lambda: {"int8": 0.8, "int4": 0.5})
+    # Seconds per op (a kernel launch on GPUs, a dispatch on CPUs) when not measured.
+    op_overhead: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=2e-6, cuda=8e-6, mps=15e-6, xpu=10e-6))
+    # Fallbacks when the spec has no figure at all (an inventory before profiling).
+    default_bandwidth: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=30e9, cuda=500e9, mps=100e9, xpu=200e9))
+    default_flops: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=200e9, cuda=20e12, mps=5e12, xpu=10e12))
+    disk_eff: float = 0.85            # O_DIRECT sequential read vs the datasheet figure
+    default_disk_bandwidth: float = 500e6
+    disk_latency_s: float = 100e-6    # one small random O_DIRECT read (embedding rows)
+    link_eff: float = 0.8             # pinned host->device copies vs the link's nominal rate
+    overlap: float = 1.0              # 1: transfer hides behind compute (max); 0: serial (sum)
+    prefetch_depth: int = 2           # streamed units held at once per pool (one computing, one loading)
+    ops_layer: int = 14               # norm, q/k/v/o, rope, attention, residual, norm, gate/up/act/down, residual
+    ops_embed: int = 1
+    ops_head: int = 3                 # norm, projection, sampling
+    act_bytes: int = 4                # hidden states cross device boundaries in fp32
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """The effective rates of one compute device, per precision where they depend on it."""
+    name: str
+    kind: str
+    gemm: dict[str, float]       # FLOP/s on prefill-shaped matmuls
+    gemv: dict[str, float]       # weight bytes/s streamed by decode-shaped (M=B) matmuls
+    mem: float                   # bytes/s reading the KV cache and activations
+    overhead: float              # seconds per op
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return tuple(p for p in PRECISIONS if p in self.gemv and p in self.gemm)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A path between two devices: one or more hops, each (bytes/s, latency s)."""
+    hops: tuple[tuple[float, float], ...]
+
+    def time(self, nbytes: float) -> float:
+        if not self.hops or nbytes <= 0:
+            return 0.0
+        return sum(nbytes / bw + lat for bw, lat in self.hops)
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+
+def calibrated(cal: dict[str, float], name: str, device: str = "", precision: str = "") -> float:
+    """The product of fitted multipliers for one rate: keys "NAME", "NAME@DEVICE", "NAME@DEVICE/PREC".
+
+    NAME is one of gemm_rate, gemv_rate, mem_rate, op_overhead, disk_rate, link_rate. A multiplier
+    > 1 means the thing measured faster (rates) or costlier (op_overhead) than predicted.
+    """
+    m = cal.get(name, 1.0)
+    if device:
+        m *= cal.get(f"{name}@{device}", 1.0)
+        if precision:
+            m *= cal.get(f"{name}@{device}/{precision}", 1.0)
+    return m
+
+
+def overlap_of(profile: Profile | None, coeffs: Coefficients) -> float:
+    cal = profile.calibration if profile else {}
+    return min(1.0, max(0.0, cal.get("overlap", coeffs.overlap)))
+
+
+# ---- rates ---------------------------------------------------------------------------------------
+
+def _device_precisions(dev: DeviceSpec, measured: set[str]) -> tuple[str, ...]:
+    """Precisions a device has kernels for: what was measured, else what its kind supports."""
+    if measured:
+        return tuple(p for p in PRECISIONS if p in measured)
+    if dev.kind == "cpu":
+        return ("fp32", "bf16", "int8", "int4")  # fp16 matmuls on CPU are slow: never planned
+    if dev.kind == "cuda":
+        peak = dev.peak_flops
+        return tuple(p for p in PRECISIONS
+                     if p in ("fp32", "fp16", "int8", "int4") or (p == "bf16" and (peak.get("bf16", 0) > 0 or not peak)))
+    return ("fp32", "fp16", "bf16") if dev.kind == "mps" else ("fp32", "bf16", "fp16")
+
+
+def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients | None = None
+                 ) -> dict[str, DeviceRates]:
+    """Effective rates of every compute device: measured Profile figures first, else spec x efficiency."""
+    coeffs = coeffs or Coefficients()
+    cal = profile.calibration if profile else {}
+    out: dict[str, DeviceRates] = {}
+    for dev in hw.compute_devices():
+        dp = profile.devices.get(dev.name) if profile else None
+        m_gemm = {p: m.median for p, m in (dp.gemm_flops if dp else {}).items() if m.median > 0}
+        m_gemv = {p: m.median for p, m in (dp.gemv_bandwidth if dp else {}).items() if m.median > 0}
+        precs = _device_precisions(dev, set(m_gemv) | set(m_gemm))
+        kind = dev.kind if dev.kind in coeffs.gemm_eff else "cpu"
+        bw = dev.bandwidth or coeffs.default_bandwidth.get(kind, 30e9)
+        peak_bf16 = dev.peak_flops.get("bf16") or dev.peak_flops.get("fp16") or coeffs.default_flops[kind]
+        gemm, gemv = {}, {}
+        for p in precs:
+            if p in m_gemm:
+                g = m_gemm[p]
+            elif m_gemm:  # measured some precisions: scale the nearest measured one
+                base = m_gemm.get("bf16") or statistics.median(m_gemm.values())
+                g = base * (coeffs.quant_gemm.get(p, 1.0) if p in ("int8", "int4") else 1.0)
+            else:
+                peak = dev.peak_flops.get(p) or peak_bf16
+                if p in ("int8", "int4"):  # weight-only: the matmul itself runs at bf16 rate
+                    peak = peak_bf16 * coeffs.quant_gemm.get(p, 1.0)
+                g = peak * coeffs.gemm_eff[kind]
+            # decode streams weight bytes at a rate nearly independent of dtype (measured here)
+            v = m_gemv.get(p) or (statistics.median(m_gemv.values()) if m_gemv else bw * coeffs.gemv_eff[kind])
+            gemm[p] = g * calibrated(cal, "gemm_rate", dev.name, p)
+            gemv[p] = v * calibrated(cal, "gemv_rate", dev.name, p)
+        mem = _measured_mem(dp) or bw * coeffs.mem_eff[kind]
+        over = dp.op_overhead.median if dp and dp.op_overhead else coeffs.op_overhead[kind]
+        out[dev.name] = DeviceRates(dev.name, dev.kind, gemm, gemv,
+                                    mem * calibrated(cal, "mem_rate", dev.name),
+                                    over * calibrated(cal, "op_overhead", dev.name))
+    return out
+
+
+def _measured_mem(dp) -> float:
+    if dp is None:
+        return 0.0
+    read = getattr(dp, "mem_read_bandwidth", None)
+    if read is not None and read.median > 0:
+        return read.median
+    # a copy reads and writes: counted both ways it is about the read-only streaming rate
+    return dp.mem_bandwidth.median if dp.mem_bandwidth else 0.0
+
+
+def disk_device(hw: HardwareSpec) -> DeviceSpec | None:
+    return next((d for d in hw.devices if d.kind == "disk"), None)
+
+
+def disk_rate(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients | None = None) -> float:
+    """O_DIRECT sequential read bytes/s: measured, else the datasheet figure x disk_eff."""
+    coeffs = coeffs or Coefficients()
+    cal = profile.calibration if profile else {}
+    if profile and profile.disk_direct and profile.disk_direct.median > 0:
+        r = profile.disk_direct.median
+    else:
+        d = disk_device(hw)
+        r = d.bandwidth * coeffs.disk_eff if d and d.bandwidth else coeffs.default_disk_bandwidth
+    return r * calibrated(cal, "disk_rate")
+
+
+def link(hw: HardwareSpec, profile: Profile | None, src: str, dst: str,
+         coeffs: Coefficients | None = None) -> Link:
+    """The path for bytes from `src` to `dst` (compute devices); GPU<->GPU without a link goes via cpu."""
+    coeffs = coeffs or Coefficients()
+    if src == dst:
+        return Link(())
+    cal = profile.calibration if profile else {}
+    ln = hw.link(src, dst)
+    if ln is not None:
+        gpu = dst if src == "cpu" else src if dst == "cpu" else ""
+        dp = profile.devices.get(gpu) if profile and gpu else None
+        if dp is not None and dp.h2d_pinned and dp.h2d_pinned.median > 0:
+            bw = dp.h2d_pinned.median
+        else:
+            bw = ln.bandwidth * coeffs.link_eff if ln.bandwidth > 0 else 10e9
+        return Link(((bw * calibrated(cal, "link_rate", f"{src}>{dst}"), ln.latency_s),))
+    if "cpu" not in (src, dst):
+        return Link(link(hw, profile, src, "cpu", coeffs).hops + link(hw, profile, "cpu", dst, coeffs).hops)
+    return Link(((10e9 * calibrated(cal, "link_rate"), 10e-6),))  # no link recorded: a plain PCIe guess
+
+
+# ---- per-unit bytes ------------------------------------------------------------------------------
+
+def unit_bytes_table(spec: ModelSpec, precisions) -> dict[tuple[str, str], int]:
+    """spec.unit_bytes for every (unit, precision), in one pass over the tensors (a 70B spec has ~700)."""
+    from hetero.dtypes import weight_bytes
+
+    by_unit: dict[str, list] = {u: [] for u in spec.unit_names()}
+    for t in spec.tensors:
+        by_unit.setdefault(spec.unit_of(t.name), []).append(t)
+    if spec.tie_embeddings:  # a tied head reads the embedding matrix (as spec.unit_tensors says)
+        by_unit["head"] += [t for t in spec.tensors if t.name == "model.embed_tokens.weight"]
+    return {(u, p): sum(weight_bytes(p, t.shape) for t in ts)
+            for u, ts in by_unit.items() for p in precisions}
+
+
+def read_bytes(spec: ModelSpec, unit: str, full: int, tokens: int) -> float:
+    """Weight bytes one pass over `tokens` tokens reads (`full`: the unit's bytes at its precision).
+    The embedding reads only the rows it looks up."""
+    if unit == "embed":
+        return min(full, tokens * full / max(1, spec.vocab_size))
+    return full
+
+
+def kv_bytes(spec: ModelSpec, unit: str, precision: str, context: int, batch: int) -> int:
+    """KV cache of one decoder layer for `batch` sequences of `context` tokens (on its compute device)."""
+    if not unit.startswith("layers."):
+        return 0
+    return batch * context * spec.kv_bytes_per_token(precision, layers=1)
+
+
+def buffer_bytes(spec: ModelSpec, unit: str, full: int, prompt_tokens: int, batch: int,
+                 coeffs: Coefficients) -> int:
+    """Room one streamed unit takes in a prefetch pool: depth x what one pass reads."""
+    return int(coeffs.prefetch_depth * read_bytes(spec, unit, full, batch * max(1, prompt_tokens)))
+
+
+def workspace_bytes(spec: ModelSpec, prompt_tokens: int, batch: int) -> int:
+    """Activation workspace of a device that runs any unit: the prefill of the whole prompt at once.
+
+    hidden/residual/normed [B, P, h] x3, q [B, P, H*D], k/v [B, P, kv] x2, gate/up [B, P, f] x2 (fp32),
+    attention scores [B, H, P, P] (eager attention), last-token logits [B, vocab].
+    """
+    h, f, kv = spec.hidden_size, spec.intermediate_size, spec.kv_dim
+    q = spec.n_heads * spec.head_dim
+    tok = batch * max(1, prompt_tokens)
+    per_tok = 3 * h + q + 2 * kv + 2 * f
+    scores = batch * spec.n_heads * prompt_tokens * prompt_tokens
+    return 4 * (tok * per_tok + scores + batch * spec.vocab_size)
+
+
+# ---- per-unit times ------------------------------------------------------------------------------
+
+def unit_ops(unit: str, coeffs: Coefficients) -> int:
+    if unit == "embed":
+        return coeffs.ops_embed
+    return coeffs.ops_head if unit == "head" else coeffs.ops_layer
+
+
+def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str, full: int, tokens: int,
+                 context: int, batch: int, coeffs: Coefficients) -> float:
+    """Seconds for one pass of `tokens` tokens per sequence attending to `context` (roofline + overhead).
+
+    Decode: tokens=1, context=C. Prefill of P tokens: tokens=P, context=P (the average token sees P/2;
+    unit_flops_per_token takes the attended length).
+    """
+    avg_ctx = context if tokens == 1 else max(1, context // 2)
+    flops = batch * tokens * spec.unit_flops_per_token(unit, avg_ctx)
+    weights = read_bytes(spec, unit, full, batch * tokens)
+    # decode reads the whole KV cache; prefill writes its new K/V once
+    kv = kv_bytes(spec, unit, precision, context if tokens == 1 else tokens, batch)
+    roof = max(flops / rates.gemm[precision], weights / rates.gemv[precision] + kv / rates.mem)
+    return roof + unit_ops(unit, coeffs) * rates.overhead
+
+
+def transfer_time(spec: ModelSpec, unit: str, full: int, residency: str, device: str, tokens: int,
+                  batch: int, disk_bw: float, host_link: Link, coeffs: Coefficients) -> float:
+    """Seconds to bring a streamed unit's weights to its compute device for one pass (0 if resident).
+
+    Disk reads and the host->GPU copy run as a pipeline of chunks, so the slower stage sets the time.
+    """
+    if residency == "resident":
+        return 0.0
+    nbytes = read_bytes(spec, unit, full, batch * tokens)
+    if residency == "ram":
+        return host_link.time(nbytes)
+    if unit == "embed":  # rows read one by one, or the whole matrix when that is cheaper
+        rows = batch * tokens
+        disk = min(rows * (full / max(1, spec.vocab_size) / disk_bw + coeffs.disk_latency_s), full / disk_bw)
+    else:
+        disk = nbytes / disk_bw
+    return max(disk, host_link.time(nbytes)) if device != "cpu" else disk
+
+
+def overlapped(compute: float, transfer: float, prefetch: bool, overlap: float) -> float:
+    """A streamed unit with prefetch hides the shorter of compute and transfer behind the longer."""
+    if not prefetch:
+        return compute + transfer
+    return max(compute, transfer) + (1.0 - overlap) * min(compute, transfer)
+
+
+def activation_bytes(spec: ModelSpec, tokens: int, batch: int, coeffs: Coefficients) -> int:
+    """Hidden states that cross a device boundary in one pass: [B, T, h]."""
+    return batch * tokens * spec.hidden_size * coeffs.act_bytes

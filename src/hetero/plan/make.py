@@ -1,0 +1,182 @@
+"""make_plan: budgets -> choice table -> exact solve -> a Plan with its predictions and the why.
+
+Also: rescoring a (hand-edited) Plan with the cost model, and checking that a plan belongs to a
+model and a machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from hetero.cost import Coefficients
+from hetero.errors import HeteroError
+from hetero.hardware.types import HardwareSpec, Profile
+from hetero.model.spec import ModelSpec
+from hetero.plan.plan import Plan, Prediction, UnitPlan, Why
+from hetero.plan.solve import solve
+from hetero.plan.table import Choice, Evaluation, Table, Workload, build_table, tied_consistent
+from hetero.plan.units import fmt_bytes
+
+BINDING = 0.97  # a budget used to this fraction or more is reported as binding
+
+
+def default_budgets(hw: HardwareSpec, memory: dict[str, int] | None) -> dict[str, int]:
+    """Every memory device gets a budget: the one given, else what it has free (or its capacity)."""
+    memory = dict(memory or {})
+    shared = {d.name: getattr(d, "shares_memory_with", "") for d in hw.devices}
+    names = [d.name for d in hw.devices if not shared.get(d.name)]
+    for dev in memory:
+        if dev not in names:
+            hint = f" (its memory is {shared[dev]}'s: budget that)" if shared.get(dev) else ""
+            raise HeteroError(f"no memory device {dev!r} on {hw.host}{hint}; have: {', '.join(names)}")
+        if memory[dev] < 0:
+            raise HeteroError(f"memory budget for {dev} is negative")
+    out = {}
+    for d in hw.devices:
+        if d.name in names:
+            out[d.name] = memory.get(d.name, d.available_bytes or d.memory_bytes)
+    return out
+
+
+def make_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None = None,
+              memory: dict[str, int] | None = None, objective: str = "decode", prompt_tokens: int = 512,
+              context: int | None = None, batch: int = 1, max_quality_loss: float | None = None,
+              precisions: list[str] | None = None, sensitivity: dict | None = None,
+              reserve: dict[str, int] | None = None, coeffs: Coefficients | None = None,
+              explain: bool = True, time_limit: float = 60.0) -> Plan:
+    """The fastest plan for the objective within every budget (and the quality bound, when given).
+
+    memory: device -> bytes (unset devices get what they have free); reserve: bytes per device the
+    runtime itself needs (interpreter, libraries), taken off the budgets first. context defaults to
+    the prompt plus 128 new tokens.
+    """
+    context = context if context is not None else prompt_tokens + 128
+    wl = Workload(objective, prompt_tokens, context, batch)
+    table = build_table(spec, hardware, profile, wl, precisions, sensitivity, coeffs)
+    budgets = default_budgets(hardware, memory)
+    reserve = {k: int(v) for k, v in (reserve or {}).items()}
+    eff = {m: b - reserve.get(m, 0) for m, b in budgets.items()}
+    if any(v < 0 for v in eff.values()):
+        bad = next(m for m, v in eff.items() if v < 0)
+        raise HeteroError(f"the runtime itself needs {fmt_bytes(reserve[bad])} of {bad}, more than its "
+                          f"budget of {fmt_bytes(budgets[bad])}")
+    sol = solve(table, eff, max_quality_loss, time_limit, reserve)
+    why = explain_choice(table, sol.assign, eff, max_quality_loss) if explain else Why()
+    return assemble(table, sol.assign, budgets, reserve, kind="hetero", prefetch=True,
+                    max_quality_loss=max_quality_loss, precisions=precisions, why=why,
+                    solver={"status": sol.status, "seconds": round(sol.seconds, 4),
+                            "variables": sol.variables, "constraints": sol.constraints,
+                            "backend": "scipy.optimize.milp (HiGHS)"})
+
+
+def assemble(table: Table, assign: list[int], budgets: dict[str, int], reserve: dict[str, int],
+             kind: str, prefetch: bool, max_quality_loss: float | None = None,
+             precisions: list[str] | None = None, why: Why | None = None,
+             solver: dict | None = None) -> Plan:
+    """A Plan from one choice per unit, priced by the table."""
+    ev = table.evaluate(assign, prefetch=prefetch)
+    wl, spec = table.workload, table.spec
+    units = []
+    prev = None
+    for u, k in enumerate(assign):
+        ch = table.choices[k]
+        # a unit whose input comes from another device waits for that transfer: it is charged there
+        cross_d = table.act_decode.get((prev, ch.device), 0.0) if prev else 0.0
+        cross_p = table.act_prefill.get((prev, ch.device), 0.0) if prev else 0.0
+        units.append(UnitPlan(table.units[u], ch.device, ch.precision, ch.residency,
+                              int(table.unit_bytes[u, k]), round((ev.unit_decode_s[u] + cross_d) * 1e3, 6),
+                              round((ev.unit_prefill_s[u] + cross_p) * 1e3, 6)))
+        prev = ch.device
+    B, P, n = wl.batch, wl.prompt_tokens, wl.new_tokens
+    pred = Prediction(
+        prefill_tok_s=B * P / ev.prefill_s, decode_tok_s=B / ev.decode_s, ttft_s=ev.prefill_s,
+        decode_ms=ev.decode_s * 1e3, prefill_ms=ev.prefill_s * 1e3,
+        throughput_tok_s=B * n / (ev.prefill_s + n * ev.decode_s), quality_loss=ev.quality)
+    return Plan(
+        model=spec.name, fingerprint=spec.fingerprint(), host=table.hw.host, hardware=table.hw.source,
+        objective=wl.objective, prompt_tokens=P, context=wl.context, batch=B, budgets=dict(budgets),
+        units=tuple(units), memory=dict(ev.memory), predicted=pred, memory_breakdown=ev.breakdown,
+        reserve=dict(reserve), precisions=tuple(precisions or sorted({c.precision for c in table.choices})),
+        max_quality_loss=max_quality_loss, prefetch=prefetch, prefetch_depth=table.coeffs.prefetch_depth,
+        kind=kind, why=why or Why(), solver=solver or {})
+
+
+def _describe(ch: Choice) -> str:
+    return f"{ch.device}/{ch.precision}/{ch.residency}"
+
+
+def explain_choice(table: Table, assign: list[int], budgets: dict[str, int],
+                   max_quality: float | None) -> Why:
+    """The binding constraints, and the next-best alternative: the cheapest single-unit change that
+    still fits (embed and head together when tied)."""
+    ev = table.evaluate(assign)
+    binding = []
+    for m, b in budgets.items():
+        used = ev.memory.get(m, 0)
+        if b > 0 and used >= BINDING * b:
+            binding.append(f"{m} memory: {fmt_bytes(used)} of {fmt_bytes(b)} ({100 * used / b:.1f}%)")
+    if max_quality is not None and ev.quality >= BINDING * max_quality:
+        binding.append(f"quality: loss {ev.quality:.4g} of at most {max_quality:g}")
+    best: tuple[float, str, Evaluation] | None = None
+    U = len(assign)
+    for u in range(U):
+        if table.tied and u == 0:
+            continue  # changed together with the head
+        for k in range(len(table.choices)):
+            if k == assign[u] or not table.valid[u, k]:
+                continue
+            alt = list(assign)
+            alt[u] = k
+            if table.tied and u == U - 1:
+                alt[0] = k
+            if not tied_consistent(table, alt):
+                continue
+            e = table.evaluate(alt)
+            if e.over(budgets) or (max_quality is not None and e.quality > max_quality + 1e-12):
+                continue
+            if best is None or e.objective_s < best[0]:
+                old, new = table.choices[assign[u]], table.choices[k]
+                text = f"{table.units[u]} on {_describe(new)} instead of {_describe(old)}"
+                best = (e.objective_s, text, e)
+    notes = []
+    if table.tied:
+        notes.append("embed and head share one matrix (tied embeddings), so they share one choice")
+    if not binding:
+        notes.append("no budget binds: every unit has its fastest choice")
+    if best is None:
+        return Why(tuple(binding), "no other single-unit change fits", 0.0, 0.0, tuple(notes))
+    delta = (best[0] - ev.objective_s) * 1e3
+    unit = "ms per token" if table.workload.objective == "decode" else "ms"
+    text = f"{best[1]}: +{delta:.3f} {unit} ({table.workload.batch / best[2].decode_s:.2f} decode tok/s)"
+    return Why(tuple(binding), text, table.workload.batch / best[2].decode_s, best[0] * 1e3, tuple(notes))
+
+
+def choices_of(plan: Plan, table: Table) -> list[int]:
+    if [u.name for u in plan.units] != table.units:
+        raise HeteroError(f"the plan's units do not match {table.spec.name}'s "
+                          f"({len(plan.units)} vs {len(table.units)} units)")
+    return [table.index(Choice(u.device, u.precision, u.residency)) for u in plan.units]
+
+
+def check_plan(plan: Plan, spec: ModelSpec, hardware: HardwareSpec | None = None) -> None:
+    """Refuse a plan made for another model, or naming devices this machine lacks."""
+    if plan.fingerprint and plan.fingerprint != spec.fingerprint():
+        raise HeteroError(f"this plan was made for {plan.model} (fingerprint {plan.fingerprint}), "
+                          f"not {spec.name} ({spec.fingerprint()})")
+    if hardware is not None:
+        have = {d.name for d in hardware.devices}
+        missing = sorted({u.device for u in plan.units if not u.host} - have)
+        if missing:
+            raise HeteroError(f"this plan uses {', '.join(missing)}, which {hardware.host} does not have "
+                              f"(it has {', '.join(sorted(have))})")
+
+
+def rescore(plan: Plan, spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None = None,
+            coeffs: Coefficients | None = None, sensitivity: dict | None = None) -> Plan:
+    """The same placement priced again by the cost model (after a hand edit or a new calibration)."""
+    check_plan(plan, spec, hardware)
+    wl = Workload(plan.objective, plan.prompt_tokens, plan.context, plan.batch)
+    table = build_table(spec, hardware, profile, wl, None, sensitivity, coeffs, prefetch=plan.prefetch)
+    assign = choices_of(plan, table)
+    fresh = assemble(table, assign, plan.budgets, plan.reserve, plan.kind, plan.prefetch,
+                     plan.max_quality_loss, list(plan.precisions), plan.why, plan.solver)
+    return dataclasses.replace(fresh, stages=plan.stages, batch_split=plan.batch_split)

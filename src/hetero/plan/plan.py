@@ -1,0 +1,240 @@
+"""Plan: the one thing that passes from planning to execution — plain, versioned, hand-editable data.
+
+JSON layout (version 1):
+
+    {"version": 1, "kind": "hetero",
+     "model": {"name": ..., "fingerprint": ...},
+     "hardware": {"host": ..., "source": "this" | "catalog:..." | path},
+     "workload": {"objective": "decode", "prompt_tokens": 512, "context": 640, "batch": 1},
+     "budgets": {"cpu": bytes, "disk": bytes, ...},  "reserve": {"cpu": bytes},
+     "precisions": [...], "max_quality_loss": null, "prefetch": true, "prefetch_depth": 2,
+     "units": [{"name": "layers.0", "device": "cpu", "precision": "int8", "residency": "resident",
+                "bytes": ..., "predicted_ms": ..., "prefill_ms": ..., "host": ""}, ...],
+     "memory": {"cpu": bytes, ...},
+     "memory_breakdown": {"cpu": {"weights": .., "kv": .., "buffers": .., "workspace": ..}},
+     "predicted": {"prefill_tok_s": .., "decode_tok_s": .., "ttft_s": .., "decode_ms": ..,
+                   "prefill_ms": .., "throughput_tok_s": .., "quality_loss": ..},
+     "stages": [], "batch_split": [], "why": {...}, "solver": {...}}
+
+`units[].predicted_ms` is the unit's share of one decode step (streaming included); `prefill_ms` its
+share of the prefill. `stages` (contiguous pipeline stages, one host each) and `batch_split`
+(sequences per device replica, in proportion to speed) are empty for a single-host, single-replica
+plan. Editing a plan by hand and running `hetero.plan.rescore` prices it again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hetero.cost import RESIDENCIES
+from hetero.dtypes import PRECISIONS
+from hetero.errors import HeteroError
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    name: str                 # embed | layers.i | head
+    device: str               # compute device: cpu | cuda:0 | mps ...
+    precision: str            # fp32 | bf16 | fp16 | int8 | int4
+    residency: str            # resident | ram (streamed RAM -> GPU) | disk (streamed with O_DIRECT)
+    bytes: int                # weight bytes at `precision`
+    predicted_ms: float = 0.0  # share of one decode step
+    prefill_ms: float = 0.0    # share of the prefill
+    host: str = ""            # "" = the plan's host; another host for a pipeline stage elsewhere
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A contiguous run of units on one host, a pipeline stage (executed over torch.distributed)."""
+    host: str
+    first: str                # first unit name
+    last: str                 # last unit name (inclusive)
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """Data parallelism: this many of the batch's sequences run on a replica placed on `device`."""
+    device: str
+    sequences: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    prefill_tok_s: float
+    decode_tok_s: float
+    ttft_s: float
+    decode_ms: float
+    prefill_ms: float
+    throughput_tok_s: float
+    quality_loss: float = 0.0
+
+
+@dataclass(frozen=True)
+class Why:
+    """The explanation: what binds, and what the next-best alternative would cost."""
+    binding: tuple[str, ...] = ()
+    alternative: str = ""
+    alternative_decode_tok_s: float = 0.0
+    alternative_objective_ms: float = 0.0
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    fingerprint: str
+    host: str
+    hardware: str
+    objective: str
+    prompt_tokens: int
+    context: int
+    batch: int
+    budgets: dict[str, int]
+    units: tuple[UnitPlan, ...]
+    memory: dict[str, int]
+    predicted: Prediction
+    memory_breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
+    reserve: dict[str, int] = field(default_factory=dict)
+    precisions: tuple[str, ...] = ()
+    max_quality_loss: float | None = None
+    prefetch: bool = True
+    prefetch_depth: int = 2
+    stages: tuple[Stage, ...] = ()
+    batch_split: tuple[BatchShare, ...] = ()
+    kind: str = "hetero"      # hetero, or the baseline it came from
+    why: Why = field(default_factory=Why)
+    solver: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # ---- queries ---------------------------------------------------------------------------------
+    def unit(self, name: str) -> UnitPlan:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    def devices(self) -> list[str]:
+        return list(dict.fromkeys(u.device for u in self.units))
+
+    def over_budget(self) -> dict[str, int]:
+        """Devices whose planned use plus the runtime's reserve exceeds the budget, by how many bytes."""
+        out = {}
+        for d, b in self.budgets.items():
+            need = self.memory.get(d, 0) + self.reserve.get(d, 0)
+            if need > b:
+                out[d] = need - b
+        return out
+
+    def explain(self, compare: list["Plan"] | None = None):
+        """A rich renderable: the unit table, totals and why (see hetero.plan.explain)."""
+        from hetero.plan.explain import explain
+
+        return explain(self, compare)
+
+    # ---- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "version": self.version, "kind": self.kind,
+            "model": {"name": self.model, "fingerprint": self.fingerprint},
+            "hardware": {"host": self.host, "source": self.hardware},
+            "workload": {"objective": self.objective, "prompt_tokens": self.prompt_tokens,
+                         "context": self.context, "batch": self.batch},
+            "budgets": dict(self.budgets), "reserve": dict(self.reserve),
+            "precisions": list(self.precisions), "max_quality_loss": self.max_quality_loss,
+            "prefetch": self.prefetch, "prefetch_depth": self.prefetch_depth,
+            "units": [dataclasses.asdict(u) for u in self.units],
+            "memory": dict(self.memory), "memory_breakdown": self.memory_breakdown,
+            "predicted": dataclasses.asdict(self.predicted),
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "batch_split": [dataclasses.asdict(b) for b in self.batch_split],
+            "why": {**dataclasses.asdict(self.why), "binding": list(self.why.binding),
+                    "notes": list(self.why.notes)},
+            "solver": self.solver,
+        }
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        try:
+            v = int(d.get("version", 0))
+            if v > PLAN_VERSION or v < 1:
+                raise HeteroError(f"plan version {v} is not supported (this hetero reads version {PLAN_VERSION})")
+            units = tuple(_unit(u) for u in d["units"])
+            wl = d.get("workload", {})
+            why = d.get("why") or {}
+            return cls(
+                model=d["model"]["name"], fingerprint=d["model"].get("fingerprint", ""),
+                host=d.get("hardware", {}).get("host", ""), hardware=d.get("hardware", {}).get("source", ""),
+                objective=wl.get("objective", "decode"), prompt_tokens=int(wl.get("prompt_tokens", 512)),
+                context=int(wl.get("context", 640)), batch=int(wl.get("batch", 1)),
+                budgets={k: int(v) for k, v in d.get("budgets", {}).items()},
+                units=units,
+                memory={k: int(v) for k, v in d.get("memory", {}).items()},
+                predicted=Prediction(**d["predicted"]) if d.get("predicted") else Prediction(0, 0, 0, 0, 0, 0),
+                memory_breakdown={k: dict(v) for k, v in d.get("memory_breakdown", {}).items()},
+                reserve={k: int(v) for k, v in d.get("reserve", {}).items()},
+                precisions=tuple(d.get("precisions", ())), max_quality_loss=d.get("max_quality_loss"),
+                prefetch=bool(d.get("prefetch", True)), prefetch_depth=int(d.get("prefetch_depth", 2)),
+                stages=tuple(Stage(**s) for s in d.get("stages", ())),
+                batch_split=tuple(BatchShare(**b) for b in d.get("batch_split", ())),
+                kind=d.get("kind", "hetero"),
+                why=Why(binding=tuple(why.get("binding", ())), alternative=why.get("alternative", ""),
+                        alternative_decode_tok_s=float(why.get("alternative_decode_tok_s", 0.0)),
+                        alternative_objective_ms=float(why.get("alternative_objective_ms", 0.0)),
+                        notes=tuple(why.get("notes", ()))),
+                solver=dict(d.get("solver", {})), version=v,
+            )
+        except HeteroError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise HeteroError(f"not a valid plan: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except ValueError as e:
+            raise HeteroError(f"plan is not valid JSON: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        try:
+            return cls.from_json(Path(path).read_text())
+        except OSError as e:
+            raise HeteroError(f"cannot read plan {path}: {e.strerror}") from None
+
+
+def _unit(u: dict[str, Any]) -> UnitPlan:
+    up = UnitPlan(name=u["name"], device=u["device"], precision=u["precision"], residency=u["residency"],
+                  bytes=int(u.get("bytes", 0)), predicted_ms=float(u.get("predicted_ms", 0.0)),
+                  prefill_ms=float(u.get("prefill_ms", 0.0)), host=u.get("host", ""))
+    if up.residency not in RESIDENCIES:
+        raise HeteroError(f"unit {up.name}: residency {up.residency!r} is not one of {', '.join(RESIDENCIES)}")
+    if up.precision not in PRECISIONS:
+        raise HeteroError(f"unit {up.name}: precision {up.precision!r} is not one of {', '.join(PRECISIONS)}")
+    return up
+
+
+def split_batch(batch: int, speeds: dict[str, float]) -> tuple[BatchShare, ...]:
+    """Sequences per replica in proportion to each device's speed (largest remainders; sums to batch)."""
+    total = sum(v for v in speeds.values() if v > 0)
+    if batch < 1 or total <= 0:
+        return ()
+    raw = {d: batch * v / total for d, v in speeds.items() if v > 0}
+    base = {d: int(x) for d, x in raw.items()}
+    left = batch - sum(base.values())
+    for d in sorted(raw, key=lambda d: raw[d] - base[d], reverse=True)[:left]:
+        base[d] += 1
+    return tuple(BatchShare(d, n) for d, n in base.items() if n > 0)

@@ -1,0 +1,1 @@
+"""hetero.dist"""

@@ -93,8 +93,10 @@ def _int4_weight(n: int, k: int, device: str, group: int):
     import torch
 
     if device == "cpu":
-        w = torch.randint(0, 16, (n, k), dtype=torch.int32)
-        packed = torch._convert_weight_to_int4pack_for_cpu(w, 1)
+        # packed in row blocks: the int32 input is 8x the packed size, too big to hold at once for a
+        # weight larger than the cache (the CPU layout is per row, so blocks concatenate)
+        packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(
+            torch.randint(0, 16, (min(2048, n - r), k), dtype=torch.int32), 1) for r in range(0, n, 2048)])
         mm = torch._weight_int4pack_mm_for_cpu
     else:
         # the CUDA kernel takes two nibbles per uint8 and an inner-k-tile count of 8

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from hetero.cost import Coefficients
 from hetero.errors import HeteroError
 from hetero.hardware.types import HardwareSpec, Profile
@@ -106,8 +108,8 @@ def _describe(ch: Choice) -> str:
 
 def explain_choice(table: Table, assign: list[int], budgets: dict[str, int],
                    max_quality: float | None) -> Why:
-    """The binding constraints, and the next-best alternative: the cheapest single-unit change that
-    still fits (embed and head together when tied)."""
+    """The binding constraints; the next-best alternative (the cheapest single-unit change that still
+    fits and costs time); and what doing without each device or precision the plan uses would cost."""
     ev = table.evaluate(assign)
     binding = []
     for m, b in budgets.items():
@@ -116,8 +118,41 @@ def explain_choice(table: Table, assign: list[int], budgets: dict[str, int],
             binding.append(f"{m} memory: {fmt_bytes(used)} of {fmt_bytes(b)} ({100 * used / b:.1f}%)")
     if max_quality is not None and ev.quality >= BINDING * max_quality:
         binding.append(f"quality: loss {ev.quality:.4g} of at most {max_quality:g}")
-    best: tuple[float, str, Evaluation] | None = None
+    tps = table.workload.batch
+    unit = "ms per token" if table.workload.objective == "decode" else "ms"
+    best = _best_single_change(table, assign, ev, budgets, max_quality)
+    notes, alts = [], []
+    if table.tied:
+        notes.append("embed and head share one matrix (tied embeddings), so they share one choice")
+    if not binding:
+        notes.append("no budget binds: every unit has its fastest choice")
+    used = [table.choices[k] for k in assign]
+    for label, drop in ([(f"without {d}", lambda c, d=d: c.device == d) for d in dict.fromkeys(c.device for c in used)]
+                        + [(f"without {p}", lambda c, p=p: c.precision == p)
+                           for p in dict.fromkeys(c.precision for c in used)]):
+        mask = table.valid & ~np.array([drop(c) for c in table.choices])[None, :]
+        try:
+            alt = solve(dataclasses.replace(table, valid=mask), budgets, max_quality, time_limit=10.0)
+        except HeteroError:
+            alts.append(f"{label}: nothing fits")
+            continue
+        e = table.evaluate(alt.assign)
+        alts.append(f"{label}: {tps / e.decode_s:.2f} decode tok/s, {(e.objective_s - ev.objective_s) * 1e3:+.3f} "
+                    f"{unit}, quality loss {e.quality:.4g}")
+    if best is None:
+        return Why(tuple(binding), "no other single-unit change fits", 0.0, 0.0, tuple(notes), tuple(alts))
+    delta = (best[0] - ev.objective_s) * 1e3
+    text = f"{best[1]}: {delta:+.3f} {unit} ({tps / best[2].decode_s:.2f} decode tok/s)"
+    return Why(tuple(binding), text, tps / best[2].decode_s, best[0] * 1e3, tuple(notes), tuple(alts))
+
+
+def _best_single_change(table: Table, assign: list[int], ev: Evaluation, budgets: dict[str, int],
+                        max_quality: float | None):
+    """(objective s, text, evaluation) of the cheapest single-unit change that fits and is not a
+    tie (a change within 0.01% is the same plan for every practical purpose)."""
+    best = None
     U = len(assign)
+    floor = ev.objective_s * (1 + 1e-4)
     for u in range(U):
         if table.tied and u == 0:
             continue  # changed together with the head
@@ -128,26 +163,14 @@ def explain_choice(table: Table, assign: list[int], budgets: dict[str, int],
             alt[u] = k
             if table.tied and u == U - 1:
                 alt[0] = k
-            if not tied_consistent(table, alt):
-                continue
             e = table.evaluate(alt)
-            if e.over(budgets) or (max_quality is not None and e.quality > max_quality + 1e-12):
+            if e.objective_s <= floor or e.over(budgets) or (
+                    max_quality is not None and e.quality > max_quality + 1e-12):
                 continue
             if best is None or e.objective_s < best[0]:
                 old, new = table.choices[assign[u]], table.choices[k]
-                text = f"{table.units[u]} on {_describe(new)} instead of {_describe(old)}"
-                best = (e.objective_s, text, e)
-    notes = []
-    if table.tied:
-        notes.append("embed and head share one matrix (tied embeddings), so they share one choice")
-    if not binding:
-        notes.append("no budget binds: every unit has its fastest choice")
-    if best is None:
-        return Why(tuple(binding), "no other single-unit change fits", 0.0, 0.0, tuple(notes))
-    delta = (best[0] - ev.objective_s) * 1e3
-    unit = "ms per token" if table.workload.objective == "decode" else "ms"
-    text = f"{best[1]}: +{delta:.3f} {unit} ({table.workload.batch / best[2].decode_s:.2f} decode tok/s)"
-    return Why(tuple(binding), text, table.workload.batch / best[2].decode_s, best[0] * 1e3, tuple(notes))
+                best = (e.objective_s, f"{table.units[u]} on {_describe(new)} instead of {_describe(old)}", e)
+    return best
 
 
 def choices_of(plan: Plan, table: Table) -> list[int]:

@@ -83,6 +83,7 @@ class Why:
     alternative_decode_tok_s: float = 0.0
     alternative_objective_ms: float = 0.0
     notes: tuple[str, ...] = ()
+    alternatives: tuple[str, ...] = ()   # the best plan without each device / precision this one uses
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class Plan:
             "stages": [dataclasses.asdict(s) for s in self.stages],
             "batch_split": [dataclasses.asdict(b) for b in self.batch_split],
             "why": {**dataclasses.asdict(self.why), "binding": list(self.why.binding),
-                    "notes": list(self.why.notes)},
+                    "notes": list(self.why.notes), "alternatives": list(self.why.alternatives)},
             "solver": self.solver,
         }
         return d
@@ -193,7 +194,7 @@ class Plan:
                 why=Why(binding=tuple(why.get("binding", ())), alternative=why.get("alternative", ""),
                         alternative_decode_tok_s=float(why.get("alternative_decode_tok_s", 0.0)),
                         alternative_objective_ms=float(why.get("alternative_objective_ms", 0.0)),
-                        notes=tuple(why.get("notes", ()))),
+                        notes=tuple(why.get("notes", ())), alternatives=tuple(why.get("alternatives", ()))),
                 solver=dict(d.get("solver", {})), version=v,
             )
         except HeteroError:

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # c10d warns in C++ (with a stack dump) when a dead rank 0 takes the store with it: our error says it
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     from hetero.errors import HeteroError
 
     a = _parser().parse_args(argv)

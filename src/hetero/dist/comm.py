@@ -82,14 +82,14 @@ class Comm:
         else:
             why = f"failed: {msg.splitlines()[0][:200]}"
         culprit, reason = peer, why
-        if self.store is not None:
+        if self.store is not None and peer != 0:  # the store lives on rank 0: no use asking it
             try:  # the first rank to notice names the culprit; the others repeat it
                 if not self.store.check([_BLAME_KEY]):
                     self.store.set(_BLAME_KEY, f"{peer}|{why}")
                 c, reason = self.store.get(_BLAME_KEY).decode().split("|", 1)
                 culprit = int(c)
             except Exception:
-                culprit, reason = peer, why  # the store lives on rank 0: gone with it
+                culprit, reason = peer, why
         host = self.hosts[culprit] if 0 <= culprit < len(self.hosts) else "?"
         return RankFailure(f"rank {culprit} ({host}) {reason}; rank {self.rank} stopped")
 

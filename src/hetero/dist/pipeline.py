@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -245,6 +246,7 @@ class _Runner:
         t0 = time.perf_counter()
         pending: deque = deque()
         local: dict[int, torch.Tensor] = {}
+        log = os.environ.get("HETERO_DIST_LOG") == "1"  # progress lines on stderr (tests kill on them)
 
         def launch(m: int, ids: torch.Tensor, start: int) -> None:
             n = ids.shape[1]
@@ -272,6 +274,8 @@ class _Runner:
                         finish[seq] = "stop"
                     elif len(out[seq]) >= job.max_new_tokens or pos[m] >= self.max_len[m]:
                         finish[seq] = "length"
+            if log:
+                print(f"rank 0: micro-batch {m} at position {pos[m]}", file=sys.stderr, flush=True)
             if all(finish[s] is not None for s in self.mbs[m]):
                 continue
             if delay:

@@ -1,0 +1,182 @@
+"""The queue in front of the engine: one worker thread owns the model and runs every generation.
+
+The engine runs one sequence at a time (one forward pass over the model at once; torch already uses
+every core for it), so requests cannot be batched into one forward. Instead up to `max_concurrency`
+admitted generations are interleaved token by token, each with its own KV cache: a new request gets
+its first token after one round instead of after every earlier request has finished. Requests past
+that wait in FIFO order; past `max_concurrency + max_queue` the server answers 429 at once.
+
+A cancelled job (its client went away) is dropped at the worker's next visit, i.e. within one token
+step, and its KV cache is freed with its generator.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from hetero.serve.stops import apply_stops
+
+END = object()  # sentinel pushed after the last record of a job
+
+
+class Busy(Exception):
+    """Every running and waiting place is taken."""
+
+
+class Job:
+    """One generation: `kwargs` go to Model.stream; records come back on an asyncio queue."""
+
+    def __init__(self, kwargs: dict, loop: asyncio.AbstractEventLoop, priority: bool = False,
+                 stop: list[str] | None = None):
+        self.kwargs, self.loop, self.priority, self.stop = kwargs, loop, priority, stop or []
+        self.prompt_tokens = 0
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.gen = None
+        self.t_submit = time.perf_counter()
+        self.t_start: float | None = None
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.tokens = 0
+        self.engine: "Engine | None" = None
+
+    def cancel(self) -> None:
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            if self.engine is not None:
+                self.engine.wake()
+
+    def _emit(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            pass
+
+
+class Engine:
+    """Owns the model; `submit` jobs from the event loop, read their records from `job.out`."""
+
+    def __init__(self, model: Any, max_concurrency: int = 8, max_queue: int = 64,
+                 on_token: Callable[[Job, float], None] | None = None,
+                 on_done: Callable[[Job, str], None] | None = None):
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError("max_concurrency must be ≥ 1 and max_queue ≥ 0")
+        self.model, self.max_concurrency, self.max_queue = model, max_concurrency, max_queue
+        self.on_token, self.on_done = on_token, on_done
+        # The model and its tokenizer are not safe to use from two threads at once: everything that
+        # touches them (a generation step, tokenising a prompt) holds this lock.
+        self.model_lock = threading.Lock()
+        self.cv = threading.Condition()
+        self.waiting: deque[Job] = deque()
+        self.active: list[Job] = []
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    # ---- event-loop side -------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="hetero-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def wake(self) -> None:
+        with self.cv:
+            self.cv.notify_all()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raise Busy when every place is taken (priority jobs, e.g. /health, never are)."""
+        with self.cv:
+            live = sum(not j.cancelled.is_set() for j in self.waiting) + len(self.active)
+            if not job.priority and live >= self.max_concurrency + self.max_queue:
+                raise Busy()
+            job.engine = self
+            if job.priority:
+                self.waiting.appendleft(job)
+            else:
+                self.waiting.append(job)
+            self.cv.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) right now."""
+        with self.cv:
+            return len(self.active), sum(not j.cancelled.is_set() for j in self.waiting)
+
+    def tokenize(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (which uses the tokenizer) while no generation step is running."""
+        with self.model_lock:
+            return fn()
+
+    # ---- worker side -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                for j in [j for j in self.waiting if j.cancelled.is_set()]:
+                    self.waiting.remove(j)
+                    self._finish(j, "cancelled")
+                while self.waiting and (len(self.active) < self.max_concurrency or self.waiting[0].priority):
+                    self.active.append(self.waiting.popleft())
+                if self.stopping:
+                    break
+                if not self.active:
+                    self.cv.wait()
+                    continue
+                round_ = list(self.active)
+            for job in round_:
+                self._step(job)
+        for job in list(self.active) + list(self.waiting):
+            self._drop(job, "cancelled")
+
+    def _drop(self, job: Job, status: str) -> None:
+        with self.cv:
+            if job in self.active:
+                self.active.remove(job)
+            if job in self.waiting:
+                self.waiting.remove(job)
+        if job.gen is not None:
+            with self.model_lock:
+                job.gen.close()  # frees the generator's KV cache now, not at garbage collection
+            job.gen = None
+        self._finish(job, status)
+
+    def _finish(self, job: Job, status: str) -> None:
+        job._emit(END)
+        if self.on_done is not None:
+            self.on_done(job, status)
+
+    def _step(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self._drop(job, "cancelled")
+            return
+        try:
+            with self.model_lock:
+                if job.gen is None:
+                    job.t_start = time.perf_counter()
+                    job.gen = iter(self.model.stream(**job.kwargs))
+                    if job.stop:
+                        job.gen = apply_stops(job.gen, job.stop)
+                rec = next(job.gen)
+        except StopIteration:
+            self._drop(job, "ok")
+            return
+        except Exception as e:  # a failed generation fails its own request, never the worker
+            job._emit(e)
+            self._drop(job, "error")
+            return
+        now = time.perf_counter()
+        job.tokens += len(rec.token_ids)
+        if self.on_token is not None:
+            self.on_token(job, now)
+        if job.t_first is None:
+            job.t_first = now
+        job.t_last = now
+        job._emit(rec)
+        if rec.finish_reason is not None:
+            self._drop(job, "ok")

@@ -10,8 +10,10 @@ import json
 import os
 import platform
 import warnings
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 from hetero.hardware import bench, diskbench
 from hetero.hardware.types import DeviceProfile, HardwareSpec, Profile
@@ -41,36 +43,28 @@ def versions() -> dict[str, str]:
             "hetero": hetero_v, "threads": str(torch.get_num_threads())}
 
 
-def _progress(enabled: bool, total: int):
-    """A rich progress bar (or a no-op one); yields an `advance(label)` callable."""
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
+    """Yields `step(label)`: called before each probe runs; shows a rich bar on stderr when enabled
+    (stdout stays clean for --json)."""
     if not enabled:
-        class _Quiet:
-            def __enter__(self):
-                return lambda label: None
-
-            def __exit__(self, *exc):
-                return False
-        return _Quiet()
-
+        yield lambda label: None
+        return
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    class _Bar:
-        def __enter__(self):
-            self.p = Progress(TextColumn("profiling {task.description:<24}"), BarColumn(),
-                              TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                              transient=True, console=Console(stderr=True))  # stdout stays clean JSON
-            self.p.__enter__()
-            self.task = self.p.add_task("", total=total)
+    with Progress(TextColumn("profiling {task.description:<26}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=total)
+        started = [False]
 
-            def advance(label: str) -> None:
-                self.p.update(self.task, description=label)
-                self.p.advance(self.task)
-            return advance
-
-        def __exit__(self, *exc):
-            return self.p.__exit__(*exc)
-    return _Bar()
+        def step(label: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, description=label)
+        yield step
+        bar.update(task, completed=total)
 
 
 def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
@@ -91,11 +85,11 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
     if any(d.kind == "disk" for d in spec.devices):
         probes += [("disk", p) for p in diskbench.disk_probes(sz)]
 
-    with torch.inference_mode(), _progress(progress, len(probes) * sz.rounds) as advance:
+    with torch.inference_mode(), _progress(progress, len(probes) * sz.rounds) as step:
         for _ in range(sz.rounds):
             for dev, p in probes:
+                step(f"{dev} {' '.join(p.key)}")
                 p.sample(sz.repeats)
-                advance(f"{dev} {' '.join(p.key)}")
     for _, p in probes:
         p.release()
 

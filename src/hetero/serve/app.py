@@ -104,24 +104,28 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request waited or ran; its job is already cancelled."""
+
+
 async def _next_item(job: Job, request: Request | None) -> Any:
-    """The job's next record (or END or an exception); cancels the job if the client disconnects."""
+    """The job's next record (or END or an exception); cancels the job if the client disconnects.
+    The client is checked every DISCONNECT_POLL_S whether or not records keep arriving."""
     getter = asyncio.ensure_future(job.out.get())
     try:
         while True:
+            now = time.perf_counter()
+            if request is not None and now - job.checked_at >= DISCONNECT_POLL_S:
+                job.checked_at = now
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise ClientGone()
             done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
             if done:
                 return getter.result()
-            if request is not None and await request.is_disconnected():
-                job.cancel()
-                raise ClientGone()
     finally:
         if not getter.done():
             getter.cancel()
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request waited or ran; its job is already cancelled."""
 
 
 def _sse(obj: Any) -> str:

@@ -33,6 +33,7 @@ class Job:
                  stop: list[str] | None = None):
         self.kwargs, self.loop, self.priority, self.stop = kwargs, loop, priority, stop or []
         self.prompt_tokens = 0
+        self.checked_at = 0.0  # when the server last checked that this job's client is still connected
         self.out: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.gen = None

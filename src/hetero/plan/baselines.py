@@ -8,8 +8,10 @@
   used (mmap), so it streams without prefetch. Token embeddings stay on the CPU.
 - all-on-DEVICE: everything resident on one compute device.
 
-Each uses one precision for every unit (the tools' model dtype); budgets they overrun are reported,
-not hidden (Plan.over_budget).
+Each uses one precision for every unit (the tools' model dtype). The tools count weights only
+against their limits; like a careful user, `fitted` lowers a tool's limit on a device until the
+whole run (KV cache, workspace, buffers included) fits that device's budget. When no setting fits,
+the tool's plain setting is returned and reported over budget (Plan.over_budget), not hidden.
 """
 from __future__ import annotations
 
@@ -101,6 +103,21 @@ def all_on(table: Table, device: str, precision: str) -> list[int]:
     return [_pick(table, device, precision, "resident")] * len(table.units)
 
 
+def fitted(rule, table: Table, budgets: dict[str, int], precision: str, prefetch: bool) -> list[int]:
+    """The rule's assignment with its limits lowered by each device's overrun until it fits."""
+    limits = dict(budgets)
+    for _ in range(64):
+        assign = rule(table, limits, precision)
+        over = table.evaluate(assign, prefetch).over(budgets)
+        if not over:
+            return assign
+        for m, excess in over.items():
+            limits[m] = limits.get(m, 0) - max(1, excess)
+        if any(v < 0 for v in limits.values()):
+            break
+    return rule(table, budgets, precision)
+
+
 def baselines(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None = None,
               memory: dict[str, int] | None = None, objective: str = "decode", prompt_tokens: int = 512,
               context: int | None = None, batch: int = 1, precision: str | list[str] = "bf16",
@@ -117,8 +134,8 @@ def baselines(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None =
     for p in precs:
         if not any(c.precision == p for c in table.choices):
             raise HeteroError(f"no device here has kernels for {p}")
-        runs = [(f"accelerate-like ({p})", accelerate_like(table, eff, p), False),
-                (f"llama.cpp-like ({p})", llamacpp_like(table, eff, p), False)]
+        runs = [(f"accelerate-like ({p})", fitted(accelerate_like, table, eff, p, False), False),
+                (f"llama.cpp-like ({p})", fitted(llamacpp_like, table, eff, p, False), False)]
         for d in table.compute:
             if any(c.device == d and c.precision == p for c in table.choices):
                 runs.append((f"all-on-{d} ({p})", all_on(table, d, p), True))

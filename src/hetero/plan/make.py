@@ -18,8 +18,6 @@ from hetero.plan.solve import solve
 from hetero.plan.table import Choice, Evaluation, Table, Workload, build_table, tied_consistent
 from hetero.plan.units import fmt_bytes
 
-BINDING = 0.97  # a budget used to this fraction or more is reported as binding
-
 
 def default_budgets(hw: HardwareSpec, memory: dict[str, int] | None) -> dict[str, int]:
     """Every memory device gets a budget: the one given, else what it has free (or its capacity)."""
@@ -111,14 +109,18 @@ def explain_choice(table: Table, assign: list[int], budgets: dict[str, int],
     """The binding constraints; the next-best alternative (the cheapest single-unit change that still
     fits and costs time); and what doing without each device or precision the plan uses would cost."""
     ev = table.evaluate(assign)
-    binding = []
-    for m, b in budgets.items():
-        used = ev.memory.get(m, 0)
-        if b > 0 and used >= BINDING * b:
-            binding.append(f"{m} memory: {fmt_bytes(used)} of {fmt_bytes(b)} ({100 * used / b:.1f}%)")
-    if max_quality is not None and ev.quality >= BINDING * max_quality:
-        binding.append(f"quality: loss {ev.quality:.4g} of at most {max_quality:g}")
     tps = table.workload.batch
+    binding = []
+    # a budget binds when the fastest plan with no budgets at all breaks it
+    ideal = table.evaluate(solve(table, {}, None, time_limit=10.0).assign)
+    if ideal.objective_s < ev.objective_s * (1 - 1e-9):
+        for m, b in budgets.items():
+            if ideal.memory.get(m, 0) > b:
+                binding.append(f"{m} memory: the fastest plan ({tps / ideal.decode_s:.2f} decode tok/s) needs "
+                               f"{fmt_bytes(ideal.memory[m])}, the budget is {fmt_bytes(b)} "
+                               f"(this plan uses {fmt_bytes(ev.memory.get(m, 0))})")
+        if max_quality is not None and ideal.quality > max_quality:
+            binding.append(f"quality: the fastest plan loses {ideal.quality:.4g}, the bound is {max_quality:g}")
     unit = "ms per token" if table.workload.objective == "decode" else "ms"
     best = _best_single_change(table, assign, ev, budgets, max_quality)
     notes, alts = [], []

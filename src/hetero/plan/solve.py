@@ -127,7 +127,7 @@ class _Model:
     """The sparse MILP for a table, candidate choices and budgets; `run` takes any objective."""
 
     def __init__(self, table: Table, cands: list[list[int]], budgets: dict[str, int],
-                 max_quality: float | None):
+                 max_quality: float | None, slack_bytes: float = 0.0):
         self.table = table
         U = len(table.units)
         self.blocks = bl = blocks(table, cands)
@@ -202,8 +202,8 @@ class _Model:
             ent += [(self.y[d], table.workspace / MiB) for d in table.compute if table.mem_of[d] == m]
             self.mem_rows[m] = ent
             if m in budgets:
-                # a hair under the budget so that float rounding can never put bytes over it
-                row(ent, -np.inf, budgets[m] / MiB - 1e-6)
+                # the exact bytes are checked after solving; `slack_bytes` tightens a retry
+                row(ent, -np.inf, (budgets[m] - slack_bytes) / MiB)
         for m, pc in self.pool.items():
             for b, blk in enumerate(bl):
                 u = blk.units[0]
@@ -290,14 +290,17 @@ def solve(table: Table, budgets: dict[str, int], max_quality: float | None = Non
     naming the smallest budget that would work."""
     t0 = time.perf_counter()
     cands = candidates(table, budgets)
-    if all(cands):
-        model = _Model(table, cands, budgets, max_quality)
+    # HiGHS's tolerances are a fraction of a byte on rows in MiB; should rounding still put a plan
+    # a byte over, solve again a few bytes tighter
+    for slack in (0.0, 4.0) if all(cands) else ():
+        model = _Model(table, cands, budgets, max_quality, slack)
         assign, status = model.run(model.time_objective(), time_limit)
-        if assign is not None:
-            ev = table.evaluate(assign)
-            if not ev.over(budgets) and (max_quality is None or ev.quality <= max_quality + 1e-9):
-                return Solution(assign, ev.objective_s, time.perf_counter() - t0, status,
-                                model.variables, model.A.shape[0])
+        if assign is None:
+            break
+        ev = table.evaluate(assign)
+        if not ev.over(budgets) and (max_quality is None or ev.quality <= max_quality + 1e-9):
+            return Solution(assign, ev.objective_s, time.perf_counter() - t0, status,
+                            model.variables, model.A.shape[0])
     raise HeteroError(infeasible_message(table, budgets, max_quality, reserve))
 
 
@@ -337,8 +340,9 @@ def infeasible_message(table: Table, budgets: dict[str, int], max_quality: float
     if max_quality is not None:
         q = min_quality(table, budgets)
         if q is not None and q > max_quality:
+            up = float(f"{q * (1 + 1e-6):.6g}")  # printed rounded up, so that it works as given
             return (f"no plan keeps the quality loss within {max_quality:g} under these memory budgets; "
-                    f"the smallest max-quality-loss that works is {q:.4g} (or give more memory)")
+                    f"the smallest max-quality-loss that works is {up:g} (or give more memory)")
     fixes = []
     for m in table.memory_devices:
         if m not in budgets:

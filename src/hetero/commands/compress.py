@@ -1,0 +1,158 @@
+"""`hetero compress`, `hetero eval` and `hetero sensitivity`: make a compressed artifact, measure
+perplexity, and measure the per-unit quality table the planner reads."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+MODEL_HELP = "A .gguf file, an HF dir (a compressed artifact too), `smollm2-135m` (default) or `synthetic:NAME`."
+
+
+def eval_cmd(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    text: Optional[str] = typer.Option(None, "--text", help="A UTF-8 text file (default: the built-in pydoc corpus)."),
+    context: int = typer.Option(512, "--context", help="Tokens per window."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between window ends (≤ context; default context/2)."),
+    tokens: int = typer.Option(4096, "--tokens", help="Evaluate the first N tokens of the text (0 = all)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | int8 | int4 (runtime kernels)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
+) -> None:
+    """Token-level perplexity with a fixed context and stride (one evaluator for every variant)."""
+    import hetero
+    from hetero.compress.artifact import read_record
+    from hetero.errors import HeteroError
+    from hetero.eval.corpus import BUILTIN_NAME, eval_ids, read_text
+    from hetero.eval.perplexity import check_settings, perplexity
+
+    if tokens < 0:
+        raise HeteroError(f"--tokens must be ≥ 0 (got {tokens})")
+    stride = stride if stride is not None else max(1, context // 2)
+    body = read_text(text)  # a bad file fails before the model loads
+    m = hetero.load(model, dtype=dtype, threads=threads)
+    ids = eval_ids(m.tokenizer, body, tokens or None)
+    check_settings(len(ids), context, stride, m.spec.max_context)
+    r = perplexity(m.net, ids, context, stride, progress=progress)
+    out = {"model": m.spec.name, "dtype": dtype, "text": text or BUILTIN_NAME, **r.to_dict(),
+           "tok_s": round(r.tokens / r.seconds, 1) if r.seconds else None, "compression": read_record(model)}
+    if as_json:
+        print(json.dumps(out))
+        return
+    print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens of {out['text']}, context {context}, "
+          f"stride {stride}, {r.windows} windows, {r.seconds:.1f} s)")
+    if out["compression"]:
+        print(f"compression: {out['compression'].get('method')} "
+              f"({out['compression'].get('format') or out['compression'].get('pattern') or ''})")
+
+
+def compress(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="int8 | int4 | gptq | magnitude | wanda | nm | kmeans | distill."),
+    out: str = typer.Option(..., "-o", "--output", help="Output dir (HF format) or .gguf file (--format gguf)."),
+    fmt: str = typer.Option("hf", "--format", help="hf (safetensors dir) | gguf."),
+    gguf_type: str = typer.Option("Q8_0", "--type", help="GGUF block type for --format gguf: Q8_0 | Q4_0 | Q4_1."),
+    group: int = typer.Option(64, "--group", help="int4/gptq group size along the input dim."),
+    sym: bool = typer.Option(False, "--sym/--asym", help="int4/gptq: symmetric grid (scale only)."),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="magnitude/wanda: share of weights removed."),
+    nm: Optional[str] = typer.Option(None, "--nm", help="magnitude/wanda: N:M pattern such as 2:4."),
+    values: int = typer.Option(16, "--values", help="kmeans: shared values per row."),
+    calib_tokens: int = typer.Option(2048, "--calib-tokens", help="Calibration tokens (gptq, wanda)."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="gptq: columns by input energy."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="distill: student layers (default 2/3)."),
+    steps: int = typer.Option(200, "--steps", help="distill: training steps."),
+    store: str = typer.Option("fp32", "--store-dtype", help="hf: fp32 | bf16 for the stored (dequantised) weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the compression record as JSON."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
+) -> None:
+    """Compress MODEL and write an artifact that run, eval and plan load (the record is in config.json)."""
+    from hetero.compress import methods
+    from hetero.errors import HeteroError
+
+    methods._load_all()
+    if fmt not in ("hf", "gguf"):
+        raise HeteroError(f"unknown --format {fmt!r}; known: hf, gguf")
+    if method is None and fmt == "hf":
+        raise HeteroError(f"--method is required; known: {methods.known()}")
+    if method is not None and method not in methods.METHODS:
+        raise HeteroError(f"unknown method {method!r}; known: {methods.known()}")
+    if fmt == "gguf":
+        from hetero.compress.gguf_export import check_type
+
+        check_type(gguf_type)
+    from hetero.compress.core import load_model
+
+    _threads(threads)
+    loaded = load_model(model)
+    opts = methods.Options(group=group, sym=sym, sparsity=sparsity, nm=nm, values=values,
+                           calib_tokens=calib_tokens, act_order=act_order, layers=layers, steps=steps,
+                           progress=progress)
+    spec, tensors, record = loaded.spec, loaded.tensors, None
+    if method is not None:
+        tensors, record = methods.apply(method, loaded, opts)
+        spec = record.pop("_spec", spec)
+    if fmt == "gguf":
+        from hetero.compress.gguf_export import write_gguf
+
+        record = write_gguf(out, loaded, spec, tensors, gguf_type, record, force=force)
+    else:
+        from hetero.compress.artifact import write_hf_dir
+
+        write_hf_dir(out, spec, tensors, record, loaded.tokenizer, dtype=store, force=force)
+    if as_json:
+        print(json.dumps(record))
+    else:
+        print(f"wrote {out}  ({record.get('method', 'convert')}, {record.get('bytes', 0) / 1e6:.1f} MB logical"
+              f" vs {record.get('baseline_fp32_bytes', 0) / 1e6:.1f} MB fp32)", file=sys.stderr)
+
+
+def sensitivity(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    out: str = typer.Option(..., "-o", "--output", help="Where to write the table (JSON)."),
+    precisions: str = typer.Option("int8,int4", "--precisions", help="Comma-separated: bf16, int8, int4."),
+    tokens: int = typer.Option(512, "--tokens", help="Calibration tokens (second half of the built-in corpus)."),
+    context: int = typer.Option(512, "--context", help="Tokens per window."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
+) -> None:
+    """Measure each unit's quality cost at each precision (alone) and save the planner's table."""
+    from pathlib import Path
+
+    from hetero.compress.artifact import write_json_atomic
+    from hetero.compress.core import load_model
+    from hetero.compress.sensitivity import PRECISIONS, measure
+    from hetero.errors import HeteroError
+    from hetero.eval.corpus import calib_ids
+
+    ps = [p.strip() for p in precisions.split(",") if p.strip()]
+    bad = [p for p in ps if p not in PRECISIONS]
+    if bad or not ps:
+        raise HeteroError(f"unknown precision {bad[0] if bad else precisions!r}; known: {', '.join(PRECISIONS)}")
+    if Path(out).exists() and not force:
+        raise HeteroError(f"{out} already exists; choose another -o or pass --force")
+    _threads(threads)
+    loaded = load_model(model)
+    table = measure(loaded, calib_ids(loaded.tokenizer, tokens), ps, context, progress=progress)
+    write_json_atomic(Path(out).expanduser(), table)
+    print(f"wrote {out}: {len(table['units'])} units × {len(ps)} precisions "
+          f"(baseline perplexity {table['meta']['baseline_perplexity']:.3f} on {table['meta']['tokens']} tokens)",
+          file=sys.stderr)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
+    app.command()(compress)
+    app.command()(sensitivity)

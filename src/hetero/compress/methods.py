@@ -1,0 +1,134 @@
+"""Compression methods as a config plus a registered handler (the record goes into the artifact).
+
+A handler takes the loaded model and its options and returns (new canonical tensors, record). The
+record says what was done — method, options, which matrices, logical bytes — and is written into
+the artifact's config.json, never into a file name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hetero.compress.core import Loaded, fp32_bytes, linear_names, model_bytes
+from hetero.errors import HeteroError
+
+
+@dataclass
+class Options:
+    group: int = 64               # int4 / gptq group size along the input dim
+    sym: bool = False             # symmetric int4 grid (scale only)
+    sparsity: float = 0.5         # unstructured pruning share
+    nm: str | None = None         # "2:4" for N:M pruning (overrides sparsity)
+    values: int = 16              # k-means codebook size per row
+    calib_tokens: int = 2048      # calibration tokens (second half of the built-in corpus)
+    calib_text: str | None = None
+    act_order: bool = True        # GPTQ visits columns by decreasing input energy
+    layers: int | None = None     # distill: student depth
+    steps: int = 200              # distill: optimiser steps
+    progress: bool = True
+
+
+Handler = Callable[[Loaded, Options], tuple[dict[str, torch.Tensor], dict]]
+METHODS: dict[str, Handler] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, description: str):
+    def deco(fn: Handler) -> Handler:
+        METHODS[name], DESCRIPTIONS[name] = fn, description
+        return fn
+    return deco
+
+
+def known() -> str:
+    return ", ".join(sorted(METHODS))
+
+
+def apply(name: str, loaded: Loaded, opts: Options) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run method `name`; the record gains the method name, options and byte counts."""
+    _load_all()
+    if name not in METHODS:
+        raise HeteroError(f"unknown method {name!r}; known: {known()}")
+    tensors, record = METHODS[name](loaded, opts)
+    record = {"method": name, **record, "baseline_fp32_bytes": fp32_bytes(loaded.spec),
+              "source": loaded.model}
+    if loaded.record:  # compressing an artifact again keeps its history
+        record["previous"] = loaded.record
+    return tensors, record
+
+
+def _load_all() -> None:
+    # Handlers live beside their algorithms; importing registers them.
+    import importlib
+
+    for mod in ("prune", "share", "distill"):
+        try:
+            importlib.import_module(f"hetero.compress.{mod}")
+        except ModuleNotFoundError as e:  # a method family not built yet
+            if e.name != f"hetero.compress.{mod}":
+                raise
+
+
+def calibration(loaded: Loaded, opts: Options, include_head: bool = True):
+    from hetero.compress.calib import collect
+    from hetero.eval.corpus import calib_ids
+
+    ids = calib_ids(loaded.tokenizer, opts.calib_tokens, opts.calib_text)
+    return collect(loaded, ids, progress=opts.progress, include_head=include_head)
+
+
+def _check_group(opts: Options) -> None:
+    if opts.group < 2:
+        raise HeteroError(f"--group must be at least 2 (got {opts.group})")
+
+
+def _quantized(loaded: Loaded, fn: Callable[[str, torch.Tensor], torch.Tensor], desc: str) -> dict[str, torch.Tensor]:
+    from hetero.compress.core import one_thread
+    from hetero.progress import progress_bar
+
+    out = dict(loaded.tensors)
+    names = linear_names(loaded.spec)
+    with progress_bar(desc, len(names)) as advance, one_thread():
+        for n in names:
+            out[n] = fn(n, loaded.tensors[n])
+            advance()
+    return out
+
+
+@register("int8", "int8 per output channel, round to nearest")
+def _int8(loaded: Loaded, opts: Options):
+    from hetero.compress.quant import int8_bytes, int8_rtn
+
+    names = linear_names(loaded.spec)
+    out = _quantized(loaded, lambda n, w: int8_rtn(w), "int8")
+    return out, {"format": "int8-per-channel", "matrices": "all linear incl. head",
+                 "bytes": model_bytes(loaded.spec, lambda n, s: int8_bytes(s), names)}
+
+
+@register("int4", "int4 group-wise round to nearest (--group, --sym)")
+def _int4(loaded: Loaded, opts: Options):
+    from hetero.compress.quant import int4_bytes, int4_rtn
+
+    _check_group(opts)
+    names = linear_names(loaded.spec)
+    out = _quantized(loaded, lambda n, w: int4_rtn(w, opts.group, opts.sym), "int4")
+    return out, {"format": f"int4-g{opts.group}-{'sym' if opts.sym else 'asym'}", "group": opts.group,
+                 "sym": opts.sym, "matrices": "all linear incl. head",
+                 "bytes": model_bytes(loaded.spec, lambda n, s: int4_bytes(s, opts.group, opts.sym), names)}
+
+
+@register("gptq", "int4 group-wise with GPTQ error compensation (--group, --sym, --calib-tokens)")
+def _gptq(loaded: Loaded, opts: Options):
+    from hetero.compress.quant import gptq, int4_bytes
+
+    _check_group(opts)
+    grams = calibration(loaded, opts)
+    names = linear_names(loaded.spec)
+    out = _quantized(loaded, lambda n, w: gptq(w, grams[n].hessian(), opts.group, opts.sym,
+                                               act_order=opts.act_order), "gptq")
+    return out, {"format": f"int4-g{opts.group}-{'sym' if opts.sym else 'asym'}", "group": opts.group,
+                 "sym": opts.sym, "act_order": opts.act_order, "calib_tokens": opts.calib_tokens,
+                 "matrices": "all linear incl. head",
+                 "bytes": model_bytes(loaded.spec, lambda n, s: int4_bytes(s, opts.group, opts.sym), names)}

@@ -1,0 +1,115 @@
+"""Weight-only quantisation as fake-quant transforms: each returns the dequantised float weight, so
+any runtime can load the result and quality is measured on exactly the grid the format stores.
+
+- int8: symmetric per output channel (the runtime's own quantiser, hetero.runtime.linear).
+- int4: group-wise along the input dim, asymmetric (scale + min, the runtime's quantiser) or
+  symmetric (scale only, levels -8..7). A last group the size does not divide is its own, shorter
+  group: it is quantised, never skipped.
+- GPTQ (Frantar et al. 2022): quantise one input column at a time and push each column's rounding
+  error onto the columns not yet quantised, weighted by the inverse Hessian of the layer's inputs
+  (H = 2 XᵀX over calibration tokens). Same storage format as int4 RTN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hetero.runtime.linear import quantize_int4_groupwise, quantize_int8_per_channel
+
+
+def int8_rtn(w: torch.Tensor) -> torch.Tensor:
+    q, scale = quantize_int8_per_channel(w)
+    return q.float() * scale[:, None]
+
+
+def int8_bytes(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) + shape[0] * 2  # int8 values + one bf16 scale per row
+
+
+def _group_spans(k: int, group: int) -> list[tuple[int, int]]:
+    return [(a, min(a + group, k)) for a in range(0, k, group)]
+
+
+def grid(wg: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, lo) of a 16-level grid per row of `wg` [N, g]: w ≈ clamp(round((w-lo)/scale), 0, 15)*scale + lo."""
+    if sym:
+        scale = (wg.abs().amax(dim=1) / 7.0).clamp(min=1e-8)
+        return scale, -8.0 * scale
+    lo, hi = wg.amin(dim=1), wg.amax(dim=1)
+    return ((hi - lo) / 15.0).clamp(min=1e-8), lo
+
+
+def on_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Round w ([N] or [N, g]) to the grid (scale, lo) given per row."""
+    if w.dim() == 2:
+        scale, lo = scale[:, None], lo[:, None]
+    return torch.clamp(torch.round((w - lo) / scale), 0, 15) * scale + lo
+
+
+def int4_rtn(w: torch.Tensor, group: int = 64, sym: bool = False) -> torch.Tensor:
+    """Round-to-nearest group-wise int4, dequantised. [N, K] -> [N, K]."""
+    w = w.float()
+    n, k = w.shape
+    out = torch.empty_like(w)
+    main = k - k % group
+    if main and not sym:
+        # The runtime's quantiser, so a stored artifact and the int4 kernel agree on the grid.
+        q, scale, zero = quantize_int4_groupwise(w[:, :main], group)
+        qg = q.float().reshape(n, main // group, group)
+        out[:, :main] = ((qg - 8.0) * scale[..., None] + zero[..., None]).reshape(n, main)
+    elif main:
+        wg = w[:, :main].reshape(n, main // group, group)
+        scale = (wg.abs().amax(dim=2, keepdim=True) / 7.0).clamp(min=1e-8)
+        out[:, :main] = (torch.clamp(torch.round(wg / scale), -8, 7) * scale).reshape(n, main)
+    if main < k:  # the shorter tail group
+        scale, lo = grid(w[:, main:], sym)
+        out[:, main:] = on_grid(w[:, main:], scale, lo)
+    return out
+
+
+def int4_bytes(shape: tuple[int, ...], group: int, sym: bool) -> int:
+    n, k = shape[0], math.prod(shape[1:])
+    groups = n * math.ceil(k / group)
+    return math.ceil(n * k / 2) + groups * (2 if sym else 4)  # bf16 scale (+ bf16 min when asymmetric)
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = False, block: int = 128,
+         damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
+    """GPTQ int4 of w [N, K] given the input Hessian h [K, K]; returns the dequantised weight.
+
+    Group grids are fixed from the original weights before the sweep ("static groups"), so the
+    result is in exactly the int4 RTN format even when columns are visited in activation order.
+    """
+    w = w.float().clone()
+    n, k = w.shape
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    spans = _group_spans(k, group)
+    grids = [grid(w[:, a:b], sym) for a, b in spans]
+    col_group = torch.tensor([gi for gi, (a, b) in enumerate(spans) for _ in range(a, b)])
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    # Upper Cholesky factor of H^-1: row i holds the update weights for columns after i.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    scales = torch.stack([g[0] for g in grids], dim=1)   # [N, groups]
+    los = torch.stack([g[1] for g in grids], dim=1)
+    gperm = col_group[perm]
+    q = torch.zeros_like(w)
+    for a in range(0, k, block):
+        b = min(a + block, k)
+        w1, hinv1 = w[:, a:b].clone(), hinv[a:b, a:b]
+        err1 = torch.zeros_like(w1)
+        for i in range(b - a):
+            g = int(gperm[a + i])
+            col = w1[:, i]
+            qc = on_grid(col, scales[:, g], los[:, g])
+            q[:, a + i] = qc
+            e = (col - qc) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, b:] -= err1 @ hinv[a:b, b:]
+    return q[:, torch.argsort(perm)]

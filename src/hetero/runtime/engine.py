@@ -14,6 +14,8 @@ footprint of every run is RSS + the model's cached file pages, inside the plan's
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 import time
 from pathlib import Path
 
@@ -29,9 +31,45 @@ from hetero.plan.plan import Plan
 from hetero.runtime import memory
 from hetero.runtime.stream import DiskEmbedding, HostBuffer, DirectReader, Prefetcher, Source as StreamSource
 from hetero.runtime.stream import StreamedUnit, bind
-from hetero.runtime.tensorcache import Entry, ensure_entries
+from hetero.runtime.tensorcache import Entry, cache_root, ensure_entries, missing_bytes
 
 OVER_BUDGET = 1.05  # measured footprint above budget x this is reported as a broken budget
+# Converting more than this runs in a child process: quantising a unit needs fp32 temporaries that
+# would otherwise raise this process's peak footprint above a tight budget, for good.
+ISOLATE_BYTES = 256 << 20
+
+
+def _convert(model: str, units: dict[str, tuple[str, str]], root: str) -> None:
+    """Write the missing tensor-cache entries of `units` (run in a child process by _convert_isolated)."""
+    src, spec = resolve(model), resolve_spec(model)
+    files = source_files(src)
+    weights = _dropping(required(WeightStore(src, spec)), files)
+    ensure_entries(spec, weights, units, Path(root), after_unit=lambda: [memory.drop_cache(f) for f in files])
+
+
+def _convert_main() -> None:
+    """Child entry point: JSON {model, units, root} on stdin; a HeteroError becomes `error: ...`, exit 2."""
+    args = json.load(sys.stdin)
+    try:
+        _convert(args["model"], {u: tuple(v) for u, v in args["units"].items()}, args["root"])
+    except HeteroError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _convert_isolated(model: str, units: dict[str, tuple[str, str]]) -> None:
+    """Convert in a child process: its peak memory leaves with it, before this process loads anything."""
+    import subprocess
+
+    args = json.dumps({"model": model, "units": units, "root": str(cache_root())})
+    code = "from hetero.runtime.engine import _convert_main; _convert_main()"
+    r = subprocess.run([sys.executable, "-c", code], input=args, text=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else f"exit status {r.returncode}"
+        msg = last[len("error: "):] if last.startswith("error: ") else f"the converter process failed: {last}"
+        raise HeteroError(msg)
 
 
 def source_files(src: Source) -> list[Path]:
@@ -75,8 +113,13 @@ class Engine:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def load(cls, plan: Plan, model: str | None = None, prefetch: bool | None = None,
-             hardware=None, progress: bool = True, monitor: memory.Footprint | None = None) -> "Engine":
-        """Check the plan against the model (and the machine when `hardware` is given), then build it."""
+             hardware=None, progress: bool = True, monitor: memory.Footprint | None = None,
+             use_cache: bool | None = None) -> "Engine":
+        """Check the plan against the model (and the machine when `hardware` is given), then build it.
+
+        use_cache: load every unit from the tensor cache (default: only when some unit streams; a
+        plan that holds everything in RAM is built straight from the weights).
+        """
         from hetero.plan import check_plan
 
         t0 = time.perf_counter()
@@ -104,13 +147,17 @@ class Engine:
         disk_embed = None
         cache_bytes = 0
         t_conv = 0.0
-        if not streamed:
+        if use_cache is None:
+            use_cache = bool(streamed)
+        if not use_cache:
             cfg = {u.name: UnitConfig(u.device, u.precision) for u in plan.units}
             net = LlamaModel(spec, weights, cfg)
         else:
             t1 = time.perf_counter()
-            entries = ensure_entries(spec, weights, {u.name: (u.device, u.precision) for u in plan.units},
-                                     after_unit=lambda: [memory.drop_cache(f) for f in files],
+            want = {u.name: (u.device, u.precision) for u in plan.units}
+            if missing_bytes(spec, want) > ISOLATE_BYTES:
+                _convert_isolated(model or plan.model, want)
+            entries = ensure_entries(spec, weights, want, after_unit=lambda: [memory.drop_cache(f) for f in files],
                                      progress=progress)
             t_conv = time.perf_counter() - t1
             mon.files += [e.path for e in entries.values()]
@@ -301,3 +348,81 @@ def _share_tied(net: LlamaModel, spec: ModelSpec) -> None:
     if (spec.tie_embeddings and isinstance(w, torch.Tensor) and isinstance(e, torch.Tensor)
             and w.shape == e.shape and w.dtype == e.dtype and w.device == e.device):
         net.embed = w
+
+
+# ---- plans for a run -----------------------------------------------------------------------------
+
+def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: str | None = None,
+                 hardware: str | None = None, objective: str = "decode", precisions: list[str] | None = None,
+                 prompt_tokens: int = 512, context: int | None = None, replan: bool = True
+                 ) -> tuple[Plan, list[str]]:
+    """The plan a run executes, and notes to print: the one given (checked against this model and
+    machine, re-planned when it no longer fits), or a fresh one for the budgets given.
+
+    The budget covers the whole process: this process's measured baseline is the plan's reserve.
+    """
+    from hetero.hardware.inventory import inventory
+    from hetero.plan import check_plan, make_plan, parse_memory
+    from hetero.plan.units import fmt_bytes
+
+    spec = resolve_spec(model)
+    notes: list[str] = []
+    reserve = {"cpu": memory.runtime_baseline()}
+    if plan_path:
+        plan = Plan.load(plan_path)
+        here = inventory()
+        check_plan(plan, spec, here)
+        if plan.host and plan.host != here.host:
+            notes.append(f"the plan was made for host {plan.host}; running it on {here.host}")
+        why = check_fits(plan)
+        if why is None:
+            return plan, notes
+        if not replan:
+            raise HeteroError(f"the plan no longer fits: {why} (re-plan with --memory, or allow --replan)")
+        import psutil
+
+        budgets = dict(plan.budgets)
+        budgets["cpu"] = min(budgets.get("cpu", 1 << 62), psutil.virtual_memory().available + reserve["cpu"])
+        hw, prof = _machine(hardware)
+        fresh = make_plan(spec, hw, prof, memory=budgets, objective=plan.objective,
+                          prompt_tokens=plan.prompt_tokens, context=plan.context, batch=plan.batch,
+                          precisions=list(plan.precisions) or None, reserve=reserve,
+                          max_quality_loss=plan.max_quality_loss)
+        notes.append(f"re-planned: {why}; new cpu budget {fmt_bytes(budgets['cpu'])}")
+        return fresh, notes
+    hw, prof = _machine(hardware)
+    plan = make_plan(spec, hw, prof, memory=parse_memory(memory_text, spec), objective=objective,
+                     prompt_tokens=prompt_tokens, context=context, precisions=precisions, reserve=reserve)
+    return plan, notes
+
+
+def _machine(hardware: str | None):
+    from hetero.hardware import machine
+
+    name = hardware or "this"
+    hw, prof = machine(name)
+    if name not in ("this", "", "local"):
+        # a plan for other hardware cannot run here; planning for it is `hetero plan`'s job
+        from hetero.hardware.inventory import inventory
+
+        here = {d.name for d in inventory().devices}
+        missing = sorted({d.name for d in hw.devices} - here)
+        if missing:
+            raise HeteroError(f"--hardware {name} has {', '.join(missing)}, which this machine does not; "
+                              "plan it with `hetero plan`, run it where it fits")
+    return hw, prof
+
+
+def summary(plan: Plan) -> str:
+    """One line: units by device/precision/residency, memory against budgets, predicted speed."""
+    from collections import Counter
+
+    from hetero.plan.units import fmt_bytes
+
+    groups = Counter((u.device, u.precision, u.residency) for u in plan.units)
+    parts = ", ".join(f"{n} {d}/{p}/{r}" for (d, p, r), n in groups.items())
+    mem = ", ".join(f"{d} {fmt_bytes(plan.memory.get(d, 0) + plan.reserve.get(d, 0))} of "
+                    f"{fmt_bytes(b)}" for d, b in plan.budgets.items() if plan.memory.get(d, 0))
+    p = plan.predicted
+    return (f"plan: {parts} | {mem} | predicted prefill {p.prefill_tok_s:.1f} tok/s, "
+            f"decode {p.decode_tok_s:.2f} tok/s")

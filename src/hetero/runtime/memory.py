@@ -130,11 +130,36 @@ def runtime_baseline() -> int:
     """Bytes the runtime itself holds before any weights: interpreter, torch and hetero's modules,
     the allocator's first arenas. Measured in this process, after importing what a run imports;
     the planner takes it off the budget (Plan.reserve)."""
-    import torch  # noqa: F401  (the import is the point: its pages are part of the baseline)
+    import torch  # noqa: F401  (the imports are the point: their pages are part of the baseline)
 
     import hetero.model.llama  # noqa: F401
+    import hetero.model.tokenizer  # noqa: F401
+    import hetero.plan.make  # noqa: F401  (scipy: a run that plans holds it)
+    import hetero.runtime.engine  # noqa: F401
     import hetero.runtime.generate  # noqa: F401
 
-    # A small op initialises the thread pool and allocator, as the first forward will.
-    (torch.ones(64, 64) @ torch.ones(64, 64)).sum()
+    _warm_forward()
     return rss_bytes()
+
+
+def _warm_forward() -> None:
+    """One prefill and one decode step of a tiny random model at every CPU precision: the first
+    forward initialises thread pools, oneDNN kernels and allocator arenas, which stay for good."""
+    import torch
+
+    from hetero.model.hf import spec_from_config
+    from hetero.model.llama import LlamaModel, UnitConfig
+    from hetero.model.synthetic import config
+
+    spec = spec_from_config(config("tiny"), source="synthetic:tiny", fmt="synthetic")
+    gen = torch.Generator().manual_seed(0)
+    shapes = dict(__import__("hetero.model.spec", fromlist=["expected_tensors"]).expected_tensors(spec))
+
+    def weights(name: str) -> torch.Tensor:
+        return torch.randn(shapes[name], generator=gen) * 0.1
+
+    for prec in ("fp32", "bf16", "int8", "int4"):
+        net = LlamaModel(spec, weights, default=UnitConfig("cpu", prec))
+        cache = net.new_cache(1, 24)
+        net(torch.arange(16).view(1, 16), 0, cache)
+        net(torch.tensor([[1]]), 16, cache)

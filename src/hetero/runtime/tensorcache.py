@@ -295,6 +295,17 @@ def cache_root() -> Path:
     return cache_dir() / "tensors"
 
 
+def missing_bytes(spec: ModelSpec, units: dict[str, tuple[str, str]], root: Path | None = None) -> int:
+    """Estimated bytes of the entries still to be written for `units`."""
+    root = root or cache_root()
+    out = 0
+    for unit, (device, precision) in units.items():
+        key = entry_key(spec, unit, precision, device)
+        if read_entry(entry_path(root, key), key) is None:
+            out += spec.unit_bytes(unit, precision)
+    return out
+
+
 def ensure_entries(spec: ModelSpec, weights: Callable[[str], torch.Tensor], units: dict[str, tuple[str, str]],
                    root: Path | None = None, after_unit: Callable[[], None] | None = None,
                    progress: bool = True) -> dict[str, Entry]:

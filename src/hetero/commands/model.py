@@ -37,10 +37,27 @@ def run(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | int8 | int4 for every unit."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    plan_file: Optional[str] = typer.Option(None, "--plan", help="Run this plan (JSON from `hetero plan -o`)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Plan for these budgets first, e.g. cpu=2GB,disk=50GB or cpu=25% (of the bf16 size); the whole process must fit."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="Plan with this hardware: this (default) | catalog:SPEC | FILE."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="decode (default) | ttft | throughput."),
+    precisions: Optional[str] = typer.Option(None, "--precisions", help="Precisions the planner may use, e.g. bf16,int8."),
+    context: Optional[int] = typer.Option(None, "--context", help="Context length to plan the KV cache for (default: prompt + max new tokens)."),
+    prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Overlap streamed units' reads with compute (default: as the plan says)."),
+    replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan a --plan that no longer fits free RAM (else fail)."),
 ) -> None:
-    """Generate text from PROMPT, streaming it to stdout, and end with a one-line summary."""
+    """Generate text from PROMPT, streaming it to stdout, and end with a one-line summary.
+
+    With --plan or any planning flag (--memory, --precisions, --objective, --hardware, --context) the
+    model runs as planned (placement, precision, residency) and the summary adds predicted vs measured.
+    """
     import hetero
 
+    if plan_file or memory or precisions or objective or hardware or context:
+        _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
+                     threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,
+                     prefetch, replan)
+        return
     m = hetero.load(model, dtype=dtype, threads=threads)
     ids: list[int] = []
     text: list[str] = []
@@ -111,6 +128,75 @@ def info(
         t.add_row(u["unit"], f"{u['params'] / 1e6:,.2f}M", _fmt_bytes(u["stored_bytes"]),
                   _fmt_bytes(u["bf16_bytes"]), f"{u['decode_flops'] / 1e6:,.1f}M")
     c.print(t)
+
+
+def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
+                 threads, as_json, plan_file, memory, hardware, objective, precisions, context, prefetch,
+                 replan) -> None:
+    """`run` under a Plan: plan (or load and check one), build, generate, predicted vs measured."""
+    import torch
+
+    from hetero.errors import HeteroError
+    from hetero.runtime import engine as eng
+    from hetero.runtime.memory import Footprint
+
+    if threads:
+        torch.set_num_threads(threads)
+    mon = Footprint().start()  # from before the weights, so the peak covers loading too
+    precs = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None
+    if context is not None and context < 2:
+        raise HeteroError(f"--context must be at least 2, got {context}")
+    plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, precs,
+                                   prompt_tokens=64, context=context or (64 + max_new_tokens), replan=replan)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    if not as_json:
+        print(eng.summary(plan), file=sys.stderr)
+    e = eng.Engine.load(plan, model, prefetch=prefetch, progress=not as_json, monitor=mon)
+    try:
+        ids: list[int] = []
+        text: list[str] = []
+        last = None
+        for rec in e.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, chat=chat):
+            ids += rec.token_ids
+            text.append(rec.text)
+            last = rec
+            if not as_json:
+                sys.stdout.write(rec.text)
+                sys.stdout.flush()
+        rep = e.report()
+        over = e.over_budget()
+    finally:
+        e.close()
+    precs_used = sorted({u.precision for u in plan.units})
+    result = {
+        "model": e.model.spec.name, "dtype": precs_used[0] if len(precs_used) == 1 else "mixed",
+        "text": "".join(text), "token_ids": ids,
+        "prompt_tokens": last.prompt_tokens, "generated_tokens": last.generated_tokens,
+        "prefill_tok_s": round(last.prefill_tok_s, 2), "decode_tok_s": round(last.decode_tok_s, 2),
+        "finish_reason": last.finish_reason, "peak_rss_bytes": peak_rss_bytes(),
+        "load_s": round(e.model.load_s, 3),
+        **{k: rep[k] for k in ("budget_bytes", "predicted", "measured")},
+        "streaming": rep["streaming"], "notes": notes,
+        "over_budget": {d: {"measured": m, "budget": b} for d, (m, b) in over.items()},
+        "plan": plan.to_dict(),
+    }
+    for d, (m, b) in over.items():
+        print(f"warning: {d} footprint {_fmt_bytes(m)} is over its budget of {_fmt_bytes(b)}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(result))
+        return
+    print()
+    pr, me = rep["predicted"], rep["measured"]
+    devs = sorted(set(pr["footprint_bytes"]) | set(me["footprint_bytes"]))
+    print(f"[{result['prompt_tokens']} prompt tokens, {result['generated_tokens']} generated | "
+          f"finish: {result['finish_reason']}]", file=sys.stderr)
+    print(f"{'':10}{'prefill tok/s':>15}{'decode tok/s':>15}  footprint", file=sys.stderr)
+    for name, r in (("predicted", pr), ("measured", me)):
+        fp = ", ".join(f"{d} {_fmt_bytes(r['footprint_bytes'][d])}" for d in devs if d in r["footprint_bytes"])
+        print(f"{name:10}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>15.2f}  {fp}", file=sys.stderr)
+    print("budget    " + ", ".join(f"{d} {_fmt_bytes(b)}" for d, b in rep["budget_bytes"].items()), file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:

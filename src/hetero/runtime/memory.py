@@ -76,7 +76,10 @@ def drop_cache(path: str | os.PathLike) -> None:
     except OSError:
         return
     try:
+        os.fsync(fd)  # dirty pages cannot be dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

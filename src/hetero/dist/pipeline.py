@@ -103,7 +103,12 @@ def _setup(model: str, hosts: Hosts, job: Job | None, rank: int, world: int, com
         from hetero.model.api import Model
         from hetero.model.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(resolve(model), spec.vocab_size, None)
+        src = resolve(model)
+        if src.kind == "synthetic":  # written once here, before the other ranks look for it
+            from hetero.model.synthetic import ensure_weights
+
+            ensure_weights(src.name)
+        tok = load_tokenizer(src, spec.vocab_size, None)
         shim = Model(spec, None, tok)  # prompt_ids only: the chat template and encoding of hetero.load
         job.prompt_ids = [list(p) if isinstance(p, (list, tuple)) else shim.prompt_ids(p, job.chat)
                           for p in job.prompts]
@@ -126,21 +131,24 @@ def _setup(model: str, hosts: Hosts, job: Job | None, rank: int, world: int, com
 
 
 def _run(model, hosts, rank, world, job, comm: Comm, device, load_timeout, on_token) -> dict | None:
-    from hetero.dist.stage import StageModel
+    from hetero.dist.stage import StageModel, rss_anon, stage_weights, trim_heap
     from hetero.model.sources import resolve
-    from hetero.model.weights import WeightStore, required
 
     spec, job, split, tok = _setup(model, hosts, job, rank, world, comm)
     st = split.stages[rank]
-    rss0 = _rss()
+    src = resolve(model)
+    if src.kind == "gguf":  # the gguf reader's own parse tables (~165 MB for SmolLM2), paid by any
+        from hetero.model.gguf import open_reader  # process that reads a GGUF: not part of the stage
+
+        open_reader(src.path)
+    trim_heap()
+    rss0, anon0 = _rss(), rss_anon()
     t0 = time.perf_counter()
     comm.watch.beat(f"loading {st.first}..{st.last}", load_timeout)
-    stage = StageModel(spec, required(WeightStore(resolve(model), spec)), st.units, job.precision, device)
+    stage = StageModel(spec, stage_weights(src, spec, st.units), st.units, job.precision, device)
     load_s = time.perf_counter() - t0
-    import gc
-
-    gc.collect()
-    rss1 = _rss()
+    trim_heap()
+    rss1, anon1 = _rss(), rss_anon()
     comm.watch.beat("waiting for every rank to load")
     try:  # names a rank that never finished loading
         dist.monitored_barrier(timeout=timedelta(seconds=load_timeout), wait_all_ranks=True) \
@@ -156,6 +164,7 @@ def _run(model, hosts, rank, world, job, comm: Comm, device, load_timeout, on_to
     stats = {"rank": rank, "host": st.host, "units": f"{st.first}..{st.last}", "layers": st.layers,
              "weight_bytes": stage.weight_bytes(), "planned_weight_bytes": st.weight_bytes,
              "rss_before_load": rss0, "rss_after_load": rss1, "rss_load_delta": rss1 - rss0,
+             "anon_before_load": anon0, "anon_after_load": anon1, "anon_load_delta": anon1 - anon0,
              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
              "load_s": load_s, "compute_s": runner.compute_s, "steps": runner.steps}
     gathered = [None] * world if rank == 0 else None

@@ -80,3 +80,51 @@ class StageModel:
                 walk(t)
         return sum(seen.values())
 
+
+
+def stage_weights(source, spec: ModelSpec, units: tuple[str, ...]):
+    """A `weights(name)` callable for one stage. GGUF: the stage's tensors are dequantised in one pass
+    over the file (the plain store reopens it per tensor), each handed over once and then dropped."""
+    from hetero.model.weights import WeightStore, required
+
+    store = WeightStore(source, spec)
+    if source.kind != "gguf":
+        return required(store)
+    from hetero.model.gguf import iter_tensors
+
+    names = {t.name for u in units for t in spec.unit_tensors(u)}
+    ready = {n: torch.from_numpy(a if a.flags.writeable else a.copy())
+             for n, a in iter_tensors(source.path, spec, names=names)}
+
+    def get(name: str):
+        t = ready.pop(name, None)
+        return t if t is not None else store(name)  # a tensor asked for twice (a tied head) reads again
+
+    return required(get)
+
+
+def rss_anon() -> int:
+    """Resident anonymous memory (heap: the weights we built), without file pages mapped from the model."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    m = psutil.Process().memory_info()
+    return m.rss - getattr(m, "shared", 0)
+
+
+def trim_heap() -> None:
+    """Give freed load-time buffers back to the OS so RSS shows what the stage holds (glibc only)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

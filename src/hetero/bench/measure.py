@@ -1,0 +1,227 @@
+"""Measure one built model: time to first token, prefill and decode tok/s (median and spread over
+repeats), each unit's share of a prefill and of a decode step, and the peak footprint per device.
+
+    m = measure_engine(engine, prompt_tokens=512, new_tokens=128, context=640, repeats=3)
+    compare(plan, m)        # predicted vs measured with the relative error per metric and per unit
+
+Decode steps are timed at positions max(P, C - N) .. that + N - 1, so a run planned for context C
+attends over the context the plan priced even when the prompt is short (the cache between the prompt
+and those positions holds zeros: speed does not depend on what the keys are). Prompts are seeded
+random token ids, for the same reason.
+
+Per-unit times come from one extra pass with forward hooks around every decoder layer; the pass
+gives the split, the un-hooked repeats give the totals (the split is scaled to sum to them), so the
+hooks' own cost never shows in a headline figure. The embedding's share is everything before the
+first layer starts; the head's is everything after the last layer ends (final norm, projection,
+token choice), which is what the cost model charges them.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+CHUNK = 512  # prefill chunk, as hetero.runtime.generate does
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A measured figure over repeats."""
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, xs: list[float]) -> "Stat":
+        return cls(statistics.median(xs), min(xs), max(xs), len(xs))
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: the relative range the repeats covered."""
+        return (self.max - self.min) / self.median if self.median else 0.0
+
+
+@dataclass
+class Measured:
+    prompt_tokens: int
+    new_tokens: int
+    context: int
+    ttft_s: Stat
+    prefill_tok_s: Stat
+    decode_tok_s: Stat
+    unit_decode_ms: dict[str, float] = field(default_factory=dict)   # unit -> ms of one decode step
+    unit_prefill_ms: dict[str, float] = field(default_factory=dict)  # unit -> ms of the prefill
+    footprint_bytes: dict[str, int] = field(default_factory=dict)    # device -> peak bytes
+    decode_tok_s_mean: Stat | None = None                            # tokens / total decode time
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Measured":
+        return cls(d["prompt_tokens"], d["new_tokens"], d["context"], Stat(**d["ttft_s"]),
+                   Stat(**d["prefill_tok_s"]), Stat(**d["decode_tok_s"]), dict(d.get("unit_decode_ms", {})),
+                   dict(d.get("unit_prefill_ms", {})), {k: int(v) for k, v in d.get("footprint_bytes", {}).items()},
+                   Stat(**d["decode_tok_s_mean"]) if d.get("decode_tok_s_mean") else None)
+
+
+class UnitClock:
+    """Forward hooks on every decoder layer; `split(t0, t1)` turns one step's marks into unit seconds."""
+
+    def __init__(self, net):
+        self.n = len(net.layers)
+        self.start = [0.0] * self.n
+        self.end = [0.0] * self.n
+        self.handles = []
+        for i, layer in enumerate(net.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._pre(i)))
+            self.handles.append(layer.register_forward_hook(self._post(i)))
+
+    def _pre(self, i):
+        def hook(_m, _args):
+            self.start[i] = time.perf_counter()
+        return hook
+
+    def _post(self, i):
+        def hook(_m, _args, _out):
+            self.end[i] = time.perf_counter()
+        return hook
+
+    def split(self, t0: float, t1: float) -> list[float]:
+        """[embed, layers.0 .. layers.n-1, head] seconds; gaps between layers go to the next layer."""
+        s, e = self.start, self.end
+        out = [s[0] - t0]
+        out += [s[i + 1] - s[i] for i in range(self.n - 1)]
+        out += [e[-1] - s[-1], t1 - e[-1]]
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
+    """[1, n] seeded random token ids, clear of the low ids tokenizers reserve for special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min(100, vocab - 1), vocab, (1, n), generator=g)
+
+
+def _prefill(net, ids: torch.Tensor, cache) -> int:
+    logits = None
+    for s in range(0, ids.shape[1], CHUNK):
+        logits = net(ids[:, s:s + CHUNK], s, cache)
+    return int(logits[0].argmax())
+
+
+def _one_pass(net, ids, cache, first: int, new_tokens: int, clock: UnitClock | None = None):
+    """(ttft s, [decode step s], prefill unit split, [decode unit splits])."""
+    P = ids.shape[1]
+    t0 = time.perf_counter()
+    if clock is None:
+        tok = _prefill(net, ids, cache)
+        ttft = time.perf_counter() - t0
+        pre_split = None
+    else:  # chunk by chunk, so each chunk's marks are read before the next overwrites them
+        tok, pre_split = 0, None
+        for s in range(0, P, CHUNK):
+            c0 = time.perf_counter()
+            logits = net(ids[:, s:s + CHUNK], s, cache)
+            tok = int(logits[0].argmax())
+            part = clock.split(c0, time.perf_counter())
+            pre_split = part if pre_split is None else [a + b for a, b in zip(pre_split, part)]
+        ttft = time.perf_counter() - t0
+    steps, splits = [], []
+    x = torch.tensor([[tok]], dtype=torch.long)
+    for i in range(new_tokens):
+        t = time.perf_counter()
+        logits = net(x, first + i, cache)
+        x = logits.argmax(-1, keepdim=True)  # greedy: the cheapest token choice, as the head prices
+        t1 = time.perf_counter()
+        steps.append(t1 - t)
+        if clock is not None:
+            splits.append(clock.split(t, t1))
+    return ttft, steps, pre_split, splits
+
+
+def measure_engine(engine, prompt_tokens: int = 512, new_tokens: int = 128, context: int | None = None,
+                   repeats: int = 3, warmup: int = 1, unit_split: bool = True, seed: int = 0,
+                   advance=None) -> Measured:
+    """Time `engine` (a hetero.runtime.engine.Engine, or anything with .model.net and .footprint())."""
+    net = engine.model.net
+    spec = net.spec
+    P, N = int(prompt_tokens), int(new_tokens)
+    C = max(int(context or 0), P + N)
+    first = max(P, C - N)
+    ids = prompt_ids(spec.vocab_size, P, seed)
+    cache = net.new_cache(1, first + N)
+    ttfts, pre, dec, dec_mean = [], [], [], []
+    with torch.inference_mode():
+        for r in range(warmup + repeats):
+            ttft, steps, _, _ = _one_pass(net, ids, cache, first, N if r >= warmup else min(N, 4))
+            if advance:
+                advance()
+            if r < warmup:
+                continue
+            ttfts.append(ttft)
+            pre.append(P / ttft)
+            # the median step: one step preempted by another process must not move the figure
+            dec.append(1.0 / statistics.median(steps))
+            dec_mean.append(len(steps) / sum(steps))
+        units = spec.unit_names()
+        m = Measured(P, N, C, Stat.of(ttfts), Stat.of(pre), Stat.of(dec), decode_tok_s_mean=Stat.of(dec_mean))
+        if unit_split:
+            clock = UnitClock(net)
+            try:
+                _, _, pre_split, splits = _one_pass(net, ids, cache, first, N, clock)
+            finally:
+                clock.remove()
+            # per unit: the median over steps, then scaled so the units sum to the un-hooked median step
+            dsplit = [statistics.median(col) for col in zip(*splits)]
+            scale_d = (1.0 / m.decode_tok_s.median) / sum(dsplit)
+            scale_p = m.ttft_s.median / sum(pre_split)
+            m.unit_decode_ms = {u: round(t * scale_d * 1e3, 6) for u, t in zip(units, dsplit)}
+            m.unit_prefill_ms = {u: round(t * scale_p * 1e3, 6) for u, t in zip(units, pre_split)}
+    m.footprint_bytes = dict(engine.footprint())
+    return m
+
+
+# ---- predicted vs measured -----------------------------------------------------------------------
+
+def rel_error(pred: float, meas: float) -> float | None:
+    """(predicted - measured) / measured; None when nothing was measured."""
+    return (pred - meas) / meas if meas else None
+
+
+def predicted_of(plan) -> dict:
+    """The plan's predictions in the shape of `Measured` (tok/s, ms per unit, footprint incl. reserve)."""
+    p = plan.predicted
+    fp = {d: plan.memory.get(d, 0) + plan.reserve.get(d, 0) for d in plan.memory
+          if plan.memory.get(d, 0) or d in plan.reserve}
+    return {"ttft_s": p.ttft_s, "prefill_tok_s": p.prefill_tok_s, "decode_tok_s": p.decode_tok_s,
+            "unit_decode_ms": {u.name: u.predicted_ms for u in plan.units},
+            "unit_prefill_ms": {u.name: u.prefill_ms for u in plan.units},
+            "footprint_bytes": fp}
+
+
+def compare(plan, m: Measured) -> dict:
+    """{"predicted", "measured", "error"}: errors relative to measured, per metric and per unit."""
+    pred = predicted_of(plan)
+    meas = {"ttft_s": m.ttft_s.median, "prefill_tok_s": m.prefill_tok_s.median,
+            "decode_tok_s": m.decode_tok_s.median,
+            "decode_tok_s_mean": m.decode_tok_s_mean.median if m.decode_tok_s_mean else None,
+            "unit_decode_ms": m.unit_decode_ms,
+            "unit_prefill_ms": m.unit_prefill_ms, "footprint_bytes": m.footprint_bytes}
+    err = {k: rel_error(pred[k], meas[k]) for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
+    err["footprint_bytes"] = {d: rel_error(pred["footprint_bytes"].get(d, 0), v)
+                              for d, v in m.footprint_bytes.items() if d in pred["footprint_bytes"]}
+    for k in ("unit_decode_ms", "unit_prefill_ms"):
+        err[k] = {u: rel_error(pred[k].get(u, 0.0), v) for u, v in meas[k].items()}
+    spread = {"ttft_s": m.ttft_s.spread, "prefill_tok_s": m.prefill_tok_s.spread,
+              "decode_tok_s": m.decode_tok_s.spread}
+    return {"predicted": pred, "measured": {**meas, "spread": spread, "repeats": m.decode_tok_s.n,
+                                            "ranges": {k: [getattr(m, k).min, getattr(m, k).max]
+                                                       for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")}},
+            "error": err}

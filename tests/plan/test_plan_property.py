@@ -57,7 +57,7 @@ def plan(spec, hw, prof, budgets, precs, quality, objective):
                      max_quality_loss=quality, precisions=precs, explain=False)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests())
 def test_no_plan_over_any_budget(req):
     spec, hw, prof, budgets, precs, quality, objective = req

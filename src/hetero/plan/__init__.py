@@ -8,33 +8,11 @@
 """
 from __future__ import annotations
 
+# scipy is imported only when a plan is solved, so importing hetero.plan stays light
+from hetero.plan.baselines import baselines
+from hetero.plan.make import check_plan, make_plan, rescore
 from hetero.plan.plan import PLAN_VERSION, BatchShare, Plan, Prediction, Stage, UnitPlan, Why, split_batch
 from hetero.plan.units import fmt_bytes, parse_bytes, parse_memory
-
-
-def make_plan(*args, **kwargs) -> Plan:
-    """See hetero.plan.make.make_plan (imported lazily: it pulls in scipy)."""
-    from hetero.plan.make import make_plan as _make_plan
-
-    return _make_plan(*args, **kwargs)
-
-
-def rescore(*args, **kwargs) -> Plan:
-    from hetero.plan.make import rescore as _rescore
-
-    return _rescore(*args, **kwargs)
-
-
-def check_plan(*args, **kwargs) -> None:
-    from hetero.plan.make import check_plan as _check
-
-    return _check(*args, **kwargs)
-
-
-def baselines(*args, **kwargs) -> list[Plan]:
-    from hetero.plan.baselines import baselines as _baselines
-
-    return _baselines(*args, **kwargs)
 
 
 __all__ = ["make_plan", "parse_memory", "parse_bytes", "fmt_bytes", "baselines", "rescore", "check_plan",

@@ -28,8 +28,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import LinearConstraint, milp
-from scipy.sparse import coo_matrix
 
 from hetero.errors import HeteroError
 from hetero.plan.table import Table
@@ -62,27 +60,26 @@ def candidates(table: Table, budgets: dict[str, int]) -> list[list[int]]:
     if table.tied:  # embed and head share one choice: judge them together
         both = np.concatenate([vecs[0] + vecs[-1], vecs[0][:, 2 + len(mems):], vecs[-1][:, 2 + len(mems):]], axis=1)
         vecs[0] = vecs[-1] = both
-    out = []
+    dev = np.array([table.compute.index(c.device) for c in table.choices])
+    same_dev = dev[:, None] == dev[None, :]
+    earlier = np.arange(K)[:, None] < np.arange(K)[None, :]      # [j, k]: j < k
+    out: list[list[int]] = []
+    prev = None
     for u in range(U):
         v = vecs[u]
         ok = table.valid[u].copy()
         for m in mems:  # a choice that alone needs more than the budget can never be used
             ok &= table.weights[m][u] + (table.pools[m][u] if m in table.pools else 0) <= budgets.get(m, np.inf)
-        keep = []
-        idx = [k for k in range(K) if ok[k]]
-        for k in idx:
-            dev = table.choices[k].device
-            dominated = False
-            for j in idx:
-                if j == k or table.choices[j].device != dev:
-                    continue
-                le = np.all(v[j] <= v[k] + 1e-15 * np.abs(v[k]))
-                if le and (np.any(v[j] < v[k] - 1e-15 * np.abs(v[k])) or j < k):
-                    dominated = True
-                    break
-            if not dominated:
-                keep.append(k)
-        out.append(keep)
+        if prev is not None and np.array_equal(ok, prev[0]) and np.array_equal(v, prev[1]):
+            out.append(list(out[-1]))  # identical layers: same verdict
+            continue
+        tol = 1e-12 * np.abs(v)[None, :, :]
+        le = (v[:, None, :] <= v[None, :, :] + tol).all(axis=2)   # [j, k]: j no worse than k anywhere
+        lt = (v[:, None, :] < v[None, :, :] - tol).any(axis=2)    # [j, k]: j better somewhere
+        dom = ok[:, None] & same_dev & le & (lt | earlier) & ~np.eye(K, dtype=bool)
+        keep = ok & ~dom.any(axis=0)
+        out.append([int(k) for k in np.flatnonzero(keep)])
+        prev = (ok, v)
     if table.tied:
         common = sorted(set(out[0]) & set(out[-1]))
         out[0] = out[-1] = common
@@ -230,6 +227,8 @@ class _Model:
                         if table.quality[bl[b].units[0], k]]
         if max_quality is not None:
             row(self.quality, -np.inf, max_quality + 1e-12)
+        from scipy.sparse import coo_matrix  # scipy loads only when something is solved
+
         self.A = coo_matrix((vals, (rows, cols)), shape=(len(lo), self.ncols)).tocsr()
         self.lb, self.ub = np.array(lo), np.array(hi)
         self.integrality = np.zeros(self.ncols)
@@ -264,6 +263,8 @@ class _Model:
         return c
 
     def run(self, c: np.ndarray, time_limit: float) -> tuple[list[int] | None, str]:
+        from scipy.optimize import LinearConstraint, milp
+
         res = milp(c, integrality=self.integrality, bounds=(np.zeros(self.ncols), self.upper),
                    constraints=LinearConstraint(self.A, self.lb, self.ub),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9, "presolve": True})

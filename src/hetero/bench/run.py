@@ -29,9 +29,12 @@ class Config:
     prompt_tokens: int = 64
     new_tokens: int = 32
     repeats: int = 3
+    memory: str = ""              # set: the planner's pick under this budget (precision/residency unused)
 
     @property
     def label(self) -> str:
+        if self.memory:
+            return f"{self.model} planner pick ({self.memory}) ctx{self.context}"
         return f"{self.model} {self.precision} {self.residency} ctx{self.context}"
 
 
@@ -87,7 +90,14 @@ def run_config(cfg: Config, calibration: dict[str, float] | None = None) -> dict
     if calibration is not None and prof is not None:
         prof = dataclasses.replace(prof, calibration=dict(calibration))
     spec = resolve_spec(cfg.model)
-    plan = config_plan(spec, hw, prof, cfg.precision, cfg.residency, cfg.prompt_tokens, cfg.context, reserve)
+    if cfg.memory:
+        from hetero.plan import make_plan, parse_memory
+
+        plan = make_plan(spec, hw, prof, memory=parse_memory(cfg.memory, spec), prompt_tokens=cfg.prompt_tokens,
+                         context=cfg.context, reserve=reserve, explain=False)
+    else:
+        plan = config_plan(spec, hw, prof, cfg.precision, cfg.residency, cfg.prompt_tokens, cfg.context,
+                           reserve, budgets=None)
     res = measure_plan(plan, cfg.model, cfg.prompt_tokens, cfg.new_tokens, cfg.context, cfg.repeats, monitor=mon)
     return {"config": asdict(cfg), "plan": plan.to_dict(), "result": res,
             "seconds": round(time.perf_counter() - t0, 2)}

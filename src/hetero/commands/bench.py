@@ -1,0 +1,210 @@
+"""`hetero bench`: measured vs predicted for a plan, peers side by side, calibration, sweep, report."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+
+def _list(text: Optional[str]) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    from hetero.errors import HeteroError
+
+    try:
+        out = [int(x) for x in _list(text)]
+    except ValueError:
+        raise HeteroError(f"{flag} takes integers separated by commas, got {text!r}") from None
+    if not out or min(out) < 2:
+        raise HeteroError(f"{flag} needs context lengths of at least 2, got {text!r}")
+    return out
+
+
+def _grid(model, precisions, residencies, contexts, P, N, repeats):
+    from hetero.bench.run import Config
+
+    return [Config(model, p, r, C, min(P, C - 1), min(N, C - min(P, C - 1)), repeats)
+            for C in contexts for p in precisions for r in residencies]
+
+
+def calibrate_model(model: str, precisions, residencies, contexts, P, N, repeats, progress: bool) -> dict:
+    """Measure the grid (one process per point), fit, store into the cached Profile; the fit's dict."""
+    from hetero.bench.calibrate import fit, store
+    from hetero.bench.run import run_in_subprocess
+    from hetero.hardware import machine
+    from hetero.progress import progress_bar
+
+    grid = _grid(model, precisions, residencies, contexts, P, N, repeats)
+    runs = []
+    with progress_bar(f"calibration runs ({model})", len(grid), enabled=progress) as advance:
+        for cfg in grid:
+            runs.append(run_in_subprocess(cfg))
+            advance()
+    hw, prof = machine("this")
+    f = fit(runs, hw, prof)
+    store(f, prof)
+    return f.to_dict()
+
+
+def _rates(hw, prof) -> dict:
+    from hetero.cost import device_rates
+
+    return {d: {"gemm": r.gemm, "gemv": r.gemv, "mem": r.mem, "overhead": r.overhead}
+            for d, r in device_rates(hw, prof).items()}
+
+
+def _print(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    pr, me, er, sp = result["predicted"], result["measured"], result["error"], result["measured"]["spread"]
+    t = Table("metric", "predicted", "measured (median)", "min–max", "error", title=f"hetero bench {result['model']}")
+    rng = me["ranges"]
+    for k in ("ttft_s", "prefill_tok_s", "decode_tok_s"):
+        e = er.get(k)
+        t.add_row(k, f"{pr[k]:.4g}", f"{me[k]:.4g}", f"{rng[k][0]:.4g}–{rng[k][1]:.4g}",
+                  "—" if e is None else f"{e * 100:+.1f}%")
+    for d, v in me["footprint_bytes"].items():
+        p = pr["footprint_bytes"].get(d)
+        e = er["footprint_bytes"].get(d)
+        t.add_row(f"footprint {d}", f"{(p or 0) / 1e6:.1f} MB", f"{v / 1e6:.1f} MB", "",
+                  "—" if e is None else f"{e * 100:+.1f}%")
+    c.print(t)
+    units = Table("unit", "decode pred ms", "decode meas ms", "error", "prefill pred ms", "prefill meas ms", "error")
+    names = list(me["unit_decode_ms"])
+    rows = names if len(names) <= 12 else names[:4] + [None] + names[-3:]
+    for n in rows:
+        if n is None:
+            units.add_row("…", "", "", "", "", "", "")
+            continue
+        ed, ep = er["unit_decode_ms"].get(n), er["unit_prefill_ms"].get(n)
+        units.add_row(n, f"{pr['unit_decode_ms'][n]:.3f}", f"{me['unit_decode_ms'][n]:.3f}",
+                      "—" if ed is None else f"{ed * 100:+.0f}%", f"{pr['unit_prefill_ms'][n]:.3f}",
+                      f"{me['unit_prefill_ms'][n]:.3f}", "—" if ep is None else f"{ep * 100:+.0f}%")
+    c.print(units)
+    for p in result.get("peers", []):
+        if "skipped" in p:
+            c.print(f"peer {p['peer']}: skipped ({p['skipped']})")
+        else:
+            c.print(f"peer {p['peer']}: prefill {p['prefill_tok_s']['median']:.1f} tok/s, decode "
+                    f"{p['decode_tok_s']['median']:.2f} tok/s, footprint {p['footprint_bytes']['cpu'] / 1e6:.0f} MB"
+                    f" ({p.get('note', '')})")
+    cal = result.get("calibration")
+    if cal:
+        for k, s in cal["summary"].items():
+            if isinstance(s, dict) and "decode_error" in s:
+                c.print(f"calibration {k}: decode median |error| {s['decode_error']['median_abs'] * 100:.1f}% "
+                        f"(worst {s['decode_error']['max_abs'] * 100:.1f}%), prefill "
+                        f"{s['prefill_error']['median_abs'] * 100:.1f}% (worst {s['prefill_error']['max_abs'] * 100:.1f}%)")
+    sw = result.get("sweep")
+    if sw:
+        for row in sw["contexts"]:
+            c.print(f"sweep ctx {row['context']}: pick {row['pick']} {row['pick_decode_tok_s']:.2f} tok/s; best "
+                    f"{row['best']} {row['best_decode_tok_s']:.2f} tok/s; pick/best {row['pick_vs_best']:.3f}"
+                    f" ({'within' if row['within_5pct'] else 'NOT within'} 5%)")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        model: Optional[str] = typer.Argument(None, help="a .gguf file, an HF dir, smollm2-135m or synthetic:NAME"),
+        plan_file: Optional[str] = typer.Option(None, "--plan", help="measure this plan (JSON from `hetero plan -o`)"),
+        memory: Optional[str] = typer.Option(None, "--memory", "-m", help="plan for these budgets, e.g. cpu=50%"),
+        hardware: Optional[str] = typer.Option(None, "--hardware", help="plan with this hardware (default: this)"),
+        objective: str = typer.Option("decode", "--objective", help="decode | ttft | throughput"),
+        precisions: Optional[str] = typer.Option(None, "--precisions", help="precisions the planner may use"),
+        context: Optional[int] = typer.Option(None, "--context", help="context at the decode steps timed (default P+N)"),
+        prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="prompt length P (seeded random ids)"),
+        new_tokens: int = typer.Option(128, "--new-tokens", help="decode steps timed per repeat"),
+        repeats: int = typer.Option(3, "--repeats", help="timed repeats (after one warm-up)"),
+        peers: Optional[str] = typer.Option(None, "--peers", help="llama.cpp,transformers,accelerate (each if installed)"),
+        report: Optional[str] = typer.Option(None, "--report", help="write report.md and PNG figures into this folder"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+        calibrate: bool = typer.Option(False, "--calibrate", help="measure a grid, fit the cost model, store it in the Profile"),
+        sweep: bool = typer.Option(False, "--sweep", help="measure a grid under --memory beside the planner's pick"),
+        grid_precisions: str = typer.Option("fp32,bf16,int8,int4", "--grid-precisions", help="grid for --calibrate/--sweep"),
+        grid_residencies: str = typer.Option("resident,disk", "--grid-residencies", help="grid for --calibrate/--sweep"),
+        grid_contexts: str = typer.Option("128,1024", "--grid-contexts", help="grid for --calibrate/--sweep"),
+    ):
+        """Measure MODEL under a plan: TTFT, prefill and decode tok/s (median and spread), per-unit times
+        and peak footprint, against the plan's predictions; peers side by side; --calibrate closes the loop."""
+        import warnings
+
+        from hetero.errors import HeteroError
+
+        warnings.simplefilter("ignore")
+        if min(prompt_tokens, new_tokens, repeats) < 1:
+            raise HeteroError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
+        if plan_file and (memory or precisions):
+            raise HeteroError("give either --plan or planning flags (--memory, --precisions), not both")
+        from hetero.bench.peers import PEERS
+
+        peer_list = _list(peers)
+        for p in peer_list:
+            if p not in PEERS:
+                raise HeteroError(f"unknown peer {p!r}; known: {', '.join(PEERS)}")
+        precs = _list(grid_precisions)
+        res = _list(grid_residencies)
+        bad = [r for r in res if r not in ("resident", "disk")]
+        if bad:
+            raise HeteroError(f"--grid-residencies takes resident,disk; got {bad[0]!r}")
+        ctxs = _ints(grid_contexts, "--grid-contexts")
+        if sweep and not memory:
+            raise HeteroError("--sweep compares plans under one budget: give --memory, e.g. cpu=50%")
+        if context is not None and context < prompt_tokens + 1:
+            raise HeteroError(f"--context {context} leaves no room after a {prompt_tokens}-token prompt")
+        from hetero.model.sources import resolve_spec
+
+        model = model or "smollm2-135m"
+        resolve_spec(model)  # a bad model name fails here, before any measuring
+        progress = not as_json
+        out: dict = {}
+        if calibrate:
+            out["calibration"] = calibrate_model(model, precs, res, ctxs, prompt_tokens, new_tokens, repeats, progress)
+        if sweep:
+            from hetero.bench.sweep import sweep as run_sweep
+
+            sw = run_sweep(model, memory, precs, res, ctxs, min(prompt_tokens, min(ctxs) - 1),
+                           new_tokens, repeats, progress)
+            sw.pop("raw")
+            out["sweep"] = sw
+        from hetero.bench.run import measure_plan
+        from hetero.hardware import machine
+        from hetero.runtime import engine as eng
+        from hetero.runtime.memory import Footprint
+
+        mon = Footprint().start()
+        ctx = context or prompt_tokens + new_tokens
+        plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, _list(precisions) or None,
+                                       prompt_tokens=prompt_tokens, context=ctx)
+        if not as_json:
+            print(eng.summary(plan), file=sys.stderr)
+            for n in notes:
+                print(f"note: {n}", file=sys.stderr)
+        result = measure_plan(plan, model, prompt_tokens, new_tokens, ctx, repeats, monitor=mon, progress=progress)
+        hw, prof = machine(hardware or "this")
+        precs_used = {u.precision for u in plan.units}
+        dtype = next(iter(precs_used)) if precs_used <= {"fp32"} or precs_used <= {"bf16"} else "bf16"
+        budget = plan.budgets.get("cpu", 0) - plan.reserve.get("cpu", 0) if memory or plan_file else None
+        peer_rows = []
+        if peer_list:
+            from hetero.bench.peers import run_peers
+
+            peer_rows = run_peers(peer_list, model, prompt_tokens, new_tokens, repeats, dtype, budget)
+        full = {"model": model, "notes": notes, **result, "peers": peer_rows, "roofline": _rates(hw, prof),
+                "plan": plan.to_dict(), **out}
+        if report:
+            from hetero.bench.report import render
+
+            render(full, report)
+            if not as_json:
+                print(f"report: {report}/report.md", file=sys.stderr)
+        if as_json:
+            print(json.dumps(full))
+        else:
+            _print(full)

@@ -15,7 +15,7 @@ from hetero.hardware.types import HardwareSpec, Profile
 from hetero.model.spec import ModelSpec
 from hetero.plan.plan import Plan, Prediction, UnitPlan, Why
 from hetero.plan.solve import solve
-from hetero.plan.table import Choice, Evaluation, Table, Workload, build_table, tied_consistent
+from hetero.plan.table import Choice, Evaluation, Table, Workload, build_table
 from hetero.plan.units import fmt_bytes
 
 

@@ -24,6 +24,7 @@ problem a lot (fp32 is never better than bf16 when both cost no quality, for ins
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -341,7 +342,8 @@ def infeasible_message(table: Table, budgets: dict[str, int], max_quality: float
     if max_quality is not None:
         q = min_quality(table, budgets)
         if q is not None and q > max_quality:
-            up = float(f"{q * (1 + 1e-6):.6g}")  # printed rounded up, so that it works as given
+            scale = 10.0 ** (5 - math.floor(math.log10(q)))  # 6 significant digits, rounded up,
+            up = math.ceil(q * scale * (1 + 1e-12)) / scale   # so that the printed bound works as given
             return (f"no plan keeps the quality loss within {max_quality:g} under these memory budgets; "
                     f"the smallest max-quality-loss that works is {up:g} (or give more memory)")
     fixes = []

@@ -32,15 +32,15 @@ def test_completion_counts_tokens_and_stops_at_max_tokens(tiny_server):
 
 def test_greedy_and_seeded_sampling_reproduce(tiny_server):
     c = tiny_server.client()
-    a = c.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0).choices[0].text
-    b = c.completions.create(model=MODEL, prompt="abc", max_tokens=12, temperature=0).choices[0].text
+    a = c.completions.create(model=MODEL, prompt="abc", max_tokens=8, temperature=0).choices[0].text
+    b = c.completions.create(model=MODEL, prompt="abc", max_tokens=8, temperature=0).choices[0].text
     assert a == b
-    kw = dict(model=MODEL, prompt="abc", max_tokens=16, temperature=1.5, top_p=0.95)
+    kw = dict(model=MODEL, prompt="abc", max_tokens=12, temperature=1.5, top_p=0.95)
     s1 = c.completions.create(seed=7, **kw).choices[0].text
     s2 = c.completions.create(seed=7, **kw).choices[0].text
-    others = {c.completions.create(seed=s, **kw).choices[0].text for s in (8, 9)}
+    s3 = c.completions.create(seed=8, **kw).choices[0].text
     assert s1 == s2
-    assert others != {s1}  # a different seed gives a different sample (16 random bytes)
+    assert s3 != s1  # a different seed gives a different sample (12 near-uniform random bytes)
 
 
 def test_streamed_completion_matches_the_unstreamed_one(tiny_server):

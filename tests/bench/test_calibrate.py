@@ -1,0 +1,69 @@
+"""Calibration recovers multipliers it did not see, from timings the cost model made under them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hetero.bench.calibrate import Pricer, error_summary, fit, params_for, store
+from hetero.bench.run import config_plan
+from benchhelpers import fake_run, machine, profile
+
+TRUTH = {"gemv_rate@cpu/bf16": 0.5, "gemv_rate@cpu/int8": 0.4, "gemm_rate@cpu/bf16": 0.3,
+         "gemm_rate@cpu/int8": 0.6, "op_overhead@cpu": 3.0, "disk_rate": 1.5}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    truth = profile(TRUTH)
+    return [fake_run(m, p, r, c, truth) for m in ("synthetic:tiny", "synthetic:llama-1b")
+            for p in ("bf16", "int8") for r in ("resident", "disk") for c in (128, 1024)]
+
+
+def test_params_cover_what_the_runs_use(runs):
+    ps = params_for(runs)
+    assert {"gemm_rate@cpu/bf16", "gemv_rate@cpu/int8", "mem_rate@cpu", "op_overhead@cpu", "disk_rate", "overlap"} <= set(ps)
+    assert not any("fp32" in p for p in ps)  # no run used fp32: nothing to fit there
+
+
+def test_fit_shrinks_error_to_near_zero(runs):
+    f = fit(runs, machine(), profile())
+    before, after = error_summary(f.before), error_summary(f.after)
+    # the uncalibrated model is far off (gemv x0.5 alone doubles decode time) ...
+    assert before["decode_error"]["median_abs"] > 0.3
+    assert before["prefill_error"]["max_abs"] > 0.3
+    # ... the fitted one reproduces the truth's tok/s
+    assert after["decode_error"]["max_abs"] < 0.02
+    assert after["prefill_error"]["max_abs"] < 0.02
+    assert f.calibration["gemv_rate@cpu/bf16"] == pytest.approx(0.5, rel=0.1)
+    assert f.calibration["gemv_rate@cpu/int8"] == pytest.approx(0.4, rel=0.1)
+
+
+def test_pricer_matches_rescored_plan(runs):
+    """The fit prices plans through the planner's table: the same numbers a fresh plan carries."""
+    from hetero.model.sources import resolve_spec
+
+    prof = profile({"gemv_rate@cpu/bf16": 0.7})
+    r = runs[0]
+    dec, pre = Pricer(r, machine()).price(prof)
+    plan = config_plan(resolve_spec(r["config"]["model"]), machine(), prof, "bf16", r["config"]["residency"],
+                       64, r["config"]["context"])
+    assert list(dec * 1e3) == pytest.approx([u.predicted_ms for u in plan.units], rel=1e-4, abs=2e-6)
+    assert list(pre * 1e3) == pytest.approx([u.prefill_ms for u in plan.units], rel=1e-4, abs=2e-6)
+
+
+def test_store_writes_profile_and_details(runs, tmp_path, monkeypatch):
+    from hetero.cost import device_rates
+    from hetero.hardware.profile import load_cached
+    from hetero.paths import cache_dir
+
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path))
+    f = fit(runs[:4], machine(), profile())
+    new = store(f, profile())
+    cached = load_cached("bench-test")
+    assert cached is not None and cached.calibration == new.calibration == f.calibration
+    # later plans read it: the calibrated rate differs from the uncalibrated one by the multiplier
+    m = f.calibration["gemv_rate@cpu/bf16"]
+    assert device_rates(machine(), cached)["cpu"].gemv["bf16"] == pytest.approx(10e9 * m)
+    details = json.loads((cache_dir() / "calibration" / "bench-test.json").read_text())
+    assert details["summary"]["after"]["runs"] == 4

@@ -85,13 +85,20 @@ def compress(
         from hetero.compress.gguf_export import check_type
 
         check_type(gguf_type)
+    from pathlib import Path
+
     from hetero.compress.core import load_model
 
+    if Path(out).expanduser().exists() and not force:  # fail before the slow part
+        raise HeteroError(f"{out} already exists; choose another -o or pass --force")
     _threads(threads)
     loaded = load_model(model)
     opts = methods.Options(group=group, sym=sym, sparsity=sparsity, nm=nm, values=values,
                            calib_tokens=calib_tokens, act_order=act_order, layers=layers, steps=steps,
                            progress=progress)
+    target = Path(out).expanduser()
+    if method == "distill":  # checkpoints beside the output; a rerun resumes, success removes them
+        opts.checkpoint_dir = str(target.with_name(f".{target.name}.checkpoints"))
     spec, tensors, record = loaded.spec, loaded.tensors, None
     if method is not None:
         tensors, record = methods.apply(method, loaded, opts)
@@ -104,6 +111,10 @@ def compress(
         from hetero.compress.artifact import write_hf_dir
 
         write_hf_dir(out, spec, tensors, record, loaded.tokenizer, dtype=store, force=force)
+    if opts.checkpoint_dir:
+        import shutil
+
+        shutil.rmtree(opts.checkpoint_dir, ignore_errors=True)
     if as_json:
         print(json.dumps(record))
     else:

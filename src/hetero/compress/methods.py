@@ -27,6 +27,7 @@ class Options:
     act_order: bool = True        # GPTQ visits columns by decreasing input energy
     layers: int | None = None     # distill: student depth
     steps: int = 200              # distill: optimiser steps
+    checkpoint_dir: str | None = None  # distill: where resumable checkpoints go
     progress: bool = True
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import textwrap
+import time
 import json
 
 import pytest
@@ -149,3 +150,29 @@ def test_yaml_example_in_docstring_parses():
     text = doc[doc.index("hosts:"):doc.index("Ranks are numbered")]
     h = parse_hosts(yaml.safe_load(textwrap.dedent("    " + text)))
     assert h.world_size == 2 and h.hosts[0].memory == 8 * 10**9
+
+
+def test_named_gpus_are_one_per_rank_and_not_shared():
+    from hetero.dist.pipeline import rank_devices
+
+    h = parse_hosts({"hosts": [{"address": "a", "ranks": 2, "hardware": "2xrtx4090", "devices": ["cuda:0", "cuda:1"]},
+                               {"address": "b", "hardware": "desktop"}]})
+    sp = rank_speeds(h)
+    assert [s.device for s in sp] == ["cuda:0", "cuda:1", "cpu"]
+    assert rank_devices(h) == ["cuda:0", "cuda:1", ""]
+    assert sp[0].rates.gemv == sp[1].rates.gemv  # each rank has a GPU of its own: no sharing discount
+    assert sp[0].memory == 24 * 10**9
+    shared = rank_speeds(parse_hosts({"hosts": [{"address": "a", "ranks": 2, "hardware": "desktop"}]}))
+    alone = rank_speeds(parse_hosts({"hosts": [{"address": "a", "hardware": "desktop"}]}))
+    assert shared[0].rates.gemv["bf16"] == pytest.approx(alone[0].rates.gemv["bf16"] / 2)
+
+
+def test_watchdog_ends_a_silent_process():
+    import subprocess
+    import sys
+
+    code = "from hetero.dist.comm import Watchdog; import time; w = Watchdog(3, 1.0); time.sleep(30)"
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "error: rank 3: no progress for" in p.stderr
+    assert time.monotonic() - t < 30

@@ -104,8 +104,8 @@ class Comm:
 
     # ---- messages --------------------------------------------------------------------------------
     def send(self, t: torch.Tensor, dst: int) -> None:
-        code, wire = _WIRE[t.dtype]
-        w = t.contiguous()
+        _, wire = _WIRE[t.dtype]
+        w = t.to(self.device).contiguous()  # a GPU stage under gloo: staged through host memory
         w = w.view(wire) if wire != t.dtype else w
         work = self._guard(dst, f"sending to rank {dst}", lambda: dist.isend(w, dst))
         self._sends.append((work, w, dst))

@@ -69,14 +69,15 @@ def run_rank(model: str, hosts: Hosts, rank: int, world: int, job: Job | None, t
     if world != hosts.world_size:
         raise HeteroError(f"the hosts file describes {hosts.world_size} ranks but WORLD_SIZE is {world}")
     rank_hosts = [h.address for h in hosts.rank_hosts()]
-    host = hosts.rank_hosts()[rank]
-    device = host.devices[0] if host.devices else "cpu"
+    devices = rank_devices(hosts)
     if threads:
         torch.set_num_threads(threads)
     watch = Watchdog(rank, load_timeout)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    # nccl only when every rank names its own GPU; otherwise gloo, with GPU stages staged through host memory
+    backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
+    comm_device = devices[rank] if backend == "nccl" else "cpu"
     if backend == "nccl":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(devices[rank])
     watch.beat("joining the process group")
     try:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
@@ -84,9 +85,9 @@ def run_rank(model: str, hosts: Hosts, rank: int, world: int, job: Job | None, t
     except Exception as e:  # rendezvous: a rank that never came up
         raise HeteroError(f"rank {rank}: could not join the other ranks within {timeout:g} s: "
                           f"{str(e).splitlines()[0][:200]}") from None
-    comm = Comm(rank, world, rank_hosts, timeout, device, watch)
+    comm = Comm(rank, world, rank_hosts, timeout, comm_device, watch)
     try:
-        return _run(model, hosts, rank, world, job, comm, device, load_timeout, on_token)
+        return _run(model, hosts, rank, world, job, comm, load_timeout, on_token)
     finally:
         watch.stop()
 
@@ -108,7 +109,9 @@ def _setup(model: str, hosts: Hosts, job: Job | None, rank: int, world: int, com
             from hetero.model.synthetic import ensure_weights
 
             ensure_weights(src.name)
-        tok = load_tokenizer(src, spec.vocab_size, None)
+        # token-id prompts that ignore stop tokens (benchmarks, tests) need no tokenizer: skip its load
+        if not job.ignore_stop or any(isinstance(p, str) for p in job.prompts):
+            tok = load_tokenizer(src, spec.vocab_size, None)
         shim = Model(spec, None, tok)  # prompt_ids only: the chat template and encoding of hetero.load
         job.prompt_ids = [list(p) if isinstance(p, (list, tuple)) else shim.prompt_ids(p, job.chat)
                           for p in job.prompts]
@@ -130,12 +133,18 @@ def _setup(model: str, hosts: Hosts, job: Job | None, rank: int, world: int, com
     return spec, job, split, tok
 
 
-def _run(model, hosts, rank, world, job, comm: Comm, device, load_timeout, on_token) -> dict | None:
+def rank_devices(hosts: Hosts) -> list[str]:
+    """The device each rank names in the hosts file (the k-th rank on a host takes its k-th device), "" if none."""
+    return [h.devices[k % len(h.devices)] if h.devices else "" for h in hosts.hosts for k in range(h.ranks)]
+
+
+def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> dict | None:
     from hetero.dist.stage import StageModel, rss_anon, stage_weights, trim_heap
     from hetero.model.sources import resolve
 
     spec, job, split, tok = _setup(model, hosts, job, rank, world, comm)
     st = split.stages[rank]
+    device = st.device  # the split's choice: the named device, else the host's first GPU, else cpu
     src = resolve(model)
     if src.kind == "gguf":  # the gguf reader's own parse tables (~165 MB for SmolLM2), paid by any
         from hetero.model.gguf import open_reader  # process that reads a GGUF: not part of the stage
@@ -157,7 +166,7 @@ def _run(model, hosts, rank, world, job, comm: Comm, device, load_timeout, on_to
         raise HeteroError(f"rank {rank}: loading failed elsewhere: {str(e).splitlines()[0][:300]}") from None
     comm.watch.beat("generating", comm.timeout + 5.0)
     mbs = micro_batches(job.prompt_ids, job.micro_batch)
-    runner = _Runner(spec, job, stage, comm, rank, world, mbs, device)
+    runner = _Runner(spec, job, stage, comm, rank, world, mbs, comm.device)
     delay = float(os.environ.get("HETERO_DIST_STEP_DELAY", "0") or 0)  # tests: slow steps, kill mid-run
     result = runner.drive(tok, on_token, delay) if rank == 0 else runner.serve(delay)
     comm.flush()
@@ -203,6 +212,7 @@ class _Runner:
         out = self.stage(x, start, self.caches[m], want)
         self.compute_s += time.perf_counter() - t
         self.steps += 1
+        self.comm.watch.beat()  # progress: a lone rank has no messages to show it
         return out
 
     def _sample(self, m: int, logits: torch.Tensor) -> torch.Tensor:

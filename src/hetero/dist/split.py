@@ -122,15 +122,17 @@ def rank_speeds(hosts: Hosts, this: tuple[HardwareSpec, Profile | None] | None =
             cache[h.hardware] = _hardware(h, this)
         hw, prof = cache[h.hardware]
         rates = cost.device_rates(hw, prof, coeffs)
-        dev = h.devices[0] if h.devices else next((d for d in rates if d.startswith("cuda")), "cpu")
-        if dev not in rates:
-            raise HeteroError(f"host {h.address} has no compute device {dev!r}; it has: {', '.join(rates)}")
-        r = rates[dev]
-        if h.ranks > 1 and not (per_rank_profile and h.hardware == "this"):
-            r = _scaled(r, 1.0 / h.ranks)
-        spec_dev = hw.device(dev)
-        mem = h.memory or (spec_dev.available_bytes or spec_dev.memory_bytes) // h.ranks
-        for _ in range(h.ranks):
+        for k in range(h.ranks):
+            # the k-th rank takes the host's k-th named device; else its first GPU; else the CPU
+            dev = h.devices[k % len(h.devices)] if h.devices else next((d for d in rates if d.startswith("cuda")), "cpu")
+            if dev not in rates:
+                raise HeteroError(f"host {h.address} has no compute device {dev!r}; it has: {', '.join(rates)}")
+            sharing = sum(1 for j in range(h.ranks) if (h.devices[j % len(h.devices)] if h.devices else dev) == dev)
+            r = rates[dev]
+            if sharing > 1 and not (per_rank_profile and h.hardware == "this"):
+                r = _scaled(r, 1.0 / sharing)
+            spec_dev = hw.device(dev)
+            mem = h.memory or (spec_dev.available_bytes or spec_dev.memory_bytes) // sharing
             out.append(RankSpeed(rank, h, dev, r, mem))
             rank += 1
     return out

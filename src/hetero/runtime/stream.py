@@ -256,7 +256,7 @@ class Prefetcher:
 
     def stats(self) -> dict:
         return {"device": str(self.device), "units": len(self.sources), "depth": self.depth,
-                "pool_bytes": self.pool_bytes, "read_bytes": self.read_bytes,
+                "pool_bytes": self.pool_bytes, "pass_bytes": sum(align(s.nbytes) for s in self.sources), "read_bytes": self.read_bytes,
                 "read_s": round(self.read_s, 4), "wait_s": round(self.wait_s, 4),
                 "direct": all(r.direct for r in self.readers.values())}
 

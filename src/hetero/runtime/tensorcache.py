@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import shutil
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -69,6 +70,14 @@ def _encode(v, where: str):
         return {"spec": True}
     if isinstance(v, (tuple, list)):
         return {"tuple": [_encode(x, where) for x in v]}
+    # kernels bound at build time (a compiled extension or one of its functions): stored by name and
+    # looked up again on load, so an entry never pins a kernel this process may not have
+    if isinstance(v, types.ModuleType):
+        return {"pymodule": v.__name__}
+    if callable(v) and getattr(v, "__name__", None):
+        owner = getattr(v, "__module__", None) or getattr(getattr(v, "__self__", None), "__name__", None)
+        if owner:
+            return {"callable": [owner, v.__name__]}
     raise TypeError(f"cannot cache attribute {where} of type {type(v).__name__}")
 
 
@@ -82,7 +91,23 @@ def _decode(v, spec: ModelSpec):
             return spec
         if "tuple" in v:
             return tuple(_decode(x, spec) for x in v["tuple"])
+        if "pymodule" in v:
+            return _pymodule(v["pymodule"])
+        if "callable" in v:
+            owner = _pymodule(v["callable"][0])
+            return None if owner is None else getattr(owner, v["callable"][1], None)
     return v
+
+
+def _pymodule(name: str):
+    """A module by name; hetero's optional compiled kernels through their loader (None when absent)."""
+    from hetero.runtime import kernels
+
+    if name == getattr(kernels, "NAME", None):
+        return kernels.get()
+    if not (name.startswith("hetero") or name.startswith("torch")):
+        raise HeteroError(f"tensor cache names a foreign module {name!r}")
+    return importlib.import_module(name)
 
 
 def snapshot(module: torch.nn.Module) -> tuple[list[dict], list[tuple[str, str, torch.Tensor]]]:

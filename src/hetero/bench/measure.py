@@ -54,7 +54,8 @@ class Measured:
     decode_tok_s: Stat
     unit_decode_ms: dict[str, float] = field(default_factory=dict)   # unit -> ms of one decode step
     unit_prefill_ms: dict[str, float] = field(default_factory=dict)  # unit -> ms of the prefill
-    footprint_bytes: dict[str, int] = field(default_factory=dict)    # device -> peak bytes
+    footprint_bytes: dict[str, int] = field(default_factory=dict)    # device -> peak bytes, whole process
+    footprint_run_bytes: dict[str, int] = field(default_factory=dict)  # peak from built to done (no loading)
     decode_tok_s_mean: Stat | None = None                            # tokens / total decode time
 
     def to_dict(self) -> dict:
@@ -65,6 +66,7 @@ class Measured:
         return cls(d["prompt_tokens"], d["new_tokens"], d["context"], Stat(**d["ttft_s"]),
                    Stat(**d["prefill_tok_s"]), Stat(**d["decode_tok_s"]), dict(d.get("unit_decode_ms", {})),
                    dict(d.get("unit_prefill_ms", {})), {k: int(v) for k, v in d.get("footprint_bytes", {}).items()},
+                   {k: int(v) for k, v in d.get("footprint_run_bytes", {}).items()},
                    Stat(**d["decode_tok_s_mean"]) if d.get("decode_tok_s_mean") else None)
 
 
@@ -101,6 +103,16 @@ class UnitClock:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux clear_refs 5), so a later peak covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -150,8 +162,14 @@ def measure_engine(engine, prompt_tokens: int = 512, new_tokens: int = 128, cont
                    repeats: int = 3, warmup: int = 1, unit_split: bool = True, seed: int = 0,
                    advance=None) -> Measured:
     """Time `engine` (a hetero.runtime.engine.Engine, or anything with .model.net and .footprint())."""
+    from hetero.runtime.memory import Footprint
+
     net = engine.model.net
     spec = net.spec
+    engine.footprint()  # fold the loading peak into the whole-process figure before resetting it
+    run_mon = Footprint(list(getattr(engine.monitor, "files", []))) if reset_peak_rss() else None
+    if run_mon is not None:
+        run_mon.start()
     P, N = int(prompt_tokens), int(new_tokens)
     C = max(int(context or 0), P + N)
     first = max(P, C - N)
@@ -185,6 +203,8 @@ def measure_engine(engine, prompt_tokens: int = 512, new_tokens: int = 128, cont
             m.unit_decode_ms = {u: round(t * scale_d * 1e3, 6) for u, t in zip(units, dsplit)}
             m.unit_prefill_ms = {u: round(t * scale_p * 1e3, 6) for u, t in zip(units, pre_split)}
     m.footprint_bytes = dict(engine.footprint())
+    if run_mon is not None:
+        m.footprint_run_bytes = {**m.footprint_bytes, "cpu": run_mon.stop()}
     return m
 
 
@@ -213,10 +233,13 @@ def compare(plan, m: Measured) -> dict:
             "decode_tok_s": m.decode_tok_s.median,
             "decode_tok_s_mean": m.decode_tok_s_mean.median if m.decode_tok_s_mean else None,
             "unit_decode_ms": m.unit_decode_ms,
-            "unit_prefill_ms": m.unit_prefill_ms, "footprint_bytes": m.footprint_bytes}
+            "unit_prefill_ms": m.unit_prefill_ms, "footprint_bytes": m.footprint_bytes,
+            "footprint_run_bytes": m.footprint_run_bytes}
     err = {k: rel_error(pred[k], meas[k]) for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
     err["footprint_bytes"] = {d: rel_error(pred["footprint_bytes"].get(d, 0), v)
                               for d, v in m.footprint_bytes.items() if d in pred["footprint_bytes"]}
+    err["footprint_run_bytes"] = {d: rel_error(pred["footprint_bytes"].get(d, 0), v)
+                                  for d, v in m.footprint_run_bytes.items() if d in pred["footprint_bytes"]}
     for k in ("unit_decode_ms", "unit_prefill_ms"):
         err[k] = {u: rel_error(pred[k].get(u, 0.0), v) for u, v in meas[k].items()}
     spread = {"ttft_s": m.ttft_s.spread, "prefill_tok_s": m.prefill_tok_s.spread,

@@ -27,7 +27,8 @@ def _ints(text: str, flag: str) -> list[int]:
 def _grid(model, precisions, residencies, contexts, P, N, repeats):
     from hetero.bench.run import Config
 
-    return [Config(model, p, r, C, min(P, C - 1), min(N, C - min(P, C - 1)), repeats)
+    # the prompt takes at most half the context; decode steps are timed at its end
+    return [Config(model, p, r, C, min(P, C // 2), min(N, C - min(P, C // 2)), repeats)
             for C in contexts for p in precisions for r in residencies]
 
 
@@ -169,8 +170,8 @@ def register(app: typer.Typer) -> None:
         if sweep:
             from hetero.bench.sweep import sweep as run_sweep
 
-            sw = run_sweep(model, memory, precs, res, ctxs, min(prompt_tokens, min(ctxs) - 1),
-                           new_tokens, repeats, progress)
+            p_sw = min(prompt_tokens, min(ctxs) // 2)
+            sw = run_sweep(model, memory, precs, res, ctxs, p_sw, min(new_tokens, min(ctxs) - p_sw), repeats, progress)
             sw.pop("raw")
             out["sweep"] = sw
         from hetero.bench.run import measure_plan

@@ -49,3 +49,11 @@ def measure(loaded: Loaded, ids: list[int], precisions=("int8", "int4"), context
                  "seconds": round(time.perf_counter() - t0, 1),
                  "date": datetime.date.today().isoformat()},
     }
+
+
+def builtin_table(model: str) -> str | None:
+    """Path of the measured table shipped for a built-in model (e.g. `smollm2-135m`), or None."""
+    from pathlib import Path
+
+    p = Path(__file__).parent / "tables" / f"{model}.json"
+    return str(p) if p.exists() else None

@@ -104,7 +104,7 @@ def main() -> None:
         if method == "gguf":
             tensors, nbytes = gguf_roundtrip(loaded, o), gguf_bytes(o)
         else:
-            opts = Options(progress=False, calib_tokens=args.calib_tokens, **o)
+            opts = Options(**{"progress": False, "calib_tokens": args.calib_tokens, **o})
             tensors, rec = apply(method, loaded, opts)
             spec, nbytes = rec.pop("_spec", spec), rec["bytes"]
         secs = time.perf_counter() - t0

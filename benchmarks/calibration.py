@@ -92,7 +92,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep-budget", default="cpu=50%")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--sweep-precisions", default="fp32,bf16,int8,int4")
     ap.add_argument("--refit", action="store_true", help="reuse round A from the JSON file, fit, then round B")
+    ap.add_argument("--sweep-only", action="store_true", help="reuse rounds A and B from the JSON file, run the sweep")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     import torch
@@ -104,23 +106,29 @@ def main() -> int:
 
     hw, prof = machine("this")
     uncal = dataclasses.replace(prof, calibration={})
-    save_profile(uncal)  # round A is planned without calibration
-    state = json.loads(OUT.read_text()) if a.refit and OUT.exists() else {}
-    state.update({"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                  "profile_measured_at": prof.measured_at})
-    cfgs = configs(a.prompt_tokens, a.new_tokens, a.repeats)
+    reuse = (a.refit or a.sweep_only) and OUT.exists()
+    state = json.loads(OUT.read_text()) if reuse else {}
     t0 = time.perf_counter()
-    A = state.get("A") if a.refit and state.get("A") else run_round("A", cfgs, state)
-    f = fit(A, hw, uncal, leave_one_out=True)
-    store(f, uncal)
-    state["fit"] = f.to_dict()
-    save(state)
-    print(f"fit: {json.dumps({k: round(v, 3) for k, v in f.calibration.items()})}", file=sys.stderr)
-    B = run_round("B", cfgs, state)
-    before = [Pricer(r, hw).errors(uncal) for r in B]
-    after = [Pricer(r, hw).errors(dataclasses.replace(prof, calibration=f.calibration)) for r in B]
-    state["B_before"], state["B_after"] = before, after
-    save(state)
+    if a.sweep_only:
+        A, B, before, after = state["A"], state["B"], state["B_before"], state["B_after"]
+        fit_after, fit_loo = state["fit"]["after"], state["fit"]["leave_one_out"]
+    else:
+        save_profile(uncal)  # round A is planned without calibration
+        state.update({"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                      "profile_measured_at": prof.measured_at})
+        cfgs = configs(a.prompt_tokens, a.new_tokens, a.repeats)
+        A = state.get("A") if a.refit and state.get("A") else run_round("A", cfgs, state)
+        f = fit(A, hw, uncal, leave_one_out=True)
+        store(f, uncal)
+        state["fit"] = f.to_dict()
+        save(state)
+        print(f"fit: {json.dumps({k: round(v, 3) for k, v in f.calibration.items()})}", file=sys.stderr)
+        B = run_round("B", cfgs, state)
+        before = [Pricer(r, hw).errors(uncal) for r in B]
+        after = [Pricer(r, hw).errors(dataclasses.replace(prof, calibration=f.calibration)) for r in B]
+        state["B_before"], state["B_after"] = before, after
+        save(state)
+        fit_after, fit_loo = f.after, f.loo
 
     print(f"\n### Calibration: {len(B)} configurations, {state['threads']} thread(s), {a.repeats} repeats each, "
           f"prompt {a.prompt_tokens}, decode steps timed at the end of the context\n")
@@ -134,7 +142,7 @@ def main() -> int:
               f"{pct(b['prefill_error'])} | {pct(c['prefill_error'])} |")
     print("\n| errors (abs) | decode median | decode worst | prefill median | prefill worst |\n|---|---|---|---|---|")
     for name, rows in (("before (round B, uncalibrated)", before), ("after (round B, calibrated on A)", after),
-                       ("in-sample (round A)", f.after), ("leave-one-out (round A)", f.loo)):
+                       ("in-sample (round A)", fit_after), ("leave-one-out (round A)", fit_loo)):
         s = error_summary(rows)
         print(f"| {name} | {pct(s['decode_error']['median_abs'])} | {pct(s['decode_error']['max_abs'])} | "
               f"{pct(s['prefill_error']['median_abs'])} | {pct(s['prefill_error']['max_abs'])} |")
@@ -152,7 +160,7 @@ def main() -> int:
     if not a.skip_sweep:
         from hetero.bench.sweep import sweep
 
-        sw = sweep(L, a.sweep_budget, ["fp32", "bf16", "int8", "int4"], ["resident", "disk"], [128],
+        sw = sweep(L, a.sweep_budget, a.sweep_precisions.split(","), ["resident", "disk"], [128],
                    a.prompt_tokens, max(8, a.new_tokens * 3 // 4), a.repeats, progress=False)
         state["sweep"] = sw
         save(state)

@@ -146,6 +146,7 @@ def test_stale_or_damaged_entries_are_never_used(tmp_path, monkeypatch):
     assert tc.read_entry(path, {**key, "precision": "int4"}) is None       # another plan's precision
     assert tc.read_entry(path, {**key, "fingerprint": "0" * 16}) is None   # another model
     assert tc.entry_path(tc.cache_root(), {**key, "torch": "0.0"}) != path  # another torch: another file
+    assert tc.entry_path(tc.cache_root(), {**key, "code": "0" * 16}) != path  # other unit-building code
     with open(path, "r+b") as f:  # truncated: the data region is incomplete
         f.truncate(os.path.getsize(path) - 4096)
     assert tc.read_entry(path, key) is None

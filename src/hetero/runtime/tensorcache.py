@@ -182,9 +182,26 @@ class Entry:
         return tree[""], tree
 
 
+def code_version() -> str:
+    """A hash of the code that builds units: an entry made by other code (new attributes, another
+    quantisation) is stale."""
+    if "code" not in _CODE:
+        import hetero.model.llama as llama
+        import hetero.runtime.linear as linear
+
+        h = hashlib.sha256()
+        for m in (llama, linear):
+            h.update(Path(m.__file__).read_bytes())
+        _CODE["code"] = h.hexdigest()[:16]
+    return _CODE["code"]
+
+
+_CODE: dict[str, str] = {}
+
+
 def entry_key(spec: ModelSpec, unit: str, precision: str, device: str) -> dict:
     return {"format": FORMAT, "fingerprint": spec.fingerprint(), "unit": unit, "precision": precision,
-            "device": device_kind(device), "torch": torch.__version__.split("+")[0]}
+            "device": device_kind(device), "torch": torch.__version__.split("+")[0], "code": code_version()}
 
 
 def entry_path(root: Path, key: dict) -> Path:

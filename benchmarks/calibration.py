@@ -7,8 +7,8 @@ calibration, fits the cost model's multipliers to A's per-unit timings (hetero.b
 stores them in the cached Profile. Round B measures every configuration again, in fresh processes,
 planned with the calibrated profile: "after" errors are B's measurements against the calibrated
 predictions, "before" errors the same measurements against the uncalibrated ones, so the fit is
-judged on measurements it never saw. Then the sweep: synthetic:llama-1b under one cpu budget, every
-grid point the cost model says fits, beside the planner's pick.
+judged on measurements it never saw. Then the sweep: one model under one cpu budget, every grid point
+the cost model says fits, beside the planner's pick.
 
 Writes benchmarks/out/calibration.json (raw runs, after every run) and prints markdown tables.
 """
@@ -90,7 +90,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sweep-budget", default="cpu=50%")
+    ap.add_argument("--sweep-model", default=S)
+    ap.add_argument("--sweep-budget", default="cpu=150%")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-precisions", default="fp32,bf16,int8,int4")
     ap.add_argument("--refit", action="store_true", help="reuse round A from the JSON file, fit, then round B")
@@ -160,11 +161,11 @@ def main() -> int:
     if not a.skip_sweep:
         from hetero.bench.sweep import sweep
 
-        sw = sweep(L, a.sweep_budget, a.sweep_precisions.split(","), ["resident", "disk"], [128],
-                   a.prompt_tokens, max(8, a.new_tokens * 3 // 4), a.repeats, progress=False)
+        sw = sweep(a.sweep_model, a.sweep_budget, a.sweep_precisions.split(","), ["resident", "disk"], [128],
+                   a.prompt_tokens, a.new_tokens, a.repeats, progress=False)
         state["sweep"] = sw
         save(state)
-        print(f"\n### Sweep: {L} under {a.sweep_budget} ({sw['budget_bytes'] / 1e6:.0f} MB)\n")
+        print(f"\n### Sweep: {a.sweep_model} under {a.sweep_budget} ({sw['budget_bytes'] / 1e6:.0f} MB)\n")
         print("| context | planner's pick | pick decode tok/s | best measured | best decode tok/s | pick / best | within 5% |")
         print("|---|---|---|---|---|---|---|")
         for row in sw["contexts"]:

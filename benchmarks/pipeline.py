@@ -1,9 +1,9 @@
 """Pipelined throughput on this machine: 2 ranks (1 thread each) vs 1 rank, against the cost model.
 
-    .venv/bin/python benchmarks/pipeline.py [--model smollm2-135m] [--sequences 8] [-n 32] [--repeats 2]
+    .venv/bin/python benchmarks/pipeline.py [--model smollm2-135m] [--sequences 8] [-n 32] [--repeats 2] [--two-threads]
 
 Side by side, interleaved (the machine is shared and noisy): 1 rank x 1 thread, 2 ranks x 1 thread,
-1 rank x 2 threads, each generating `-n` tokens for `--sequences` sequences in flight (micro-batches
+(and with --two-threads 1 rank x 2 threads), each generating `-n` tokens for `--sequences` sequences in flight (micro-batches
 of 1). The prediction is the cost model's (hetero.dist.split) with this machine's profile measured at
 one thread (what each rank gets) and the loopback link measured by a gloo ping-pong. It also prints
 the what-if for synthetic:llama-7b over 2-4 catalog hosts on 10 GbE and 100 GbE.
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="out/pipeline.json")
+    ap.add_argument("--two-threads", action="store_true", help="also 1 rank x 2 threads (slow when the cores are oversubscribed)")
     a = ap.parse_args()
 
     from hetero.dist.hosts import Hosts, LinkInfo, catalog_hosts, local_hosts
@@ -101,7 +102,9 @@ def main() -> None:
 
     prompts = [[(7 * i + j) % 1000 + 10 for j in range(a.prompt_tokens)] for i in range(a.sequences)]
     job = dict(prompts=prompts, max_new_tokens=a.max_new_tokens, ignore_stop=True)
-    cases = {"1 rank x 1 thread": (1, 1), "2 ranks x 1 thread": (2, 1), "1 rank x 2 threads": (1, 2)}
+    cases = {"1 rank x 1 thread": (1, 1), "2 ranks x 1 thread": (2, 1)}
+    if a.two_threads:
+        cases["1 rank x 2 threads"] = (1, 2)
     runs: dict[str, list[dict]] = {k: [] for k in cases}
     for rep in range(a.repeats):
         for name, (ranks, threads) in cases.items():

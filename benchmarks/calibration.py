@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-precisions", default="fp32,bf16,int8,int4")
     ap.add_argument("--refit", action="store_true", help="reuse round A from the JSON file, fit, then round B")
+    ap.add_argument("--loo", action="store_true", help="also leave-one-out fits on round A (one fit per run)")
     ap.add_argument("--sweep-only", action="store_true", help="reuse rounds A and B from the JSON file, run the sweep")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -119,7 +120,7 @@ def main() -> int:
                       "profile_measured_at": prof.measured_at})
         cfgs = configs(a.prompt_tokens, a.new_tokens, a.repeats)
         A = state.get("A") if a.refit and state.get("A") else run_round("A", cfgs, state)
-        f = fit(A, hw, uncal, leave_one_out=True)
+        f = fit(A, hw, uncal, leave_one_out=a.loo)
         store(f, uncal)
         state["fit"] = f.to_dict()
         save(state)
@@ -144,6 +145,8 @@ def main() -> int:
     print("\n| errors (abs) | decode median | decode worst | prefill median | prefill worst |\n|---|---|---|---|---|")
     for name, rows in (("before (round B, uncalibrated)", before), ("after (round B, calibrated on A)", after),
                        ("in-sample (round A)", fit_after), ("leave-one-out (round A)", fit_loo)):
+        if not rows:
+            continue
         s = error_summary(rows)
         print(f"| {name} | {pct(s['decode_error']['median_abs'])} | {pct(s['decode_error']['max_abs'])} | "
               f"{pct(s['prefill_error']['median_abs'])} | {pct(s['prefill_error']['max_abs'])} |")

@@ -137,8 +137,7 @@ class Engine:
             if u.device.startswith("cuda") and not torch.cuda.is_available():
                 raise HeteroError(f"unit {u.name} is planned on {u.device} but CUDA is not available here")
         files = source_files(src)
-        mon = monitor or memory.Footprint(files).start()
-        mon.files = list(dict.fromkeys([*mon.files, *files]))
+        mon = monitor or memory.Footprint().start()
         store = WeightStore(src, spec)
         weights = _dropping(required(store), files)
         prefetch = plan.prefetch if prefetch is None else prefetch
@@ -150,6 +149,8 @@ class Engine:
         if use_cache is None:
             use_cache = bool(streamed)
         if not use_cache:
+            # built from the weight files: their cached pages are this run's until dropped below
+            mon.files = list(dict.fromkeys([*mon.files, *files]))
             cfg = {u.name: UnitConfig(u.device, u.precision) for u in plan.units}
             net = LlamaModel(spec, weights, cfg)
         else:
@@ -160,6 +161,7 @@ class Engine:
             entries = ensure_entries(spec, weights, want, after_unit=lambda: [memory.drop_cache(f) for f in files],
                                      progress=progress)
             t_conv = time.perf_counter() - t1
+            # the run reads only the cache entries (O_DIRECT); the weight files are not touched again
             mon.files += [e.path for e in entries.values()]
             net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch)
             cache_bytes = sum(entries[u.name].data_bytes for u in plan.units if u.residency == "disk")

@@ -52,10 +52,15 @@ class RotaryTable:
         freqs = torch.outer(pos, rope_inv_freq(spec))            # [L, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)                  # [L, D]
         self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
+        self._by_kind: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, start: int, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        c, s = self.cos[start:start + length], self.sin[start:start + length]
-        return c.to(device=device, dtype=dtype), s.to(device=device, dtype=dtype)
+        # Converted once per (dtype, device), then sliced: no conversion or copy per token.
+        key = (dtype, str(device))
+        if key not in self._by_kind:
+            self._by_kind[key] = (self.cos.to(device=device, dtype=dtype), self.sin.to(device=device, dtype=dtype))
+        c, s = self._by_kind[key]
+        return c[start:start + length], s[start:start + length]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

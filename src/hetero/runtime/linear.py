@@ -10,8 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from hetero.dtypes import INT4_GROUP
+from hetero.runtime import kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _gemv_input(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """x as a contiguous fp32 [K] vector when it is one token (decode), else None."""
+    if x.numel() != k or x.device.type != "cpu":
+        return None
+    return x.reshape(k).to(torch.float32).contiguous()
 
 
 def activation_dtype(precision: str) -> torch.dtype:
@@ -26,8 +34,18 @@ class DenseLinear(torch.nn.Module):
         self.weight = weight.to(device=device, dtype=dt).contiguous()
         self.bias = None if bias is None else bias.to(device=device, dtype=dt)
         self.out_features, self.in_features = self.weight.shape
+        # Decode (M = 1) goes through the compiled GEMV when there is one: it streams the weight
+        # faster than torch's stock matrix-vector kernel (docs/BENCHMARKS.md, "CPU speed").
+        self._gemv = None
+        if self.weight.device.type == "cpu" and self.in_features % 16 == 0 and (k := kernels.get()):
+            self._gemv = {torch.float32: k.gemv_f32, torch.bfloat16: k.gemv_bf16}.get(dt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gemv is not None and (xv := _gemv_input(x, self.in_features)) is not None:
+            y = self._gemv(xv, self.weight).to(self.weight.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
@@ -54,9 +72,19 @@ class Int8Linear(torch.nn.Module):
         self.bias = None if bias is None else bias.to(device=device, dtype=torch.bfloat16)
         self.out_features, self.in_features = q.shape[0], q.shape[1] - self.pad
         self._fast = self.qweight.device.type == "cpu"
+        self._gemv = kernels.get() if self._fast else None
+        # The compiled GEMV takes the same bf16-rounded scales, widened to fp32.
+        self._scales_f32 = self.scales.float() if self._gemv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self._gemv is not None and (xv := _gemv_input(x, self.in_features)) is not None:
+            if self.pad:
+                xv = F.pad(xv, (0, self.pad))
+            y = self._gemv.gemv_int8(xv, self.qweight, self._scales_f32).to(torch.bfloat16)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if self.pad:
             x2 = F.pad(x2, (0, self.pad))
@@ -87,7 +115,12 @@ def quantize_int4_groupwise(weight: torch.Tensor, group: int = INT4_GROUP) -> tu
 
 
 class Int4Linear(torch.nn.Module):
-    """Weight-only group-wise int4; bf16 activations through torch._weight_int4pack_mm_for_cpu."""
+    """Weight-only group-wise int4 with bf16 activations.
+
+    With the compiled kernels (group 32): our own nibble layout, read by an AVX-512 GEMV at decode and
+    dequantised to bf16 for a GEMM at prefill. Without them: torch._weight_int4pack_mm_for_cpu.
+    Both hold the same bytes per weight (half a byte plus a bf16 scale and zero per group).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: str = "cpu", group: int = INT4_GROUP):
         super().__init__()
@@ -97,17 +130,36 @@ class Int4Linear(torch.nn.Module):
             weight = F.pad(weight.float(), (0, pad))
         q, scale, zero = quantize_int4_groupwise(weight, group)
         self.group, self.in_features, self.out_features, self.pad = group, k, n, pad
-        # torch CPU packing wants int32 [N, K] values in [0, 15]; scales_and_zeros is [K/g, N, 2] bf16.
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self.bias = None if bias is None else bias.to(torch.bfloat16)
+        self._k = kernels.get() if group == 32 else None
+        if self._k is not None:
+            # packed: [N, K/2] uint8; in each group's 16 bytes, byte i = q[i] | q[i + 16] << 4.
+            qg = q.reshape(n, -1, 2, 16)
+            self.packed = (qg[:, :, 0] | (qg[:, :, 1] << 4)).reshape(n, -1).contiguous()
+            self.scales_zeros = torch.stack([scale, zero], dim=-1).to(torch.bfloat16).contiguous()  # [N, K/g, 2]
+        else:
+            # torch CPU packing wants int32 [N, K] values in [0, 15]; scales_and_zeros is [K/g, N, 2] bf16.
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+            self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if self.pad:
-            x2 = F.pad(x2, (0, self.pad))
-        y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.scales_zeros)
+        if self._k is not None:
+            xv = _gemv_input(x, self.in_features)
+            if xv is not None:
+                if self.pad:
+                    xv = F.pad(xv, (0, self.pad))
+                y = self._k.gemv_int4(xv, self.packed, self.scales_zeros).to(torch.bfloat16)
+            else:  # prefill: a bf16 GEMM is compute-bound, so dequantising the weight first is cheap
+                x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+                if self.pad:
+                    x2 = F.pad(x2, (0, self.pad))
+                y = F.linear(x2, self._k.dequant_int4(self.packed, self.scales_zeros))
+        else:
+            x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+            if self.pad:
+                x2 = F.pad(x2, (0, self.pad))
+            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

@@ -69,6 +69,7 @@ class DeviceRates:
     gemv: dict[str, float]       # weight bytes/s streamed by decode-shaped (M=B) matmuls
     mem: float                   # bytes/s reading the KV cache and activations
     overhead: float              # seconds per op
+    overhead_scale: dict[str, float] = field(default_factory=dict)  # precision -> fitted factor (calibration)
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -91,7 +92,8 @@ class Link:
 def calibrated(cal: dict[str, float], name: str, device: str = "", precision: str = "") -> float:
     """The product of fitted multipliers for one rate: keys "NAME", "NAME@DEVICE", "NAME@DEVICE/PREC".
 
-    NAME is one of gemm_rate, gemv_rate, mem_rate, op_overhead, disk_rate, link_rate. A multiplier
+    NAME is one of gemm_rate, gemv_rate, mem_rate, op_overhead, disk_rate, link_rate
+    ("op_overhead@DEVICE/PREC" is read per precision, see device_rates). A multiplier
     > 1 means the thing measured faster (rates) or costlier (op_overhead) than predicted.
     """
     m = cal.get(name, 1.0)
@@ -136,7 +138,7 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
         kind = dev.kind if dev.kind in coeffs.gemm_eff else "cpu"
         bw = dev.bandwidth or coeffs.default_bandwidth.get(kind, 30e9)
         peak_bf16 = dev.peak_flops.get("bf16") or dev.peak_flops.get("fp16") or coeffs.default_flops[kind]
-        gemm, gemv = {}, {}
+        gemm, gemv, op_scale = {}, {}, {}
         for p in precs:
             if p in m_gemm:
                 g = m_gemm[p]
@@ -152,11 +154,14 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
             v = m_gemv.get(p) or (statistics.median(m_gemv.values()) if m_gemv else bw * coeffs.gemv_eff[kind])
             gemm[p] = g * calibrated(cal, "gemm_rate", dev.name, p)
             gemv[p] = v * calibrated(cal, "gemv_rate", dev.name, p)
+            # quantised kernels carry their own per-call cost: "op_overhead@DEVICE/PREC" scales it
+            if f"op_overhead@{dev.name}/{p}" in cal:
+                op_scale[p] = cal[f"op_overhead@{dev.name}/{p}"]
         mem = _measured_mem(dp) or bw * coeffs.mem_eff[kind]
         over = dp.op_overhead.median if dp and dp.op_overhead else coeffs.op_overhead[kind]
         out[dev.name] = DeviceRates(dev.name, dev.kind, gemm, gemv,
                                     mem * calibrated(cal, "mem_rate", dev.name),
-                                    over * calibrated(cal, "op_overhead", dev.name))
+                                    over * calibrated(cal, "op_overhead", dev.name), op_scale)
     return out
 
 
@@ -278,7 +283,7 @@ def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str,
     # decode reads the whole KV cache; prefill writes its new K/V once
     kv = kv_bytes(spec, unit, precision, context if tokens == 1 else tokens, batch)
     roof = max(flops / rates.gemm[precision], weights / rates.gemv[precision] + kv / rates.mem)
-    return roof + unit_ops(unit, coeffs) * rates.overhead
+    return roof + unit_ops(unit, coeffs) * rates.overhead * rates.overhead_scale.get(precision, 1.0)
 
 
 def transfer_time(spec: ModelSpec, unit: str, full: int, residency: str, device: str, tokens: int,

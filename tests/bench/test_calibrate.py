@@ -10,7 +10,7 @@ from hetero.bench.run import config_plan
 from benchhelpers import fake_run, machine, profile
 
 TRUTH = {"gemv_rate@cpu/bf16": 0.5, "gemv_rate@cpu/int8": 0.4, "gemm_rate@cpu/bf16": 0.3,
-         "gemm_rate@cpu/int8": 0.6, "op_overhead@cpu": 3.0, "disk_rate": 1.5}
+         "gemm_rate@cpu/int8": 0.6, "op_overhead@cpu/int8": 3.0, "disk_rate": 1.5}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def runs():
 
 def test_params_cover_what_the_runs_use(runs):
     ps = params_for(runs)
-    assert {"gemm_rate@cpu/bf16", "gemv_rate@cpu/int8", "mem_rate@cpu", "op_overhead@cpu", "disk_rate", "overlap"} <= set(ps)
+    assert {"gemm_rate@cpu/bf16", "gemv_rate@cpu/int8", "mem_rate@cpu", "op_overhead@cpu/bf16", "disk_rate", "overlap"} <= set(ps)
     assert not any("fp32" in p for p in ps)  # no run used fp32: nothing to fit there
 
 

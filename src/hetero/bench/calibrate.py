@@ -50,11 +50,12 @@ def label(run: dict) -> str:
 
 
 def params_for(runs: list[dict]) -> list[str]:
-    """The multipliers the runs can inform: per precision used, plus memory, overhead, and disk."""
+    """The multipliers the runs can inform: per precision used (matmul rates and the per-call cost of
+    its kernels, which sets small models' speed), plus memory and disk."""
     precs = sorted({u["precision"] for r in runs for u in r["plan"]["units"]})
     devs = sorted({u["device"] for r in runs for u in r["plan"]["units"]})
-    out = [f"{k}@{d}/{p}" for d in devs for p in precs for k in ("gemm_rate", "gemv_rate")]
-    out += [f"mem_rate@{d}" for d in devs] + [f"op_overhead@{d}" for d in devs]
+    out = [f"{k}@{d}/{p}" for d in devs for p in precs for k in ("gemm_rate", "gemv_rate", "op_overhead")]
+    out += [f"mem_rate@{d}" for d in devs]
     if any(u["residency"] == "disk" for r in runs for u in r["plan"]["units"]):
         out += ["disk_rate", "overlap"]
     return out

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.model.spec import ModelSpec
+from hetero.runtime.embedding import TiedEmbedding, make_embedding
 from hetero.runtime.linear import activation_dtype, make_linear
 
 
@@ -162,8 +163,6 @@ class LlamaModel(torch.nn.Module):
         self.units = {u: units.get(u, default) for u in spec.unit_names()}
         emb = self.units["embed"]
         self.embed_dtype = activation_dtype(emb.precision)
-        # The embedding is a lookup table: kept at fp32 or bf16 (quantised precisions gather bf16 rows).
-        self.embed = weights("model.embed_tokens.weight").to(device=emb.device, dtype=self.embed_dtype)
         self.layers = torch.nn.ModuleList(
             DecoderLayer(spec, weights, i, self.units[f"layers.{i}"]) for i in range(spec.n_layers)
         )
@@ -171,6 +170,13 @@ class LlamaModel(torch.nn.Module):
         self.norm = weights("model.norm.weight").float().to(head.device)
         head_w = weights("model.embed_tokens.weight") if spec.tie_embeddings else weights("lm_head.weight")
         self.head = make_linear(head_w, None, head.precision, head.device)
+        # A tied model keeps one matrix: the embedding reads its rows from the head (same device
+        # and precision); otherwise a table of its own, packed at int8/int4 and dequantised on lookup.
+        tied = None
+        if spec.tie_embeddings and (emb.device, emb.precision) == (head.device, head.precision):
+            tied = TiedEmbedding.tie(self.head)
+        self.embed = tied if tied is not None else make_embedding(
+            weights("model.embed_tokens.weight"), emb.precision, emb.device)
         self.head_device = head.device
         self.rope: RotaryTable | None = None
 

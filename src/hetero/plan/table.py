@@ -223,7 +223,8 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
             prefill[u, k] = cost.overlapped(c_pre, t_pre, prefetch, overlap) + ends
             decode_serial[u, k] = c_dec + t_dec + ends
             prefill_serial[u, k] = c_pre + t_pre + ends
-            held = 0 if (tied and unit == "embed") else wb  # a tied embedding is the head's matrix
+            # A tied embedding reads its rows from the head's matrix (runtime.embedding.TiedEmbedding).
+            held = 0 if (tied and unit == "embed") else wb
             kv = cost.kv_bytes(spec, unit, ch.precision, C, B)
             weights[home][u, k] += kv
             if ch.residency == "resident":

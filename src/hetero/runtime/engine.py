@@ -29,9 +29,10 @@ from hetero.model.spec import ModelSpec
 from hetero.model.weights import WeightStore, required
 from hetero.plan.plan import Plan
 from hetero.runtime import memory
+from hetero.runtime.embedding import TiedEmbedding
 from hetero.runtime.stream import DiskEmbedding, HostBuffer, DirectReader, Prefetcher, Source as StreamSource
 from hetero.runtime.stream import StreamedUnit, bind
-from hetero.runtime.tensorcache import Entry, cache_root, ensure_entries, missing_bytes
+from hetero.runtime.tensorcache import Entry, Holder, cache_root, ensure_entries, missing_bytes
 
 OVER_BUDGET = 1.05  # measured footprint above budget x this is reported as a broken budget
 # Converting more than this runs in a child process: quantising a unit needs fp32 temporaries that
@@ -328,18 +329,21 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
         template, tree = e.template(spec, u.device)
         return StreamedUnit(u.name, template, tree, e.slots, pfs[u.device])
 
-    disk_embed = None
-    if emb.residency == "disk":
-        disk_embed = DiskEmbedding(entries["embed"], emb.device)
-        net.embed = disk_embed
-    elif not (spec.tie_embeddings and head.residency == "resident" and head.precision in ("fp32", "bf16", "fp16")
-              and head.precision == emb.precision and head.device == emb.device):
-        net.embed = _load_resident(entries["embed"], spec, emb.device).weight
     net.layers = torch.nn.ModuleList(unit_module(plan.unit(f"layers.{i}")) for i in range(spec.n_layers))
     net.head = unit_module(head)
     net.head_device = head.device
-    if spec.tie_embeddings and not isinstance(net.embed, DiskEmbedding) and net.embed.numel() <= h:
-        net.embed = net.head.weight  # the tied table is the (resident, dense) head's matrix
+    disk_embed, tied = None, None
+    if spec.tie_embeddings and emb.residency == head.residency == "resident" and \
+            (emb.device, emb.precision) == (head.device, head.precision):
+        tied = TiedEmbedding.tie(net.head)  # one matrix, as the planner priced it
+    if tied is not None:
+        net.embed = tied
+    elif emb.residency == "disk":
+        disk_embed = DiskEmbedding(entries["embed"], emb.device, spec)
+        net.embed = disk_embed
+    else:
+        table = _load_resident(entries["embed"], spec, emb.device)
+        net.embed = table.weight if isinstance(table, Holder) else table  # dense tensor or QuantEmbedding
     return net, list(pfs.values()), disk_embed
 
 

@@ -289,8 +289,14 @@ class DiskEmbedding:
     Stands in for the table tensor in LlamaModel.forward (`embed[ids]`, `embed.device`).
     """
 
-    def __init__(self, entry: Entry, device: str = "cpu"):
+    def __init__(self, entry: Entry, device: str = "cpu", spec=None):
         s = next(x for x in entry.slots if x.attr == "weight")
+        # A quantised table (runtime.embedding.QuantEmbedding) stores packed rows; its decode turns
+        # the bytes read back into values. A dense table's rows are the values themselves.
+        self.decode = None
+        if s.dtype == torch.uint8 and spec is not None:
+            template, _ = entry.template(spec, "cpu")
+            self.decode = getattr(template, "decode", None)
         self.entry, self.slot = entry, s
         self.dtype, self.rows, self.dim = s.dtype, s.shape[0], s.shape[1]
         self.row_bytes = self.dim * torch.empty(0, dtype=s.dtype).element_size()
@@ -314,7 +320,9 @@ class DiskEmbedding:
                 k = start - a0
                 rows[r] = self.buf.tensor[k:k + self.row_bytes].view(self.dtype).clone()
             out[j] = rows[r]
-        return out.view(*ids.shape, self.dim).to(self.device)
+        if self.decode is not None:
+            out = self.decode(out)
+        return out.view(*ids.shape, out.shape[-1]).to(self.device)
 
     def close(self) -> None:
         self.reader.close()

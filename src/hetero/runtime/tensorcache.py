@@ -187,10 +187,11 @@ def code_version() -> str:
     quantisation) is stale."""
     if "code" not in _CODE:
         import hetero.model.llama as llama
+        import hetero.runtime.embedding as embedding
         import hetero.runtime.linear as linear
 
         h = hashlib.sha256()
-        for m in (llama, linear):
+        for m in (llama, linear, embedding):
             h.update(Path(m.__file__).read_bytes())
         _CODE["code"] = h.hexdigest()[:16]
     return _CODE["code"]
@@ -324,8 +325,10 @@ def build_unit(spec: ModelSpec, weights: Callable[[str], torch.Tensor], unit: st
     from hetero.runtime.linear import activation_dtype, make_linear
 
     if unit == "embed":
-        w = weights("model.embed_tokens.weight").to(device=device, dtype=activation_dtype(precision))
-        return Holder(w)
+        from hetero.runtime.embedding import make_embedding
+
+        table = make_embedding(weights("model.embed_tokens.weight"), precision, device)
+        return table if isinstance(table, torch.nn.Module) else Holder(table)
     if unit == "head":
         w = weights("model.embed_tokens.weight") if spec.tie_embeddings else weights("lm_head.weight")
         return make_linear(w, None, precision, device)

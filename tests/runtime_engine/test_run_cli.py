@@ -2,28 +2,37 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 import hetero
 from helpers import half, uniform_plan
-from hetero.cli import main
-from hetero.runtime.memory import Footprint, cached_bytes, drop_cache, rss_bytes, runtime_baseline
+from hetero.runtime.memory import Footprint, cached_bytes, drop_cache, rss_bytes
 
 TINY = "synthetic:tiny"
 
 
-def run_json(args, capsys) -> dict:
-    with pytest.raises(SystemExit) as e:
-        main([*args, "--json"])
-    out = capsys.readouterr()
-    assert e.value.code in (0, None), out.err
-    return json.loads(out.out)
+def run_json(args, capsys=None) -> dict:
+    """`hetero run ... --json` in a process of its own: footprints are whole-process figures (peak
+    RSS), which the test runner's own history would otherwise inflate."""
+    out = subprocess.run([sys.executable, "-m", "hetero.cli", *args, "--json"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def fresh_baseline() -> int:
+    """The runtime baseline as a fresh `hetero run` process measures it."""
+    code = "from hetero.runtime.memory import runtime_baseline; print(runtime_baseline())"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              timeout=300).stdout.strip())
 
 
 def test_run_with_a_plan_file_reports_predicted_and_measured(tmp_path, capsys):
     spec = hetero.spec(TINY)
-    budget = runtime_baseline() + 200 * 10**6
+    budget = fresh_baseline() + 200 * 10**6
     plan = uniform_plan(spec, "int8", half(spec), budgets={"cpu": budget}, memory={"cpu": 10**6})
     path = tmp_path / "plan.json"
     plan.save(path)
@@ -46,7 +55,7 @@ def test_run_plans_from_budgets_and_the_whole_process_fits(tmp_path, capsys):
     """--memory plans with this process's measured baseline as the reserve; the run stays inside."""
     from hetero.hardware.inventory import inventory
 
-    budget = runtime_baseline() + 100 * 10**6
+    budget = fresh_baseline() + 100 * 10**6
     hw = tmp_path / "hw.json"
     hw.write_text(json.dumps(inventory().to_dict()))  # this machine's devices, no micro-benchmarks needed
     d = run_json(["run", TINY, "--memory", f"cpu={budget}", "--precisions", "bf16", "--hardware", str(hw),

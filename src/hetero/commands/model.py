@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from typing import Optional
 
@@ -12,8 +11,9 @@ DEFAULT_PROMPT = "What is the capital of France?"
 
 
 def peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from hetero.runtime.memory import peak_rss_bytes as peak
+
+    return peak()
 
 
 def _fmt_bytes(n: float) -> str:

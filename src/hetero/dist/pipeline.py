@@ -11,7 +11,6 @@ hidden states do; the last rank returns [B] token ids). Launch: torchrun (env://
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from hetero.dist.comm import Comm, Watchdog
 from hetero.dist.hosts import Hosts
 from hetero.errors import HeteroError
+from hetero.runtime.memory import peak_rss_bytes
 
 OP_RUN = 1
 N_HEADER = 5  # op, micro-batch, start, T, want
@@ -174,7 +174,7 @@ def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> 
              "weight_bytes": stage.weight_bytes(), "planned_weight_bytes": st.weight_bytes,
              "rss_before_load": rss0, "rss_after_load": rss1, "rss_load_delta": rss1 - rss0,
              "anon_before_load": anon0, "anon_after_load": anon1, "anon_load_delta": anon1 - anon0,
-             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+             "peak_rss": peak_rss_bytes(),
              "load_s": load_s, "compute_s": runner.compute_s, "steps": runner.steps}
     gathered = [None] * world if rank == 0 else None
     comm.watch.beat("gathering statistics")

@@ -39,8 +39,19 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's lifetime peak RSS (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's lifetime peak RSS.
+
+    Linux's VmHWM is the peak of this process's own address space. ru_maxrss is not: a process
+    started by a large parent (vfork + exec, as subprocess does) inherits the parent's peak in it.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
 def cached_bytes(path: str | os.PathLike) -> int:

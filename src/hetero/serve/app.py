@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import resource
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -21,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hetero.errors import HeteroError
+from hetero.runtime.memory import peak_rss_bytes
 from hetero.serve import schemas
 from hetero.serve.metrics import Metrics
 from hetero.serve.queue import END, Busy, Engine, Job
@@ -344,6 +344,6 @@ def _register_gauges(metrics: Metrics, engine: Engine, model: Any) -> None:
     metrics.gauge("hetero_process_resident_bytes", lambda: {(): proc.memory_info().rss})
     # ru_maxrss is KiB on Linux.
     metrics.gauge("hetero_process_peak_resident_bytes",
-                  lambda: {(): resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+                  lambda: {(): peak_rss_bytes()})
     metrics.gauge("hetero_model_weight_bytes", lambda: dict(weights))
     metrics.gauge("hetero_model_context_tokens", lambda: {(): model.spec.max_context})

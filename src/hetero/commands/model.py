@@ -16,6 +16,21 @@ def peak_rss_bytes() -> int:
     return peak()
 
 
+def _consume(records, echo: bool):
+    """Drain a stream of Records: (generated ids, text pieces, last record), echoing text as it comes."""
+    ids: list[int] = []
+    text: list[str] = []
+    last = None
+    for rec in records:
+        ids += rec.token_ids
+        text.append(rec.text)
+        last = rec
+        if echo:
+            sys.stdout.write(rec.text)
+            sys.stdout.flush()
+    return ids, text, last
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -59,17 +74,9 @@ def run(
                      prefetch, replan)
         return
     m = hetero.load(model, dtype=dtype, threads=threads)
-    ids: list[int] = []
-    text: list[str] = []
-    last = None
-    for rec in m.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, chat=chat):
-        ids += rec.token_ids
-        text.append(rec.text)
-        last = rec
-        if not as_json:
-            sys.stdout.write(rec.text)
-            sys.stdout.flush()
+    ids, text, last = _consume(m.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, chat=chat),
+                               echo=not as_json)
     result = {
         "model": m.spec.name, "dtype": dtype, "text": "".join(text), "token_ids": ids,
         "prompt_tokens": last.prompt_tokens, "generated_tokens": last.generated_tokens,
@@ -154,17 +161,9 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
         print(eng.summary(plan), file=sys.stderr)
     e = eng.Engine.load(plan, model, prefetch=prefetch, progress=not as_json, monitor=mon)
     try:
-        ids: list[int] = []
-        text: list[str] = []
-        last = None
-        for rec in e.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, chat=chat):
-            ids += rec.token_ids
-            text.append(rec.text)
-            last = rec
-            if not as_json:
-                sys.stdout.write(rec.text)
-                sys.stdout.flush()
+        ids, text, last = _consume(e.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                            seed=seed, chat=chat), echo=not as_json)
         rep = e.report()
         over = e.over_budget()
     finally:

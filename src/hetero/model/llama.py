@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.model.spec import ModelSpec
+from hetero.runtime import kernels
 from hetero.runtime.embedding import TiedEmbedding, make_embedding
 from hetero.runtime.linear import activation_dtype, make_linear
 
@@ -110,11 +111,17 @@ class DecoderLayer(torch.nn.Module):
         self.attn_norm = weights(p + "input_layernorm.weight").float().to(unit.device)
         self.mlp_norm = weights(p + "post_attention_layernorm.weight").float().to(unit.device)
         self.scale = 1.0 / math.sqrt(spec.head_dim)
+        # Decode (one token) runs its small ops fused in the compiled kernels when they exist.
+        self._fused = kernels.get() if (torch.device(unit.device).type == "cpu" and spec.head_dim % 16 == 0
+                                        and self.dtype in (torch.float32, torch.bfloat16)) else None
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
+        if T == 1 and B == 1 and self._fused is not None and x.dtype == self.dtype == k_cache.dtype \
+                and x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous():
+            return self._decode_fused(x, start, cos, sin, k_cache, v_cache)
         h = rms_norm(x, self.attn_norm, spec.norm_eps)
         qkv = self.qkv(h)
         q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=-1)
@@ -130,6 +137,22 @@ class DecoderLayer(torch.nn.Module):
         h = rms_norm(x, self.mlp_norm, spec.norm_eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up).to(x.dtype)
+
+    def _decode_fused(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        # Same math as the general path (which stays the reference), in 9 ops instead of ~35:
+        # norm, qkv, rope+cache write+attention, o, add+norm, gate_up, silu*mul, down, add.
+        spec, f = self.spec, self._fused
+        h = f.rmsnorm(x, self.attn_norm, spec.norm_eps)
+        qkv = self.qkv(h)
+        if qkv.dtype != x.dtype or not qkv.is_contiguous():
+            qkv = qkv.to(x.dtype).contiguous()
+        attn = f.decode_attention(qkv, cos, sin, k_cache, v_cache, start, spec.n_heads, spec.n_kv_heads,
+                                  spec.head_dim, self.scale)
+        y = self.o(attn.view(1, 1, self.n_q))
+        x, h = f.add_rmsnorm(x, y if y.dtype == x.dtype else y.to(x.dtype), self.mlp_norm, spec.norm_eps)
+        y = self.down(f.silu_mul(self.gate_up(h)))
+        return x + (y if y.dtype == x.dtype else y.to(x.dtype))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         B, H, T, D = q.shape

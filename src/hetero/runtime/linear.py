@@ -15,11 +15,19 @@ from hetero.runtime import kernels
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _gemv_input(x: torch.Tensor, k: int) -> torch.Tensor | None:
-    """x as a contiguous fp32 [K] vector when it is one token (decode), else None."""
+def _gemv_input(x: torch.Tensor, k: int, out: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
+    """x as the compiled GEMVs take it when it is one token (decode), else None: K contiguous fp32
+    or bf16 values (the GEMV widens bf16 itself and returns y in x's dtype). A bf16 x is passed as is
+    only when the output is wanted in bf16 anyway (`out`); otherwise it is widened first."""
     if x.numel() != k or x.device.type != "cpu":
         return None
+    if x.is_contiguous() and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 == out)):
+        return x
     return x.reshape(k).to(torch.float32).contiguous()
+
+
+def _as(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 def activation_dtype(precision: str) -> torch.dtype:
@@ -41,8 +49,8 @@ class DenseLinear(torch.nn.Module):
             self._gemv = {torch.float32: k.gemv_f32, torch.bfloat16: k.gemv_bf16}.get(dt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gemv is not None and (xv := _gemv_input(x, self.in_features)) is not None:
-            y = self._gemv(xv, self.weight).to(self.weight.dtype)
+        if self._gemv is not None and (xv := _gemv_input(x, self.in_features, self.weight.dtype)) is not None:
+            y = _as(self._gemv(xv, self.weight), self.weight.dtype)
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], self.out_features)
@@ -80,8 +88,8 @@ class Int8Linear(torch.nn.Module):
         shape = x.shape
         if self._gemv is not None and (xv := _gemv_input(x, self.in_features)) is not None:
             if self.pad:
-                xv = F.pad(xv, (0, self.pad))
-            y = self._gemv.gemv_int8(xv, self.qweight, self._scales_f32).to(torch.bfloat16)
+                xv = F.pad(xv.reshape(-1), (0, self.pad))
+            y = _as(self._gemv.gemv_int8(xv, self.qweight, self._scales_f32), torch.bfloat16)
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*shape[:-1], self.out_features)
@@ -148,8 +156,8 @@ class Int4Linear(torch.nn.Module):
             xv = _gemv_input(x, self.in_features)
             if xv is not None:
                 if self.pad:
-                    xv = F.pad(xv, (0, self.pad))
-                y = self._k.gemv_int4(xv, self.packed, self.scales_zeros).to(torch.bfloat16)
+                    xv = F.pad(xv.reshape(-1), (0, self.pad))
+                y = _as(self._k.gemv_int4(xv, self.packed, self.scales_zeros), torch.bfloat16)
             else:  # prefill: a bf16 GEMM is compute-bound, so dequantising the weight first is cheap
                 x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
                 if self.pad:

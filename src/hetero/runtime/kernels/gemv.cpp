@@ -49,39 +49,55 @@ void gemv_rows(const float* x, int64_t N, int64_t K, float* y, Load load) {
   });
 }
 
+// Activations may come as fp32 or bf16 (any shape holding K values, contiguous): a bf16 x is widened
+// here and the result rounded back to bf16, saving the two conversion ops per call at decode.
+template <typename Run>
+torch::Tensor with_act(const torch::Tensor& x, int64_t K, int64_t N, Run run) {
+  TORCH_CHECK(x.numel() == K && x.is_contiguous() && x.device().is_cpu(), "x: K contiguous values expected");
+  auto y = torch::empty({N}, x.options());
+  if (x.scalar_type() == torch::kFloat32) {
+    run(x.data_ptr<float>(), y.data_ptr<float>());
+    return y;
+  }
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "x: fp32 or bf16 expected");
+  std::vector<float> xf(K), yf(N);
+  const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
+  for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xb[k]);
+  run(xf.data(), yf.data());
+  at::BFloat16* yb = y.data_ptr<at::BFloat16>();
+  for (int64_t n = 0; n < N; ++n) yb[n] = static_cast<at::BFloat16>(yf[n]);
+  return y;
+}
+
 }  // namespace
 
-// x: [K] fp32, w: [N, K] fp32 -> [N] fp32. K % 16 == 0.
+// x: [K] fp32, w: [N, K] fp32 -> [N] fp32. K % 16 == 0. (All GEMVs: y in x's dtype, see with_act.)
 torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
   const int64_t N = w.size(0), K = w.size(1);
-  auto y = torch::empty({N}, x.options());
   const float* wp = w.data_ptr<float>();
-  gemv_rows(x.data_ptr<float>(), N, K, y.data_ptr<float>(),
-            [&](int64_t n, int64_t k) { return _mm512_loadu_ps(wp + n * K + k); });
-  return y;
+  return with_act(x, K, N, [&](const float* xp, float* yp) {
+    gemv_rows(xp, N, K, yp, [&](int64_t n, int64_t k) { return _mm512_loadu_ps(wp + n * K + k); });
+  });
 }
 
 // x: [K] fp32, w: [N, K] bf16 -> [N] fp32 (bf16 widened exactly to fp32, fp32 accumulation).
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   const int64_t N = w.size(0), K = w.size(1);
-  auto y = torch::empty({N}, x.options());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  gemv_rows(x.data_ptr<float>(), N, K, y.data_ptr<float>(),
-            [&](int64_t n, int64_t k) { return bf16x16_to_f32(wp + n * K + k); });
-  return y;
+  return with_act(x, K, N, [&](const float* xp, float* yp) {
+    gemv_rows(xp, N, K, yp, [&](int64_t n, int64_t k) { return bf16x16_to_f32(wp + n * K + k); });
+  });
 }
 
 // x: [K] fp32, q: [N, K] int8, scale: [N] fp32 -> [N] fp32: y[n] = scale[n] * sum_k q[n,k] x[k].
 torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   const int64_t N = q.size(0), K = q.size(1);
-  auto y = torch::empty({N}, x.options());
   const int8_t* qp = q.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
-  gemv_rows(x.data_ptr<float>(), N, K, yp,
-            [&](int64_t n, int64_t k) { return i8x16_to_f32(qp + n * K + k); });
   const float* sp = scale.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n) yp[n] *= sp[n];
-  return y;
+  return with_act(x, K, N, [&](const float* xp, float* yp) {
+    gemv_rows(xp, N, K, yp, [&](int64_t n, int64_t k) { return i8x16_to_f32(qp + n * K + k); });
+    for (int64_t n = 0; n < N; ++n) yp[n] *= sp[n];
+  });
 }
 
 // Group-wise int4, group 32, asymmetric: w[n,k] = q[n,k] * s[n,g] + m[n,g], g = k / 32.
@@ -90,11 +106,9 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
 // group minimum is m = zero - 8 * scale (computed in fp32). xs: per-group sums of x (for the m term).
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sm) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / 32;
-  auto y = torch::empty({N}, x.options());
-  const float* xp = x.data_ptr<float>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const uint16_t* smp = reinterpret_cast<const uint16_t*>(sm.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
+  return with_act(x, K, N, [&](const float* xp, float* yp) {
   std::vector<float> xs(G);
   for (int64_t g = 0; g < G; ++g) {
     __m512 a = _mm512_add_ps(_mm512_loadu_ps(xp + g * 32), _mm512_loadu_ps(xp + g * 32 + 16));
@@ -126,7 +140,7 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sm)
       for (int r = 0; r < nr; ++r) yp[n0 + r] = _mm512_reduce_add_ps(acc[r]) + mins[r];
     }
   });
-  return y;
+  });
 }
 
 // Dequantise the int4 layout above to bf16 [N, K] (for prefill, where a bf16 GEMM is compute-bound).

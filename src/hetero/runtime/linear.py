@@ -162,7 +162,7 @@ class Int4Linear(torch.nn.Module):
                 x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
                 if self.pad:
                     x2 = F.pad(x2, (0, self.pad))
-                y = F.linear(x2, self._k.dequant_int4(self.packed, self.scales_zeros))
+                y = _dequant_linear(x2, self._k.dequant_int4, self.packed, self.scales_zeros)
         else:
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
             if self.pad:
@@ -171,6 +171,22 @@ class Int4Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+
+# Rows of weight dequantised at a time in prefill: bounds the bf16 copy (and its fp32 temporaries)
+# to a few MB instead of the whole matrix (a 1B model's gate/up would be ~140 MB at its peak).
+DEQUANT_ROWS = 1024
+
+
+def _dequant_linear(x2: torch.Tensor, dequant, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """x2 @ dequant(W).T, dequantising W one block of output rows at a time."""
+    n = packed.shape[0]
+    if n <= DEQUANT_ROWS:
+        return F.linear(x2, dequant(packed, scales_zeros))
+    out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    for r in range(0, n, DEQUANT_ROWS):
+        out[:, r:r + DEQUANT_ROWS] = F.linear(x2, dequant(packed[r:r + DEQUANT_ROWS], scales_zeros[r:r + DEQUANT_ROWS]))
+    return out
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str, device: str = "cpu") -> torch.nn.Module:

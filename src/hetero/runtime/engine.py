@@ -118,8 +118,8 @@ class Engine:
              use_cache: bool | None = None) -> "Engine":
         """Check the plan against the model (and the machine when `hardware` is given), then build it.
 
-        use_cache: load every unit from the tensor cache (default: only when some unit streams; a
-        plan that holds everything in RAM is built straight from the weights).
+        use_cache: load every unit from the tensor cache (the default); False builds the units straight
+        from the weight files in this process, whose conversion temporaries then count in its peak.
         """
         from hetero.plan import check_plan
 
@@ -148,7 +148,9 @@ class Engine:
         cache_bytes = 0
         t_conv = 0.0
         if use_cache is None:
-            use_cache = bool(streamed)
+            # Always through the per-plan cache: conversion runs once (in a child process when big), and
+            # resident units are read back into memory of their own, so loading never peaks over budget.
+            use_cache = True
         if not use_cache:
             # built from the weight files: their cached pages are this run's until dropped below
             mon.files = list(dict.fromkeys([*mon.files, *files]))

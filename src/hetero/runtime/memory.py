@@ -151,6 +151,8 @@ def runtime_baseline() -> int:
     import hetero.plan.make  # noqa: F401  (scipy: a run that plans holds it)
     import hetero.runtime.engine  # noqa: F401
     import hetero.runtime.generate  # noqa: F401
+    import scipy.optimize  # noqa: F401  (the planner's solver loads it on first use: a planned run holds it)
+    import transformers  # noqa: F401  (the tokenizer of every real model comes through it)
 
     _warm_forward()
     return rss_bytes()

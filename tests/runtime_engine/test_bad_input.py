@@ -9,7 +9,7 @@ import os
 import pytest
 
 import hetero
-from helpers import everything, uniform_plan
+from tests.runtime_engine.helpers import everything, uniform_plan
 from hetero.cli import main
 from hetero.errors import HeteroError
 from hetero.runtime import engine as eng

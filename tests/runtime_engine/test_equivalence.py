@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hetero
-from helpers import everything, half, uniform_plan
+from tests.runtime_engine.helpers import everything, half, uniform_plan
 from hetero.runtime.engine import Engine
 from hetero.runtime.memory import cached_bytes
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import hetero
-from helpers import half, uniform_plan
+from tests.runtime_engine.helpers import half, uniform_plan
 from hetero.runtime.memory import Footprint, cached_bytes, drop_cache, rss_bytes
 
 TINY = "synthetic:tiny"

@@ -5,24 +5,12 @@ import json
 
 import pytest
 
-from hetero.cli import main
 from hetero.model.sources import builtin_path
+from tests.cli import assert_clean_error, run_cli
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
-def assert_clean_error(code, err, *needles):
-    assert code == 2
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0]
 
 
 def test_missing_file(capsys):

@@ -10,18 +10,9 @@ import torch
 import hetero
 from hetero.compress.core import build_net, load_model
 from hetero.compress.methods import Options, apply
+from tests.cli import run_cli
 
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    from hetero.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from hetero.errors import HeteroError
 from hetero.eval.corpus import builtin_text, calib_ids, eval_ids
 from hetero.eval.perplexity import check_settings, perplexity, windows
+from tests.cli import run_cli
 
 
 class _Cache:
@@ -93,16 +94,6 @@ def test_builtin_corpus_eval_and_calibration_are_disjoint():
     assert cal == [ord(c) for c in text[len(text) // 2:len(text) // 2 + 5000]]
 
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    from hetero.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_eval_cli_on_a_text_file(tmp_path, capsys):

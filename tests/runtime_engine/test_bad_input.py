@@ -10,29 +10,17 @@ import pytest
 
 import hetero
 from tests.runtime_engine.helpers import everything, uniform_plan
-from hetero.cli import main
 from hetero.errors import HeteroError
 from hetero.runtime import engine as eng
 from hetero.runtime import tensorcache as tc
 from hetero.runtime.engine import Engine
+from tests.cli import assert_clean_error, run_cli
 
 TINY = "synthetic:tiny"
 
 
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
-def assert_clean_error(code, err, *needles):
-    assert code == 2
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not ln.startswith("note:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_plan_for_another_model_is_refused_naming_both(tmp_path, capsys):

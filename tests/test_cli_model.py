@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from hetero.model.sources import builtin_path
 from tests.cli import assert_clean_error, run_cli
 

@@ -173,19 +173,20 @@ class Int4Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-# Rows of weight dequantised at a time in prefill: bounds the bf16 copy (and its fp32 temporaries)
-# to a few MB instead of the whole matrix (a 1B model's gate/up would be ~140 MB at its peak).
-DEQUANT_ROWS = 1024
+# Weight elements dequantised at a time in prefill (the kernel widens through fp32, 6 bytes an element
+# in all): bounds the transient to ~6 MB instead of the whole matrix (a 1B model's gate/up: ~140 MB).
+DEQUANT_ELEMENTS = 1 << 20
 
 
 def _dequant_linear(x2: torch.Tensor, dequant, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     """x2 @ dequant(W).T, dequantising W one block of output rows at a time."""
-    n = packed.shape[0]
-    if n <= DEQUANT_ROWS:
+    n, k = packed.shape[0], x2.shape[1]
+    rows = max(16, DEQUANT_ELEMENTS // max(1, k) // 16 * 16)
+    if n <= rows:
         return F.linear(x2, dequant(packed, scales_zeros))
     out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    for r in range(0, n, DEQUANT_ROWS):
-        out[:, r:r + DEQUANT_ROWS] = F.linear(x2, dequant(packed[r:r + DEQUANT_ROWS], scales_zeros[r:r + DEQUANT_ROWS]))
+    for r in range(0, n, rows):
+        out[:, r:r + rows] = F.linear(x2, dequant(packed[r:r + rows], scales_zeros[r:r + rows]))
     return out
 
 

@@ -150,3 +150,21 @@ def test_dead_writers_temp_files_are_cleaned(tmp_path):
     stale.write_bytes(b"half")
     tc.clean_temps(tmp_path / "tensors")
     assert not stale.exists()
+
+
+def test_entries_of_other_code_versions_are_pruned(tmp_path):
+    """A new entry removes the same unit's stale siblings (other code or torch versions), not others."""
+    d = tmp_path / "fp"
+    d.mkdir()
+    old = d / "layers.1.int8.cpu.aaaaaaaaaaaaaaaa.bin"
+    fresh = d / "layers.1.int8.cpu.cccccccccccccccc.bin"
+    other_unit = d / "layers.10.int8.cpu.bbbbbbbbbbbbbbbb.bin"
+    other_prec = d / "layers.1.int4.cpu.dddddddddddddddd.bin"
+    new = d / "layers.1.int8.cpu.eeeeeeeeeeeeeeee.bin"
+    for f in (old, fresh, other_unit, other_prec, new):
+        f.write_bytes(b"x")
+    for f in (old, other_unit, other_prec):
+        os.utime(f, (1, 1))  # long untouched
+    gone = tc.prune_siblings(new)
+    assert gone == [old]
+    assert not old.exists() and fresh.exists() and other_unit.exists() and other_prec.exists() and new.exists()

@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import shutil
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,7 +284,27 @@ def write_entry(path: Path, key: dict, module: torch.nn.Module, device: str) -> 
     entry = read_entry(path, key)
     if entry is None:  # pragma: no cover - a file we just wrote must read back
         raise HeteroError(f"tensor cache entry {path} did not read back")
+    prune_siblings(path)
     return entry
+
+
+STALE_AFTER_S = 600.0
+
+
+def prune_siblings(path: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove this unit's entries made by other code or torch versions (same unit, precision and
+    device, another key digest), so upgrades do not pile up copies of the model. Entries touched in
+    the last `stale_after_s` are left alone: another process may be using them right now."""
+    prefix = path.name.rsplit(".", 2)[0] + "."  # "{unit}.{precision}.{device}." (unit may hold a dot)
+    now, gone = time.time(), []
+    for f in path.parent.glob(prefix + "*.bin"):
+        try:
+            if f != path and now - f.stat().st_mtime > stale_after_s:
+                f.unlink()
+                gone.append(f)
+        except OSError:
+            pass
+    return gone
 
 
 def _unlink(p: Path) -> None:

@@ -27,6 +27,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def operating_points(spec, plan: dict, measured: dict) -> list[dict]:
     """Each unit's (FLOP/byte, achieved FLOP/s) in decode and in prefill, from measured times."""
     from hetero.cost import kv_bytes
@@ -72,9 +78,7 @@ def roofline(result: dict, path: Path, spec=None) -> None:
     ax.set_ylabel("FLOP/s")
     ax.set_title(f"roofline of this machine (cpu) with {result['model']}'s units")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def scatter(result: dict, path: Path) -> None:
@@ -106,9 +110,7 @@ def scatter(result: dict, path: Path) -> None:
         ax.set_xlabel(f"measured {metric} tok/s")
         ax.set_ylabel(f"predicted {metric} tok/s")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def placement(result: dict, path: Path) -> None:
@@ -137,9 +139,7 @@ def placement(result: dict, path: Path) -> None:
         if any(u["precision"] == p for u in units):
             a1.bar([0], [0], color=c, label=p)
     a1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plane(result: dict, path: Path) -> None:
@@ -155,9 +155,7 @@ def plane(result: dict, path: Path) -> None:
     ax.set_ylabel("decode tok/s")
     ax.set_title(f"{result['model']}: footprint vs speed (up and left is better)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _pct(x) -> str:

@@ -105,13 +105,11 @@ def stage_weights(source, spec: ModelSpec, units: tuple[str, ...]):
 
 def rss_anon() -> int:
     """Resident anonymous memory (heap: the weights we built), without file pages mapped from the model."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from hetero.runtime.memory import proc_status_bytes
+
+    anon = proc_status_bytes("RssAnon")
+    if anon is not None:
+        return anon
     import psutil
 
     m = psutil.Process().memory_info()

@@ -44,14 +44,22 @@ def peak_rss_bytes() -> int:
     Linux's VmHWM is the peak of this process's own address space. ru_maxrss is not: a process
     started by a large parent (vfork + exec, as subprocess does) inherits the parent's peak in it.
     """
+    hwm = proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A kB field of /proc/self/status (VmHWM, RssAnon, ...) in bytes; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+    return None
 
 
 def cached_bytes(path: str | os.PathLike) -> int:

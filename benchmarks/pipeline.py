@@ -2,16 +2,19 @@
 
     .venv/bin/python benchmarks/pipeline.py [--model smollm2-135m] [--sequences 8] [-n 32] [--repeats 2] [--two-threads]
 
-Side by side, interleaved (the machine is shared and noisy): 1 rank x 1 thread, 2 ranks x 1 thread,
+Side by side, interleaved (the machine is shared and noisy), each round\nstarting with a one-process run that calibrates the cost model: 1 rank x 1 thread, 2 ranks x 1 thread,
 (and with --two-threads 1 rank x 2 threads), each generating `-n` tokens for `--sequences` sequences in flight (micro-batches
 of 1). The prediction is the cost model's (hetero.dist.split) with this machine's profile measured at
-one thread (what each rank gets) and the loopback link measured by a gloo ping-pong. It also prints
+one thread (what each rank gets) and the loopback link measured by a gloo ping-pong — once as measured
+("uncalibrated") and once after the closed loop: the model run in one process at one thread by
+`hetero bench`, the cost model's multipliers fitted to its per-unit timings (hetero.bench.calibrate). It also prints
 the what-if for synthetic:llama-7b over 2-4 catalog hosts on 10 GbE and 100 GbE.
 Writes out/pipeline.json; paste the printed markdown into docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -74,6 +77,36 @@ def one_thread_profile():
     return inventory(), get_profile(quick=True, progress=False)
 
 
+def one_process_run(model: str, prompt: int, new: int) -> dict:
+    """`hetero bench`'s measurement of `model` fp32 in one fresh process at one thread (per-unit timings)."""
+    from hetero.bench.run import Config, run_in_subprocess
+
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        return run_in_subprocess(Config(model, "fp32", "resident", prompt + new, prompt, new, 3), timeout=900)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
+
+def calibrated(hw, prof, runs: list[dict]):
+    """The closed loop: the cost model's multipliers fitted to one-process runs (hetero.bench.calibrate).
+    The pipeline runs are never part of the fit: 2 ranks are predicted from one process's timings."""
+    from hetero.bench.calibrate import Pricer, fit
+
+    f = fit(runs, hw, prof)
+    cal = dataclasses.replace(prof, calibration=f.calibration)
+    dec = [r["result"]["measured"]["decode_tok_s"] for r in runs]
+    err = [Pricer(r, hw).errors(cal)["decode_error"] for r in runs]
+    print(f"one process, 1 thread: decode {statistics.median(dec):.2f} tok/s [{min(dec):.2f}..{max(dec):.2f}]; "
+          f"calibrated errors {', '.join(f'{e:+.1%}' for e in err)}; "
+          f"fit {json.dumps({k: round(v, 3) for k, v in f.calibration.items()})}", file=sys.stderr)
+    return cal, {"one_process_decode_tok_s": dec, "calibration": f.calibration}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -94,7 +127,7 @@ def main() -> None:
     spec = resolve_spec(a.model)
     lat = loopback_latency()
     print(f"gloo loopback one-way latency (576 floats): {lat * 1e6:.0f} µs", file=sys.stderr)
-    this = one_thread_profile()
+    hw, prof = one_thread_profile()
 
     def hosts(ranks: int) -> Hosts:
         h = local_hosts(ranks)
@@ -106,21 +139,27 @@ def main() -> None:
     if a.two_threads:
         cases["1 rank x 2 threads"] = (1, 2)
     runs: dict[str, list[dict]] = {k: [] for k in cases}
+    one_process: list[dict] = []
     for rep in range(a.repeats):
+        one_process.append(one_process_run(a.model, a.prompt_tokens, a.max_new_tokens))
+        print(f"[{rep}] one process x 1 thread (calibration): decode "
+              f"{one_process[-1]['result']['measured']['decode_tok_s']:.2f} tok/s", file=sys.stderr)
         for name, (ranks, threads) in cases.items():
             r = spawn_local(a.model, hosts(ranks), Job(**job), timeout=120, threads=threads, max_s=900)
             runs[name].append(r)
             print(f"[{rep}] {name}: decode {r['decode_tok_s']:.2f} tok/s, overall {r['tok_s']:.2f} tok/s",
                   file=sys.stderr)
     ctx = a.prompt_tokens + a.max_new_tokens
+    prof_cal, cal_info = calibrated(hw, prof, one_process)
     pred = {}
     for name, (ranks, threads) in cases.items():
         if threads != 1:
             continue  # the profile was measured at one thread
         h = hosts(ranks)
-        s = split_model(spec, h, rank_speeds(h, this, per_rank_profile=True), "fp32", 1, a.sequences,
-                        a.prompt_tokens, ctx)
-        pred[name] = {**s.predict(), "layers": s.layer_counts()}
+        for key, p in (("uncalibrated", prof), ("calibrated", prof_cal)):
+            s = split_model(spec, h, rank_speeds(h, (hw, p), per_rank_profile=True), "fp32", 1, a.sequences,
+                            a.prompt_tokens, ctx)
+            pred.setdefault(name, {})[key] = {**s.predict(), "layers": s.layer_counts()}
     table = []
     for name, rs in runs.items():
         dec = [r["decode_tok_s"] for r in rs]
@@ -131,8 +170,9 @@ def main() -> None:
                "heap_growth_mb": [round(x["anon_load_delta"] / 1e6) for x in rs[0]["ranks"]],
                "busy": [round(x["compute_s"] / rs[0]["wall_s"], 2) for x in rs[0]["ranks"]]}
         if name in pred:
-            row["predicted_tok_s"] = pred[name]["throughput_tok_s"]
-            row["measured_over_predicted"] = row["decode_tok_s_median"] / pred[name]["throughput_tok_s"]
+            row["predicted_uncalibrated_tok_s"] = pred[name]["uncalibrated"]["throughput_tok_s"]
+            row["predicted_tok_s"] = pred[name]["calibrated"]["throughput_tok_s"]
+            row["measured_over_predicted"] = row["decode_tok_s_median"] / row["predicted_tok_s"]
         table.append(row)
     what_if = []
     s7 = resolve_spec("synthetic:llama-7b")
@@ -143,19 +183,20 @@ def main() -> None:
                 s = split_model(s7, h, rank_speeds(h), "bf16", 1, n, 512, 1024)
                 what_if.append({"hosts": f"{n} x {hw}", "link": ln, "layers": s.layer_counts(), **s.predict()})
     out = {"model": a.model, "sequences": a.sequences, "max_new_tokens": a.max_new_tokens,
-           "loopback_latency_s": lat, "runs": table, "what_if": what_if,
+           "loopback_latency_s": lat, "calibration": cal_info, "runs": table, "what_if": what_if,
            "full_weight_mb": round(runs["1 rank x 1 thread"][0]["full_weight_bytes"] / 1e6, 1)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out).with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, a.out)
-    print("| case | layers per rank | decode tok/s median [min..max] | predicted | measured/predicted | weights MB per rank | RSS MB per rank | busy |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | layers per rank | decode tok/s median [min..max] | predicted, uncalibrated | predicted, calibrated | measured/predicted | weights MB per rank | RSS MB per rank | busy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in table:
         p = f"{r['predicted_tok_s']:.2f}" if "predicted_tok_s" in r else "—"
+        pu = f"{r['predicted_uncalibrated_tok_s']:.2f}" if "predicted_tok_s" in r else "—"
         mp = f"{r['measured_over_predicted']:.2f}" if "measured_over_predicted" in r else "—"
         print(f"| {r['case']} | {r['layers']} | {r['decode_tok_s_median']:.2f} [{r['min']:.2f}..{r['max']:.2f}] "
-              f"| {p} | {mp} | {r['weight_mb']} | {r['rss_mb']} | {r['busy']} |")
+              f"| {pu} | {p} | {mp} | {r['weight_mb']} | {r['rss_mb']} | {r['busy']} |")
     print()
     print("| hosts | link | layers per stage | decode tok/s (1 seq) | throughput tok/s (1 micro-batch per stage) | prefill tok/s (512) |")
     print("|---|---|---|---|---|---|")

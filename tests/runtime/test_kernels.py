@@ -80,3 +80,20 @@ def test_disabled_kernels_fall_back_to_torch():
         torch.testing.assert_close(lin(x), x @ lin.weight.T)
     finally:
         kernels.set_enabled(True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(64, 128), (33, 96), (40, 576)])  # 96: an odd number of groups
+def test_int4_gemv_with_bf16_activations(n, k, with_kernels):
+    # bf16 x takes the BF16 dot-product kernel (where the CPU has it): exact products, fp32 sums, so
+    # it must agree with the independently unpacked weight to the output's bf16 rounding.
+    lin = make_linear(torch.randn(n, k, generator=torch.Generator().manual_seed(n)), None, "int4")
+    p = lin.packed.reshape(n, -1, 16)
+    q = torch.cat([p & 0xF, p >> 4], dim=-1).float()
+    sz = lin.scales_zeros.float()
+    ref = ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, k)
+    x = torch.randn(k, generator=torch.Generator().manual_seed(k)).bfloat16()
+    y = kernels.get().gemv_int4(x, lin.packed, lin.scales_zeros)
+    assert y.dtype == torch.bfloat16
+    want = ref @ x.float()
+    torch.testing.assert_close(y.float(), want, atol=1e-3, rtol=2 ** -8)  # a bf16 step at most

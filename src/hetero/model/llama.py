@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hetero.model.spec import ModelSpec
 from hetero.runtime import kernels
 from hetero.runtime.embedding import TiedEmbedding, make_embedding
-from hetero.runtime.linear import activation_dtype, make_linear
+from hetero.runtime.linear import activation_dtype, gemv_operands, make_linear
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,29 @@ class DecoderLayer(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def compile_decode_stack(layers: list) -> object | None:
+    """The compiled decode step for the whole stack of decoder layers (one call per token; gemv.cpp,
+    DecodeStack), or None when any layer cannot run in it: not a resident CPU DecoderLayer with the
+    fused ops, activation dtypes that differ, or a linear without a compiled GEMV. The stack reads
+    the layers' own weight tensors (no copy)."""
+    if not layers or any(type(layer) is not DecoderLayer or layer._fused is None for layer in layers):
+        return None
+    first = layers[0]
+    if any(layer.dtype != first.dtype or torch.device(layer.device).type != "cpu" for layer in layers):
+        return None
+    spec = first.spec
+    stack = first._fused.DecodeStack(spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.hidden_size,
+                                     first.down.in_features, spec.norm_eps, first.scale,
+                                     first.dtype == torch.bfloat16)
+    for layer in layers:
+        ops = [gemv_operands(lin) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if any(op is None for op in ops):
+            return None
+        kinds, w, s, b = (list(t) for t in zip(*ops))
+        stack.add_layer(kinds, w, s, b, layer.attn_norm.contiguous(), layer.mlp_norm.contiguous())
+    return stack
+
+
 class LlamaModel(torch.nn.Module):
     """Embedding -> decoder layers -> norm -> head. Each unit may sit on its own device/precision."""
 
@@ -202,6 +225,21 @@ class LlamaModel(torch.nn.Module):
             weights("model.embed_tokens.weight"), emb.precision, emb.device)
         self.head_device = head.device
         self.rope: RotaryTable | None = None
+        # The compiled decode stack and the layers it was built from (built at the first decode step:
+        # an engine assigns `layers` after construction). stack_decode = False: each layer runs its
+        # own decode step (the stack's reference).
+        self.stack_decode = True
+        self._stack: tuple[list, object | None] | None = None
+
+    def _decode_stack(self) -> object | None:
+        """The compiled stack for the current layers (rebuilt if `layers` changed), or None. Not used
+        while a layer has hooks (per-unit timings hook each layer's forward)."""
+        layers = list(self.layers)
+        if self._stack is None or self._stack[0] != layers:
+            self._stack = (layers, compile_decode_stack(layers))
+        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
+            return None
+        return self._stack[1]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if self.rope is None or self.rope.cos.shape[0] < max_len:
@@ -217,14 +255,20 @@ class LlamaModel(torch.nn.Module):
         if start + T > cache.max_len:
             raise ValueError(f"context overflow: {start + T} > cache length {cache.max_len}")
         x = self.embed[ids.to(self.embed.device)]
-        tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one cos/sin per (dtype, device)
-        for i, layer in enumerate(self.layers):
-            if x.device.type != torch.device(layer.device).type or x.dtype != layer.dtype:
-                x = x.to(device=layer.device, dtype=layer.dtype)
-            key = (layer.dtype, layer.device)
-            if key not in tables:
-                tables[key] = self.rope.get(start, T, layer.dtype, layer.device)
-            x = layer(x, start, *tables[key], cache.k[i], cache.v[i])
+        stack = self._decode_stack() if ids.shape[0] == T == 1 and self.stack_decode else None
+        if stack is not None:  # one decode step: every layer in one compiled call
+            first = self.layers[0]
+            x = x.to(device=first.device, dtype=first.dtype)
+            x = stack.step(x, start, *self.rope.get(start, 1, first.dtype, first.device), cache.k, cache.v)
+        else:
+            tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one cos/sin per (dtype, device)
+            for i, layer in enumerate(self.layers):
+                if x.device.type != torch.device(layer.device).type or x.dtype != layer.dtype:
+                    x = x.to(device=layer.device, dtype=layer.dtype)
+                key = (layer.dtype, layer.device)
+                if key not in tables:
+                    tables[key] = self.rope.get(start, T, layer.dtype, layer.device)
+                x = layer(x, start, *tables[key], cache.k[i], cache.v[i])
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x.to(self.head_device), self.norm, self.spec.norm_eps)

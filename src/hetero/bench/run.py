@@ -85,7 +85,7 @@ def run_config(cfg: Config, calibration: dict[str, float] | None = None) -> dict
 
     t0 = time.perf_counter()
     mon = memory.Footprint().start()
-    reserve = {"cpu": memory.runtime_baseline()}
+    reserve = {"cpu": memory.runtime_baseline(cfg.model)}
     hw, prof = machine("this")
     if calibration is not None and prof is not None:
         prof = dataclasses.replace(prof, calibration=dict(calibration))

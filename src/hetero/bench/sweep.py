@@ -32,7 +32,7 @@ def candidates(model: str, memory: str, precisions: list[str], residencies: list
     spec = resolve_spec(model)
     budget = parse_memory(memory, spec).get("cpu")
     hw, prof = machine("this")
-    reserve = {"cpu": runtime_baseline()}
+    reserve = {"cpu": runtime_baseline(model)}
     fit, skipped = [], []
     for p in precisions:
         for r in residencies:

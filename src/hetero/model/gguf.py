@@ -160,7 +160,6 @@ def dequantize(t) -> np.ndarray:
 def iter_tensors(path: Path, spec: ModelSpec, names: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (canonical name, float32 array) for each tensor (or those in `names`), Q/K unpermuted."""
     r = open_reader(path)
-    permuted = spec.architecture in ("llama", "mistral")
     for t in r.tensors:
         cname = canonical_name(t.name)
         if cname is None or (names is not None and cname not in names):
@@ -169,8 +168,15 @@ def iter_tensors(path: Path, spec: ModelSpec, names: set[str] | None = None) -> 
             arr = dequantize(t)
         except (ValueError, IndexError, NotImplementedError) as e:
             raise HeteroError(f"{path}: cannot read tensor {t.name} ({e})") from None
-        if permuted and cname.endswith(("q_proj.weight", "q_proj.bias")):
-            arr = _unpermute(arr, spec.n_heads)
-        elif permuted and cname.endswith(("k_proj.weight", "k_proj.bias")):
-            arr = _unpermute(arr, spec.n_kv_heads)
-        yield cname, arr
+        yield cname, unpermute(cname, arr, spec)
+
+
+def unpermute(cname: str, arr: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """llama.cpp stores Llama/Mistral Q and K rows permuted for its RoPE layout: undo it."""
+    if spec.architecture not in ("llama", "mistral"):
+        return arr
+    if cname.endswith(("q_proj.weight", "q_proj.bias")):
+        return _unpermute(arr, spec.n_heads)
+    if cname.endswith(("k_proj.weight", "k_proj.bias")):
+        return _unpermute(arr, spec.n_kv_heads)
+    return arr

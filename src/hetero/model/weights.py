@@ -19,7 +19,7 @@ class WeightStore:
 
     def __init__(self, source: Source, spec: ModelSpec):
         self.source, self.spec = source, spec
-        self._gguf_cache: dict[str, torch.Tensor] = {}
+        self._gguf_table: dict | None = None
         self._files: dict[str, Path] = {}
         if source.kind == "gguf":
             self._read = self._read_gguf
@@ -50,14 +50,22 @@ class WeightStore:
             return fh.get_tensor(name)
 
     def _read_gguf(self, name: str) -> torch.Tensor | None:
-        # GGUF tensors are dequantised one at a time, on first use.
-        from hetero.model.gguf import iter_tensors
+        # One tensor at a time, on first use, through the light tensor table (gguf_index: no
+        # GGUFReader, whose metadata objects would cost ~165 MB of heap for one norm vector).
+        from hetero.model.gguf import canonical_name, unpermute
+        from hetero.model.gguf_index import read_tensor, tensor_table
 
-        if name not in self._gguf_cache:
-            for cname, arr in iter_tensors(self.source.path, self.spec, names={name}):
-                self._gguf_cache[cname] = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-        t = self._gguf_cache.pop(name, None)
-        return t
+        if self._gguf_table is None:
+            self._gguf_table = {c: t for n, t in tensor_table(self.source.path).items()
+                                if (c := canonical_name(n)) is not None}
+        info = self._gguf_table.get(name)
+        if info is None:
+            return None
+        try:
+            arr = read_tensor(self.source.path, info)
+        except (ValueError, IndexError, NotImplementedError) as e:
+            raise HeteroError(f"{self.source.path}: cannot read tensor {info.name} ({e})") from None
+        return torch.from_numpy(unpermute(name, arr, self.spec))
 
 
 def required(store: Callable[[str], torch.Tensor | None]) -> Callable[[str], torch.Tensor]:

@@ -375,7 +375,7 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
 
     spec = resolve_spec(model)
     notes: list[str] = []
-    reserve = {"cpu": memory.runtime_baseline()}
+    reserve = {"cpu": memory.runtime_baseline(model)}
     if plan_path:
         plan = Plan.load(plan_path)
         here = inventory()

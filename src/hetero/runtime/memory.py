@@ -148,10 +148,11 @@ class Footprint:
         self.stop()
 
 
-def runtime_baseline() -> int:
+def runtime_baseline(model: str | None = None) -> int:
     """Bytes the runtime itself holds before any weights: interpreter, torch and hetero's modules,
-    the allocator's first arenas. Measured in this process, after importing what a run imports;
-    the planner takes it off the budget (Plan.reserve)."""
+    the allocator's first arenas, and (given `model`) that model's tokenizer — tens of MB for a
+    large vocabulary, held for the whole run. Measured in this process, after importing and loading
+    what a run does; the planner takes it off the budget (Plan.reserve)."""
     import torch  # noqa: F401  (the imports are the point: their pages are part of the baseline)
 
     import hetero.model.llama  # noqa: F401
@@ -163,6 +164,12 @@ def runtime_baseline() -> int:
     import transformers  # noqa: F401  (the tokenizer of every real model comes through it)
 
     _warm_forward()
+    if model is None:
+        return rss_bytes()
+    from hetero.model.sources import resolve, resolve_spec
+    from hetero.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve(model), resolve_spec(model).vocab_size, None)  # noqa: F841 (alive while measured)
     return rss_bytes()
 
 

@@ -22,12 +22,13 @@ def gguf_roundtrip(loaded, qtype: str) -> dict:
     import numpy as np
 
     from hetero.compress.core import linear_names
+    from hetero.compress.gguf_export import quantize
 
     qt = gguf.GGMLQuantizationType[qtype]
     out = dict(loaded.tensors)
     for n in linear_names(loaded.spec):
         a = np.ascontiguousarray(loaded.tensors[n].numpy(), dtype=np.float32)
-        out[n] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(a, qt), qt).reshape(a.shape).copy())
+        out[n] = torch.from_numpy(gguf.quants.dequantize(quantize(a, qtype), qt).reshape(a.shape).copy())
     return out
 
 

@@ -57,3 +57,27 @@ def test_llama_cpp_loads_the_export_and_generates(q8_export):
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
     out = llm("The capital of France is", max_tokens=8, temperature=0.0)
     assert out["choices"][0]["text"].strip()
+
+
+def test_q8_0_scale_search_never_loses_to_rtn_and_fits_a_coarser_grid():
+    import gguf
+    import numpy as np
+
+    from hetero.compress.gguf_export import quantize_q8_0
+
+    qt = gguf.GGMLQuantizationType.Q8_0
+    rng = np.random.default_rng(1)
+    normal = rng.standard_normal((64, 256)).astype(np.float32)
+    normal[3] = 0.0  # an all-zero row must stay zero (no division by a zero scale)
+    # a Q4_1-like source: 16 levels per 32-block, min + k * step
+    lo = rng.uniform(-1, 0, (64 * 8, 1)).astype(np.float32)
+    step = rng.uniform(0.01, 0.2, (64 * 8, 1)).astype(np.float32)
+    grid = (lo + rng.integers(0, 16, (64 * 8, 32)) * step).astype(np.float32).reshape(64, 256)
+    for x, gain in ((normal, 1.0), (grid, 2.0)):
+        ours = gguf.quants.dequantize(quantize_q8_0(x), qt).reshape(x.shape)
+        rtn = gguf.quants.dequantize(gguf.quants.quantize(x, qt), qt).reshape(x.shape)
+        e_ours = ((ours - x) ** 2).reshape(-1, 32).sum(1)
+        e_rtn = ((rtn - x) ** 2).reshape(-1, 32).sum(1)
+        assert (e_ours <= e_rtn * (1 + 1e-6) + 1e-12).all()  # per block: never worse than RTN
+        assert e_rtn.sum() >= gain * e_ours.sum()
+    assert np.all(gguf.quants.dequantize(quantize_q8_0(normal), qt).reshape(normal.shape)[3] == 0)

@@ -31,6 +31,46 @@ _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight"
            "lm_head.weight": "output.weight"}
 
 
+# Q8_0 scale search: candidates amax/127 x (1 + j/256), j < 64. j = 0 is round-to-nearest itself, so
+# the search is never worse than RTN; on weights that already sit on a coarser grid (a Q4_1 source:
+# 16 levels per block) some scale lands on that grid's phase and the block's squared error drops
+# ~3x (measured on SmolLM2's layers), which is what a re-export must not lose.
+Q8_SEARCH = 64
+
+
+def quantize_q8_0(arr: np.ndarray, rows_per_chunk: int = 4096) -> np.ndarray:
+    """[rows, K] float32 -> GGUF Q8_0 bytes [rows, K / 32 * 34] (per block: fp16 scale, 32 int8),
+    each block's scale chosen by least squared error over Q8_SEARCH candidates."""
+    rows, k = arr.shape
+    out = np.empty((rows, k // 32 * 34), dtype=np.uint8)
+    for r0 in range(0, rows, rows_per_chunk):
+        x = arr[r0:r0 + rows_per_chunk].reshape(-1, 32).astype(np.float32)
+        amax = np.abs(x).max(axis=1, keepdims=True)
+        best_d = np.zeros_like(amax)
+        best_err = np.full_like(amax, np.inf)
+        for j in range(Q8_SEARCH):
+            d = (amax / 127 * (1 + j / 256)).astype(np.float16).astype(np.float32)
+            safe = np.where(d == 0, 1, d)
+            err = ((np.clip(np.round(x / safe), -127, 127) * d - x) ** 2).sum(axis=1, keepdims=True)
+            better = err < best_err
+            best_d = np.where(better, d, best_d)
+            best_err = np.where(better, err, best_err)
+        safe = np.where(best_d == 0, 1, best_d)
+        q = np.clip(np.round(x / safe), -127, 127).astype(np.int8)
+        blocks = np.concatenate([best_d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
+        out[r0:r0 + rows_per_chunk] = blocks.reshape(-1, k // 32 * 34)
+    return out
+
+
+def quantize(arr: np.ndarray, qtype: str) -> np.ndarray:
+    """A [rows, K] float32 matrix as GGUF bytes of `qtype` (Q4_0/Q4_1: the gguf package's rounding)."""
+    import gguf
+
+    if qtype == "Q8_0":
+        return quantize_q8_0(arr)
+    return gguf.quants.quantize(arr, gguf.GGMLQuantizationType[qtype])
+
+
 def check_type(t: str) -> None:
     if t not in TYPES:
         raise HeteroError(f"unknown GGUF type {t!r}; known: {', '.join(TYPES)}")
@@ -111,7 +151,7 @@ def write_gguf(out: str | Path, loaded: Loaded, spec: ModelSpec, tensors: dict, 
                 arr = _permute(arr, spec.n_kv_heads)
             arr = np.ascontiguousarray(arr, dtype=np.float32)
             if arr.ndim == 2 and arr.shape[1] % 32 == 0:
-                w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qt), raw_dtype=qt)
+                w.add_tensor(gguf_name(name), quantize(arr, qtype), raw_dtype=qt)
                 total += storage_bytes(qtype, shape)
             else:
                 w.add_tensor(gguf_name(name), arr)

@@ -133,3 +133,33 @@ def test_links_direct_and_through_the_host():
     via = cost.link(hw, None, "cuda:0", "cuda:1")  # no peer link: through host memory
     assert len(via.hops) == 2 and via.time(20e6) == pytest.approx(2 * direct.time(20e6))
     assert cost.link(hw, None, "cpu", "cpu").time(1e9) == 0.0
+
+
+def test_prefill_rate_falls_with_matrix_size_by_hand():
+    import dataclasses
+
+    s = spec()
+    # toy layer matrices (q+2kv=128) x 64, 64 x 64, 256 x 64, 128 x 64 elements: 8192, 4096, 16384, 8192
+    mats = cost.unit_matrices(s, "layers.0")
+    assert mats == [8192, 4096, 16384, 8192]
+    assert cost.gemm_shape_factor(s, "layers.0", 8192.0, 0.0) == 1.0
+    f = cost.gemm_shape_factor(s, "layers.0", 8192.0, 0.5)
+    want = sum(mats) / sum(e * (e / 8192.0) ** 0.5 for e in mats)
+    assert f == pytest.approx(want)
+    # matrices all bigger than the probe's: slower than the probe; all smaller: faster
+    assert cost.gemm_shape_factor(s, "layers.0", 1024.0, 0.25) < 1.0 < cost.gemm_shape_factor(s, "layers.0", 1e6, 0.25)
+    # the term scales prefill only; decode (tokens = 1) is untouched
+    shaped = dataclasses.replace(RATES, gemm_shape={"bf16": 0.5}, gemm_ref=8192.0)
+    assert cost.compute_time(s, "layers.0", shaped, "bf16", 74240, 512, 512, 1, C) == pytest.approx(
+        512 * 139264 / (100e9 * f) + 28e-6)
+    assert cost.compute_time(s, "layers.0", shaped, "bf16", 74240, 1, 100, 1, C) == \
+        cost.compute_time(s, "layers.0", RATES, "bf16", 74240, 1, 100, 1, C)
+
+
+def test_calibration_fits_the_shape_term_only_across_models():
+    from hetero.bench.calibrate import params_for
+
+    def run(model):
+        return {"config": {"model": model}, "plan": {"units": [{"precision": "bf16", "device": "cpu", "residency": "resident"}]}}
+    assert not any(p.startswith("gemm_shape") for p in params_for([run("a"), run("a")]))
+    assert "gemm_shape@cpu/bf16" in params_for([run("a"), run("b")])

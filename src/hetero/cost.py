@@ -40,6 +40,10 @@ class Coefficients:
     mem_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.6, cuda=0.8, mps=0.7, xpu=0.7))
     # Weight-only quantised matmuls dequantise on the fly: their FLOP rate relative to bf16's.
     quant_gemm: dict[str, float] = field(default_factory=lambda: {"int8": 0.8, "int4": 0.5})
+    # Prefill GEMM rate vs matrix size: at a fixed M the rate falls as the weight matrix grows, as
+    # rate ~ (elements / probe elements)^-alpha. Measured here at M = 64, one thread: 576x576 runs at
+    # 1.8-3x the FLOP rate of 2048x5632 in every precision (alpha 0.18-0.31). GPUs: not modelled.
+    gemm_shape: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.25, cuda=0.0, mps=0.0, xpu=0.0))
     # Seconds per op (a kernel launch on GPUs, a dispatch on CPUs) when not measured.
     op_overhead: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=2e-6, cuda=8e-6, mps=15e-6, xpu=10e-6))
     # Fallbacks when the spec has no figure at all (an inventory before profiling).
@@ -70,6 +74,9 @@ class DeviceRates:
     mem: float                   # bytes/s reading the KV cache and activations
     overhead: float              # seconds per op
     overhead_scale: dict[str, float] = field(default_factory=dict)  # precision -> fitted factor (calibration)
+    gemm_shape: dict[str, float] = field(default_factory=dict)  # precision -> alpha of the prefill rate's
+                                                                # matrix-size term (Coefficients.gemm_shape)
+    gemm_ref: float = 2048.0 * 2048.0  # weight elements of the matrix `gemm` was measured on
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -92,7 +99,7 @@ class Link:
 def calibrated(cal: dict[str, float], name: str, device: str = "", precision: str = "") -> float:
     """The product of fitted multipliers for one rate: keys "NAME", "NAME@DEVICE", "NAME@DEVICE/PREC".
 
-    NAME is one of gemm_rate, gemv_rate, mem_rate, op_overhead, disk_rate, link_rate
+    NAME is one of gemm_rate, gemv_rate, mem_rate, op_overhead, disk_rate, link_rate, gemm_shape
     ("op_overhead@DEVICE/PREC" is read per precision, see device_rates). A multiplier
     > 1 means the thing measured faster (rates) or costlier (op_overhead) than predicted.
     """
@@ -138,7 +145,7 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
         kind = dev.kind if dev.kind in coeffs.gemm_eff else "cpu"
         bw = dev.bandwidth or coeffs.default_bandwidth.get(kind, 30e9)
         peak_bf16 = dev.peak_flops.get("bf16") or dev.peak_flops.get("fp16") or coeffs.default_flops[kind]
-        gemm, gemv, op_scale = {}, {}, {}
+        gemm, gemv, op_scale, shape = {}, {}, {}, {}
         for p in precs:
             if p in m_gemm:
                 g = m_gemm[p]
@@ -154,6 +161,7 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
             v = m_gemv.get(p) or (statistics.median(m_gemv.values()) if m_gemv else bw * coeffs.gemv_eff[kind])
             gemm[p] = g * calibrated(cal, "gemm_rate", dev.name, p)
             gemv[p] = v * calibrated(cal, "gemv_rate", dev.name, p)
+            shape[p] = coeffs.gemm_shape.get(kind, 0.0) * calibrated(cal, "gemm_shape", dev.name, p)
             # quantised kernels carry their own per-call cost: "op_overhead@DEVICE/PREC" scales it
             if f"op_overhead@{dev.name}/{p}" in cal:
                 op_scale[p] = cal[f"op_overhead@{dev.name}/{p}"]
@@ -161,8 +169,18 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
         over = dp.op_overhead.median if dp and dp.op_overhead else coeffs.op_overhead[kind]
         out[dev.name] = DeviceRates(dev.name, dev.kind, gemm, gemv,
                                     mem * calibrated(cal, "mem_rate", dev.name),
-                                    over * calibrated(cal, "op_overhead", dev.name), op_scale)
+                                    over * calibrated(cal, "op_overhead", dev.name), op_scale,
+                                    shape,
+                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0)
     return out
+
+
+def _probe_elements(profile: Profile | None) -> float:
+    """Weight elements (K x N) of the profile's GEMM probe (hetero.hardware.bench sizes)."""
+    from hetero.hardware.bench import FULL, QUICK
+
+    sz = FULL if profile is not None and profile.mode == "full" else QUICK
+    return float(sz.gemm_k * sz.gemm_n)
 
 
 def _measured_mem(dp) -> float:
@@ -270,6 +288,29 @@ def unit_ops(unit: str, coeffs: Coefficients) -> int:
     return coeffs.ops_head if unit == "head" else coeffs.ops_layer
 
 
+def unit_matrices(spec: ModelSpec, unit: str) -> list[int]:
+    """Weight elements of each matrix a unit multiplies by, as the runtime runs them (q/k/v fused,
+    gate/up fused)."""
+    h = spec.hidden_size
+    if unit == "head":
+        return [spec.vocab_size * h]
+    if not unit.startswith("layers."):
+        return []
+    q = spec.n_heads * spec.head_dim
+    f = spec.intermediate_size
+    return [(q + 2 * spec.kv_dim) * h, h * q, 2 * f * h, f * h]
+
+
+def gemm_shape_factor(spec: ModelSpec, unit: str, ref_elements: float, alpha: float) -> float:
+    """A unit's prefill GEMM rate relative to the probe's: each matrix m runs at
+    rate x (elements_m / ref)^-alpha, so over the unit's FLOPs (each m's ∝ elements_m)
+    the effective factor is sum(e) / sum(e x (e / ref)^alpha)."""
+    mats = unit_matrices(spec, unit)
+    if not mats or alpha == 0.0:
+        return 1.0
+    return sum(mats) / sum(e * (e / ref_elements) ** alpha for e in mats)
+
+
 def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str, full: int, tokens: int,
                  context: int, batch: int, coeffs: Coefficients) -> float:
     """Seconds for one pass of `tokens` tokens per sequence attending to `context` (roofline + overhead).
@@ -282,7 +323,10 @@ def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str,
     weights = read_bytes(spec, unit, full, batch * tokens)
     # decode reads the whole KV cache; prefill writes its new K/V once
     kv = kv_bytes(spec, unit, precision, context if tokens == 1 else tokens, batch)
-    roof = max(flops / rates.gemm[precision], weights / rates.gemv[precision] + kv / rates.mem)
+    rate = rates.gemm[precision]
+    if tokens > 1 and rates.gemm_shape.get(precision):
+        rate *= gemm_shape_factor(spec, unit, rates.gemm_ref, rates.gemm_shape[precision])
+    roof = max(flops / rate, weights / rates.gemv[precision] + kv / rates.mem)
     return roof + unit_ops(unit, coeffs) * rates.overhead * rates.overhead_scale.get(precision, 1.0)
 
 

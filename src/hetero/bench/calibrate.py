@@ -51,11 +51,14 @@ def label(run: dict) -> str:
 
 def params_for(runs: list[dict]) -> list[str]:
     """The multipliers the runs can inform: per precision used (matmul rates and the per-call cost of
-    its kernels, which sets small models' speed), plus memory and disk."""
+    its kernels, which sets small models' speed), plus memory and disk, and the prefill rate's
+    matrix-size exponent when the runs span models of different widths."""
     precs = sorted({u["precision"] for r in runs for u in r["plan"]["units"]})
     devs = sorted({u["device"] for r in runs for u in r["plan"]["units"]})
     out = [f"{k}@{d}/{p}" for d in devs for p in precs for k in ("gemm_rate", "gemv_rate", "op_overhead")]
     out += [f"mem_rate@{d}" for d in devs]
+    if len({r["config"]["model"] for r in runs}) > 1:  # matrix sizes differ only between models
+        out += [f"gemm_shape@{d}/{p}" for d in devs for p in precs]
     if any(u["residency"] == "disk" for r in runs for u in r["plan"]["units"]):
         out += ["disk_rate", "overlap"]
     return out

@@ -91,12 +91,14 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sweep-model", default=S)
-    ap.add_argument("--sweep-budget", default="cpu=150%")
+    ap.add_argument("--sweep-budget", default="cpu=200%")  # the whole process, tokenizer included
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-precisions", default="fp32,bf16,int8,int4")
     ap.add_argument("--refit", action="store_true", help="reuse round A from the JSON file, fit, then round B")
     ap.add_argument("--loo", action="store_true", help="also leave-one-out fits on round A (one fit per run)")
     ap.add_argument("--sweep-only", action="store_true", help="reuse rounds A and B from the JSON file, run the sweep")
+    ap.add_argument("--round-c", action="store_true",
+                    help="reuse rounds A and B from the JSON file, fit on both, judge on a new round C")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     import torch
@@ -108,12 +110,28 @@ def main() -> int:
 
     hw, prof = machine("this")
     uncal = dataclasses.replace(prof, calibration={})
-    reuse = (a.refit or a.sweep_only) and OUT.exists()
+    reuse = (a.refit or a.sweep_only or a.round_c) and OUT.exists()
     state = json.loads(OUT.read_text()) if reuse else {}
     t0 = time.perf_counter()
+    judged, fitted_on = "B", "A"
     if a.sweep_only:
         A, B, before, after = state["A"], state["B"], state["B_before"], state["B_after"]
         fit_after, fit_loo = state["fit"]["after"], state["fit"]["leave_one_out"]
+    elif a.round_c:
+        # two rounds make the fit robust to one disturbed run; a third round, unseen, judges it
+        A = state["A"] + state["B"]
+        judged, fitted_on = "C", "A+B"
+        f = fit(A, hw, uncal)
+        store(f, uncal)
+        state["fit_AB"] = f.to_dict()
+        save(state)
+        print(f"fit (A+B): {json.dumps({k: round(v, 3) for k, v in f.calibration.items()})}", file=sys.stderr)
+        B = run_round("C", configs(a.prompt_tokens, a.new_tokens, a.repeats), state)
+        before = [Pricer(r, hw).errors(uncal) for r in B]
+        after = [Pricer(r, hw).errors(dataclasses.replace(prof, calibration=f.calibration)) for r in B]
+        state["C_before"], state["C_after"] = before, after
+        save(state)
+        fit_after, fit_loo = f.after, f.loo
     else:
         save_profile(uncal)  # round A is planned without calibration
         state.update({"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -143,8 +161,9 @@ def main() -> int:
               f"{pct(c['decode_error'])} | {me['prefill_tok_s']:.1f} ({rp[0]:.1f}–{rp[1]:.1f}) | "
               f"{pct(b['prefill_error'])} | {pct(c['prefill_error'])} |")
     print("\n| errors (abs) | decode median | decode worst | prefill median | prefill worst |\n|---|---|---|---|---|")
-    for name, rows in (("before (round B, uncalibrated)", before), ("after (round B, calibrated on A)", after),
-                       ("in-sample (round A)", fit_after), ("leave-one-out (round A)", fit_loo)):
+    for name, rows in ((f"before (round {judged}, uncalibrated)", before),
+                       (f"after (round {judged}, calibrated on {fitted_on})", after),
+                       (f"in-sample (round {fitted_on})", fit_after), (f"leave-one-out (round {fitted_on})", fit_loo)):
         if not rows:
             continue
         s = error_summary(rows)

@@ -6,8 +6,9 @@ Side by side, interleaved (the machine is shared and noisy), each round\nstartin
 (and with --two-threads 1 rank x 2 threads), each generating `-n` tokens for `--sequences` sequences in flight (micro-batches
 of 1). The prediction is the cost model's (hetero.dist.split) with this machine's profile measured at
 one thread (what each rank gets) and the loopback link measured by a gloo ping-pong — once as measured
-("uncalibrated") and once after the closed loop: the model run in one process at one thread by
-`hetero bench`, the cost model's multipliers fitted to its per-unit timings (hetero.bench.calibrate). It also prints
+("uncalibrated") and once after the closed loop: the model run by `hetero bench` in one-thread
+processes — one alone for the 1-rank case, two at once for 2 ranks sharing this host — and the cost
+model's multipliers fitted to their per-unit timings (hetero.bench.calibrate). It also prints
 the what-if for synthetic:llama-7b over 2-4 catalog hosts on 10 GbE and 100 GbE.
 Writes out/pipeline.json; paste the printed markdown into docs/BENCHMARKS.md.
 """
@@ -92,6 +93,18 @@ def one_process_run(model: str, prompt: int, new: int) -> dict:
             os.environ["OMP_NUM_THREADS"] = old
 
 
+def concurrent_runs(model: str, prompt: int, new: int, n: int) -> list[dict]:
+    """`n` one-process runs at once: what one rank measures while n - 1 others share its host (the
+    memory system, the last-level cache, the scheduler). A pipeline of n local ranks is predicted
+    from these, not from a run that had the machine to itself."""
+    if n == 1:
+        return [one_process_run(model, prompt, new)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n) as ex:
+        return list(ex.map(lambda _: one_process_run(model, prompt, new), range(n)))
+
+
 def calibrated(hw, prof, runs: list[dict]):
     """The closed loop: the cost model's multipliers fitted to one-process runs (hetero.bench.calibrate).
     The pipeline runs are never part of the fit: 2 ranks are predicted from one process's timings."""
@@ -101,7 +114,7 @@ def calibrated(hw, prof, runs: list[dict]):
     cal = dataclasses.replace(prof, calibration=f.calibration)
     dec = [r["result"]["measured"]["decode_tok_s"] for r in runs]
     err = [Pricer(r, hw).errors(cal)["decode_error"] for r in runs]
-    print(f"one process, 1 thread: decode {statistics.median(dec):.2f} tok/s [{min(dec):.2f}..{max(dec):.2f}]; "
+    print(f"calibration runs: decode {statistics.median(dec):.2f} tok/s [{min(dec):.2f}..{max(dec):.2f}]; "
           f"calibrated errors {', '.join(f'{e:+.1%}' for e in err)}; "
           f"fit {json.dumps({k: round(v, 3) for k, v in f.calibration.items()})}", file=sys.stderr)
     return cal, {"one_process_decode_tok_s": dec, "calibration": f.calibration}
@@ -139,24 +152,29 @@ def main() -> None:
     if a.two_threads:
         cases["1 rank x 2 threads"] = (1, 2)
     runs: dict[str, list[dict]] = {k: [] for k in cases}
-    one_process: list[dict] = []
+    sharing = sorted({ranks for ranks, _ in cases.values()})  # processes per host in each case
+    one_process: dict[int, list[dict]] = {n: [] for n in sharing}
     for rep in range(a.repeats):
-        one_process.append(one_process_run(a.model, a.prompt_tokens, a.max_new_tokens))
-        print(f"[{rep}] one process x 1 thread (calibration): decode "
-              f"{one_process[-1]['result']['measured']['decode_tok_s']:.2f} tok/s", file=sys.stderr)
+        for n in sharing:
+            rs = concurrent_runs(a.model, a.prompt_tokens, a.max_new_tokens, n)
+            one_process[n] += rs
+            print(f"[{rep}] calibration, {n} one-thread process(es) at once: decode "
+                  f"{', '.join('%.2f' % r['result']['measured']['decode_tok_s'] for r in rs)} tok/s", file=sys.stderr)
         for name, (ranks, threads) in cases.items():
             r = spawn_local(a.model, hosts(ranks), Job(**job), timeout=120, threads=threads, max_s=900)
             runs[name].append(r)
             print(f"[{rep}] {name}: decode {r['decode_tok_s']:.2f} tok/s, overall {r['tok_s']:.2f} tok/s",
                   file=sys.stderr)
     ctx = a.prompt_tokens + a.max_new_tokens
-    prof_cal, cal_info = calibrated(hw, prof, one_process)
+    cal_of, cal_info = {}, {}
+    for n in sharing:
+        cal_of[n], cal_info[f"{n} at once"] = calibrated(hw, prof, one_process[n])
     pred = {}
     for name, (ranks, threads) in cases.items():
         if threads != 1:
             continue  # the profile was measured at one thread
         h = hosts(ranks)
-        for key, p in (("uncalibrated", prof), ("calibrated", prof_cal)):
+        for key, p in (("uncalibrated", prof), ("calibrated", cal_of[ranks])):
             s = split_model(spec, h, rank_speeds(h, (hw, p), per_rank_profile=True), "fp32", 1, a.sequences,
                             a.prompt_tokens, ctx)
             pred.setdefault(name, {})[key] = {**s.predict(), "layers": s.layer_counts()}

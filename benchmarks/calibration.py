@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--refit", action="store_true", help="reuse round A from the JSON file, fit, then round B")
     ap.add_argument("--loo", action="store_true", help="also leave-one-out fits on round A (one fit per run)")
     ap.add_argument("--sweep-only", action="store_true", help="reuse rounds A and B from the JSON file, run the sweep")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="measure each configuration twice back to back; fit on the first runs, judge on the second")
     ap.add_argument("--round-c", action="store_true",
                     help="reuse rounds A and B from the JSON file, fit on both, judge on a new round C")
     a = ap.parse_args()
@@ -137,13 +139,21 @@ def main() -> int:
         state.update({"threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
                       "profile_measured_at": prof.measured_at})
         cfgs = configs(a.prompt_tokens, a.new_tokens, a.repeats)
-        A = state.get("A") if a.refit and state.get("A") else run_round("A", cfgs, state)
+        if a.interleaved:
+            # each configuration measured twice back to back (fresh processes): the fit sees the first,
+            # the judge the second, so the machine's drift over minutes is not charged to the model
+            pairs = [run_round(f"pair {i + 1}", [c, c], {}) for i, c in enumerate(cfgs)]
+            pairs = [r for r in pairs if len(r) == 2]
+            state["A"], state["B_measured"] = [r[0] for r in pairs], [r[1] for r in pairs]
+            save(state)
+        A = state.get("A") if (a.refit or a.interleaved) and state.get("A") else run_round("A", cfgs, state)
         f = fit(A, hw, uncal, leave_one_out=a.loo)
         store(f, uncal)
         state["fit"] = f.to_dict()
         save(state)
         print(f"fit: {json.dumps({k: round(v, 3) for k, v in f.calibration.items()})}", file=sys.stderr)
-        B = run_round("B", cfgs, state)
+        B = state["B_measured"] if a.interleaved else run_round("B", cfgs, state)
+        state["B"] = B
         before = [Pricer(r, hw).errors(uncal) for r in B]
         after = [Pricer(r, hw).errors(dataclasses.replace(prof, calibration=f.calibration)) for r in B]
         state["B_before"], state["B_after"] = before, after
@@ -169,6 +179,12 @@ def main() -> int:
         s = error_summary(rows)
         print(f"| {name} | {pct(s['decode_error']['median_abs'])} | {pct(s['decode_error']['max_abs'])} | "
               f"{pct(s['prefill_error']['median_abs'])} | {pct(s['prefill_error']['max_abs'])} |")
+    if A and B and len(A) == len(B):
+        m = lambda r, k: r["result"]["measured"][k]
+        for k in ("decode_tok_s", "prefill_tok_s"):
+            e = [abs(m(x, k) / m(y, k) - 1) for x, y in zip(A, B)]
+            print(f"| noise floor: {fitted_on}'s own {k} as the prediction of {judged} | "
+                  f"{pct(statistics.median(e))} | {pct(max(e))} | | |")
     print("\n| configuration | predicted footprint | measured peak, whole process | error | measured peak, running | error |")
     print("|---|---|---|---|---|---|")
     fps = fp_rows(B)

@@ -40,10 +40,12 @@ class Coefficients:
     mem_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.6, cuda=0.8, mps=0.7, xpu=0.7))
     # Weight-only quantised matmuls dequantise on the fly: their FLOP rate relative to bf16's.
     quant_gemm: dict[str, float] = field(default_factory=lambda: {"int8": 0.8, "int4": 0.5})
-    # Prefill GEMM rate vs matrix size: at a fixed M the rate falls as the weight matrix grows, as
-    # rate ~ (elements / probe elements)^-alpha. Measured here at M = 64, one thread: 576x576 runs at
-    # 1.8-3x the FLOP rate of 2048x5632 in every precision (alpha 0.18-0.31). GPUs: not modelled.
-    gemm_shape: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.25, cuda=0.0, mps=0.0, xpu=0.0))
+    # Prefill rate vs matrix size: a unit's matmuls run at rate x (elements / probe elements)^-alpha.
+    # The profile measures one GEMM shape, so alpha is 0 until calibration fits it from runs of models
+    # of different widths ("gemm_shape@DEVICE/PREC", a value, not a multiplier). Either sign happens:
+    # big matrices fall out of cache (alpha > 0), small ones carry relatively more of the per-token
+    # work the matmul FLOPs leave out (norms, RoPE, softmax, activations: alpha < 0).
+    gemm_shape: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.0, cuda=0.0, mps=0.0, xpu=0.0))
     # Seconds per op (a kernel launch on GPUs, a dispatch on CPUs) when not measured.
     op_overhead: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=2e-6, cuda=8e-6, mps=15e-6, xpu=10e-6))
     # Fallbacks when the spec has no figure at all (an inventory before profiling).
@@ -99,7 +101,8 @@ class Link:
 def calibrated(cal: dict[str, float], name: str, device: str = "", precision: str = "") -> float:
     """The product of fitted multipliers for one rate: keys "NAME", "NAME@DEVICE", "NAME@DEVICE/PREC".
 
-    NAME is one of gemm_rate, gemv_rate, mem_rate, op_overhead, disk_rate, link_rate, gemm_shape
+    NAME is one of gemm_rate, gemv_rate, mem_rate, op_overhead, disk_rate, link_rate
+    (gemm_shape@DEVICE/PREC and overlap are values, not multipliers: see device_rates, overlap_of)
     ("op_overhead@DEVICE/PREC" is read per precision, see device_rates). A multiplier
     > 1 means the thing measured faster (rates) or costlier (op_overhead) than predicted.
     """
@@ -161,7 +164,8 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
             v = m_gemv.get(p) or (statistics.median(m_gemv.values()) if m_gemv else bw * coeffs.gemv_eff[kind])
             gemm[p] = g * calibrated(cal, "gemm_rate", dev.name, p)
             gemv[p] = v * calibrated(cal, "gemv_rate", dev.name, p)
-            shape[p] = coeffs.gemm_shape.get(kind, 0.0) * calibrated(cal, "gemm_shape", dev.name, p)
+            shape[p] = cal.get(f"gemm_shape@{dev.name}/{p}", cal.get(f"gemm_shape@{dev.name}",
+                                                                   coeffs.gemm_shape.get(kind, 0.0)))
             # quantised kernels carry their own per-call cost: "op_overhead@DEVICE/PREC" scales it
             if f"op_overhead@{dev.name}/{p}" in cal:
                 op_scale[p] = cal[f"op_overhead@{dev.name}/{p}"]

@@ -67,3 +67,15 @@ def test_store_writes_profile_and_details(runs, tmp_path, monkeypatch):
     assert device_rates(machine(), cached)["cpu"].gemv["bf16"] == pytest.approx(10e9 * m)
     details = json.loads((cache_dir() / "calibration" / "bench-test.json").read_text())
     assert details["summary"]["after"]["runs"] == 4
+
+
+def test_fit_recovers_a_negative_matrix_size_exponent():
+    """Prefill of two model widths under a known shape exponent (small matrices relatively slow):
+    the fit finds the sign and size of it, which one rate multiplier alone cannot express."""
+    truth = profile({"gemm_shape@cpu/bf16": -0.2, "gemm_rate@cpu/bf16": 0.5})
+    runs = [fake_run(m, "bf16", "resident", 128, truth) for m in ("synthetic:tiny", "synthetic:llama-1b")]
+    f = fit(runs, machine(), profile())
+    assert f.calibration["gemm_shape@cpu/bf16"] == pytest.approx(-0.2, abs=0.03)
+    assert error_summary(f.after)["prefill_error"]["max_abs"] < 0.02
+    one_rate = fit(runs, machine(), profile(), params=[p for p in params_for(runs) if "gemm_shape" not in p])
+    assert error_summary(one_rate.after)["prefill_error"]["max_abs"] > 0.05

@@ -23,6 +23,7 @@ import numpy as np
 
 from hetero.hardware.types import HardwareSpec, Profile
 
+SHAPE_MAX = 0.6  # bound on the fitted matrix-size exponent of the prefill rate (cost.gemm_shape_factor)
 PRIOR = 0.02  # pull toward "no correction" for multipliers the data barely constrains
 
 
@@ -121,10 +122,16 @@ def _with(profile: Profile, cal: dict[str, float]) -> Profile:
 def _solve(pricers: list[Pricer], profile: Profile, params: list[str], base: dict[str, float]):
     from scipy.optimize import least_squares
 
+    # overlap (0..1) and the shape exponents (-SHAPE_MAX..SHAPE_MAX) are fitted as values; every other
+    # parameter as the log of a multiplier, pulled toward 1 by the prior (the exponents toward 0)
+    def direct(name: str) -> bool:
+        return name == "overlap" or name.startswith("gemm_shape")
+
     def cal_of(x: np.ndarray) -> dict[str, float]:
         cal = dict(base)
         for name, v in zip(params, x):
-            cal[name] = float(min(1.0, max(0.0, v))) if name == "overlap" else float(math.exp(v))
+            cal[name] = float(min(1.0, max(0.0, v))) if name == "overlap" else float(v) if direct(name) \
+                else float(math.exp(v))
         return cal
 
     def resid(x: np.ndarray) -> np.ndarray:
@@ -133,10 +140,14 @@ def _solve(pricers: list[Pricer], profile: Profile, params: list[str], base: dic
         prior = [PRIOR * v for n, v in zip(params, x) if n != "overlap"]
         return np.concatenate(r + [np.array(prior)])
 
-    x0 = np.array([min(1.0, max(0.0, base.get(n, 1.0))) if n == "overlap" else math.log(base.get(n, 1.0))
-                   for n in params])
-    lo = np.array([0.0 if n == "overlap" else math.log(1 / 50) for n in params])
-    hi = np.array([1.0 if n == "overlap" else math.log(50) for n in params])
+    def start(n: str) -> float:
+        if n == "overlap":
+            return min(1.0, max(0.0, base.get(n, 1.0)))
+        return base.get(n, 0.0) if direct(n) else math.log(base.get(n, 1.0))
+
+    x0 = np.array([start(n) for n in params])
+    lo = np.array([0.0 if n == "overlap" else -SHAPE_MAX if direct(n) else math.log(1 / 50) for n in params])
+    hi = np.array([1.0 if n == "overlap" else SHAPE_MAX if direct(n) else math.log(50) for n in params])
     x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
     sol = least_squares(resid, x0, bounds=(lo, hi), x_scale=1.0, diff_step=1e-3, max_nfev=200)
     return cal_of(sol.x), float(sol.cost)

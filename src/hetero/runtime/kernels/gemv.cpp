@@ -694,6 +694,13 @@ class DecodeStack {
       std::vector<uint16_t> xb(width_);
       Input in{nullptr, xs.data(), xb.data(), xs8.data()};
       int64_t n0, n1;
+      // this thread's share of lin's rows over src, added into the residual stream x
+      auto rows_into_residual = [&](const Lin& lin, const float* src) {
+        prepare(lin, src, in);
+        share(lin.N, tid, nth, n0, n1);
+        lin_rows(lin, in, n0, n1, y.data());
+        for (int64_t n = n0; n < n1; ++n) x[n] = static_cast<T>(static_cast<float>(x[n]) + out_value<T>(lin, n, y[n - n0]));
+      };
       for (size_t l = 0; l < layers_.size(); ++l) {
         const Layer& ly = layers_[l];
         T* kcp = kc[l].template data_ptr<T>();
@@ -710,11 +717,7 @@ class DecodeStack {
         for (int64_t hh = H * tid / nth; hh < H * (tid + 1) / nth; ++hh)
           attend_head<T, float, float>(qkv, c, s, kcp, vcp, attn, pos, hh, H, K, D, L, scale_, q.data(), p.data());
 #pragma omp barrier
-        // o rows + residual
-        prepare(ly.o, attn, in);
-        share(ly.o.N, tid, nth, n0, n1);
-        lin_rows(ly.o, in, n0, n1, y.data());
-        for (int64_t n = n0; n < n1; ++n) x[n] = static_cast<T>(static_cast<float>(x[n]) + out_value<T>(ly.o, n, y[n - n0]));
+        rows_into_residual(ly.o, attn);
 #pragma omp barrier
         // norm -> gate and up rows of the same range, so silu(gate) * up needs no barrier
         norm_into<T>(x, ly.mlp_norm, h.data(), E, eps_);
@@ -728,11 +731,7 @@ class DecodeStack {
           act[i] = rnd<T>(rnd<T>(g / (1.f + std::exp(-g))) * u);
         }
 #pragma omp barrier
-        // down rows + residual
-        prepare(ly.down, act, in);
-        share(ly.down.N, tid, nth, n0, n1);
-        lin_rows(ly.down, in, n0, n1, y.data());
-        for (int64_t n = n0; n < n1; ++n) x[n] = static_cast<T>(static_cast<float>(x[n]) + out_value<T>(ly.down, n, y[n - n0]));
+        rows_into_residual(ly.down, act);
 #pragma omp barrier
       }
     }

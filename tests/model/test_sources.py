@@ -74,3 +74,29 @@ def test_synthetic_weights_written_once_and_reloaded(tmp_path, monkeypatch):
     assert files[0].stat().st_mtime_ns == mtime
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(m1.net(ids, 0, m1.net.new_cache(1, 3)), m2.net(ids, 0, m2.net.new_cache(1, 3)))
+
+
+def test_light_gguf_table_matches_the_gguf_reader_and_refuses_truncation(tmp_path):
+    """hetero.model.gguf_index reads the tensor table without GGUFReader: same names, types, shapes and
+    bytes as the reference reader; a cut-short file is a one-line error, not a bad read."""
+    import numpy as np
+
+    from hetero.model.gguf import open_reader
+    from hetero.model.gguf_index import read_tensor, tensor_table
+
+    path = builtin_path("smollm2-135m")
+    table = tensor_table(path)
+    ref = open_reader(path)
+    assert set(table) == {t.name for t in ref.tensors}
+    for t in ref.tensors:
+        info = table[t.name]
+        assert info.ggml_type == int(t.tensor_type)
+        assert info.shape == tuple(int(x) for x in reversed(t.shape.tolist()))
+        assert info.offset == int(t.data_offset) and info.nbytes == int(t.n_bytes)
+    norm = read_tensor(path, table["output_norm.weight"])
+    want = np.asarray(next(t for t in ref.tensors if t.name == "output_norm.weight").data, dtype=np.float32)
+    assert np.array_equal(norm, want)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(HeteroError, match="truncated"):
+        tensor_table(cut)

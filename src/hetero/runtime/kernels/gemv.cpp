@@ -312,12 +312,13 @@ template <> inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
   return bf16x16_to_f32(reinterpret_cast<const uint16_t*>(p));
 }
 
-template <typename T>
-void rmsnorm_row(const T* x, const float* w, T* out, int64_t n, float eps) {
+// rms_norm of one row, each value rounded to T; stored as O (T, or fp32 for a GEMV's input).
+template <typename T, typename O>
+void rmsnorm_row(const T* x, const float* w, O* out, int64_t n, float eps) {
   float ss = 0.f;
   for (int64_t i = 0; i < n; ++i) { const float v = static_cast<float>(x[i]); ss += v * v; }
   const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(w[i] * (static_cast<float>(x[i]) * r));
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(rnd<T>(w[i] * (static_cast<float>(x[i]) * r)));
 }
 
 template <typename T>
@@ -580,15 +581,6 @@ inline float out_value(const Lin& L, int64_t n, float v) {
   return r;
 }
 
-// rms_norm of x into h (fp32 values rounded to T), same arithmetic as rmsnorm_row.
-template <typename T>
-void norm_into(const T* x, const float* w, float* h, int64_t n, float eps) {
-  float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) { const float v = static_cast<float>(x[i]); ss += v * v; }
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) h[i] = rnd<T>(w[i] * (static_cast<float>(x[i]) * r));
-}
-
 }  // namespace
 
 class DecodeStack {
@@ -706,7 +698,7 @@ class DecodeStack {
         T* kcp = kc[l].template data_ptr<T>();
         T* vcp = vc[l].template data_ptr<T>();
         // norm (each thread its own copy: cheaper than a barrier) -> qkv rows
-        norm_into<T>(x, ly.attn_norm, h.data(), E, eps_);
+        rmsnorm_row<T, float>(x, ly.attn_norm, h.data(), E, eps_);
         prepare(ly.qkv, h.data(), in);
         share(ly.qkv.N, tid, nth, n0, n1);
         lin_rows(ly.qkv, in, n0, n1, y.data());
@@ -720,7 +712,7 @@ class DecodeStack {
         rows_into_residual(ly.o, attn);
 #pragma omp barrier
         // norm -> gate and up rows of the same range, so silu(gate) * up needs no barrier
-        norm_into<T>(x, ly.mlp_norm, h.data(), E, eps_);
+        rmsnorm_row<T, float>(x, ly.mlp_norm, h.data(), E, eps_);
         prepare(ly.gu, h.data(), in);
         share(I, tid, nth, n0, n1);
         const int64_t m = n1 - n0;

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from hetero.hardware.profile import PROFILE_VERSION
 from hetero.hardware.types import DeviceProfile, DeviceSpec, HardwareSpec, LinkSpec, Measurement, Profile
 
 
@@ -24,7 +25,7 @@ def profile(calibration: dict | None = None) -> Profile:
     gemv = {p: _m(10e9, "B/s") for p in ("fp32", "bf16", "int8", "int4")}
     dev = DeviceProfile("cpu", gemm_flops=gemm, gemv_bandwidth=gemv, mem_bandwidth=_m(27e9, "B/s"),
                         op_overhead=_m(2e-6, "s"))
-    return Profile(host="bench-test", version=1, versions={}, devices={"cpu": dev},
+    return Profile(host="bench-test", version=PROFILE_VERSION, versions={}, devices={"cpu": dev},
                    disk_direct=_m(730e6, "B/s"), disk_cached=_m(8e9, "B/s"), calibration=dict(calibration or {}))
 
 

@@ -1,6 +1,7 @@
 """Toy models and machines with round numbers, so that expected plans can be worked out by hand."""
 from __future__ import annotations
 
+from hetero.hardware.profile import PROFILE_VERSION
 from hetero.hardware.types import (DeviceProfile, DeviceSpec, HardwareSpec, LinkSpec, Measurement,
                                    Profile)
 from hetero.model.hf import spec_from_config
@@ -39,7 +40,7 @@ def cpu_profile() -> Profile:
     gemv = {p: _m(10e9, "B/s") for p in ("fp32", "bf16", "int8", "int4")}
     dev = DeviceProfile("cpu", gemm_flops=gemm, gemv_bandwidth=gemv, mem_bandwidth=_m(27e9, "B/s"),
                         op_overhead=_m(2e-6, "s"))
-    return Profile(host="toy-cpu", version=1, versions={}, devices={"cpu": dev},
+    return Profile(host="toy-cpu", version=PROFILE_VERSION, versions={}, devices={"cpu": dev},
                    disk_direct=_m(730e6, "B/s"), disk_cached=_m(8e9, "B/s"))
 
 

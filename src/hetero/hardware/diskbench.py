@@ -5,11 +5,11 @@ figure for offloaded weights; the cached one says what a re-read of a hot file c
 """
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
 
 from hetero.hardware.bench import Probe, Sizes
+from hetero.pagebuf import host_buffer
 from hetero.paths import cache_dir
 
 _ALIGN = 4096  # O_DIRECT needs buffer, offset and length aligned to the logical block size
@@ -40,7 +40,7 @@ def probe_file(nbytes: int, directory: Path | None = None) -> Path:
     return path
 
 
-def _read_all(fd: int, size: int, buf: mmap.mmap) -> int:
+def _read_all(fd: int, size: int, buf) -> int:
     view = memoryview(buf)
     off = 0
     while off < size:
@@ -58,12 +58,13 @@ def _drop_cache(fd: int) -> None:
 
 class DirectRead:
     """Reads the whole file, bypassing the page cache: O_DIRECT in `chunk` pieces into an aligned
-    (anonymous mmap) buffer. Filesystems without O_DIRECT (tmpfs, some overlays) fall back to evicting
-    the file before each pass (posix_fadvise DONTNEED); `method` says which ran."""
+    buffer, on huge pages like the runtime's (hetero.pagebuf) unless `huge=False`. Filesystems
+    without O_DIRECT (tmpfs, some overlays) fall back to evicting the file before each pass
+    (posix_fadvise DONTNEED); `method` says which ran."""
 
-    def __init__(self, path: Path, chunk: int):
+    def __init__(self, path: Path, chunk: int, huge: bool = True):
         self.path, self.size = path, path.stat().st_size
-        self.buf = mmap.mmap(-1, max(_ALIGN, min(chunk, self.size) // _ALIGN * _ALIGN))
+        self.buf = host_buffer(max(_ALIGN, min(chunk, self.size) // _ALIGN * _ALIGN), huge)
         self.method = "O_DIRECT"
         try:
             if not hasattr(os, "O_DIRECT"):
@@ -92,7 +93,7 @@ class CachedRead:
 
     def __init__(self, path: Path, chunk: int):
         self.path, self.size = path, path.stat().st_size
-        self.buf = mmap.mmap(-1, max(_ALIGN, min(chunk, self.size)))
+        self.buf = host_buffer(max(_ALIGN, min(chunk, self.size)))
 
     def __call__(self) -> int:
         fd = os.open(self.path, os.O_RDONLY)

@@ -72,7 +72,8 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
     """Run the micro-benchmarks on every compute device of `spec` (cpu, cuda:N) and its disk.
 
     All probes are sampled in `rounds` interleaved passes, so each figure's samples spread over the
-    whole run and a burst of load from another process moves its median less.
+    whole run and a burst of load from another process moves its median less; cheap ones
+    (`Probe.spread`: memory bandwidth) get one batch after every other probe's turn.
     """
     import torch
 
@@ -85,11 +86,15 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
     if any(d.kind == "disk" for d in spec.devices):
         probes += [("disk", p) for p in diskbench.disk_probes(sz)]
 
-    with torch.inference_mode(), _progress(progress, len(probes) * sz.rounds) as step:
+    spread = [p for _, p in probes if p.spread]
+    others = [(dev, p) for dev, p in probes if not p.spread]
+    with torch.inference_mode(), _progress(progress, len(others) * sz.rounds) as step:
         for _ in range(sz.rounds):
-            for dev, p in probes:
+            for dev, p in others:
                 step(f"{dev} {' '.join(p.key)}")
                 p.sample(sz.repeats)
+                for q in spread:
+                    q.sample(1)
     for _, p in probes:
         p.release()
 

@@ -73,7 +73,7 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
 
     All probes are sampled in `rounds` interleaved passes, so each figure's samples spread over the
     whole run and a burst of load from another process moves its median less; cheap ones
-    (`Probe.spread`: memory bandwidth) get one batch after every other probe's turn.
+    (`Probe.spread`: memory bandwidth) get one batch after every second turn of the others.
     """
     import torch
 
@@ -89,12 +89,13 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
     spread = [p for _, p in probes if p.spread]
     others = [(dev, p) for dev, p in probes if not p.spread]
     with torch.inference_mode(), _progress(progress, len(others) * sz.rounds) as step:
-        for _ in range(sz.rounds):
-            for dev, p in others:
+        for r in range(sz.rounds):
+            for i, (dev, p) in enumerate(others):
                 step(f"{dev} {' '.join(p.key)}")
                 p.sample(sz.repeats)
-                for q in spread:
-                    q.sample(1)
+                if (r * len(others) + i) % 2 == 0:
+                    for q in spread:
+                        q.sample(1)
     for _, p in probes:
         p.release()
 

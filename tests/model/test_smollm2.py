@@ -47,6 +47,13 @@ def test_stream_records_and_stop_string(smol):
     assert recs[-1].finish_reason == "stop"
     text = "".join(r.text for r in recs)
     assert "Paris" not in text and recs[-1].prefill_tok_s > 0
+    # a stop string spanning several tokens: none of its start is sent before it is recognised
+    full = list(smol.stream(QUESTION, max_new_tokens=24))
+    pieces = [r.text for r in full if r.text]
+    stop = "".join(pieces[2:5]).strip()
+    whole = "".join(pieces)
+    recs = list(smol.stream(QUESTION, max_new_tokens=24, stop=[stop]))
+    assert "".join(r.text for r in recs) == whole[:whole.find(stop)] and recs[-1].finish_reason == "stop"
     recs = list(smol.stream("Count from one to one hundred.", max_new_tokens=5))
     assert recs[-1].finish_reason == "length" and recs[-1].generated_tokens == 5
 

@@ -13,6 +13,7 @@ from hetero.errors import HeteroError
 from hetero.model.llama import LlamaModel
 from hetero.model.tokenizer import Tokenizer
 from hetero.runtime.sampling import Sampler, SamplingParams
+from hetero.runtime.stops import apply_stops
 
 PREFILL_CHUNK = 512  # long prompts are processed in chunks to bound activation memory
 
@@ -76,16 +77,23 @@ class _Detok:
 def stream_generate(model: LlamaModel, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int = 128,
                     params: SamplingParams = SamplingParams(), stop: list[str] | None = None,
                     stop_ids: set[int] | None = None) -> Iterator[Record]:
+    """Records as tokens come; text is cut at the first of the `stop` strings, and text that may be
+    the start of one is held back until the next token settles it (runtime.stops)."""
     if max_new_tokens <= 0:
         raise HeteroError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    records = _records(model, tok, prompt_ids, max_new_tokens, params, stop_ids)
+    stop = [s for s in (stop or []) if s]
+    return apply_stops(records, stop) if stop else records
+
+
+def _records(model: LlamaModel, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
+             params: SamplingParams, stop_ids: set[int] | None) -> Iterator[Record]:
     sampler = Sampler(params)
     stops = tok.stop_ids if stop_ids is None else stop_ids
     detok = _Detok(tok)
     n_prompt = len(prompt_ids)
     t_first = None
     count = 0
-    text_so_far = ""
-    stop = [s for s in (stop or []) if s]
     for tid, elapsed in generate_step(model, prompt_ids, max_new_tokens, sampler, stops):
         count += 1
         if t_first is None:
@@ -97,13 +105,6 @@ def stream_generate(model: LlamaModel, tok: Tokenizer, prompt_ids: list[int], ma
             return
         delta = detok.add(tid)
         finish = None
-        if stop and delta:
-            text_so_far += delta
-            hit = min((text_so_far.find(s) for s in stop if s in text_so_far), default=-1)
-            if hit >= 0:
-                delta = delta[: max(0, len(delta) - (len(text_so_far) - hit))]
-                yield Record(delta, [tid], n_prompt, count, prefill, decode, "stop")
-                return
         if count >= max_new_tokens or n_prompt + count >= model.spec.max_context:
             finish = "length"
         yield Record(delta, [tid], n_prompt, count, prefill, decode, finish)

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from hetero.serve.stops import apply_stops
+from hetero.runtime.stops import apply_stops
 
 END = object()  # sentinel pushed after the last record of a job
 

@@ -1,4 +1,4 @@
-"""Stop sequences over a stream of records, holding back text that may be the start of one.
+"""Stop sequences over a stream of generation records, holding back text that may be the start of one.
 
 A stop sequence can span several tokens; text already sent cannot be taken back, so any tail of the
 text that is a prefix of a stop sequence waits until the next token settles it.

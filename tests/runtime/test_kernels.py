@@ -97,3 +97,22 @@ def test_int4_gemv_with_bf16_activations(n, k, with_kernels):
     assert y.dtype == torch.bfloat16
     want = ref @ x.float()
     torch.testing.assert_close(y.float(), want, atol=1e-3, rtol=2 ** -8)  # a bf16 step at most
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(33, 96), (1027, 576), (64, 1536), (5, 16)])  # row tails, both threads split rows
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_int8_gemv_matches_torch(n, k, dt, with_kernels):
+    # y = scale * (q @ x): fp32 products and sums (bf16 x widened exactly), so it must agree with a
+    # float64 torch product to fp32 summation error, then to the output's rounding for bf16 x.
+    g = torch.Generator().manual_seed(n + k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) + 0.01
+    x = torch.randn(k, generator=g).to(dt)
+    y = kernels.get().gemv_int8(x, q, s)
+    assert y.dtype == dt and y.shape == (n,)
+    want = (q.double() @ x.double()) * s.double()
+    if dt == torch.float32:
+        torch.testing.assert_close(y.double(), want, atol=1e-3, rtol=1e-5)
+    else:
+        torch.testing.assert_close(y.double(), want.to(dt).double(), atol=1e-3, rtol=2 ** -8)  # a bf16 step at most

@@ -1,8 +1,10 @@
 """Decode and prefill speed: hetero vs llama.cpp on the same GGUF, same thread count, side by side.
 
-Both run the built-in SmolLM2-135M Q4_1 GGUF: llama.cpp (llama-cpp-python) on its own Q4_1 weights,
-hetero at int8 and int4 weight-only (bf16 activations) quantised from the same file. Rounds alternate
-so both see the same machine noise; ratios are per round. Quality: perplexity of each on the same
+Both start from the built-in SmolLM2-135M Q4_1 GGUF. hetero runs int8 and int4 weight-only (bf16
+activations) quantised from it; llama.cpp (llama-cpp-python) runs the same weights at the matching
+width: int4 against the file's own Q4_1, int8 against Q8_0, bf16 against BF16 and fp32 against F32,
+each made from the same file by llama.cpp's own quantizer (cached under the cache dir). Rounds
+alternate so both see the same machine noise; ratios are per round. Quality: perplexity of each on the same
 tokens of the built-in evaluation text (non-overlapping 512-token windows, same scoring).
 
     .venv/bin/python benchmarks/vs_llamacpp.py [--precisions int4,int8] [--rounds 3] [--tokens 64]
@@ -14,6 +16,7 @@ whether greedy tokens on the fast (compiled-kernel) path equal those of the stoc
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import statistics
@@ -104,6 +107,43 @@ def weight_bytes_per_token(net) -> int:
     return total
 
 
+PEER_TYPE = {"int4": "Q4_1", "int8": "Q8_0", "bf16": "BF16", "fp32": "F32"}
+
+
+def peer_gguf(src, prec: str):
+    """The llama.cpp file for hetero precision `prec`: the built-in Q4_1 itself for int4, else
+    llama.cpp's own requantisation of it (the same weights, widened) into the cache dir."""
+    from pathlib import Path
+
+    import llama_cpp
+
+    from hetero.paths import cache_dir
+
+    kind = PEER_TYPE[prec]
+    if kind == "Q4_1":
+        return Path(src), kind
+    out = cache_dir() / "peers" / f"{Path(src).stem}.{kind}.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+                                           "F32": "LLAMA_FTYPE_ALL_F32"}[kind])
+        params.allow_requantize = True
+        tmp = out.with_suffix(".tmp")
+        saved = os.dup(2)  # the quantizer prints every tensor on stderr
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if rc != 0:
+            raise SystemExit(f"llama.cpp could not make {kind} from {src} (rc {rc})")
+        os.replace(tmp, out)
+    return out, kind
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precisions", default="int4,int8")
@@ -123,10 +163,15 @@ def main() -> int:
     path = builtin_path("smollm2-135m")
     try:
         from llama_cpp import Llama, __version__ as lver
-        llm = Llama(model_path=str(path), n_threads=a.threads, n_threads_batch=a.threads, n_ctx=2048,
-                    n_batch=512, logits_all=True, verbose=False)
     except ImportError:
-        llm, lver = None, None
+        Llama, lver = None, None
+
+    def peer(prec):
+        if Llama is None:
+            return None, "-"
+        f, kind = peer_gguf(path, prec)
+        return Llama(model_path=str(f), n_threads=a.threads, n_threads_batch=a.threads, n_ctx=2048,
+                     n_batch=512, logits_all=True, verbose=False), kind
     print(f"# hetero vs llama.cpp — SmolLM2-135M ({path.name}), {a.threads} threads, torch {torch.__version__}, "
           f"llama-cpp-python {lver or 'NOT INSTALLED (make bench-peers): llama.cpp columns empty'}\n")
     t0 = time.perf_counter()
@@ -136,11 +181,12 @@ def main() -> int:
     del first
     prompt_short = None
     long_ids = None
-    print("| hetero precision | decode hetero / llama.cpp tok/s | decode ratio (min–max) | % of bandwidth bound | "
-          f"prefill {a.prefill} hetero / llama.cpp tok/s | prefill ratio (min–max) | % of GEMM bound | "
-          "ppl hetero / llama.cpp Q4_1 | fast == stock tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| hetero precision | llama.cpp type | decode hetero / llama.cpp tok/s | decode ratio (min–max) | "
+          f"% of bandwidth bound | prefill {a.prefill} hetero / llama.cpp tok/s | prefill ratio (min–max) | "
+          "% of GEMM bound | ppl hetero / llama.cpp | fast == stock tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for prec in a.precisions.split(","):
+        llm, kind = peer(prec)
         kernels.set_enabled(False)
         stock = hetero.load("smollm2-135m", dtype=prec)
         kernels.set_enabled(True)
@@ -171,11 +217,11 @@ def main() -> int:
                 return "n/a"
             r = [x / y for x, y in zip(h, l)]
             return f"**{med(r):.2f}×** ({min(r):.2f}–{max(r):.2f})"
-        print(f"| {prec} | {med(hd):.1f} / {med(ld) if ld else float('nan'):.1f} | {ratio(hd, ld)} | "
+        print(f"| {prec} | {kind} | {med(hd):.1f} / {med(ld) if ld else float('nan'):.1f} | {ratio(hd, ld)} | "
               f"{100 * med(hd) / bw_bound:.0f}% of {bw_bound:.0f} | {med(hp):.0f} / {med(lp) if lp else float('nan'):.0f} | "
               f"{ratio(hp, lp)} | {100 * med(hp) / gemm_bound:.0f}% of {gemm_bound:.0f} | {hppl:.2f} / {lppl:.2f} | {same} |",
               flush=True)
-        del model
+        del model, llm
     return 0
 
 

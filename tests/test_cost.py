@@ -78,6 +78,9 @@ def test_memory_terms_by_hand():
     assert cost.kv_bytes(s, "layers.1", "fp32", 32, 1) == 32 * 256
     assert cost.kv_bytes(s, "head", "bf16", 32, 1) == 0
     assert cost.workspace_bytes(s, 16, 1) == 4 * (16 * 576 + 4 * 16 * 16 + 256)
+    # a CPU that may run int4 also holds prefill's dequantised block: 6 bytes per element of the
+    # largest matrix here (vocab 256 x hidden 64; gate/up 2 x 128 x 64 is as large), capped at 2^20
+    assert cost.workspace_bytes(s, 16, 1, dequant=True) == cost.workspace_bytes(s, 16, 1) + 6 * 256 * 64
     assert cost.buffer_bytes(s, "layers.0", 74240, 16, 1, C) == 2 * 74240
     assert cost.activation_bytes(s, 1, 3, C) == 3 * 64 * 4
 

@@ -19,7 +19,7 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
-from hetero.dtypes import PRECISIONS
+from hetero.dtypes import DEQUANT_BYTES_PER_ELEMENT, DEQUANT_ELEMENTS, PRECISIONS
 from hetero.hardware.types import DeviceSpec, HardwareSpec, Profile
 from hetero.model.spec import ModelSpec
 
@@ -270,18 +270,20 @@ def buffer_bytes(spec: ModelSpec, unit: str, full: int, prompt_tokens: int, batc
     return int(coeffs.prefetch_depth * read_bytes(spec, unit, full, batch * max(1, prompt_tokens)))
 
 
-def workspace_bytes(spec: ModelSpec, prompt_tokens: int, batch: int) -> int:
+def workspace_bytes(spec: ModelSpec, prompt_tokens: int, batch: int, dequant: bool = False) -> int:
     """Activation workspace of a device that runs any unit: the prefill of the whole prompt at once.
 
     hidden/residual/normed [B, P, h] x3, q [B, P, H*D], k/v [B, P, kv] x2, gate/up [B, P, f] x2 (fp32),
-    attention scores [B, H, P, P] (eager attention), last-token logits [B, vocab].
+    attention scores [B, H, P, P] (eager attention), last-token logits [B, vocab]; with `dequant`
+    (a CPU that may run int4) also the block an int4 prefill dequantises at a time (at most ~6 MB).
     """
     h, f, kv = spec.hidden_size, spec.intermediate_size, spec.kv_dim
     q = spec.n_heads * spec.head_dim
     tok = batch * max(1, prompt_tokens)
     per_tok = 3 * h + q + 2 * kv + 2 * f
     scores = batch * spec.n_heads * prompt_tokens * prompt_tokens
-    return 4 * (tok * per_tok + scores + batch * spec.vocab_size)
+    block = min(DEQUANT_ELEMENTS, max(2 * f * h, (q + 2 * kv) * h, spec.vocab_size * h)) if dequant else 0
+    return 4 * (tok * per_tok + scores + batch * spec.vocab_size) + DEQUANT_BYTES_PER_ELEMENT * block
 
 
 # ---- per-unit times ------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "int4")
 # Default group size of group-wise int4 (torch's CPU int4 kernel accepts 32, 64, 128, 256).
 INT4_GROUP = 32
 
+# Weight elements an int4 prefill dequantises at a time, and the bytes each takes while it does
+# (the kernel widens through fp32 to bf16): the runtime's block size and the planner's transient.
+DEQUANT_ELEMENTS = 1 << 20
+DEQUANT_BYTES_PER_ELEMENT = 6
+
 # GGML block layouts: type -> (elements per block, bytes per block); mirrors gguf's GGML_QUANT_SIZES
 # for the types we read, so sizes do not need the gguf package at import time.
 GGML_BLOCKS: dict[str, tuple[int, int]] = {

@@ -37,7 +37,7 @@ def brute_force(table, budgets, max_quality=None):
             mem = mem + table.pools[m][rows, A].max(axis=1)
         for i, d in enumerate(devs):
             if table.mem_of[d] == m:
-                mem = mem + table.workspace * (D == i).any(axis=1)
+                mem = mem + table.workspace[d] * (D == i).any(axis=1)
         ok &= mem <= budget
     if max_quality is not None:
         ok &= table.quality[rows, A].sum(axis=1) <= max_quality + 1e-12

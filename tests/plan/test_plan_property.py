@@ -30,8 +30,9 @@ def recount(plan, spec, hw) -> dict[str, int]:
                 pools[pool] = max(pools.get(pool, 0), buf)
     for m, b in pools.items():
         mem[m] += b
-    for d in {u.device for u in plan.units}:
-        mem[shared[d]] += cost.workspace_bytes(spec, P, B)
+    kinds = {d.name: d.kind for d in hw.devices}
+    for d in {u.device for u in plan.units}:  # a CPU offered int4 holds int4 prefill's dequantised block
+        mem[shared[d]] += cost.workspace_bytes(spec, P, B, dequant=kinds[d] == "cpu" and "int4" in plan.precisions)
     return mem
 
 

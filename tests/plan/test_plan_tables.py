@@ -116,3 +116,13 @@ def test_infeasible_message_names_budget_in_bytes():
     need = int(m.group(1))
     p = make_plan(spec, cpu_machine(), cpu_profile(), {"cpu": need}, **WL)
     assert p.memory["cpu"] <= need
+
+
+def test_only_a_cpu_offered_int4_holds_the_dequant_block():
+    spec = toy_spec(layers=2)
+    big = {"cpu": 10**9}
+    with_int4 = make_plan(spec, cpu_machine(), cpu_profile(), big, precisions=["bf16", "int4"], **WL)
+    bf16_only = make_plan(spec, cpu_machine(), cpu_profile(), big, precisions=["bf16"], **WL)
+    extra = with_int4.memory_breakdown["cpu"]["workspace"] - bf16_only.memory_breakdown["cpu"]["workspace"]
+    h, f, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    assert extra == 6 * min(1 << 20, max(2 * f * h, v * h, (spec.n_heads * spec.head_dim + 2 * spec.kv_dim) * h))

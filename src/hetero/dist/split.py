@@ -165,7 +165,7 @@ def split_model(spec: ModelSpec, hosts: Hosts, speeds: list[RankSpeed], precisio
              for u in units] for s in speeds]
     pre = [[cost.compute_time(spec, u, s.rates, precision, full[(u, precision)], prompt_tokens, prompt_tokens,
                               micro_batch, coeffs) for u in units] for s in speeds]
-    work = cost.workspace_bytes(spec, prompt_tokens, micro_batch)
+    work = cost.workspace_bytes(spec, prompt_tokens, micro_batch, dequant=precision == "int4")
 
     def link(r: int) -> Link:
         nxt = rank_hosts[(r + 1) % R]

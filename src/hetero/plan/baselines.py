@@ -73,7 +73,7 @@ def llamacpp_like(table: Table, budgets: dict[str, int], precision: str) -> list
     if gpus:  # -ngl: layers from the first, then the output layer, while weights + KV + workspace fit
         g = gpus[0]
         m = table.mem_of[g]
-        room = budgets.get(m, 0) - table.workspace
+        room = budgets.get(m, 0) - table.workspace[g]
         for u in [*range(1, U - 1), U - 1]:
             need = table.weights[m][u, _pick(table, g, precision, "resident")]
             if need > room:
@@ -83,7 +83,7 @@ def llamacpp_like(table: Table, budgets: dict[str, int], precision: str) -> list
         if table.tied and U - 1 in on_gpu:
             on_gpu.discard(U - 1)  # the output matrix is the CPU-side token embedding
     hm = table.mem_of[host]
-    room = budgets.get(hm, 0) - table.workspace
+    room = budgets.get(hm, 0) - table.workspace[host]
     assign = []
     for u in range(U):
         if u in on_gpu:

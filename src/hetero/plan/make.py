@@ -200,7 +200,9 @@ def rescore(plan: Plan, spec: ModelSpec, hardware: HardwareSpec, profile: Profil
     """The same placement priced again by the cost model (after a hand edit or a new calibration)."""
     check_plan(plan, spec, hardware)
     wl = Workload(plan.objective, plan.prompt_tokens, plan.context, plan.batch)
-    table = build_table(spec, hardware, profile, wl, None, sensitivity, coeffs, prefetch=plan.prefetch)
+    # the plan's precisions and any a hand edit brought in: what the workspace must provide for
+    precs = sorted(set(plan.precisions) | {u.precision for u in plan.units}) or None
+    table = build_table(spec, hardware, profile, wl, precs, sensitivity, coeffs, prefetch=plan.prefetch)
     assign = choices_of(plan, table)
     fresh = assemble(table, assign, plan.budgets, plan.reserve, plan.kind, plan.prefetch,
                      plan.max_quality_loss, list(plan.precisions), plan.why, plan.solver)

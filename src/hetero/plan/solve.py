@@ -197,7 +197,7 @@ class _Model:
                    if table.weights[m][bl[b].units[0], k]]
             if m in self.pool:
                 ent.append((self.pool[m], 1.0))
-            ent += [(self.y[d], table.workspace / MiB) for d in table.compute if table.mem_of[d] == m]
+            ent += [(self.y[d], table.workspace[d] / MiB) for d in table.compute if table.mem_of[d] == m]
             self.mem_rows[m] = ent
             if m in budgets:
                 # the exact bytes are checked after solving; `slack_bytes` tightens a retry

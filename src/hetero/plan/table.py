@@ -86,7 +86,7 @@ class Table:
     quality: np.ndarray                   # [U, K]
     act_decode: dict[tuple[str, str], float]
     act_prefill: dict[tuple[str, str], float]
-    workspace: int
+    workspace: dict[str, int]             # compute device -> activation workspace bytes when it runs any unit
     tied: bool
     unit_bytes: np.ndarray                # [U, K] weight bytes at the chosen precision
     valid: np.ndarray = field(default=None)  # [U, K] bool
@@ -149,7 +149,7 @@ class Table:
             w = int(round(self.weights_only[m][rows, ks].sum()))
             kv = int(round(self.weights[m][rows, ks].sum())) - w
             buf = int(round(self.pools[m][rows, ks].max())) if m in self.pools else 0
-            ws = self.workspace * sum(1 for d in used if self.mem_of[d] == m)
+            ws = sum(self.workspace[d] for d in used if self.mem_of[d] == m)
             memory[m] = w + kv + buf + ws
             breakdown[m] = {"weights": w, "kv": kv, "buffers": buf, "workspace": ws}
         return Evaluation(decode_s, prefill_s, wp * prefill_s + wd * decode_s, memory, breakdown,
@@ -246,9 +246,13 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
                             for a in compute for b in compute if a != b}, compute)
     act_prefill = _shortest({(a, b): links[(a, b)].time(cost.activation_bytes(spec, P, B, coeffs))
                              for a in compute for b in compute if a != b}, compute)
+    # a CPU that may run int4 also holds the block its prefill dequantises at a time
+    kinds = {d.name: d.kind for d in hw.devices}
+    workspace = {d: cost.workspace_bytes(spec, P, B, dequant=kinds.get(d) == "cpu" and any(
+        c.device == d and c.precision == "int4" for c in choices)) for d in compute}
     return Table(spec, hw, workload, coeffs, prefetch, units, choices, compute, mem_of, memory_devices,
                  disk.name if disk else None, host, decode, prefill, decode_serial, prefill_serial, weights, weights_only, pools, quality,
-                 act_decode, act_prefill, cost.workspace_bytes(spec, P, B), tied, nbytes, valid)
+                 act_decode, act_prefill, workspace, tied, nbytes, valid)
 
 
 def _shortest(c: dict[tuple[str, str], float], nodes: list[str]) -> dict[tuple[str, str], float]:

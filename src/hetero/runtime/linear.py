@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hetero.dtypes import INT4_GROUP
+from hetero.dtypes import DEQUANT_ELEMENTS, INT4_GROUP
 from hetero.runtime import kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,9 +173,8 @@ class Int4Linear(torch.nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-# Weight elements dequantised at a time in prefill (the kernel widens through fp32, 6 bytes an element
-# in all): bounds the transient to ~6 MB instead of the whole matrix (a 1B model's gate/up: ~140 MB).
-DEQUANT_ELEMENTS = 1 << 20
+# Prefill dequantises DEQUANT_ELEMENTS weights at a time (hetero.dtypes): bounds the transient to
+# ~6 MB instead of the whole matrix (a 1B model's gate/up: ~140 MB).
 
 
 def _dequant_linear(x2: torch.Tensor, dequant, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ Prints a markdown report; exit code 1 when a check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -134,10 +135,7 @@ def dd_direct(path: Path, chunk: int, huge: bool = False) -> float:
     bs = chunk - 8192 if huge else chunk
     cmd = ["dd", f"if={path}", "of=/dev/null", f"bs={bs}", "iflag=direct"]
     t0 = time.perf_counter()
-    if huge:
-        with HugePagesForDd():
-            r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    else:
+    with HugePagesForDd() if huge else contextlib.nullcontext():
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
     m = re.search(r"copied, ([\d.,]+) s", r.stderr)

@@ -23,8 +23,7 @@ def host_buffer(nbytes: int, huge: bool = True) -> mmap.mmap:
     mapping with huge pages and its ends with small ones, and reads as fast (measured) without
     the up to 2 MiB a rounding would add to every resident unit.
 
-    `huge=False` gives plain small pages (what a malloc'd buffer of another program gets); used by
-    the hardware check to compare like with like."""
+    `huge=False` gives plain small pages (what a malloc'd buffer of another program gets)."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
     buf = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
     if huge and nbytes >= HUGE and hasattr(mmap, "MADV_HUGEPAGE"):

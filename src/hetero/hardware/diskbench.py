@@ -58,13 +58,13 @@ def _drop_cache(fd: int) -> None:
 
 class DirectRead:
     """Reads the whole file, bypassing the page cache: O_DIRECT in `chunk` pieces into an aligned
-    buffer, on huge pages like the runtime's (hetero.pagebuf) unless `huge=False`. Filesystems
+    buffer, on huge pages like the runtime's (hetero.pagebuf). Filesystems
     without O_DIRECT (tmpfs, some overlays) fall back to evicting the file before each pass
     (posix_fadvise DONTNEED); `method` says which ran."""
 
-    def __init__(self, path: Path, chunk: int, huge: bool = True):
+    def __init__(self, path: Path, chunk: int):
         self.path, self.size = path, path.stat().st_size
-        self.buf = host_buffer(max(_ALIGN, min(chunk, self.size) // _ALIGN * _ALIGN), huge)
+        self.buf = host_buffer(max(_ALIGN, min(chunk, self.size) // _ALIGN * _ALIGN))
         self.method = "O_DIRECT"
         try:
             if not hasattr(os, "O_DIRECT"):

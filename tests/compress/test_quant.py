@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hetero.compress.quant import grid, gptq, int4_bytes, int4_rtn, int8_rtn, on_grid
-from hetero.runtime.linear import Int4Linear, Int8Linear
+from hetero.ops.linear import Int4Linear, Int8Linear
 
 
 def _w(n=24, k=176, seed=0):

@@ -40,7 +40,7 @@ def _one_process_model(name: str):
     """hetero.load's model (LlamaModel, whole), its GGUF tensors read in one pass (hetero.load reopens the
     file per tensor: ~30 s on this busy machine, for identical weights)."""
     from hetero.dist.stage import stage_weights
-    from hetero.model.api import Model
+    from hetero.runtime.api import Model
     from hetero.model.llama import LlamaModel
     from hetero.model.sources import resolve, resolve_spec
     from hetero.model.tokenizer import load_tokenizer

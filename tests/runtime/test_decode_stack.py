@@ -6,7 +6,7 @@ import torch
 
 import hetero
 from hetero.model.llama import DecoderLayer, UnitConfig, compile_decode_stack
-from hetero.runtime import kernels
+from hetero.ops import kernels
 from tests.model.helpers import write_tiny_checkpoint
 
 needs_kernels = pytest.mark.skipif(kernels.get() is None, reason="compiled kernels unavailable here")

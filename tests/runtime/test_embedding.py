@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hetero.dtypes import weight_bytes
-from hetero.runtime.embedding import QuantEmbedding, make_embedding
+from hetero.ops.embedding import QuantEmbedding, make_embedding
 
 
 @pytest.mark.parametrize("precision,tol", [("int8", 0.01), ("int4", 0.1)])

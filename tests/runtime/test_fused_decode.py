@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import hetero
 from hetero.model.llama import apply_rope, rms_norm
-from hetero.runtime import kernels
+from hetero.ops import kernels
 from tests.model.helpers import write_tiny_checkpoint
 
 needs_kernels = pytest.mark.skipif(kernels.get() is None, reason="compiled kernels unavailable here")

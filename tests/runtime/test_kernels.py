@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hetero.runtime import kernels
-from hetero.runtime.linear import make_linear
+from hetero.ops import kernels
+from hetero.ops.linear import make_linear
 
 needs_kernels = pytest.mark.skipif(kernels.get() is None, reason="compiled kernels unavailable here")
 

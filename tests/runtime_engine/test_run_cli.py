@@ -25,7 +25,7 @@ def run_json(args, capsys=None) -> dict:
 
 def fresh_baseline() -> int:
     """The runtime baseline as a fresh `hetero run` process measures it."""
-    code = "from hetero.runtime.memory import runtime_baseline; print(runtime_baseline())"
+    code = "from hetero.runtime.baseline import runtime_baseline; print(runtime_baseline())"
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               timeout=300).stdout.strip())
 

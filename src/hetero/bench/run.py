@@ -81,11 +81,11 @@ def run_config(cfg: Config, calibration: dict[str, float] | None = None) -> dict
 
     from hetero.hardware import machine
     from hetero.model.sources import resolve_spec
-    from hetero.runtime import memory
+    from hetero.runtime import baseline, memory
 
     t0 = time.perf_counter()
     mon = memory.Footprint().start()
-    reserve = {"cpu": memory.runtime_baseline(cfg.model)}
+    reserve = {"cpu": baseline.runtime_baseline(cfg.model)}
     hw, prof = machine("this")
     if calibration is not None and prof is not None:
         prof = dataclasses.replace(prof, calibration=dict(calibration))

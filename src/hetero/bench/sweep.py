@@ -27,7 +27,7 @@ def candidates(model: str, memory: str, precisions: list[str], residencies: list
     from hetero.model.sources import resolve_spec
     from hetero.plan import parse_memory
     from hetero.plan.units import fmt_bytes
-    from hetero.runtime.memory import runtime_baseline
+    from hetero.runtime.baseline import runtime_baseline
 
     spec = resolve_spec(model)
     budget = parse_memory(memory, spec).get("cpu")

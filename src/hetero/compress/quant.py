@@ -1,7 +1,7 @@
 """Weight-only quantisation as fake-quant transforms: each returns the dequantised float weight, so
 any runtime can load the result and quality is measured on exactly the grid the format stores.
 
-- int8: symmetric per output channel (the runtime's own quantiser, hetero.runtime.linear).
+- int8: symmetric per output channel (the runtime's own quantiser, hetero.ops.linear).
 - int4: group-wise along the input dim, asymmetric (scale + min, the runtime's quantiser) or
   symmetric (scale only, levels -8..7). A last group the size does not divide is its own, shorter
   group: it is quantised, never skipped.
@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from hetero.runtime.linear import quantize_int4_groupwise, quantize_int8_per_channel
+from hetero.ops.linear import quantize_int4_groupwise, quantize_int8_per_channel
 
 
 def int8_rtn(w: torch.Tensor) -> torch.Tensor:

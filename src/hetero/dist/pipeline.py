@@ -101,7 +101,7 @@ def _setup(model: str, hosts: Hosts, job: Job | None, rank: int, world: int, com
     tok = None
     if rank == 0:
         from hetero.dist.split import rank_speeds, split_model
-        from hetero.model.api import Model
+        from hetero.runtime.api import Model
         from hetero.model.tokenizer import load_tokenizer
 
         src = resolve(model)

@@ -7,7 +7,7 @@ import torch
 
 from hetero.model.llama import DecoderLayer, KVCache, RotaryTable, UnitConfig, rms_norm
 from hetero.model.spec import ModelSpec
-from hetero.runtime.linear import activation_dtype, make_linear
+from hetero.ops.linear import activation_dtype, make_linear
 
 
 class StageModel:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from hetero.model.spec import ModelSpec
-from hetero.runtime import kernels
-from hetero.runtime.embedding import TiedEmbedding, make_embedding
-from hetero.runtime.linear import activation_dtype, gemv_operands, make_linear
+from hetero.ops import kernels
+from hetero.ops.embedding import TiedEmbedding, make_embedding
+from hetero.ops.linear import activation_dtype, gemv_operands, make_linear
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
     rec = eng.generate(prompt, max_new_tokens=32)         # a Model.generate-like run
     eng.report()                                          # predicted vs measured, per device
 
-Each unit runs on its device at its precision (the kernels of hetero.runtime.linear); activations
+Each unit runs on its device at its precision (the kernels of hetero.ops.linear); activations
 move at device boundaries (LlamaModel.forward); the KV cache sits on each layer's device. Units
 whose residency is "disk" are read with O_DIRECT by a prefetch thread from the tensor cache;
 "ram" units on a GPU are copied from pinned host memory on a side stream. A plan with no streamed
@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from hetero.errors import HeteroError
-from hetero.model.api import Model
+from hetero.runtime.api import Model
 from hetero.model.llama import LlamaModel, UnitConfig
 from hetero.model.sources import Source, resolve, resolve_spec
 from hetero.model.spec import ModelSpec
 from hetero.model.weights import WeightStore, required
 from hetero.plan.plan import Plan
-from hetero.runtime import memory
-from hetero.runtime.embedding import TiedEmbedding
+from hetero.runtime import baseline, memory
+from hetero.ops.embedding import TiedEmbedding
 from hetero.runtime.stream import DiskEmbedding, HostBuffer, DirectReader, Prefetcher, Source as StreamSource
 from hetero.runtime.stream import StreamedUnit, bind
 from hetero.runtime.tensorcache import Entry, Holder, cache_root, ensure_entries, missing_bytes
@@ -312,7 +312,7 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
                                               "head": UnitConfig(head.device, "fp32")})
     net.spec = spec
     net.units = {u.name: UnitConfig(u.device, u.precision) for u in plan.units}
-    from hetero.runtime.linear import activation_dtype
+    from hetero.ops.linear import activation_dtype
 
     net.embed_dtype = activation_dtype(emb.precision)
     # streamed units in execution order, one prefetcher per compute device
@@ -375,7 +375,7 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
 
     spec = resolve_spec(model)
     notes: list[str] = []
-    reserve = {"cpu": memory.runtime_baseline(model)}
+    reserve = {"cpu": baseline.runtime_baseline(model)}
     if plan_path:
         plan = Plan.load(plan_path)
         here = inventory()

@@ -102,7 +102,7 @@ def _decode(v, spec: ModelSpec):
 
 def _pymodule(name: str):
     """A module by name; hetero's optional compiled kernels through their loader (None when absent)."""
-    from hetero.runtime import kernels
+    from hetero.ops import kernels
 
     if name == getattr(kernels, "NAME", None):
         return kernels.get()
@@ -188,8 +188,8 @@ def code_version() -> str:
     quantisation) is stale."""
     if "code" not in _CODE:
         import hetero.model.llama as llama
-        import hetero.runtime.embedding as embedding
-        import hetero.runtime.linear as linear
+        import hetero.ops.embedding as embedding
+        import hetero.ops.linear as linear
 
         h = hashlib.sha256()
         for m in (llama, linear, embedding):
@@ -343,10 +343,10 @@ def build_unit(spec: ModelSpec, weights: Callable[[str], torch.Tensor], unit: st
                device: str) -> torch.nn.Module:
     """The unit's module exactly as LlamaModel builds it (same code, so cached == built, bit for bit)."""
     from hetero.model.llama import DecoderLayer, UnitConfig
-    from hetero.runtime.linear import activation_dtype, make_linear
+    from hetero.ops.linear import activation_dtype, make_linear
 
     if unit == "embed":
-        from hetero.runtime.embedding import make_embedding
+        from hetero.ops.embedding import make_embedding
 
         table = make_embedding(weights("model.embed_tokens.weight"), precision, device)
         return table if isinstance(table, torch.nn.Module) else Holder(table)

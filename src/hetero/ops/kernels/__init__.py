@@ -1,7 +1,7 @@
 """Optional compiled decode kernels (AVX-512 matrix-vector products), with a pure-torch fallback.
 
 `get()` returns the compiled module or None. It is built once per (source, torch, compiler flags)
-with g++ against torch's headers (`python -m hetero.runtime.kernels` builds it ahead of time; the
+with g++ against torch's headers (`python -m hetero.ops.kernels` builds it ahead of time; the
 Makefile's install runs that) and loaded from there afterwards. Anything missing — not x86
 with AVX-512, no compiler, HETERO_KERNELS=0 — means None, and callers use stock torch kernels.
 """

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.dtypes import INT4_GROUP
-from hetero.runtime.linear import quantize_int4_groupwise, quantize_int8_per_channel
+from hetero.ops.linear import quantize_int4_groupwise, quantize_int8_per_channel
 
 
 class QuantEmbedding(torch.nn.Module):
@@ -76,7 +76,7 @@ def make_embedding(weight: torch.Tensor, precision: str, device: str = "cpu"):
     """The table for a unit of `precision`: a dense tensor (fp32/bf16/fp16) or a QuantEmbedding."""
     if precision in ("int8", "int4"):
         return QuantEmbedding(weight, precision, device)
-    from hetero.runtime.linear import activation_dtype
+    from hetero.ops.linear import activation_dtype
 
     return weight.to(device=device, dtype=activation_dtype(precision))
 
@@ -91,7 +91,7 @@ class TiedEmbedding:
 
     @staticmethod
     def tie(head: torch.nn.Module) -> "TiedEmbedding | None":
-        from hetero.runtime.linear import DenseLinear, Int4Linear, Int8Linear
+        from hetero.ops.linear import DenseLinear, Int4Linear, Int8Linear
 
         if isinstance(head, DenseLinear):
             return TiedEmbedding(head, "dense")

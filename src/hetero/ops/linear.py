@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.dtypes import DEQUANT_ELEMENTS, INT4_GROUP
-from hetero.runtime import kernels
+from hetero.ops import kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -34,7 +34,7 @@ def gguf_roundtrip(loaded, qtype: str) -> dict:
 
 def decode_tok_s(loaded, precision: str, tokens: int = 32) -> float:
     from hetero.compress.core import build_net
-    from hetero.model.llama import UnitConfig
+    from hetero.model.units import UnitConfig
 
     net = build_net(loaded.spec, loaded.tensors, default=UnitConfig("cpu", precision))
     ids = torch.tensor([loaded.tokenizer.encode("The Python language reference says that")])

@@ -37,17 +37,17 @@ def one_process(m, prompts: list[list[int]], n: int, batch: bool = False) -> lis
 
 
 def _one_process_model(name: str):
-    """hetero.load's model (LlamaModel, whole), its GGUF tensors read in one pass (hetero.load reopens the
+    """hetero.load's model (Decoder, whole), its GGUF tensors read in one pass (hetero.load reopens the
     file per tensor: ~30 s on this busy machine, for identical weights)."""
     from hetero.dist.stage import stage_weights
     from hetero.runtime.api import Model
-    from hetero.model.llama import LlamaModel
+    from hetero.model.decoder import Decoder
     from hetero.model.sources import resolve, resolve_spec
     from hetero.model.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)  # ranks run one thread each: the same reduction order
     spec, src = resolve_spec(name), resolve(name)
-    net = LlamaModel(spec, stage_weights(src, spec, tuple(spec.unit_names())))
+    net = Decoder.build(spec, stage_weights(src, spec, tuple(spec.unit_names())))
     return Model(spec, net, load_tokenizer(src, spec.vocab_size, None))
 
 

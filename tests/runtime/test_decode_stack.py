@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import hetero
-from hetero.model.llama import DecoderLayer, UnitConfig, compile_decode_stack
+from hetero.model.llama import DecoderLayer, compile_decode_stack
+from hetero.model.units import UnitConfig
 from hetero.ops import kernels
 from tests.model.helpers import write_tiny_checkpoint
 

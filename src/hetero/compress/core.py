@@ -12,7 +12,8 @@ from typing import Callable
 
 import torch
 
-from hetero.model.llama import LlamaModel, UnitConfig
+from hetero.model.decoder import Decoder
+from hetero.model.units import UnitConfig
 from hetero.model.spec import ModelSpec, expected_tensors
 
 # Projections of a decoder layer: the matrices compression acts on.
@@ -73,12 +74,12 @@ def unit_linears(spec: ModelSpec, unit: str) -> list[str]:
 
 
 def build_net(spec: ModelSpec, tensors: dict[str, torch.Tensor], units: dict[str, UnitConfig] | None = None,
-              default: UnitConfig = UnitConfig()) -> LlamaModel:
+              default: UnitConfig = UnitConfig()) -> Decoder:
     """A runnable decoder over `tensors` (fp32 by default, or per-unit precisions from `units`)."""
     def get(name: str) -> torch.Tensor:
         return tensors[name]
 
-    return LlamaModel(spec, get, units, default)
+    return Decoder.build(spec, get, units, default)
 
 
 def fp32_bytes(spec: ModelSpec) -> int:

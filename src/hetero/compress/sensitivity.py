@@ -16,7 +16,7 @@ import time
 
 from hetero.compress.core import Loaded, build_net
 from hetero.eval.perplexity import perplexity
-from hetero.model.llama import UnitConfig
+from hetero.model.units import UnitConfig
 from hetero.progress import progress_bar
 
 PRECISIONS = ("bf16", "int8", "int4")

@@ -139,7 +139,7 @@ def rank_devices(hosts: Hosts) -> list[str]:
 
 
 def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> dict | None:
-    from hetero.dist.stage import StageModel, rss_anon, stage_weights, trim_heap
+    from hetero.dist.stage import build_stage, rss_anon, stage_weights, trim_heap, weight_bytes
     from hetero.model.sources import resolve
 
     spec, job, split, tok = _setup(model, hosts, job, rank, world, comm)
@@ -154,7 +154,7 @@ def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> 
     rss0, anon0 = _rss(), rss_anon()
     t0 = time.perf_counter()
     comm.watch.beat(f"loading {st.first}..{st.last}", load_timeout)
-    stage = StageModel(spec, stage_weights(src, spec, st.units), st.units, job.precision, device)
+    stage = build_stage(spec, stage_weights(src, spec, st.units), st.units, job.precision, device)
     load_s = time.perf_counter() - t0
     trim_heap()
     rss1, anon1 = _rss(), rss_anon()
@@ -171,7 +171,7 @@ def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> 
     result = runner.drive(tok, on_token, delay) if rank == 0 else runner.serve(delay)
     comm.flush()
     stats = {"rank": rank, "host": st.host, "units": f"{st.first}..{st.last}", "layers": st.layers,
-             "weight_bytes": stage.weight_bytes(), "planned_weight_bytes": st.weight_bytes,
+             "weight_bytes": weight_bytes(stage), "planned_weight_bytes": st.weight_bytes,
              "rss_before_load": rss0, "rss_after_load": rss1, "rss_load_delta": rss1 - rss0,
              "anon_before_load": anon0, "anon_after_load": anon1, "anon_load_delta": anon1 - anon0,
              "peak_rss": peak_rss_bytes(),
@@ -209,7 +209,7 @@ class _Runner:
         if start == 0:
             self.caches[m] = self.stage.new_cache(len(self.mbs[m]), self.max_len[m])
         t = time.perf_counter()
-        out = self.stage(x, start, self.caches[m], want)
+        out = self.stage(x, start, self.caches[m], want_logits=want)
         self.compute_s += time.perf_counter() - t
         self.steps += 1
         self.comm.watch.beat()  # progress: a lone rank has no messages to show it

@@ -63,7 +63,7 @@ def check_settings(n: int, context: int, stride: int, max_context: int | None = 
 def perplexity(net, ids: list[int] | torch.Tensor, context: int = 512, stride: int = 256,
                progress: bool = True, reference: list[torch.Tensor] | None = None,
                keep: list[torch.Tensor] | None = None) -> PplResult:
-    """Perplexity of `net` (a LlamaModel or anything with `new_cache` and the same call) on `ids`.
+    """Perplexity of `net` (a Decoder or anything with `new_cache` and the same call) on `ids`.
 
     `keep`, when a list, receives each window's log-probabilities of the scored positions
     ([t, V] fp32); passing such a list back as `reference` adds the mean KL(reference || net).

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): where the model is defined.
+"""The Llama-family decoder layer (Llama 2/3, Mistral, Qwen2, SmolLM): where the model is defined.
 
 Lean by design: fused QKV and gate/up projections, a preallocated KV cache written in place, and
 linear layers whose kernel (fp32/bf16/int8/int4) and device are chosen per unit by the caller.
@@ -7,23 +7,16 @@ Shapes: B batch, T new tokens, S cached positions, H query heads, K kv heads, D 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from hetero.model.arch import Architecture
 from hetero.model.spec import ModelSpec
+from hetero.model.units import UnitConfig
 from hetero.ops import kernels
-from hetero.ops.embedding import TiedEmbedding, make_embedding
 from hetero.ops.linear import activation_dtype, gemv_operands, make_linear
-
-
-@dataclass(frozen=True)
-class UnitConfig:
-    """How one unit runs: its device and precision (the Plan decides; default all-CPU)."""
-    device: str = "cpu"
-    precision: str = "fp32"
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -198,79 +191,9 @@ def compile_decode_stack(layers: list) -> object | None:
     return stack
 
 
-class LlamaModel(torch.nn.Module):
-    """Embedding -> decoder layers -> norm -> head. Each unit may sit on its own device/precision."""
+def build_layer(spec: ModelSpec, weights: Callable[[str], torch.Tensor], i: int, unit: UnitConfig) -> DecoderLayer:
+    return DecoderLayer(spec, weights, i, unit)
 
-    def __init__(self, spec: ModelSpec, weights: Callable[[str], torch.Tensor | None],
-                 units: dict[str, UnitConfig] | None = None, default: UnitConfig = UnitConfig()):
-        super().__init__()
-        self.spec = spec
-        units = units or {}
-        self.units = {u: units.get(u, default) for u in spec.unit_names()}
-        emb = self.units["embed"]
-        self.embed_dtype = activation_dtype(emb.precision)
-        self.layers = torch.nn.ModuleList(
-            DecoderLayer(spec, weights, i, self.units[f"layers.{i}"]) for i in range(spec.n_layers)
-        )
-        head = self.units["head"]
-        self.norm = weights("model.norm.weight").float().to(head.device)
-        head_w = weights("model.embed_tokens.weight") if spec.tie_embeddings else weights("lm_head.weight")
-        self.head = make_linear(head_w, None, head.precision, head.device)
-        # A tied model keeps one matrix: the embedding reads its rows from the head (same device
-        # and precision); otherwise a table of its own, packed at int8/int4 and dequantised on lookup.
-        tied = None
-        if spec.tie_embeddings and (emb.device, emb.precision) == (head.device, head.precision):
-            tied = TiedEmbedding.tie(self.head)
-        self.embed = tied if tied is not None else make_embedding(
-            weights("model.embed_tokens.weight"), emb.precision, emb.device)
-        self.head_device = head.device
-        self.rope: RotaryTable | None = None
-        # The compiled decode stack and the layers it was built from (built at the first decode step:
-        # an engine assigns `layers` after construction). stack_decode = False: each layer runs its
-        # own decode step (the stack's reference).
-        self.stack_decode = True
-        self._stack: tuple[list, object | None] | None = None
 
-    def _decode_stack(self) -> object | None:
-        """The compiled stack for the current layers (rebuilt if `layers` changed), or None. Not used
-        while a layer has hooks (per-unit timings hook each layer's forward)."""
-        layers = list(self.layers)
-        if self._stack is None or self._stack[0] != layers:
-            self._stack = (layers, compile_decode_stack(layers))
-        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
-            return None
-        return self._stack[1]
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        if self.rope is None or self.rope.cos.shape[0] < max_len:
-            self.rope = RotaryTable(self.spec, max_len)
-        dtypes = [layer.dtype for layer in self.layers]
-        devices = [layer.device for layer in self.layers]
-        return KVCache(self.spec, batch, max_len, dtypes, devices)
-
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, start: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
-        """ids: [B, T] new tokens at positions start..start+T-1 -> logits [B, V] (last) or [B, T, V] (fp32)."""
-        T = ids.shape[1]
-        if start + T > cache.max_len:
-            raise ValueError(f"context overflow: {start + T} > cache length {cache.max_len}")
-        x = self.embed[ids.to(self.embed.device)]
-        stack = self._decode_stack() if ids.shape[0] == T == 1 and self.stack_decode else None
-        if stack is not None:  # one decode step: every layer in one compiled call
-            first = self.layers[0]
-            x = x.to(device=first.device, dtype=first.dtype)
-            x = stack.step(x, start, *self.rope.get(start, 1, first.dtype, first.device), cache.k, cache.v)
-        else:
-            tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one cos/sin per (dtype, device)
-            for i, layer in enumerate(self.layers):
-                if x.device.type != torch.device(layer.device).type or x.dtype != layer.dtype:
-                    x = x.to(device=layer.device, dtype=layer.dtype)
-                key = (layer.dtype, layer.device)
-                if key not in tables:
-                    tables[key] = self.rope.get(start, T, layer.dtype, layer.device)
-                x = layer(x, start, *tables[key], cache.k[i], cache.v[i])
-        if last_only:
-            x = x[:, -1:]
-        x = rms_norm(x.to(self.head_device), self.norm, self.spec.norm_eps)
-        logits = self.head(x).float()
-        return logits[:, -1] if last_only else logits
+ARCH = Architecture(name="llama", spec_names=("llama", "mistral", "qwen2"), build_layer=build_layer,
+                    compile_decode=compile_decode_stack)

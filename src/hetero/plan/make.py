@@ -207,3 +207,16 @@ def rescore(plan: Plan, spec: ModelSpec, hardware: HardwareSpec, profile: Profil
     fresh = assemble(table, assign, plan.budgets, plan.reserve, plan.kind, plan.prefetch,
                      plan.max_quality_loss, list(plan.precisions), plan.why, plan.solver)
     return dataclasses.replace(fresh, stages=plan.stages, batch_split=plan.batch_split)
+
+
+def fixed_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None,
+               choices: dict[str, tuple[str, str, str]], memory: dict[str, int] | None = None,
+               prompt_tokens: int = 512, context: int | None = None, reserve: dict[str, int] | None = None) -> Plan:
+    """A Plan with the given (device, precision, residency) per unit — what `hetero.load(dtype=...,
+    device=...)` asks for — priced by the cost model but not optimised, and budgets not enforced."""
+    context = context if context is not None else prompt_tokens + 128
+    precs = sorted({p for _, p, _ in choices.values()})
+    table = build_table(spec, hardware, profile, Workload("decode", prompt_tokens, context, 1), precs)
+    assign = [table.index(Choice(*choices[u])) for u in table.units]
+    return assemble(table, assign, default_budgets(hardware, memory), reserve or {}, kind="fixed",
+                    prefetch=True, precisions=precs)

@@ -1,17 +1,15 @@
 """The Python API: `hetero.load(MODEL) -> Model` with `.generate()` and `.stream()`."""
 from __future__ import annotations
 
-import time
+from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import torch
 
 from hetero.errors import HeteroError
-from hetero.model.llama import LlamaModel, UnitConfig
-from hetero.model.sources import resolve
+from hetero.model.units import UnitConfig
 from hetero.model.spec import ModelSpec
-from hetero.model.tokenizer import Tokenizer, load_tokenizer
-from hetero.model.weights import WeightStore, required
+from hetero.model.tokenizer import Tokenizer
 from hetero.runtime.generate import Record, stream_generate
 from hetero.runtime.sampling import SamplingParams
 
@@ -23,10 +21,16 @@ PRECISION_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16"
 
 
 class Model:
-    """A loaded model ready to generate. `units` maps unit name -> UnitConfig (device, precision)."""
+    """A loaded model ready to generate: its spec, the Decoder (`net`, with `net.units` the choice per
+    unit), the tokenizer, and the engine that built it (None for a bare wrapper)."""
 
-    def __init__(self, spec: ModelSpec, net: LlamaModel, tokenizer: Tokenizer, load_s: float = 0.0):
+    def __init__(self, spec: ModelSpec, net, tokenizer: Tokenizer, load_s: float = 0.0):
         self.spec, self.net, self.tokenizer, self.load_s = spec, net, tokenizer, load_s
+        self.engine = None
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
     def prompt_ids(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids of a prompt: a string (wrapped in the chat template when chat is on) or messages."""
@@ -57,9 +61,18 @@ class Model:
 
 
 def load(model: str | None = None, dtype: str = "fp32", device: str = "cpu",
-         units: dict[str, UnitConfig] | None = None, threads: int | None = None) -> Model:
-    """Load MODEL (path, HF dir, `smollm2-135m`, `synthetic:NAME`) with every unit at `dtype` on
-    `device`, unless `units` (from a Plan) says otherwise per unit."""
+         units: dict[str, UnitConfig] | None = None, threads: int | None = None,
+         memory: str | None = None, plan=None, precisions: list[str] | None = None) -> Model:
+    """Load MODEL (path, HF dir, `smollm2-135m`, `synthetic:NAME`) through a Plan and the one engine.
+
+    With `memory` ("cpu=50%", as `hetero run --memory`) or `precisions`, the planner chooses every unit
+    within the budget; with `plan` (a Plan or a path) that plan runs; otherwise every unit is at
+    `dtype` on `device` unless `units` says otherwise per unit (a fixed plan, priced but not optimised).
+    The Model keeps its engine as `.engine` (`.engine.plan`, `.engine.report()`, `.close()`).
+    """
+    from hetero.runtime import engine as eng
+    from hetero.runtime.memory import Footprint
+
     precision = PRECISION_NAMES.get(dtype)
     if precision is None:
         raise HeteroError(f"unknown dtype {dtype!r}; known: fp32, bf16, fp16, int8, int4")
@@ -67,13 +80,29 @@ def load(model: str | None = None, dtype: str = "fp32", device: str = "cpu",
         raise HeteroError(f"device {device} requested but CUDA is not available here")
     if threads:
         torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    src = resolve(model)
+    planned = memory is not None or plan is not None or precisions is not None
+    if plan is not None and not isinstance(plan, (str, Path)):
+        the_plan = plan
+    elif planned:
+        the_plan, _ = eng.plan_for_run(model, str(plan) if plan is not None else None, memory,
+                                       precisions=precisions)
+    else:
+        the_plan = _fixed(model, units or {}, UnitConfig(device, precision))
+    # a fixed plan builds straight from the weights (no budget to hold); a planned one as `hetero run`
+    e = eng.Engine.load(the_plan, model, progress=False, monitor=Footprint(), use_cache=planned)
+    e.model.engine = e
+    return e.model
+
+
+def _fixed(model: str | None, units: dict[str, UnitConfig], default: UnitConfig):
+    """The plan of hetero.load(dtype=..., device=..., units=...): those choices, every unit resident."""
+    from hetero.hardware.inventory import inventory
+    from hetero.hardware.profile import load_cached
     from hetero.model.sources import resolve_spec
+    from hetero.plan.make import fixed_plan
 
     spec = resolve_spec(model)
-    store = WeightStore(src, spec)
-    net = LlamaModel(spec, required(store), units, UnitConfig(device, precision))
-    eos = None
-    tok = load_tokenizer(src, spec.vocab_size, eos)
-    return Model(spec, net, tok, time.perf_counter() - t0)
+    hw = inventory()
+    choices = {u: (c.device, c.precision, "resident") for u in spec.unit_names()
+               for c in [units.get(u, default)]}
+    return fixed_plan(spec, hw, load_cached(hw.host, True), choices)

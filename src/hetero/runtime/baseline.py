@@ -54,7 +54,8 @@ def _warm_forward() -> None:
     import torch
 
     from hetero.model.hf import spec_from_config
-    from hetero.model.llama import LlamaModel, UnitConfig
+    from hetero.model.decoder import Decoder
+    from hetero.model.units import UnitConfig
     from hetero.model.synthetic import config
 
     spec = spec_from_config(config("tiny"), source="synthetic:tiny", fmt="synthetic")
@@ -65,7 +66,7 @@ def _warm_forward() -> None:
         return torch.randn(shapes[name], generator=gen) * 0.1
 
     for prec in ("fp32", "bf16", "int8", "int4"):
-        net = LlamaModel(spec, weights, default=UnitConfig("cpu", prec))
+        net = Decoder.build(spec, weights, default=UnitConfig("cpu", prec))
         cache = net.new_cache(1, 24)
         net(torch.arange(16).view(1, 16), 0, cache)
         net(torch.tensor([[1]]), 16, cache)

@@ -5,7 +5,7 @@
     eng.report()                                          # predicted vs measured, per device
 
 Each unit runs on its device at its precision (the kernels of hetero.ops.linear); activations
-move at device boundaries (LlamaModel.forward); the KV cache sits on each layer's device. Units
+move at device boundaries (Decoder.forward); the KV cache sits on each layer's device. Units
 whose residency is "disk" are read with O_DIRECT by a prefetch thread from the tensor cache;
 "ram" units on a GPU are copied from pinned host memory on a side stream. A plan with no streamed
 unit is built straight from the weights, dropping their page-cache pages as it goes, so that the
@@ -13,7 +13,6 @@ footprint of every run is RSS + the model's cached file pages, inside the plan's
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -23,13 +22,13 @@ import torch
 
 from hetero.errors import HeteroError
 from hetero.runtime.api import Model
-from hetero.model.llama import LlamaModel, UnitConfig
+from hetero.model.decoder import Decoder
+from hetero.model.units import UnitConfig, final_norm, tie_embedding
 from hetero.model.sources import Source, resolve, resolve_spec
 from hetero.model.spec import ModelSpec
 from hetero.model.weights import WeightStore, required
 from hetero.plan.plan import Plan
 from hetero.runtime import baseline, memory
-from hetero.ops.embedding import TiedEmbedding
 from hetero.runtime.stream import DiskEmbedding, HostBuffer, DirectReader, Prefetcher, Source as StreamSource
 from hetero.runtime.stream import StreamedUnit, bind
 from hetero.runtime.tensorcache import Entry, Holder, cache_root, ensure_entries, missing_bytes
@@ -154,8 +153,9 @@ class Engine:
         if not use_cache:
             # built from the weight files: their cached pages are this run's until dropped below
             mon.files = list(dict.fromkeys([*mon.files, *files]))
-            cfg = {u.name: UnitConfig(u.device, u.precision) for u in plan.units}
-            net = LlamaModel(spec, weights, cfg)
+            if streamed:
+                raise HeteroError("a plan that streams units runs from the tensor cache (use_cache=True)")
+            net = Decoder.build(spec, weights, unit_configs(plan))
         else:
             t1 = time.perf_counter()
             want = {u.name: (u.device, u.precision) for u in plan.units}
@@ -168,7 +168,6 @@ class Engine:
             mon.files += [e.path for e in entries.values()]
             net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch)
             cache_bytes = sum(entries[u.name].data_bytes for u in plan.units if u.residency == "disk")
-        _share_tied(net, spec)
         for f in files:
             memory.drop_cache(f)
         from hetero.model.tokenizer import load_tokenizer
@@ -299,29 +298,23 @@ def _pinned_copy(entry: Entry) -> torch.Tensor:
     return buf.tensor
 
 
-def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, prefetch: bool):
-    """LlamaModel's skeleton (norm only), then every unit from the cache: resident, or streamed."""
-    emb, head = plan.unit("embed"), plan.unit("head")
-    h = spec.hidden_size
+def unit_configs(plan: Plan, names=None) -> dict[str, UnitConfig]:
+    """The plan's choice per unit (all units, or those in `names`: a pipeline stage)."""
+    return {u.name: UnitConfig(u.device, u.precision, u.residency) for u in plan.units
+            if names is None or u.name in names}
 
-    def skeleton_weights(name: str) -> torch.Tensor:
-        return weights(name) if name == "model.norm.weight" else torch.zeros(1, h)
 
-    skel = dataclasses.replace(spec, n_layers=0)
-    net = LlamaModel(skel, skeleton_weights, {"embed": UnitConfig(emb.device, "fp32"),
-                                              "head": UnitConfig(head.device, "fp32")})
-    net.spec = spec
-    net.units = {u.name: UnitConfig(u.device, u.precision) for u in plan.units}
-    from hetero.ops.linear import activation_dtype
-
-    net.embed_dtype = activation_dtype(emb.precision)
+def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, prefetch: bool, names=None):
+    """Every unit of the plan (or of the stage `names`) from the cache, resident or streamed, then
+    Decoder.from_units: the same assembler hetero.load and pipeline stages use."""
+    cfg = unit_configs(plan, names)
     # streamed units in execution order, one prefetcher per compute device
-    order = [u for u in plan.units if u.name != "embed" and _streams(u)]
     by_dev: dict[str, list[StreamSource]] = {}
-    for u in order:
-        e = entries[u.name]
-        host = _pinned_copy(e) if u.residency == "ram" else None
-        by_dev.setdefault(u.device, []).append(StreamSource(u.name, e.data_bytes, None if host is not None else e, host))
+    for u in plan.units:
+        if u.name in cfg and u.name != "embed" and _streams(u):
+            e = entries[u.name]
+            host = _pinned_copy(e) if u.residency == "ram" else None
+            by_dev.setdefault(u.device, []).append(StreamSource(u.name, e.data_bytes, None if host is not None else e, host))
     pfs = {d: Prefetcher(srcs, d, plan.prefetch_depth, prefetch) for d, srcs in by_dev.items()}
 
     def unit_module(u) -> torch.nn.Module:
@@ -331,31 +324,19 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
         template, tree = e.template(spec, u.device)
         return StreamedUnit(u.name, template, tree, e.slots, pfs[u.device])
 
-    net.layers = torch.nn.ModuleList(unit_module(plan.unit(f"layers.{i}")) for i in range(spec.n_layers))
-    net.head = unit_module(head)
-    net.head_device = head.device
-    disk_embed, tied = None, None
-    if spec.tie_embeddings and emb.residency == head.residency == "resident" and \
-            (emb.device, emb.precision) == (head.device, head.precision):
-        tied = TiedEmbedding.tie(net.head)  # one matrix, as the planner priced it
-    if tied is not None:
-        net.embed = tied
-    elif emb.residency == "disk":
-        disk_embed = DiskEmbedding(entries["embed"], emb.device, spec)
-        net.embed = disk_embed
-    else:
-        table = _load_resident(entries["embed"], spec, emb.device)
-        net.embed = table.weight if isinstance(table, Holder) else table  # dense tensor or QuantEmbedding
+    modules = {name: unit_module(plan.unit(name)) for name in cfg if name != "embed"}
+    disk_embed = None
+    if "embed" in cfg and ("head" not in cfg or
+                           tie_embedding(spec, cfg["embed"], cfg["head"], modules["head"]) is None):
+        emb = plan.unit("embed")
+        if emb.residency == "disk":
+            disk_embed = modules["embed"] = DiskEmbedding(entries["embed"], emb.device, spec)
+        else:
+            table = _load_resident(entries["embed"], spec, emb.device)
+            modules["embed"] = table.weight if isinstance(table, Holder) else table  # tensor or QuantEmbedding
+    norm = final_norm(weights, cfg["head"].device) if "head" in cfg else None
+    net = Decoder.from_units(spec, modules, cfg, norm)
     return net, list(pfs.values()), disk_embed
-
-
-def _share_tied(net: LlamaModel, spec: ModelSpec) -> None:
-    """Tied embeddings: let the table be the dense head's own matrix instead of a second copy."""
-    w = getattr(net.head, "weight", None)
-    e = net.embed
-    if (spec.tie_embeddings and isinstance(w, torch.Tensor) and isinstance(e, torch.Tensor)
-            and w.shape == e.shape and w.dtype == e.dtype and w.device == e.device):
-        net.embed = w
 
 
 # ---- plans for a run -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from hetero.errors import HeteroError
-from hetero.model.llama import LlamaModel
+from hetero.model.decoder import Decoder
 from hetero.model.tokenizer import Tokenizer
 from hetero.runtime.sampling import Sampler, SamplingParams
 from hetero.runtime.stops import apply_stops
@@ -31,7 +31,7 @@ class Record:
     timings: dict = field(default_factory=dict)
 
 
-def generate_step(model: LlamaModel, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+def generate_step(model: Decoder, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                   stop_ids: set[int], max_len: int | None = None) -> Iterator[tuple[int, float]]:
     """Yield (token id, seconds since start) for each generated token; the first includes prefill."""
     ctx = max_len or model.spec.max_context
@@ -74,7 +74,7 @@ class _Detok:
         return delta
 
 
-def stream_generate(model: LlamaModel, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int = 128,
+def stream_generate(model: Decoder, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int = 128,
                     params: SamplingParams = SamplingParams(), stop: list[str] | None = None,
                     stop_ids: set[int] | None = None) -> Iterator[Record]:
     """Records as tokens come; text is cut at the first of the `stop` strings, and text that may be
@@ -86,7 +86,7 @@ def stream_generate(model: LlamaModel, tok: Tokenizer, prompt_ids: list[int], ma
     return apply_stops(records, stop) if stop else records
 
 
-def _records(model: LlamaModel, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
+def _records(model: Decoder, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
              params: SamplingParams, stop_ids: set[int] | None) -> Iterator[Record]:
     sampler = Sampler(params)
     stops = tok.stop_ids if stop_ids is None else stop_ids

@@ -287,7 +287,7 @@ class StreamedUnit(torch.nn.Module):
 class DiskEmbedding:
     """An embedding table left on disk: each lookup reads only its rows (aligned O_DIRECT reads).
 
-    Stands in for the table tensor in LlamaModel.forward (`embed[ids]`, `embed.device`).
+    Stands in for the table tensor in Decoder.forward (`embed[ids]`, `embed.device`).
     """
 
     def __init__(self, entry: Entry, device: str = "cpu", spec=None):

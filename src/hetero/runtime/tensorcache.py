@@ -341,20 +341,13 @@ def _alive(pid: int) -> bool:
 
 def build_unit(spec: ModelSpec, weights: Callable[[str], torch.Tensor], unit: str, precision: str,
                device: str) -> torch.nn.Module:
-    """The unit's module exactly as LlamaModel builds it (same code, so cached == built, bit for bit)."""
-    from hetero.model.llama import DecoderLayer, UnitConfig
-    from hetero.ops.linear import activation_dtype, make_linear
+    """The unit's module from model.units.build_unit, the builder every path uses (cached == built,
+    bit for bit); a bare embedding tensor is wrapped so that it can be snapshotted like a module."""
+    from hetero.model.units import UnitConfig
+    from hetero.model.units import build_unit as build
 
-    if unit == "embed":
-        from hetero.ops.embedding import make_embedding
-
-        table = make_embedding(weights("model.embed_tokens.weight"), precision, device)
-        return table if isinstance(table, torch.nn.Module) else Holder(table)
-    if unit == "head":
-        w = weights("model.embed_tokens.weight") if spec.tie_embeddings else weights("lm_head.weight")
-        return make_linear(w, None, precision, device)
-    i = int(unit.split(".")[1])
-    return DecoderLayer(spec, weights, i, UnitConfig(device, precision))
+    module = build(spec, weights, unit, UnitConfig(device, precision))
+    return module if isinstance(module, torch.nn.Module) else Holder(module)
 
 
 def cache_root() -> Path:

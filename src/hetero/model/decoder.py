@@ -1,0 +1,138 @@
+"""The one assembler: units (embed, layers.i, head) -> a decoder that runs them in order.
+
+    net = Decoder.build(spec, weights, {"layers.3": UnitConfig("cpu", "int8")})   # from weights
+    net = Decoder.from_units(spec, modules, configs, norm)                         # from built units
+
+Both hetero.load and the engine (tensor-cache entries, resident or streamed) end in `from_units`;
+a pipeline stage is a Decoder over a contiguous subset of the units (no embed: it takes hidden
+states; no head: it returns them). Each unit may sit on its own device and precision; activations
+move at device boundaries. Shapes: B batch, T new tokens, V vocabulary, h hidden size.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from hetero.model.arch import architecture
+from hetero.model.llama import KVCache, RotaryTable, rms_norm
+from hetero.model.spec import ModelSpec
+from hetero.model.units import UnitConfig, build_unit, final_norm, tie_embedding
+from hetero.ops.linear import activation_dtype
+
+
+class Decoder(torch.nn.Module):
+    """Embedding -> decoder layers -> norm -> head, or a contiguous part of it (a pipeline stage)."""
+
+    def __init__(self, spec: ModelSpec, units: dict[str, UnitConfig], embed, layers: list, norm, head):
+        super().__init__()
+        self.spec, self.units = spec, units
+        self.embed = embed                      # indexable table (tensor, QuantEmbedding, TiedEmbedding, DiskEmbedding) or None
+        self.layers = torch.nn.ModuleList(layers)
+        self.norm, self.head = norm, head       # both None on a stage without the head
+        self.has_embed, self.has_head = "embed" in units, "head" in units
+        self.embed_dtype = activation_dtype(units["embed"].precision) if self.has_embed else None
+        self.head_device = units["head"].device if self.has_head else None
+        self.rope: RotaryTable | None = None
+        # The compiled decode stack and the layers it was built from (rebuilt when `layers` change).
+        # stack_decode = False: each layer runs its own decode step (the stack's reference).
+        self.stack_decode = True
+        self._stack: tuple[list, object | None] | None = None
+
+    # ---- assembly --------------------------------------------------------------------------------
+    @classmethod
+    def from_units(cls, spec: ModelSpec, modules: dict[str, object], units: dict[str, UnitConfig],
+                   norm: torch.Tensor | None) -> "Decoder":
+        """Assemble built units. `modules` holds every unit of `units`; the embedding may be left out
+        where model.units.tie_embedding gives a view of the head's matrix (the one rule for ties)."""
+        names = [u for u in spec.unit_names() if u in units]
+        _check_contiguous(spec, names)
+        embed = modules.get("embed")
+        if "embed" in units and embed is None and "head" in units:
+            embed = tie_embedding(spec, units["embed"], units["head"], modules["head"])
+        if "embed" in units and embed is None:
+            raise ValueError("the embedding unit has no table: build one where tie_embedding() gives None")
+        layers = [modules[u] for u in names if u.startswith("layers.")]
+        return cls(spec, {u: units[u] for u in names}, embed, layers, norm, modules.get("head"))
+
+    @classmethod
+    def build(cls, spec: ModelSpec, weights: Callable[[str], torch.Tensor | None],
+              units: dict[str, UnitConfig] | None = None, default: UnitConfig = UnitConfig(),
+              names: list[str] | tuple[str, ...] | None = None) -> "Decoder":
+        """Build units straight from the weights: all of them, or the contiguous subset `names`."""
+        units = units or {}
+        names = [u for u in spec.unit_names() if names is None or u in names]
+        cfg = {u: units.get(u, default) for u in names}
+        modules: dict[str, object] = {}
+        for u in names:
+            if u == "embed" and "head" in cfg and spec.tie_embeddings and cfg["embed"] == cfg["head"]:
+                continue  # built after the head, from its matrix when the layout allows
+            modules[u] = build_unit(spec, weights, u, cfg[u])
+        if "embed" in cfg and "embed" not in modules:
+            if tie_embedding(spec, cfg["embed"], cfg["head"], modules["head"]) is None:
+                modules["embed"] = build_unit(spec, weights, "embed", cfg["embed"])
+        norm = final_norm(weights, cfg["head"].device) if "head" in cfg else None
+        return cls.from_units(spec, modules, cfg, norm)
+
+    # ---- running ---------------------------------------------------------------------------------
+    def _decode_stack(self) -> object | None:
+        """The compiled stack for the current layers (rebuilt if `layers` changed), or None. Not used
+        while a layer has hooks (per-unit timings hook each layer's forward)."""
+        layers = list(self.layers)
+        if self._stack is None or self._stack[0] != layers:
+            compile_decode = architecture(self.spec).compile_decode
+            self._stack = (layers, compile_decode(layers) if compile_decode else None)
+        if any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
+            return None
+        return self._stack[1]
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if self.rope is None or self.rope.cos.shape[0] < max_len:
+            self.rope = RotaryTable(self.spec, max_len)
+        dtypes = [layer.dtype for layer in self.layers]
+        devices = [layer.device for layer in self.layers]
+        return KVCache(self.spec, batch, max_len, dtypes, devices)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache, last_only: bool = True,
+                want_logits: bool = True) -> torch.Tensor:
+        """x: token ids [B, T] (with the embedding) or hidden states [B, T, h] (a later stage), at
+        positions start..start+T-1. Returns fp32 logits [B, V] (last_only) or [B, T, V] with the head,
+        else hidden states [B, T, h]. want_logits=False on the head: a prefill chunk that is not the
+        prompt's last, nothing to sample (an empty tensor)."""
+        B, T = x.shape[0], x.shape[1]
+        if start + T > cache.max_len:
+            raise ValueError(f"context overflow: {start + T} > cache length {cache.max_len}")
+        if self.has_embed:
+            x = self.embed[x.to(self.embed.device)]
+        if self.layers:
+            stack = self._decode_stack() if B == T == 1 and self.stack_decode else None
+            if stack is not None:  # one decode step: every layer in one compiled call
+                first = self.layers[0]
+                x = x.to(device=first.device, dtype=first.dtype)
+                x = stack.step(x, start, *self.rope.get(start, 1, first.dtype, first.device), cache.k, cache.v)
+            else:
+                tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one cos/sin per (dtype, device)
+                for i, layer in enumerate(self.layers):
+                    if x.device != torch.device(layer.device) or x.dtype != layer.dtype:
+                        x = x.to(device=layer.device, dtype=layer.dtype)  # cuda:0 -> cuda:1 moves too
+                    key = (layer.dtype, layer.device)
+                    if key not in tables:
+                        tables[key] = self.rope.get(start, T, layer.dtype, layer.device)
+                    x = layer(x, start, *tables[key], cache.k[i], cache.v[i])
+        if not self.has_head:
+            return x
+        if not want_logits:
+            return x[:, :0, :0]
+        if last_only:
+            x = x[:, -1:]
+        x = rms_norm(x.to(self.head_device), self.norm, self.spec.norm_eps)
+        logits = self.head(x).float()
+        return logits[:, -1] if last_only else logits
+
+
+def _check_contiguous(spec: ModelSpec, names: list[str]) -> None:
+    order = spec.unit_names()
+    idx = [order.index(u) for u in names]
+    if not idx or idx != list(range(idx[0], idx[0] + len(idx))):
+        raise ValueError(f"units must be a contiguous run of {spec.name}'s units, got {names}")

@@ -1,0 +1,56 @@
+"""Building one unit (embed, layers.i, head) exactly as a Plan chooses it, and the one rule for a tied
+embedding. Every path that builds units — Decoder.build, the tensor cache, the engine, pipeline
+stages — comes through here, so a unit built anywhere is the same module, bit for bit."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hetero.model.arch import architecture
+from hetero.model.spec import ModelSpec
+from hetero.ops.embedding import TiedEmbedding, make_embedding
+from hetero.ops.linear import make_linear
+
+Weights = Callable[[str], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class UnitConfig:
+    """How one unit runs: its device, precision and residency (the Plan decides; default all-CPU fp32)."""
+    device: str = "cpu"
+    precision: str = "fp32"
+    residency: str = "resident"
+
+
+def head_weight_name(spec: ModelSpec) -> str:
+    return "model.embed_tokens.weight" if spec.tie_embeddings else "lm_head.weight"
+
+
+def shares_head_matrix(spec: ModelSpec, embed: UnitConfig, head: UnitConfig) -> bool:
+    """A tied model keeps one matrix when embed and head have the same choice and it is held in memory:
+    the embedding then reads its rows from the head (the planner gives tied units one choice)."""
+    return (spec.tie_embeddings and embed == head and embed.residency == "resident")
+
+
+def tie_embedding(spec: ModelSpec, embed: UnitConfig, head: UnitConfig, head_module) -> TiedEmbedding | None:
+    """The embedding read from the head's matrix, or None where a table of its own is needed (a layout
+    that cannot be read by row, a different choice, or a streamed head)."""
+    if not shares_head_matrix(spec, embed, head):
+        return None
+    return TiedEmbedding.tie(head_module)
+
+
+def build_unit(spec: ModelSpec, weights: Weights, unit: str, cfg: UnitConfig):
+    """The module of `unit`: the embedding table (a dense tensor or a QuantEmbedding), a decoder layer
+    of the spec's architecture, or the head's linear layer (the final norm is the Decoder's)."""
+    if unit == "embed":
+        return make_embedding(weights("model.embed_tokens.weight"), cfg.precision, cfg.device)
+    if unit == "head":
+        return make_linear(weights(head_weight_name(spec)), None, cfg.precision, cfg.device)
+    return architecture(spec).build_layer(spec, weights, int(unit.split(".")[1]), cfg)
+
+
+def final_norm(weights: Weights, device: str) -> torch.Tensor:
+    return weights("model.norm.weight").float().to(device)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hetero.errors import HeteroError
-from hetero.plan import Plan, check_plan, make_plan, parse_memory, rescore, split_batch
+from hetero.plan import Plan, check_plan, make_plan, parse_memory, rescore
 from hetero.plan.units import parse_bytes
 from tests.plan.helpers import cpu_machine, cpu_profile, gpu_machine, toy_spec
 
@@ -100,9 +100,3 @@ def test_unknown_budget_device_and_reserve():
         make_plan(spec, cpu_machine(), cpu_profile(), {"cpu": 10**6}, reserve={"cpu": 2 * 10**6}, **WL)
 
 
-def test_batch_split_in_proportion_to_speed():
-    shares = split_batch(10, {"cuda:0": 3.0, "cuda:1": 1.0, "cpu": 1.0})
-    assert sum(s.sequences for s in shares) == 10
-    assert {s.device: s.sequences for s in shares} == {"cuda:0": 6, "cuda:1": 2, "cpu": 2}
-    p = dataclasses.replace(small_plan(), batch_split=shares)
-    assert Plan.from_json(p.to_json()).batch_split == shares

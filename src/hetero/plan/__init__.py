@@ -11,9 +11,9 @@ from __future__ import annotations
 # scipy is imported only when a plan is solved, so importing hetero.plan stays light
 from hetero.plan.baselines import baselines
 from hetero.plan.make import check_plan, make_plan, rescore
-from hetero.plan.plan import PLAN_VERSION, BatchShare, Plan, Prediction, Stage, UnitPlan, Why, split_batch
+from hetero.plan.plan import PLAN_VERSION, Plan, Prediction, Stage, UnitPlan, Why
 from hetero.plan.units import fmt_bytes, parse_bytes, parse_memory
 
 
 __all__ = ["make_plan", "parse_memory", "parse_bytes", "fmt_bytes", "baselines", "rescore", "check_plan",
-           "Plan", "UnitPlan", "Prediction", "Stage", "BatchShare", "Why", "split_batch", "PLAN_VERSION"]
+           "Plan", "UnitPlan", "Prediction", "Stage", "Why", "PLAN_VERSION"]

@@ -17,8 +17,8 @@ def _runs(units: tuple["UnitPlan", ...]) -> list[list["UnitPlan"]]:
     """Consecutive units with the same device, precision and residency, as one row each."""
     out: list[list] = []
     for u in units:
-        key = (u.device, u.precision, u.residency, u.host)
-        if out and (out[-1][0].device, out[-1][0].precision, out[-1][0].residency, out[-1][0].host) == key \
+        key = (u.device, u.precision, u.residency)
+        if out and (out[-1][0].device, out[-1][0].precision, out[-1][0].residency) == key \
                 and u.name.startswith("layers.") and out[-1][-1].name.startswith("layers."):
             out[-1].append(u)
         else:
@@ -41,7 +41,7 @@ def unit_table(plan: "Plan") -> Table:
         t.add_column(col, justify=just)
     for run in _runs(plan.units):
         u = run[0]
-        t.add_row(_name(run), u.device + (f"@{u.host}" if u.host else ""), u.precision, u.residency,
+        t.add_row(_name(run), u.device, u.precision, u.residency,
                   fmt_bytes(sum(x.bytes for x in run)), f"{sum(x.predicted_ms for x in run):.3f}",
                   f"{sum(x.prefill_ms for x in run):.2f}")
     return t

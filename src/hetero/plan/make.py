@@ -189,7 +189,7 @@ def check_plan(plan: Plan, spec: ModelSpec, hardware: HardwareSpec | None = None
                           f"not {spec.name} ({spec.fingerprint()})")
     if hardware is not None:
         have = {d.name for d in hardware.devices}
-        missing = sorted({u.device for u in plan.units if not u.host} - have)
+        missing = sorted({u.device for u in plan.units} - have)
         if missing:
             raise HeteroError(f"this plan uses {', '.join(missing)}, which {hardware.host} does not have "
                               f"(it has {', '.join(sorted(have))})")
@@ -206,7 +206,7 @@ def rescore(plan: Plan, spec: ModelSpec, hardware: HardwareSpec, profile: Profil
     assign = choices_of(plan, table)
     fresh = assemble(table, assign, plan.budgets, plan.reserve, plan.kind, plan.prefetch,
                      plan.max_quality_loss, list(plan.precisions), plan.why, plan.solver)
-    return dataclasses.replace(fresh, stages=plan.stages, batch_split=plan.batch_split)
+    return dataclasses.replace(fresh, stages=plan.stages)
 
 
 def fixed_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None,

@@ -9,17 +9,16 @@ JSON layout (version 1):
      "budgets": {"cpu": bytes, "disk": bytes, ...},  "reserve": {"cpu": bytes},
      "precisions": [...], "max_quality_loss": null, "prefetch": true, "prefetch_depth": 2,
      "units": [{"name": "layers.0", "device": "cpu", "precision": "int8", "residency": "resident",
-                "bytes": ..., "predicted_ms": ..., "prefill_ms": ..., "host": ""}, ...],
+                "bytes": ..., "predicted_ms": ..., "prefill_ms": ...}, ...],
      "memory": {"cpu": bytes, ...},
      "memory_breakdown": {"cpu": {"weights": .., "kv": .., "buffers": .., "workspace": ..}},
      "predicted": {"prefill_tok_s": .., "decode_tok_s": .., "ttft_s": .., "decode_ms": ..,
                    "prefill_ms": .., "throughput_tok_s": .., "quality_loss": ..},
-     "stages": [], "batch_split": [], "why": {...}, "solver": {...}}
+     "stages": [], "why": {...}, "solver": {...}}
 
 `units[].predicted_ms` is the unit's share of one decode step (streaming included); `prefill_ms` its
-share of the prefill. `stages` (contiguous pipeline stages, one host each) and `batch_split`
-(sequences per device replica, in proportion to speed) are empty for a single-host, single-replica
-plan. Editing a plan by hand and running `hetero.plan.rescore` prices it again.
+share of the prefill. `stages` (contiguous pipeline stages, one rank each) is empty for a
+single-process plan. Editing a plan by hand and running `hetero.plan.rescore` prices it again.
 """
 from __future__ import annotations
 
@@ -45,7 +44,6 @@ class UnitPlan:
     bytes: int                # weight bytes at `precision`
     predicted_ms: float = 0.0  # share of one decode step
     prefill_ms: float = 0.0    # share of the prefill
-    host: str = ""            # "" = the plan's host; another host for a pipeline stage elsewhere
 
 
 @dataclass(frozen=True)
@@ -55,13 +53,6 @@ class Stage:
     first: str                # first unit name
     last: str                 # last unit name (inclusive)
     rank: int = 0
-
-
-@dataclass(frozen=True)
-class BatchShare:
-    """Data parallelism: this many of the batch's sequences run on a replica placed on `device`."""
-    device: str
-    sequences: int
 
 
 @dataclass(frozen=True)
@@ -107,7 +98,6 @@ class Plan:
     prefetch: bool = True
     prefetch_depth: int = 2
     stages: tuple[Stage, ...] = ()
-    batch_split: tuple[BatchShare, ...] = ()
     kind: str = "hetero"      # hetero, or the baseline it came from
     why: Why = field(default_factory=Why)
     solver: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +143,6 @@ class Plan:
             "memory": dict(self.memory), "memory_breakdown": self.memory_breakdown,
             "predicted": dataclasses.asdict(self.predicted),
             "stages": [dataclasses.asdict(s) for s in self.stages],
-            "batch_split": [dataclasses.asdict(b) for b in self.batch_split],
             "why": {**dataclasses.asdict(self.why), "binding": list(self.why.binding),
                     "notes": list(self.why.notes), "alternatives": list(self.why.alternatives)},
             "solver": self.solver,
@@ -189,7 +178,6 @@ class Plan:
                 precisions=tuple(d.get("precisions", ())), max_quality_loss=d.get("max_quality_loss"),
                 prefetch=bool(d.get("prefetch", True)), prefetch_depth=int(d.get("prefetch_depth", 2)),
                 stages=tuple(Stage(**s) for s in d.get("stages", ())),
-                batch_split=tuple(BatchShare(**b) for b in d.get("batch_split", ())),
                 kind=d.get("kind", "hetero"),
                 why=Why(binding=tuple(why.get("binding", ())), alternative=why.get("alternative", ""),
                         alternative_decode_tok_s=float(why.get("alternative_decode_tok_s", 0.0)),
@@ -220,22 +208,11 @@ class Plan:
 def _unit(u: dict[str, Any]) -> UnitPlan:
     up = UnitPlan(name=u["name"], device=u["device"], precision=u["precision"], residency=u["residency"],
                   bytes=int(u.get("bytes", 0)), predicted_ms=float(u.get("predicted_ms", 0.0)),
-                  prefill_ms=float(u.get("prefill_ms", 0.0)), host=u.get("host", ""))
+                  prefill_ms=float(u.get("prefill_ms", 0.0)))
+    if u.get("host"):
+        raise HeteroError(f"unit {up.name}: per-unit hosts are not part of a plan (pipeline ranks are its stages)")
     if up.residency not in RESIDENCIES:
         raise HeteroError(f"unit {up.name}: residency {up.residency!r} is not one of {', '.join(RESIDENCIES)}")
     if up.precision not in PRECISIONS:
         raise HeteroError(f"unit {up.name}: precision {up.precision!r} is not one of {', '.join(PRECISIONS)}")
     return up
-
-
-def split_batch(batch: int, speeds: dict[str, float]) -> tuple[BatchShare, ...]:
-    """Sequences per replica in proportion to each device's speed (largest remainders; sums to batch)."""
-    total = sum(v for v in speeds.values() if v > 0)
-    if batch < 1 or total <= 0:
-        return ()
-    raw = {d: batch * v / total for d, v in speeds.items() if v > 0}
-    base = {d: int(x) for d, x in raw.items()}
-    left = batch - sum(base.values())
-    for d in sorted(raw, key=lambda d: raw[d] - base[d], reverse=True)[:left]:
-        base[d] += 1
-    return tuple(BatchShare(d, n) for d, n in base.items() if n > 0)

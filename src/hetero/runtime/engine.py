@@ -131,9 +131,6 @@ class Engine:
             raise HeteroError(f"the plan's units ({len(names)}) do not match {spec.name}'s "
                               f"({len(spec.unit_names())}): it was made for another model")
         for u in plan.units:
-            if u.host:
-                raise HeteroError(f"unit {u.name} is planned on host {u.host}: a pipeline stage elsewhere "
-                                  "runs through the distributed runtime, not here")
             if u.device.startswith("cuda") and not torch.cuda.is_available():
                 raise HeteroError(f"unit {u.name} is planned on {u.device} but CUDA is not available here")
         files = source_files(src)

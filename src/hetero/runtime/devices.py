@@ -43,6 +43,20 @@ def cuda_reserve(hw=None) -> dict[str, int]:
     return {n: cuda_reserve_bytes() for n in names}
 
 
+def runnable(hw):
+    """`hw` without the compute devices this engine cannot run (mps, xpu: the cost model prices
+    them for what-if plans), so a plan made for a run never places a unit there."""
+    import dataclasses
+
+    from hetero.ops.linear import RUNNABLE_KINDS
+
+    drop = {d.name for d in hw.compute_devices() if d.kind not in RUNNABLE_KINDS}
+    if not drop:
+        return hw
+    return dataclasses.replace(hw, devices=tuple(d for d in hw.devices if d.name not in drop),
+                               links=tuple(ln for ln in hw.links if not {ln.src, ln.dst} & drop))
+
+
 # ---- simulated CUDA ------------------------------------------------------------------------------
 
 _SIMULATED = threading.Event()

@@ -409,6 +409,7 @@ def _machine(hardware: str | None):
 
     name = hardware or "this"
     hw, prof = machine(name)
+    hw = devices.runnable(hw)  # a run plans only devices the engine builds units on
     if name not in ("this", "", "local"):
         # a plan for other hardware cannot run here; planning for it is `hetero plan`'s job
         from hetero.hardware.inventory import inventory

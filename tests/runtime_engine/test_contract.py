@@ -186,3 +186,23 @@ def test_simulation_restores_torch():
         assert devices.physical("cuda:1") == torch.device("cpu")
     assert (torch.zeros, torch.Tensor.to, torch.cuda.is_available, torch.Generator) == real
     assert devices.physical("cuda:1") == torch.device("cuda:1")
+
+
+def test_cuda_timings_wait_for_the_device(monkeypatch):
+    """Per-unit and per-step CUDA timings synchronise (kernel launches return before the work ends)."""
+    from hetero.bench.measure import measure_engine
+
+    spec = hetero.spec(TINY)
+    plan = uniform_plan(spec, "bf16")
+    plan = dataclasses.replace(plan, units=tuple(dataclasses.replace(u, device="cuda:0") if u.name != "embed"
+                                                 else u for u in plan.units))
+    waits = []
+    real = torch.cuda.synchronize
+    with devices.simulated_cuda(), monkeypatch.context() as mp:  # undone before the simulation is
+        mp.setattr(torch.cuda, "synchronize", lambda d=None: waits.append(str(d)))
+        with Engine.load(plan, TINY, progress=False) as e:
+            m = measure_engine(e, prompt_tokens=4, new_tokens=3, repeats=1, warmup=0)
+    assert torch.cuda.synchronize is real
+    assert m.unit_decode_ms and set(waits) == {"cuda:0"}
+    # each decode step waits before and after; the per-unit pass waits around every layer too
+    assert len(waits) >= 2 * 3 * 2 + 2 * spec.n_layers * 3

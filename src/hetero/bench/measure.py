@@ -77,11 +77,24 @@ def device_sync(device) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
+def net_devices(net) -> list[str]:
+    """The devices a built model computes on (layers and head)."""
+    return sorted({str(getattr(layer, "device", "cpu")) for layer in net.layers}
+                  | {str(getattr(net, "head_device", "cpu"))})
+
+
+def sync_all(devices: list[str]) -> None:
+    """Wait for every device the model runs on: a step ends when its last kernel does (a real run
+    reads the token back to the host each step, which waits the same way)."""
+    for d in devices:
+        device_sync(d)
+
+
 class UnitClock:
     """Forward hooks on every decoder layer; `split(t0, t1)` turns one step's marks into unit seconds.
 
     A layer on CUDA is synchronised before each mark, so its time is the kernels it ran, not their
-    launch (the hooks' pass is apart from the headline figures, which are not synchronised per unit).
+    launch (the headline figures synchronise only at the ends of each step).
     """
 
     def __init__(self, net):
@@ -109,19 +122,6 @@ class UnitClock:
 
     def sync(self) -> None:
         sync_all(self.devices)
-
-
-def net_devices(net) -> list[str]:
-    """The devices a built model computes on (layers and head)."""
-    return sorted({str(getattr(layer, "device", "cpu")) for layer in net.layers}
-                  | {str(getattr(net, "head_device", "cpu"))})
-
-
-def sync_all(devices: list[str]) -> None:
-    """Wait for every device the model runs on: a step ends when its last kernel does (a real run
-    reads the token back to the host each step, which waits the same way)."""
-    for d in devices:
-        device_sync(d)
 
     def split(self, t0: float, t1: float) -> list[float]:
         """[embed, layers.0 .. layers.n-1, head] seconds; gaps between layers go to the next layer."""

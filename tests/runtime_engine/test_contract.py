@@ -206,3 +206,17 @@ def test_cuda_timings_wait_for_the_device(monkeypatch):
     assert m.unit_decode_ms and set(waits) == {"cuda:0"}
     # each decode step waits before and after; the per-unit pass waits around every layer too
     assert len(waits) >= 2 * 3 * 2 + 2 * spec.n_layers * 3
+
+
+@pytest.mark.gpu
+def test_seeded_sampling_on_cuda_repeats():
+    """Probabilities on the GPU are drawn with a generator there, and a seed repeats the draws."""
+    from hetero.runtime.sampling import Sampler, SamplingParams
+
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1)).to("cuda:0")
+    draws = []
+    for _ in range(2):
+        s = Sampler(SamplingParams(temperature=1.0, seed=7))
+        draws.append([s(logits, []) for _ in range(8)])
+        assert s.gen.device.type == "cuda"
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1

@@ -70,8 +70,32 @@ class Measured:
                    Stat(**d["decode_tok_s_mean"]) if d.get("decode_tok_s_mean") else None)
 
 
+def device_sync(device) -> None:
+    """Wait for the work queued on `device` (CUDA launches return before the kernel ends); nothing
+    to wait for on the CPU."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(torch.device(device))
+
+
+def net_devices(net) -> list[str]:
+    """The devices a built model computes on (layers and head)."""
+    return sorted({str(getattr(layer, "device", "cpu")) for layer in net.layers}
+                  | {str(getattr(net, "head_device", "cpu"))})
+
+
+def sync_all(devices: list[str]) -> None:
+    """Wait for every device the model runs on: a step ends when its last kernel does (a real run
+    reads the token back to the host each step, which waits the same way)."""
+    for d in devices:
+        device_sync(d)
+
+
 class UnitClock:
-    """Forward hooks on every decoder layer; `split(t0, t1)` turns one step's marks into unit seconds."""
+    """Forward hooks on every decoder layer; `split(t0, t1)` turns one step's marks into unit seconds.
+
+    A layer on CUDA is synchronised before each mark, so its time is the kernels it ran, not their
+    launch (the headline figures synchronise only at the ends of each step).
+    """
 
     def __init__(self, net):
         self.n = len(net.layers)
@@ -79,18 +103,25 @@ class UnitClock:
         self.end = [0.0] * self.n
         self.handles = []
         for i, layer in enumerate(net.layers):
-            self.handles.append(layer.register_forward_pre_hook(self._pre(i)))
-            self.handles.append(layer.register_forward_hook(self._post(i)))
+            dev = str(getattr(layer, "device", "cpu"))
+            self.handles.append(layer.register_forward_pre_hook(self._pre(i, dev)))
+            self.handles.append(layer.register_forward_hook(self._post(i, dev)))
+        self.devices = net_devices(net)
 
-    def _pre(self, i):
+    def _pre(self, i, dev):
         def hook(_m, _args):
+            device_sync(dev)  # what an earlier unit queued is its time, not this one's
             self.start[i] = time.perf_counter()
         return hook
 
-    def _post(self, i):
+    def _post(self, i, dev):
         def hook(_m, _args, _out):
+            device_sync(dev)
             self.end[i] = time.perf_counter()
         return hook
+
+    def sync(self) -> None:
+        sync_all(self.devices)
 
     def split(self, t0: float, t1: float) -> list[float]:
         """[embed, layers.0 .. layers.n-1, head] seconds; gaps between layers go to the next layer."""
@@ -131,6 +162,8 @@ def _prefill(net, ids: torch.Tensor, cache) -> int:
 def _one_pass(net, ids, cache, first: int, new_tokens: int, clock: UnitClock | None = None):
     """(ttft s, [decode step s], prefill unit split, [decode unit splits])."""
     P = ids.shape[1]
+    devs = net_devices(net)
+    sync_all(devs)
     t0 = time.perf_counter()
     if clock is None:
         tok = _prefill(net, ids, cache)
@@ -141,6 +174,7 @@ def _one_pass(net, ids, cache, first: int, new_tokens: int, clock: UnitClock | N
         for s in range(0, P, CHUNK):
             c0 = time.perf_counter()
             logits = net(ids[:, s:s + CHUNK], s, cache)
+            clock.sync()
             tok = int(logits[0].argmax())
             part = clock.split(c0, time.perf_counter())
             pre_split = part if pre_split is None else [a + b for a, b in zip(pre_split, part)]
@@ -148,9 +182,11 @@ def _one_pass(net, ids, cache, first: int, new_tokens: int, clock: UnitClock | N
     steps, splits = [], []
     x = torch.tensor([[tok]], dtype=torch.long)
     for i in range(new_tokens):
+        sync_all(devs)
         t = time.perf_counter()
         logits = net(x, first + i, cache)
         x = logits.argmax(-1, keepdim=True)  # greedy: the cheapest token choice, as the head prices
+        sync_all(devs)
         t1 = time.perf_counter()
         steps.append(t1 - t)
         if clock is not None:

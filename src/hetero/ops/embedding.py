@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.dtypes import INT4_GROUP
-from hetero.ops.linear import quantize_int4_groupwise, quantize_int8_per_channel
+from hetero.ops.linear import check_device, dequant_int4_rows, quantize_int4_groupwise, quantize_int8_per_channel
 
 
 class QuantEmbedding(torch.nn.Module):
@@ -73,7 +73,9 @@ def _unpack(rows: torch.Tensor, precision: str, dim: int, group: int) -> torch.T
 
 
 def make_embedding(weight: torch.Tensor, precision: str, device: str = "cpu"):
-    """The table for a unit of `precision`: a dense tensor (fp32/bf16/fp16) or a QuantEmbedding."""
+    """The table for a unit of `precision`: a dense tensor (fp32/bf16/fp16) or a QuantEmbedding.
+    Both are plain torch ops on lookup, so a table on CUDA works as on the CPU (not run on a GPU)."""
+    check_device(device)
     if precision in ("int8", "int4"):
         return QuantEmbedding(weight, precision, device)
     from hetero.ops.linear import activation_dtype
@@ -83,8 +85,8 @@ def make_embedding(weight: torch.Tensor, precision: str, device: str = "cpu"):
 
 class TiedEmbedding:
     """The embedding of a tied model read from the head's own weights: one matrix in memory, as the
-    planner prices it. Gathers rows from the head's layout (dense, int8 per row, or the compiled
-    kernels' int4 layout); `tie()` returns None where that layout cannot be read by row."""
+    planner prices it. Gathers rows from the head's layout (dense, int8 per row, or the int4 rows
+    layout, on the CPU or CUDA); `tie()` returns None where that layout cannot be read by row."""
 
     def __init__(self, head: torch.nn.Module, kind: str):
         self.head, self.kind = head, kind
@@ -97,9 +99,10 @@ class TiedEmbedding:
             return TiedEmbedding(head, "dense")
         if isinstance(head, Int8Linear):
             return TiedEmbedding(head, "int8")
-        if isinstance(head, Int4Linear) and getattr(head, "_k", None) is not None and head.group == 32:
+        if isinstance(head, Int4Linear) and getattr(head, "layout", "") == "rows":
             return TiedEmbedding(head, "int4")
-        return None  # torch's own int4 packing is opaque: the caller keeps a table of its own
+        # torch's own int4 packings (CPU, CUDA tinygemm) are opaque: the caller keeps a table of its own
+        return None
 
     @property
     def device(self) -> torch.device:
@@ -112,14 +115,7 @@ class TiedEmbedding:
             rows = h.weight[flat]
         elif self.kind == "int8":
             rows = h.qweight[flat, :h.in_features].to(torch.bfloat16) * h.scales[flat, None]
-        else:
-            # kernel layout: packed [N, K/2], in each group's 16 bytes byte i = q[i] | q[i + 16] << 4;
-            # scales_zeros [N, K/32, 2]
-            p = h.packed[flat]                                             # [n, K/2]
-            n = p.shape[0]
-            g = p.view(n, -1, 16)
-            q = torch.cat([g & 15, g >> 4], dim=-1).float()                # [n, G, 32]
-            sz = h.scales_zeros[flat].float()                              # [n, G, 2]
-            w = (q - 8.0) * sz[..., :1] + sz[..., 1:]
-            rows = w.reshape(n, -1)[:, :h.in_features].to(torch.bfloat16)
+        else:  # rows layout (linear.Int4Linear): packed [N, K/2], scales_zeros [N, K/g, 2]
+            flat = flat.to(h.packed.device)
+            rows = dequant_int4_rows(h.packed[flat], h.scales_zeros[flat])[:, :h.in_features]
         return rows.view(*ids.shape, rows.shape[-1])

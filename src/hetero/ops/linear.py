@@ -3,6 +3,11 @@
 The decoder only calls `layer(x)`; which kernel runs is decided here, by the precision the plan
 gives the unit. Quantised kernels take bf16 activations (torch's CPU int8/int4 weight-only kernels
 are fast with bf16 and slow with fp32 inputs; see DESIGN.md).
+
+Off the CPU (CUDA) int8 and int4 run torch's weight-only kernels (the ones the profile times) when a
+check at build time shows they compute what the dequantised weight does; otherwise the weight is
+dequantised to bf16 in bounded blocks per call (pure torch, so the same code runs on CPU tensors).
+The CUDA branches have not run on a GPU.
 """
 from __future__ import annotations
 
@@ -10,9 +15,31 @@ import torch
 import torch.nn.functional as F
 
 from hetero.dtypes import DEQUANT_ELEMENTS, INT4_GROUP
+from hetero.errors import HeteroError
 from hetero.ops import kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Device kinds whose units this engine builds; the cost model also prices mps and xpu (what-if plans).
+RUNNABLE_KINDS: tuple[str, ...] = ("cpu", "cuda")
+
+
+def check_device(device: str) -> str:
+    """`device` when the engine can build units there, else a HeteroError naming what it can."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise HeteroError(f"unknown device {device!r}") from None
+    if kind not in RUNNABLE_KINDS:
+        raise HeteroError(f"units on {device} are not supported by this engine (it runs "
+                          f"{' and '.join(RUNNABLE_KINDS)} units); plan them elsewhere")
+    return device
+
+
+def on_cpu(device: str) -> bool:
+    """Kernels are chosen by the planned device, not by where a tensor happens to sit, so a unit
+    built for cuda takes the CUDA branch wherever its tensors are (runtime.devices.simulated_cuda)."""
+    return torch.device(device).type == "cpu"
 
 
 def _gemv_input(x: torch.Tensor, k: int, out: torch.dtype = torch.bfloat16) -> torch.Tensor | None:
@@ -45,7 +72,7 @@ class DenseLinear(torch.nn.Module):
         # Decode (M = 1) goes through the compiled GEMV when there is one: it streams the weight
         # faster than torch's stock matrix-vector kernel (docs/BENCHMARKS.md, "CPU speed").
         self._gemv = None
-        if self.weight.device.type == "cpu" and self.in_features % 16 == 0 and (k := kernels.get()):
+        if on_cpu(device) and self.in_features % 16 == 0 and (k := kernels.get()):
             self._gemv = {torch.float32: k.gemv_f32, torch.bfloat16: k.gemv_bf16}.get(dt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +93,8 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 class Int8Linear(torch.nn.Module):
-    """Weight-only int8 per output channel; bf16 activations through torch._weight_int8pack_mm (CPU)."""
+    """Weight-only int8 per output channel; bf16 activations through torch._weight_int8pack_mm
+    (CPU; CUDA when its check passes, else the weight dequantised in blocks)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: str = "cpu"):
         super().__init__()
@@ -79,8 +107,10 @@ class Int8Linear(torch.nn.Module):
         self.scales = scale.to(device=device, dtype=torch.bfloat16)  # [N]
         self.bias = None if bias is None else bias.to(device=device, dtype=torch.bfloat16)
         self.out_features, self.in_features = q.shape[0], q.shape[1] - self.pad
-        self._fast = self.qweight.device.type == "cpu"
-        self._gemv = kernels.get() if self._fast else None
+        self._fast = on_cpu(device) or _kernel_agrees(
+            lambda x: torch._weight_int8pack_mm(x, self.qweight, self.scales),
+            lambda x: _dequant_linear(x, _dequant_int8, self.qweight, self.scales), self.qweight)
+        self._gemv = kernels.get() if on_cpu(device) else None
         # The compiled GEMV takes the same bf16-rounded scales, widened to fp32.
         self._scales_f32 = self.scales.float() if self._gemv else None
 
@@ -100,7 +130,7 @@ class Int8Linear(torch.nn.Module):
         if self._fast:
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:
-            y = F.linear(x2, self.qweight.to(torch.bfloat16)) * self.scales
+            y = _dequant_linear(x2, _dequant_int8, self.qweight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -125,9 +155,14 @@ def quantize_int4_groupwise(weight: torch.Tensor, group: int = INT4_GROUP) -> tu
 class Int4Linear(torch.nn.Module):
     """Weight-only group-wise int4 with bf16 activations.
 
-    With the compiled kernels (group 32): our own nibble layout, read by an AVX-512 GEMV at decode and
-    dequantised to bf16 for a GEMM at prefill. Without them: torch._weight_int4pack_mm_for_cpu.
-    Both hold the same bytes per weight (half a byte plus a bf16 scale and zero per group).
+    `layout` says how the weight is held (all hold half a byte plus a bf16 scale and zero per group):
+      rows      our nibble layout, row by row: in each group's g/2 bytes, byte i = q[i] | q[i + g/2] << 4;
+                scales_zeros [N, K/g, 2]. Read by the compiled AVX-512 GEMV at decode and dequantised
+                to bf16 for a GEMM at prefill (CPU, group 32), or dequantised in blocks per call
+                (off the CPU when torch's kernel is missing or disagrees).
+      torch-cpu torch._weight_int4pack_mm_for_cpu's packing (CPU without the compiled kernels).
+      tinygemm  torch._weight_int4pack_mm's packing (CUDA; the kernel the profile times), used only
+                when a check at build time matches it against the rows layout dequantised.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: str = "cpu", group: int = INT4_GROUP):
@@ -138,52 +173,102 @@ class Int4Linear(torch.nn.Module):
             weight = F.pad(weight.float(), (0, pad))
         q, scale, zero = quantize_int4_groupwise(weight, group)
         self.group, self.in_features, self.out_features, self.pad = group, k, n, pad
-        self.bias = None if bias is None else bias.to(torch.bfloat16)
-        self._k = kernels.get() if group == 32 else None
-        if self._k is not None:
-            # packed: [N, K/2] uint8; in each group's 16 bytes, byte i = q[i] | q[i + 16] << 4.
-            qg = q.reshape(n, -1, 2, 16)
-            self.packed = (qg[:, :, 0] | (qg[:, :, 1] << 4)).reshape(n, -1).contiguous()
-            self.scales_zeros = torch.stack([scale, zero], dim=-1).to(torch.bfloat16).contiguous()  # [N, K/g, 2]
-        else:
+        self.bias = None if bias is None else bias.to(device=device, dtype=torch.bfloat16)
+        cpu = on_cpu(device)
+        self._k = kernels.get() if cpu and group == 32 else None
+        if cpu and self._k is None:
             # torch CPU packing wants int32 [N, K] values in [0, 15]; scales_and_zeros is [K/g, N, 2] bf16.
+            self.layout = "torch-cpu"
             self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
             self.scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            return
+        self.layout = "rows"
+        qg = q.reshape(n, -1, 2, group // 2)
+        self.packed = (qg[:, :, 0] | (qg[:, :, 1] << 4)).reshape(n, -1).contiguous().to(device)  # [N, K/2]
+        self.scales_zeros = torch.stack([scale, zero], dim=-1).to(torch.bfloat16).contiguous().to(device)
+        if not cpu:
+            tg = _tinygemm_pack(q, self.scales_zeros, group, device)
+            if tg is not None and _kernel_agrees(
+                    lambda x: torch._weight_int4pack_mm(x, tg[0], group, tg[1]),
+                    lambda x: _dequant_linear(x, dequant_int4_rows, self.packed, self.scales_zeros), self.packed):
+                self.layout, self.packed, self.scales_zeros = "tinygemm", tg[0], tg[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self._k is not None:
-            xv = _gemv_input(x, self.in_features)
-            if xv is not None:
-                if self.pad:
-                    xv = F.pad(xv.reshape(-1), (0, self.pad))
-                y = _as(self._k.gemv_int4(xv, self.packed, self.scales_zeros), torch.bfloat16)
-            else:  # prefill: a bf16 GEMM is compute-bound, so dequantising the weight first is cheap
-                x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-                if self.pad:
-                    x2 = F.pad(x2, (0, self.pad))
-                y = _dequant_linear(x2, self._k.dequant_int4, self.packed, self.scales_zeros)
+        xv = _gemv_input(x, self.in_features) if self._k is not None else None
+        if xv is not None:
+            if self.pad:
+                xv = F.pad(xv.reshape(-1), (0, self.pad))
+            y = _as(self._k.gemv_int4(xv, self.packed, self.scales_zeros), torch.bfloat16)
         else:
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
             if self.pad:
                 x2 = F.pad(x2, (0, self.pad))
-            y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.scales_zeros)
+            x2 = x2.contiguous()
+            if self._k is not None:  # prefill: a bf16 GEMM is compute-bound, so dequantising first is cheap
+                y = _dequant_linear(x2, self._k.dequant_int4, self.packed, self.scales_zeros)
+            elif self.layout == "torch-cpu":
+                y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)
+            elif self.layout == "tinygemm":
+                y = torch._weight_int4pack_mm(x2, self.packed, self.group, self.scales_zeros)
+            else:
+                y = _dequant_linear(x2, dequant_int4_rows, self.packed, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
 
-# Prefill dequantises DEQUANT_ELEMENTS weights at a time (hetero.dtypes): bounds the transient to
-# ~6 MB instead of the whole matrix (a 1B model's gate/up: ~140 MB).
+def dequant_int4_rows(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """The rows layout ([n, K/2] uint8, [n, K/g, 2] bf16) -> bf16 [n, K], in fp32 arithmetic as the
+    compiled kernel does; pure torch, so it runs wherever the tensors are."""
+    n, groups = scales_zeros.shape[0], scales_zeros.shape[1]
+    g = packed.reshape(n, groups, -1)
+    q = torch.cat([g & 15, g >> 4], dim=-1).float()                      # [n, G, g]
+    sz = scales_zeros.float()
+    return ((q - 8.0) * sz[..., :1] + sz[..., 1:]).reshape(n, -1).to(torch.bfloat16)
+
+
+def _dequant_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.bfloat16) * scales[:, None]
+
+
+def _tinygemm_pack(q: torch.Tensor, scales_zeros: torch.Tensor, group: int, device: str):
+    """(packed, scales_and_zeros [K/g, N, 2]) for torch._weight_int4pack_mm on `device`, or None when
+    torch cannot pack this shape there. The packer takes two nibbles per byte, the even one high."""
+    k = q.shape[1]
+    tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+    if tiles is None or q.shape[0] % 8:
+        return None
+    try:
+        u8 = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous().to(device)
+        return torch._convert_weight_to_int4pack(u8, tiles), scales_zeros.transpose(0, 1).contiguous()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+
+
+def _kernel_agrees(kernel, reference, weight: torch.Tensor) -> bool:
+    """True when `kernel(x)` runs on the weight's device and matches `reference(x)` (the weight
+    dequantised) on random bf16 input within bf16 rounding; a kernel torch lacks here is False."""
+    k = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(0)).to(device=weight.device, dtype=torch.bfloat16)
+    try:
+        got, ref = kernel(x).float(), reference(x).float()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+    return bool(torch.isfinite(got).all()) and float((got - ref).norm() / ref.norm().clamp(min=1e-6)) < 2e-2
+
+
+# Dequantising paths handle DEQUANT_ELEMENTS weights at a time (hetero.dtypes): bounds the transient
+# to ~6 MB instead of the whole matrix (a 1B model's gate/up: ~140 MB).
 
 
 def _dequant_linear(x2: torch.Tensor, dequant, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """x2 @ dequant(W).T, dequantising W one block of output rows at a time."""
+    """x2 @ dequant(W).T, dequantising W one block of output rows at a time (on x2's device)."""
     n, k = packed.shape[0], x2.shape[1]
     rows = max(16, DEQUANT_ELEMENTS // max(1, k) // 16 * 16)
     if n <= rows:
         return F.linear(x2, dequant(packed, scales_zeros))
-    out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16, device=x2.device)
     for r in range(0, n, rows):
         out[:, r:r + rows] = F.linear(x2, dequant(packed[r:r + rows], scales_zeros[r:r + rows]))
     return out
@@ -208,12 +293,11 @@ def gemv_operands(lin: torch.nn.Module) -> tuple[int, torch.Tensor, torch.Tensor
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str, device: str = "cpu") -> torch.nn.Module:
+    check_device(device)
     if precision in DTYPES:
         return DenseLinear(weight, bias, precision, device)
     if precision == "int8":
         return Int8Linear(weight, bias, device)
     if precision == "int4":
-        if device != "cpu":
-            raise NotImplementedError("int4 on CUDA needs torchao; plan int8 or bf16 for GPU units")
         return Int4Linear(weight, bias, device)
     raise ValueError(f"unknown precision {precision!r}")

@@ -28,7 +28,7 @@ from hetero.model.sources import Source, resolve, resolve_spec
 from hetero.model.spec import ModelSpec
 from hetero.model.weights import WeightStore, required
 from hetero.plan.plan import Plan
-from hetero.runtime import baseline, memory
+from hetero.runtime import baseline, devices, memory
 from hetero.runtime.stream import DiskEmbedding, HostBuffer, DirectReader, Prefetcher, Source as StreamSource
 from hetero.runtime.stream import StreamedUnit, bind
 from hetero.runtime.tensorcache import Entry, Holder, cache_root, ensure_entries, missing_bytes
@@ -353,7 +353,7 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
 
     spec = resolve_spec(model)
     notes: list[str] = []
-    reserve = {"cpu": baseline.runtime_baseline(model)}
+    reserve = {"cpu": baseline.runtime_baseline(model), **devices.cuda_reserve()}
     if plan_path:
         plan = Plan.load(plan_path)
         here = inventory()
@@ -387,6 +387,7 @@ def _machine(hardware: str | None):
 
     name = hardware or "this"
     hw, prof = machine(name)
+    hw = devices.runnable(hw)  # a run plans only devices the engine builds units on
     if name not in ("this", "", "local"):
         # a plan for other hardware cannot run here; planning for it is `hetero plan`'s job
         from hetero.hardware.inventory import inventory

@@ -31,11 +31,22 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.p = params.validate()
-        self.gen = torch.Generator()
-        if params.seed is not None:
-            self.gen.manual_seed(params.seed)
+        self.gen = self._generator("cpu")
+
+    def _generator(self, device) -> torch.Generator:
+        # torch.multinomial wants a generator on the probabilities' device; the seed is the same
+        g = torch.Generator(device=device)
+        if self.p.seed is not None:
+            g.manual_seed(self.p.seed)
         else:
-            self.gen.seed()
+            g.seed()
+        return g
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """This sampler's generator on `device` (made once, on the first draw there)."""
+        if self.gen.device != device:
+            self.gen = self._generator(device)
+        return self.gen
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: [V] fp32 for the last position; history: ids so far (prompt + generated)."""
@@ -59,4 +70,4 @@ class Sampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
         probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+        return int(torch.multinomial(probs, 1, generator=self.generator_for(probs.device)))

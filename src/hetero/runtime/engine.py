@@ -29,7 +29,7 @@ from hetero.model.spec import ModelSpec
 from hetero.model.weights import WeightStore, required
 from hetero.plan.plan import Plan
 from hetero.runtime import baseline, devices, memory
-from hetero.runtime.stream import DiskEmbedding, HostBuffer, DirectReader, Prefetcher, Source as StreamSource
+from hetero.runtime.stream import DiskEmbedding, HostBuffer, DirectReader, Prefetcher, StreamItem
 from hetero.runtime.stream import StreamedUnit, bind
 from hetero.runtime.tensorcache import Entry, Holder, cache_root, ensure_entries, missing_bytes
 
@@ -306,12 +306,12 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
     Decoder.from_units: the same assembler hetero.load and pipeline stages use."""
     cfg = unit_configs(plan, names)
     # streamed units in execution order, one prefetcher per compute device
-    by_dev: dict[str, list[StreamSource]] = {}
+    by_dev: dict[str, list[StreamItem]] = {}
     for u in plan.units:
         if u.name in cfg and u.name != "embed" and _streams(u):
             e = entries[u.name]
             host = _pinned_copy(e) if u.residency == "ram" else None
-            by_dev.setdefault(u.device, []).append(StreamSource(u.name, e.data_bytes, None if host is not None else e, host))
+            by_dev.setdefault(u.device, []).append(StreamItem(u.name, e.data_bytes, None if host is not None else e, host))
     pfs = {d: Prefetcher(srcs, d, plan.prefetch_depth, prefetch) for d, srcs in by_dev.items()}
 
     def unit_module(u) -> torch.nn.Module:

@@ -128,7 +128,7 @@ def unbind(tree: dict[str, torch.nn.Module], slots: tuple[TensorSlot, ...], empt
 # ---- the prefetcher ------------------------------------------------------------------------------
 
 @dataclass
-class Source:
+class StreamItem:
     """Where one streamed unit's bytes come from: a cache entry on disk, or a host copy (RAM -> GPU)."""
     name: str
     nbytes: int
@@ -152,7 +152,7 @@ class Slot:
 class Prefetcher:
     """Streams `sources` (in execution order, cyclically) up to `depth` units ahead of their use."""
 
-    def __init__(self, sources: list[Source], device: str = "cpu", depth: int = 2, enabled: bool = True):
+    def __init__(self, sources: list[StreamItem], device: str = "cpu", depth: int = 2, enabled: bool = True):
         self.sources = sources
         self.index = {s.name: i for i, s in enumerate(sources)}
         self.device = torch.device(device)
@@ -183,7 +183,7 @@ class Prefetcher:
             self._thread.start()
 
     # runs in the prefetch thread (or inline when prefetch is off)
-    def _fill(self, slot: Slot, src: Source) -> None:
+    def _fill(self, slot: Slot, src: StreamItem) -> None:
         t0 = time.perf_counter()
         if src.entry is not None:
             if slot.copied is not None:

@@ -58,7 +58,7 @@ def test_smollm2_chat_over_the_cli_server():
         assert "Paris" in r.choices[0].message.content
         assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 24
         plan = httpx.get(url + "/plan", headers={"Authorization": "Bearer k"}).json()
-        assert plan["model"] == "smollm2-135m" and len(plan["units"]) == 30 + 2
+        assert plan["model"]["name"] == "smollm2-135m" and len(plan["units"]) == 30 + 2
     finally:
         proc.terminate()
         proc.wait(20)

@@ -34,6 +34,19 @@ def test_bad_options_exit_2():
     assert r.returncode == 2 and "--max-concurrency" in r.stderr
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--dtype", "int4", "--precisions", "bf16"], "--dtype or --precisions"),
+    (["--context", "1"], "--context"),
+    (["--memory", "cpu=1MB"], "budget"),   # below what the runtime itself needs
+    (["--memory", "cpu"], "DEVICE=SIZE"),
+])
+def test_bad_planning_flags_exit_2_in_one_line(flags, words):
+    r = subprocess.run([HETERO, "serve", "synthetic:tiny", "--port", str(free_port()), *flags], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_smollm2_chat_over_the_cli_server():
     port = free_port()

@@ -1,11 +1,13 @@
 """What every handler shares, kept on `app.state.serve`, and the dependency that hands it to them."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 
+from hetero.serve.budget import BudgetWatch
 from hetero.serve.metrics import Metrics
 from hetero.serve.scheduler import Scheduler
 
@@ -21,11 +23,9 @@ class ServeState:
     known: set[str]              # every id a request may name the model by
     context: int                 # tokens a request may use: prompt + max_tokens (the planned context)
     max_body_bytes: int
-    watch: Any = None            # the BudgetWatch: devices over budget, as last seen
+    watch: BudgetWatch           # the plan's budgets against the measured footprint
 
     def model_card(self) -> dict:
-        import time
-
         return {"id": self.model_id, "object": "model", "created": int(time.time()), "owned_by": "hetero",
                 "context_length": self.context}
 

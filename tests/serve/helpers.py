@@ -1,4 +1,4 @@
-"""A real uvicorn server on a free loopback port in a background thread, and a slowed model."""
+"""A real uvicorn server on a free loopback port in a background thread, and a slowed engine."""
 from __future__ import annotations
 
 import socket
@@ -40,8 +40,8 @@ class Server:
         self.thread.join(10)
 
     @property
-    def engine(self):
-        return self.app.state.engine
+    def scheduler(self):
+        return self.app.state.scheduler
 
     def client(self, api_key: str = "none", **kw):
         import openai
@@ -49,20 +49,18 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=30, **kw)
 
 
-class SlowModel:
-    """A real model whose every token takes at least `delay` seconds: a stand-in for a long generation
+class SlowEngine:
+    """A real engine whose every token takes at least `delay` seconds: a stand-in for a long generation
     on a big model, so cancellation can be timed against something that would otherwise keep running."""
 
-    def __init__(self, model, delay: float):
-        self.model, self.delay = model, delay
-        self.spec, self.net, self.tokenizer = model.spec, model.net, model.tokenizer
+    def __init__(self, engine, delay: float):
+        self.engine, self.delay = engine, delay
+        self.plan, self.model = engine.plan, engine.model
+        self.report, self.over_budget, self.footprint = engine.report, engine.over_budget, engine.footprint
         self.tokens_made = 0
 
-    def prompt_ids(self, *args, **kwargs):
-        return self.model.prompt_ids(*args, **kwargs)
-
     def stream(self, *args, **kwargs):
-        for rec in self.model.stream(*args, **kwargs):
+        for rec in self.engine.stream(*args, **kwargs):
             time.sleep(self.delay)
             self.tokens_made += 1
             yield rec

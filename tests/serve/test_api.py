@@ -90,9 +90,13 @@ def test_health_plan_and_metrics(tiny_server):
     h = httpx.get(tiny_server.url + "/health")
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["generated_tokens"] == 1
     plan = httpx.get(tiny_server.url + "/plan").json()
-    assert plan["model"] == MODEL and plan["dtype"] == "fp32"
-    assert [u["unit"] for u in plan["units"]] == ["embed", "layers.0", "layers.1", "head"]
-    assert all(u["device"] == "cpu" and u["precision"] == "fp32" for u in plan["units"])
+    engine = tiny_server.app.state.serve.engine
+    assert plan == engine.plan.to_dict()  # the Plan being served, as `hetero plan -o` writes it
+    assert plan["model"]["name"] == MODEL and plan["workload"]["context"] == 512  # the model's context
+    assert [u["name"] for u in plan["units"]] == ["embed", "layers.0", "layers.1", "head"]
+    # the engine runs what the plan says, unit by unit
+    assert {u["name"]: (u["device"], u["precision"]) for u in plan["units"]} == \
+        {n: (c.device, c.precision) for n, c in engine.model.net.units.items()}
     tiny_server.client().completions.create(model=MODEL, prompt="metrics", max_tokens=5, temperature=0)
     text = httpx.get(tiny_server.url + "/metrics").text
     assert "# TYPE hetero_time_to_first_token_seconds histogram" in text
@@ -103,17 +107,31 @@ def test_health_plan_and_metrics(tiny_server):
     assert samples["hetero_time_to_first_token_seconds_count"] >= 1
     assert samples["hetero_inter_token_latency_seconds_count"] >= 4
     assert samples["hetero_process_resident_bytes"] > 10e6
-    assert samples['hetero_model_weight_bytes{device="cpu"}'] > 0
+    assert samples['hetero_model_weight_bytes{device="cpu"}'] == sum(u["bytes"] for u in plan["units"])
+    assert samples['hetero_budget_bytes{device="cpu"}'] == plan["budgets"]["cpu"]
+    assert samples['hetero_footprint_peak_bytes{device="cpu"}'] >= samples["hetero_process_resident_bytes"] * 0.5
 
 
-def test_given_plan_is_returned(tiny_model):
-    plan = {"version": 1, "model": MODEL, "units": [{"unit": "embed", "device": "cpu", "precision": "bf16"}]}
-    with Server(create_app(tiny_model, plan=plan)) as srv:
-        assert httpx.get(srv.url + "/plan").json() == plan
+def test_report_is_the_engines_with_budgets(tiny_server):
+    c = tiny_server.client()
+    c.completions.create(model=MODEL, prompt="report", max_tokens=6, temperature=0)
+    r = httpx.get(tiny_server.url + "/report").json()
+    assert r["budget_bytes"] == tiny_server.app.state.serve.engine.plan.budgets
+    assert r["measured"]["decode_tok_s"] > 0 and r["measured"]["footprint_bytes"]["cpu"] > 10e6
+    assert r["predicted"]["decode_tok_s"] > 0
+    assert isinstance(r["over_budget"], dict)
 
 
-def test_api_key_guards_every_route_but_health(tiny_model):
-    with Server(create_app(tiny_model, api_key="s3cret")) as srv:
+def test_chat_through_the_server_is_the_engines_greedy_text(tiny_server):
+    engine = tiny_server.app.state.serve.engine
+    msgs = [{"role": "user", "content": "Tell me about rivers"}]
+    direct = "".join(rec.text for rec in engine.stream(msgs, max_new_tokens=12, temperature=0.0, chat=True))
+    r = tiny_server.client().chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == direct and r.usage.completion_tokens == 12
+
+
+def test_api_key_guards_every_route_but_health(tiny_engine):
+    with Server(create_app(tiny_engine, api_key="s3cret")) as srv:
         with pytest.raises(openai.AuthenticationError):
             srv.client(api_key="wrong").models.list()
         for path in ("/v1/models", "/metrics", "/plan"):

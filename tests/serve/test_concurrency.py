@@ -1,4 +1,4 @@
-"""The queue in front of the engine: interleaving, 429 when full, and cancellation on disconnect."""
+"""The scheduler in front of the engine: interleaving, 429 when full, and cancellation on disconnect."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +10,7 @@ import pytest
 
 from hetero.serve.app import create_app
 
-from .helpers import Server, SlowModel, wait_until
+from .helpers import Server, SlowEngine, wait_until
 
 MODEL = "synthetic:tiny"
 DELAY = 0.05   # seconds per token: a 400-token reply would run 20 s unless cancelled
@@ -21,8 +21,8 @@ def cancelled(srv: Server) -> float:
 
 
 @pytest.fixture
-def slow(tiny_model):
-    return SlowModel(tiny_model, DELAY)
+def slow(tiny_engine):
+    return SlowEngine(tiny_engine, DELAY)
 
 
 def test_disconnect_mid_stream_frees_the_place_within_1s(slow):
@@ -32,10 +32,10 @@ def test_disconnect_mid_stream_frees_the_place_within_1s(slow):
         it = iter(stream)
         for _ in range(3):
             next(it)
-        assert srv.engine.counts() == (1, 0)
+        assert srv.scheduler.counts() == (1, 0)
         t0 = time.monotonic()
         stream.close()  # the client goes away mid-stream
-        wait_until(lambda: srv.engine.counts() == (0, 0) and cancelled(srv) == 1, timeout=1.0)
+        wait_until(lambda: srv.scheduler.counts() == (0, 0) and cancelled(srv) == 1, timeout=1.0)
         assert time.monotonic() - t0 < 1.0
         made = slow.tokens_made
         time.sleep(0.3)
@@ -63,13 +63,13 @@ def test_disconnect_while_queued_leaves_the_queue(slow):
 
         t = threading.Thread(target=queued)
         t.start()
-        wait_until(lambda: srv.engine.counts() == (1, 1), timeout=2.0)
+        wait_until(lambda: srv.scheduler.counts() == (1, 1), timeout=2.0)
         t.join(5)
         assert done == {"timeout": True}
-        wait_until(lambda: srv.engine.counts() == (1, 0), timeout=1.0)
+        wait_until(lambda: srv.scheduler.counts() == (1, 0), timeout=1.0)
         running.close()
         # both generations cancelled within 1 s (the counter is bumped just after the slot is freed)
-        wait_until(lambda: srv.engine.counts() == (0, 0) and cancelled(srv) == 2, timeout=1.0)
+        wait_until(lambda: srv.scheduler.counts() == (0, 0) and cancelled(srv) == 2, timeout=1.0)
 
 
 def test_disconnect_of_unstreamed_request_cancels_it(slow):
@@ -78,7 +78,7 @@ def test_disconnect_of_unstreamed_request_cancels_it(slow):
             httpx.post(srv.url + "/v1/completions", timeout=0.5,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 400})
         t0 = time.monotonic()
-        wait_until(lambda: srv.engine.counts() == (0, 0) and cancelled(srv) == 1, timeout=1.0)
+        wait_until(lambda: srv.scheduler.counts() == (0, 0) and cancelled(srv) == 1, timeout=1.0)
         assert time.monotonic() - t0 < 1.0
 
 
@@ -93,7 +93,7 @@ def test_full_server_answers_429_and_keeps_serving(slow):
         # /health jumps the queue and is never refused.
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
         running.close()
-        wait_until(lambda: srv.engine.counts() == (0, 0), timeout=1.0)
+        wait_until(lambda: srv.scheduler.counts() == (0, 0), timeout=1.0)
         assert c.completions.create(model=MODEL, prompt="third", max_tokens=2).usage.completion_tokens == 2
 
 

@@ -17,8 +17,8 @@ LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
-    with Server(create_app(tiny_model, max_body_bytes=LIMIT)) as srv:
+def server(tiny_engine):
+    with Server(create_app(tiny_engine, max_body_bytes=LIMIT)) as srv:
         yield srv
 
 

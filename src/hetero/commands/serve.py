@@ -1,4 +1,4 @@
-"""`hetero serve`: the OpenAI-compatible HTTP API over a loaded model."""
+"""`hetero serve`: the OpenAI-compatible HTTP API over the planned engine, planned as `hetero run` plans."""
 from __future__ import annotations
 
 import sys
@@ -9,21 +9,49 @@ import typer
 from hetero.errors import HeteroError
 
 
-def load_engine(model: Optional[str], dtype: str, threads: Optional[int]) -> tuple[Any, Optional[dict]]:
-    """The model to serve and the plan GET /plan shows (None: the app describes the loaded units).
+def load_engine(model: Optional[str], plan_file: Optional[str] = None, memory: Optional[str] = None,
+                hardware: Optional[str] = None, objective: str = "decode", precisions: Optional[str] = None,
+                context: Optional[int] = None, prefetch: Optional[bool] = None, replan: bool = True,
+                threads: Optional[int] = None, progress: bool = True) -> tuple[Any, list[str]]:
+    """Plan MODEL (or check --plan FILE) as `hetero run` does, then load the runtime Engine for it.
 
-    Extension point: planning flags (memory budgets, --plan FILE, objectives) belong here. Build a
-    Plan, load the planned engine from it, and return (engine, plan.to_dict()); the server only needs
-    the Model interface (`stream`, `prompt_ids`, `spec`, `net.units`).
+    The server's own modules are imported first, so the runtime baseline the planner reserves
+    (measured in this process) includes them. Without --context the plan covers the model's context:
+    a server takes prompts of any length up to it.
     """
-    import hetero
+    import torch
 
-    return hetero.load(model, dtype=dtype, threads=threads), None
+    import fastapi  # noqa: F401  (imported for the baseline: the serving process holds them)
+    import uvicorn  # noqa: F401
+
+    import hetero.serve.app  # noqa: F401
+    from hetero.model.sources import resolve_spec
+    from hetero.runtime import engine as eng
+    from hetero.runtime.memory import Footprint
+
+    if threads:
+        torch.set_num_threads(threads)
+    if context is not None and context < 2:
+        raise HeteroError(f"--context must be at least 2, got {context}")
+    mon = Footprint().start()  # from before the weights, so the peak covers loading too
+    precs = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None
+    ctx = context or resolve_spec(model).max_context
+    plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, precs, prompt_tokens=64,
+                                   context=ctx, replan=replan)
+    return eng.Engine.load(plan, model, prefetch=prefetch, progress=progress, monitor=mon), notes
 
 
 def serve(
     model: Optional[str] = typer.Argument(None, help="A .gguf file, an HF dir, `smollm2-135m` (default) or `synthetic:NAME`."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | int8 | int4 for every unit."),
+    plan_file: Optional[str] = typer.Option(None, "--plan", help="Serve this plan (JSON from `hetero plan -o`)."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Plan for these budgets, e.g. cpu=2GB,disk=50GB or cpu=25% (of the bf16 size); the whole process must fit."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="Plan with this hardware: this (default) | catalog:SPEC | FILE."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="decode (default) | ttft | throughput."),
+    precisions: Optional[str] = typer.Option(None, "--precisions", help="Precisions the planner may use, e.g. bf16,int8."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Shorthand for --precisions DTYPE: every unit at DTYPE."),
+    context: Optional[int] = typer.Option(None, "--context", help="Tokens per request (prompt + reply) to plan the KV cache for (default: the model's context)."),
+    prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Overlap streamed units' reads with compute (default: as the plan says)."),
+    replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan a --plan that no longer fits free RAM (else fail)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="HETERO_API_KEY",
@@ -35,27 +63,39 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine (default: torch's)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
 ) -> None:
-    """Serve MODEL over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /plan."""
+    """Serve MODEL over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
+    /plan (the Plan served) and /report (predicted vs measured).
+
+    MODEL is planned exactly as `hetero run` plans it (same flags and defaults) and served by the same engine.
+    """
     if not 0 < port < 65536:
         raise HeteroError(f"--port must be in 1..65535, got {port}")
     if max_concurrency < 1 or max_queue < 0:
         raise HeteroError("--max-concurrency must be ≥ 1 and --max-queue ≥ 0")
     if max_body_bytes < 1024:
         raise HeteroError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
+    if dtype and precisions:
+        raise HeteroError("give --dtype or --precisions, not both (--dtype D is --precisions D)")
     _check_port(host, port)
     import uvicorn
 
+    from hetero.runtime.engine import summary
     from hetero.serve.app import create_app
 
-    m, plan = load_engine(model, dtype, threads)
-    app = create_app(m, model_id=model_name, aliases=(model,) if model else (), plan=plan, dtype=dtype,
-                     api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue,
-                     max_body_bytes=max_body_bytes)
-    name = app.state.model_id
-    print(f"serving {name} ({dtype}) at http://{host}:{port}/v1  "
-          f"[max concurrency {max_concurrency}, queue {max_queue}{', API key required' if api_key else ''}]",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    e, notes = load_engine(model, plan_file, memory, hardware, objective or "decode", precisions or dtype,
+                           context, prefetch, replan, threads)
+    try:
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
+        print(summary(e.plan), file=sys.stderr)
+        app = create_app(e, model_id=model_name, aliases=(model,) if model else (), api_key=api_key,
+                         max_concurrency=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_bytes)
+        print(f"serving {app.state.model_id} at http://{host}:{port}/v1  [context {app.state.serve.context}, "
+              f"max concurrency {max_concurrency}, queue {max_queue}{', API key required' if api_key else ''}]",
+              file=sys.stderr, flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        e.close()
 
 
 def _check_port(host: str, port: int) -> None:

@@ -16,6 +16,12 @@ def _labels(labels: dict[str, str]) -> str:
     return "{" + inner + "}"
 
 
+def _num(v: float) -> str:
+    """Exact for whole numbers (byte counts past 1e6 would lose digits as %g), shortest repr otherwise."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
 class Histogram:
     def __init__(self, buckets=LATENCY_BUCKETS):
         self.buckets = tuple(buckets)
@@ -56,7 +62,10 @@ class Metrics:
         "hetero_process_resident_bytes": ("gauge", "Resident memory of the server process."),
         "hetero_process_peak_resident_bytes": ("gauge", "Peak resident memory of the server process."),
         "hetero_model_weight_bytes": ("gauge", "Bytes of model weights at their run precision, by device."),
-        "hetero_model_context_tokens": ("gauge", "The model's context length."),
+        "hetero_model_context_tokens": ("gauge", "The context a request may use (the plan's)."),
+        "hetero_budget_bytes": ("gauge", "The plan's memory budget, by device."),
+        "hetero_footprint_peak_bytes": ("gauge", "Measured peak footprint since start, by device."),
+        "hetero_over_budget": ("gauge", "1 where the measured peak is over the device's budget."),
     }
 
     def __init__(self):
@@ -94,7 +103,7 @@ class Metrics:
             if kind == "counter":
                 for (n, labels), v in sorted(counters.items()):
                     if n == name:
-                        lines.append(f"{name}{_labels(dict(labels))} {v:g}")
+                        lines.append(f"{name}{_labels(dict(labels))} {_num(v)}")
             elif kind == "histogram":
                 for (n, labels), (buckets, counts, s, cnt) in sorted(hists.items()):
                     if n == name:
@@ -103,5 +112,5 @@ class Metrics:
                         lines += h.lines(name, dict(labels))
             else:
                 for labels, v in sorted(gauges.get(name, {}).items()):
-                    lines.append(f"{name}{_labels(dict(labels))} {v:g}")
+                    lines.append(f"{name}{_labels(dict(labels))} {_num(v)}")
         return "\n".join(lines) + "\n"

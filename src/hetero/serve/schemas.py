@@ -194,17 +194,17 @@ def check_context(req: GenRequest, prompt_tokens: int, context: int) -> None:
     """Fill the default max_tokens and refuse what cannot fit: the prompt and the reply share the context."""
     req.prompt_tokens = prompt_tokens
     if req.max_tokens is not None and req.max_tokens > context:
-        raise APIError(400, f"'max_tokens' is {req.max_tokens} but the model's context is {context} tokens",
+        raise APIError(400, f"'max_tokens' is {req.max_tokens} but the served context is {context} tokens",
                        param="max_tokens", code="context_length_exceeded")
     if prompt_tokens >= context:
-        raise APIError(400, f"the prompt is {prompt_tokens} tokens but the model's context is {context} tokens",
+        raise APIError(400, f"the prompt is {prompt_tokens} tokens but the served context is {context} tokens",
                        param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
     if req.max_tokens is None:
         default = DEFAULT_COMPLETION_TOKENS if req.kind == "completion" else DEFAULT_CHAT_TOKENS
         req.max_tokens = min(default, context - prompt_tokens)
     if prompt_tokens + req.max_tokens > context:
         raise APIError(400, f"the prompt is {prompt_tokens} tokens and max_tokens is {req.max_tokens}: "
-                       f"{prompt_tokens + req.max_tokens} tokens, over the model's context of {context}",
+                       f"{prompt_tokens + req.max_tokens} tokens, over the served context of {context}",
                        param="max_tokens", code="context_length_exceeded")
 
 

@@ -1,4 +1,4 @@
-"""The queue in front of the engine: one worker thread owns the model and runs every generation.
+"""The scheduler in front of the engine: one worker thread owns the engine and runs every generation.
 
 The engine runs one sequence at a time (one forward pass over the model at once; torch already uses
 every core for it), so requests cannot be batched into one forward. Instead up to `max_concurrency`
@@ -27,7 +27,7 @@ class Busy(Exception):
 
 
 class Job:
-    """One generation: `kwargs` go to Model.stream; records come back on an asyncio queue."""
+    """One generation: `kwargs` go to Engine.stream; records come back on an asyncio queue."""
 
     def __init__(self, kwargs: dict, loop: asyncio.AbstractEventLoop, priority: bool = False,
                  stop: list[str] | None = None):
@@ -42,13 +42,13 @@ class Job:
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.tokens = 0
-        self.engine: "Engine | None" = None
+        self.scheduler: "Scheduler | None" = None
 
     def cancel(self) -> None:
         if not self.cancelled.is_set():
             self.cancelled.set()
-            if self.engine is not None:
-                self.engine.wake()
+            if self.scheduler is not None:
+                self.scheduler.wake()
 
     def _emit(self, item: Any) -> None:
         try:
@@ -57,17 +57,17 @@ class Job:
             pass
 
 
-class Engine:
-    """Owns the model; `submit` jobs from the event loop, read their records from `job.out`."""
+class Scheduler:
+    """Owns the engine; `submit` jobs from the event loop, read their records from `job.out`."""
 
-    def __init__(self, model: Any, max_concurrency: int = 8, max_queue: int = 64,
+    def __init__(self, engine: Any, max_concurrency: int = 8, max_queue: int = 64,
                  on_token: Callable[[Job, float], None] | None = None,
                  on_done: Callable[[Job, str], None] | None = None):
         if max_concurrency < 1 or max_queue < 0:
             raise ValueError("max_concurrency must be ≥ 1 and max_queue ≥ 0")
-        self.model, self.max_concurrency, self.max_queue = model, max_concurrency, max_queue
+        self.engine, self.max_concurrency, self.max_queue = engine, max_concurrency, max_queue
         self.on_token, self.on_done = on_token, on_done
-        # The model and its tokenizer are not safe to use from two threads at once: everything that
+        # The engine's model and its tokenizer are not safe to use from two threads at once: everything that
         # touches them (a generation step, tokenising a prompt) holds this lock.
         self.model_lock = threading.Lock()
         self.cv = threading.Condition()
@@ -78,7 +78,7 @@ class Engine:
 
     # ---- event-loop side -------------------------------------------------------------------
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name="hetero-engine", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="hetero-scheduler", daemon=True)
         self.thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -98,7 +98,7 @@ class Engine:
             live = sum(not j.cancelled.is_set() for j in self.waiting) + len(self.active)
             if not job.priority and live >= self.max_concurrency + self.max_queue:
                 raise Busy()
-            job.engine = self
+            job.scheduler = self
             if job.priority:
                 self.waiting.appendleft(job)
             else:
@@ -160,7 +160,7 @@ class Engine:
             with self.model_lock:
                 if job.gen is None:
                     job.t_start = time.perf_counter()
-                    job.gen = iter(self.model.stream(**job.kwargs))
+                    job.gen = iter(self.engine.stream(**job.kwargs))
                     if job.stop:
                         job.gen = apply_stops(job.gen, job.stop)
                 rec = next(job.gen)

@@ -1,6 +1,7 @@
 """`hetero run` and `hetero info`: generate with a model, or describe it without loading weights."""
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from typing import Optional
@@ -49,7 +50,7 @@ def run(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="1 = off."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Wrap the prompt in the chat template (default: when the model has one)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | int8 | int4 for every unit."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | int8 | int4 for every unit (shorthand for --precisions DTYPE)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     plan_file: Optional[str] = typer.Option(None, "--plan", help="Run this plan (JSON from `hetero plan -o`)."),
@@ -61,37 +62,22 @@ def run(
     prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Overlap streamed units' reads with compute (default: as the plan says)."),
     replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan a --plan that no longer fits free RAM (else fail)."),
 ) -> None:
-    """Generate text from PROMPT, streaming it to stdout, and end with a one-line summary.
+    """Generate text from PROMPT, streaming it to stdout, and end with predicted vs measured speed.
 
-    With --plan or any planning flag (--memory, --precisions, --objective, --hardware, --context) the
-    model runs as planned (placement, precision, residency) and the summary adds predicted vs measured.
+    Every run is planned (placement, precision, residency per unit) as `hetero serve` and `hetero bench`
+    plan: by the planner within the budgets (--memory; default: the RAM free now), or --plan FILE.
     """
-    import hetero
+    from hetero.errors import HeteroError
 
-    if plan_file or memory or precisions or objective or hardware or context:
-        _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
-                     threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,
-                     prefetch, replan)
-        return
-    m = hetero.load(model, dtype=dtype, threads=threads)
-    ids, text, last = _consume(m.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, chat=chat),
-                               echo=not as_json)
-    result = {
-        "model": m.spec.name, "dtype": dtype, "text": "".join(text), "token_ids": ids,
-        "prompt_tokens": last.prompt_tokens, "generated_tokens": last.generated_tokens,
-        "prefill_tok_s": round(last.prefill_tok_s, 2), "decode_tok_s": round(last.decode_tok_s, 2),
-        "finish_reason": last.finish_reason, "peak_rss_bytes": peak_rss_bytes(),
-        "load_s": round(m.load_s, 3),
-    }
-    if as_json:
-        print(json.dumps(result))
-        return
-    print()
-    print(f"[{result['prompt_tokens']} prompt tokens, {result['generated_tokens']} generated | "
-          f"prefill {result['prefill_tok_s']:.1f} tok/s, decode {result['decode_tok_s']:.1f} tok/s | "
-          f"peak RSS {_fmt_bytes(result['peak_rss_bytes'])} | {dtype} | finish: {result['finish_reason']}]",
-          file=sys.stderr)
+    if dtype is not None:
+        if precisions:
+            raise HeteroError("give --dtype or --precisions, not both (--dtype D is --precisions D)")
+        if dtype not in ("fp32", "bf16", "fp16", "int8", "int4"):
+            raise HeteroError(f"unknown --dtype {dtype!r}; known: fp32, bf16, fp16, int8, int4")
+        precisions = dtype
+    _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
+                 threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,
+                 prefetch, replan)
 
 
 def info(
@@ -157,13 +143,14 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
                                    prompt_tokens=64, context=context or (64 + max_new_tokens), replan=replan)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
-    if not as_json:
-        print(eng.summary(plan), file=sys.stderr)
     e = eng.Engine.load(plan, model, prefetch=prefetch, progress=not as_json, monitor=mon)
     try:
-        ids, text, last = _consume(e.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                            seed=seed, chat=chat), echo=not as_json)
+        records = e.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, chat=chat)
+        first = next(records)  # a prompt the model cannot take fails here, before anything is printed
+        if not as_json:
+            print(eng.summary(plan), file=sys.stderr)
+        ids, text, last = _consume(itertools.chain([first], records), echo=not as_json)
         rep = e.report()
         over = e.over_budget()
     finally:

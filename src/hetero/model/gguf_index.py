@@ -107,12 +107,16 @@ def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
     """One tensor as float32 in torch's dim order (no Q/K unpermute: the caller's job)."""
     from gguf import GGMLQuantizationType, quants
 
+    from hetero.model.gguf_dequant import dequantize
+
     mm = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
     qt = GGMLQuantizationType(info.ggml_type)
     if qt == GGMLQuantizationType.F32:
         arr = np.frombuffer(mm, dtype=np.float32).copy()
     elif qt == GGMLQuantizationType.F16:
         arr = np.frombuffer(mm, dtype=np.float16).astype(np.float32)
+    elif (fast := dequantize(mm, info.ggml_type)) is not None:
+        arr = fast
     else:
         row = info.shape[-1] if info.shape else 1
         block, size = quants.GGML_QUANT_SIZES[qt]

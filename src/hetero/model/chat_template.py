@@ -16,7 +16,7 @@ def compile_template(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(jinja2.ext.Extension):
-        """`{% generation %}…{% endgeneration %}` marks the assistant's text; rendered as its body."""
+        """`{% generation %}…{% endgeneration %}` marks the model's own turn; rendered as its body."""
         tags = {"generation"}
 
         def parse(self, parser):

@@ -4,6 +4,7 @@ here; those modules import heavy libraries (torch, transformers) inside the comm
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -33,8 +34,25 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _wait_policy() -> None:
+    """On a machine already running more work than it has cores, OpenMP threads that spin while
+    they wait take CPU from each other and from every other process: a 2-thread prefill ran ~10x
+    slower there (docs/BENCHMARKS.md, "Start-up"). They then sleep instead. Read once, when torch
+    loads libgomp, so set before any import of torch; a quiet machine and the user's own setting
+    are left as they are."""
+    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+        return
+    try:
+        busy = os.getloadavg()[0] >= len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return
+    if busy:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: HeteroError (bad input) becomes one line on stderr and exit code 2."""
+    _wait_policy()
     try:
         app(args=argv, standalone_mode=True)
     except HeteroError as e:

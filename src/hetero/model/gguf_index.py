@@ -55,6 +55,11 @@ class _Cursor:
             etype, count = self.take("I"), self.take("Q")
             if etype in _SCALAR:
                 self.pos += count * struct.calcsize(_SCALAR[etype])
+            elif etype == _STRING:  # a vocabulary: ~100k strings, so one tight loop, no method calls
+                buf, pos, length = self.buf, self.pos, struct.Struct("<Q").unpack_from
+                for _ in range(count):
+                    pos += 8 + length(buf, pos)[0]
+                self.pos = pos
             else:
                 for _ in range(count):
                     self.skip_value(etype)
@@ -62,10 +67,21 @@ class _Cursor:
             raise ValueError(f"unknown metadata value type {vtype}")
 
 
-def tensor_table(path: Path) -> dict[str, TensorInfo]:
-    """Every tensor's type, shape and absolute offset, by its GGUF name."""
+# ggml type -> (values per block, bytes per block) for the types read without the gguf package,
+# whose import (~0.1 s: its writer, reader and vocab modules) a run of such a file then skips
+_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34)}
+
+
+def _block_size(ggml_type: int) -> tuple[int, int]:
+    if ggml_type in _BLOCKS:
+        return _BLOCKS[ggml_type]
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+
+
+def tensor_table(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor's type, shape and absolute offset, by its GGUF name."""
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     try:
         c = _Cursor(memoryview(mm))
@@ -90,7 +106,7 @@ def tensor_table(path: Path) -> dict[str, TensorInfo]:
         data_start = (c.pos + alignment - 1) // alignment * alignment
         out = {}
         for name, qt, dims, off in raw:
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qt)]
+            block, size = _block_size(qt)
             n = int(np.prod(dims)) if dims else 1
             out[name] = TensorInfo(name, qt, tuple(int(d) for d in reversed(dims)), data_start + off,
                                    n // block * size)
@@ -105,15 +121,19 @@ def tensor_table(path: Path) -> dict[str, TensorInfo]:
 
 def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
     """One tensor as float32 in torch's dim order (no Q/K unpermute: the caller's job)."""
-    from gguf import GGMLQuantizationType, quants
+    from hetero.model.gguf_dequant import dequantize
 
     mm = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
-    qt = GGMLQuantizationType(info.ggml_type)
-    if qt == GGMLQuantizationType.F32:
+    if info.ggml_type == 0:  # F32
         arr = np.frombuffer(mm, dtype=np.float32).copy()
-    elif qt == GGMLQuantizationType.F16:
+    elif info.ggml_type == 1:  # F16
         arr = np.frombuffer(mm, dtype=np.float16).astype(np.float32)
+    elif (fast := dequantize(mm, info.ggml_type)) is not None:
+        arr = fast
     else:
+        from gguf import GGMLQuantizationType, quants
+
+        qt = GGMLQuantizationType(info.ggml_type)
         row = info.shape[-1] if info.shape else 1
         block, size = quants.GGML_QUANT_SIZES[qt]
         arr = quants.dequantize(np.asarray(mm).reshape(-1, row // block * size), qt).astype(np.float32, copy=False)

@@ -1,12 +1,15 @@
-"""Tokenizer and chat template: from GGUF metadata or an HF dir (transformers' tokenizer classes),
-or a byte-level fallback for synthetic models, which have no trained vocabulary.
+"""Tokenizer and chat template: from GGUF metadata or an HF dir, or a byte-level fallback for
+synthetic models, which have no trained vocabulary.
 
-Building a tokenizer from GGUF metadata takes seconds, so the converted tokenizer is cached under
-the cache dir, keyed by the file's size and mtime.
+A tokenizer.json is served by the `tokenizers` package directly and its chat template rendered by
+chat_template.py: importing transformers costs a run's start ~1-3 s. transformers is used only where
+that cannot give the same ids: converting a GGUF file's vocabulary (once; the result is cached under
+the cache dir, keyed by the file's size and mtime) and HF dirs whose tokenizer is a class of its own.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +19,76 @@ from typing import Any
 
 from hetero.model.sources import Source
 from hetero.paths import cache_dir
+
+# transformers' named special tokens: the chat template sees each one the config sets, by name
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# tokenizer classes that are tokenizer.json and nothing more (no class-specific pre-/post-processing)
+PLAIN_CLASSES = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+class FastTokenizer:
+    """A tokenizer.json through `tokenizers`, with the part of transformers' tokenizer API that
+    Tokenizer uses (encode, decode, apply_chat_template, chat_template, eos_token_id)."""
+
+    def __init__(self, backend: Any, chat_template: str | None, special_tokens: dict[str, str]):
+        self.backend, self.chat_template, self.special_tokens = backend, chat_template, special_tokens
+        eos = special_tokens.get("eos_token")
+        self.eos_token_id = None if eos is None else backend.token_to_id(eos)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = True):
+        from hetero.model.chat_template import render
+
+        text = render(self.chat_template, messages, self.special_tokens, add_generation_prompt)
+        # the template writes the special tokens itself, so none are added (as transformers does)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _token_text(v: Any) -> str | None:
+    """A special token in tokenizer_config.json: a string or an AddedToken object."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("content"), str):
+        return v["content"]
+    return None
+
+
+def load_fast(d: Path) -> FastTokenizer | None:
+    """The tokenizer in dir `d` through `tokenizers`, or None when only transformers gives its exact
+    ids: no tokenizer.json, a tokenizer class with behaviour of its own, or several named chat templates."""
+    if not (d / "tokenizer.json").is_file():
+        return None
+    try:
+        config = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").is_file() else {}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in PLAIN_CLASSES \
+            or config.get("model_specific_special_tokens"):
+        return None
+    template = config.get("chat_template")
+    if (d / "chat_template.jinja").is_file():  # transformers: the file wins over the config entry
+        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is not None and not isinstance(template, str):
+        return None  # named templates: transformers picks among them
+    if any(p.name.startswith("chat_template_") for p in d.glob("chat_template_*")):
+        return None
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        backend = Backend.from_file(str(d / "tokenizer.json"))
+    except Exception:  # a tokenizer.json this tokenizers cannot read: transformers may
+        return None
+    special = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
+    return FastTokenizer(backend, template or None, special)
 
 
 class Tokenizer:
@@ -57,14 +130,19 @@ def _gguf_cache_key(path: Path) -> str:
 
 
 def _load_gguf_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
     cached = cache_dir() / "tokenizers" / _gguf_cache_key(path)
     if (cached / "tokenizer_config.json").exists():
+        fast = load_fast(cached)
+        if fast is not None:
+            return fast
+        from transformers import AutoTokenizer
+
         try:
             return AutoTokenizer.from_pretrained(str(cached))
         except Exception:
             shutil.rmtree(cached, ignore_errors=True)  # stale or corrupt: rebuild below
+    from transformers import AutoTokenizer
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -74,8 +152,15 @@ def _load_gguf_tokenizer(path: Path):
         tok.save_pretrained(str(tmp))
         os.replace(tmp, cached)
     except OSError:
-        pass  # an unwritable cache only costs speed
-    return tok
+        return tok  # an unwritable cache only costs speed
+    # served from the cache from the first run on, so a cold run tokenizes as the warm ones do
+    return load_fast(cached) or tok
+
+
+def _token_id(hf: Any, token: str) -> int | None:
+    if isinstance(hf, FastTokenizer):
+        return hf.token_id(token)
+    return hf.convert_tokens_to_ids(token) if token in hf.get_vocab() else None
 
 
 def load_tokenizer(source: Source, vocab_size: int, eos_token_id: int | None = None) -> Tokenizer:
@@ -83,18 +168,19 @@ def load_tokenizer(source: Source, vocab_size: int, eos_token_id: int | None = N
     if source.kind == "gguf":
         hf = _load_gguf_tokenizer(source.path)
     elif source.kind == "hf" and any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
+        hf = load_fast(source.path)
+        if hf is None:
+            from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(str(source.path))
+            hf = AutoTokenizer.from_pretrained(str(source.path))
     eos: set[int] = set()
     if hf is not None:
-        for name in ("eos_token_id",):
-            v = getattr(hf, name, None)
-            if isinstance(v, int):
-                eos.add(v)
+        v = getattr(hf, "eos_token_id", None)
+        if isinstance(v, int):
+            eos.add(v)
         # Chat models end a turn with an end-of-turn token that may differ from eos.
         for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
-            tid = hf.convert_tokens_to_ids(tok) if tok in hf.get_vocab() else None
+            tid = _token_id(hf, tok)
             if isinstance(tid, int):
                 eos.add(tid)
     elif eos_token_id is not None:

@@ -49,11 +49,11 @@ def _build_dir() -> Path:
 def build(verbose: bool = False) -> Path:
     """Compile the extension (if not already built) and return the path of the shared object."""
     import torch
-    from torch.utils.cpp_extension import include_paths, library_paths
 
     out = _build_dir() / f"{NAME}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
     if out.exists():
         return out
+    from torch.utils.cpp_extension import include_paths, library_paths  # setuptools: only to compile
     out.parent.mkdir(parents=True, exist_ok=True)
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     libdir = library_paths()[0]

@@ -183,17 +183,14 @@ def rank_devices(hosts: Hosts) -> list[str]:
 
 def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> dict | None:
     from hetero.dist.stage import rss_anon, trim_heap, weight_bytes
-    from hetero.model.sources import resolve
     from hetero.runtime.engine import Engine
     from hetero.runtime.memory import Footprint
 
     spec, job, split, plan, tok = _setup(model, hosts, job, rank, world, comm)
     st = split.stages[rank]
-    src = resolve(model)
-    if src.kind == "gguf":  # the gguf reader's own parse tables (~165 MB for SmolLM2), paid by any
-        from hetero.model.gguf import open_reader  # process that reads a GGUF: not part of the stage
-
-        open_reader(src.path)
+    # rank 0's tokenizer is counted in the reserve; the engine loads its own: keep one, not two
+    has_tok = tok is not None
+    del tok
     trim_heap()
     rss0, anon0 = _rss(), rss_anon()
     mon = Footprint().start()  # this rank's process, from before its weights: held against its budget
@@ -202,6 +199,7 @@ def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> 
     # the one engine, on this rank's stage of the plan: converts, builds resident units, streams disk ones
     eng = Engine.load(plan, model, progress=False, monitor=mon, stage=rank)
     stage = eng.model.net
+    tok = eng.model.tokenizer if has_tok else None
     load_s = time.perf_counter() - t0
     trim_heap()
     rss1, anon1 = _rss(), rss_anon()

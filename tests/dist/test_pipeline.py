@@ -147,13 +147,17 @@ def test_smollm2_tokens_and_memory():
     from hetero.dist import generate
 
     prompts = ["What is the capital of France?", "Name three colours."]
-    res = generate("smollm2-135m", local_hosts(2), prompts, max_new_tokens=12, timeout=30, ignore_stop=True)
+    res = generate("smollm2-135m", local_hosts(2), prompts, max_new_tokens=12, timeout=30, ignore_stop=True,
+                   precisions=["fp32"])  # the planner at fp32 only: the one-process reference below
     m = _one_process_model("smollm2-135m")
     ref = one_process(m, [m.prompt_ids(p) for p in prompts], 12)
     assert [s["token_ids"] for s in res["sequences"]] == ref
     full = res["full_weight_bytes"]  # fp32, the tied embedding counted once
     for r in res["ranks"]:
-        assert r["weight_bytes"] == r["planned_weight_bytes"] < 0.8 * full
+        # each unit read from the tensor cache into one buffer, padded to the cache's alignment
+        assert r["planned_weight_bytes"] <= r["weight_bytes"] < r["planned_weight_bytes"] + (r["layers"] + 1) * 65536
+        assert r["weight_bytes"] < 0.8 * full
         # measured: the heap grew by this stage's weights (+ small change), not by the other stage's
-        assert r["anon_load_delta"] < r["weight_bytes"] + 40e6
+        # (+ the tokenizer, which the engine loads in the same window; the other stage is ≥ 269 MB)
+        assert r["anon_load_delta"] < r["weight_bytes"] + 80e6
     assert res["ranks"][0]["layers"] + res["ranks"][1]["layers"] == 30

@@ -147,7 +147,7 @@ def main() -> None:
         return Hosts(h.hosts, local_link=LinkInfo(5e9, lat, "loopback"))
 
     prompts = [[(7 * i + j) % 1000 + 10 for j in range(a.prompt_tokens)] for i in range(a.sequences)]
-    job = dict(prompts=prompts, max_new_tokens=a.max_new_tokens, ignore_stop=True)
+    job = dict(prompts=prompts, max_new_tokens=a.max_new_tokens, ignore_stop=True, precisions=["fp32"])  # as predicted
     cases = {"1 rank x 1 thread": (1, 1), "2 ranks x 1 thread": (2, 1)}
     if a.two_threads:
         cases["1 rank x 2 threads"] = (1, 2)

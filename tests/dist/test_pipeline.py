@@ -59,7 +59,7 @@ def tiny_run():
 
     # 2 + 1 sequences: "hello" twice shares a micro-batch of 2; the third prompt is longer, so alone
     r = CliRunner().invoke(app, ["pipeline", "synthetic:tiny", "--ranks", "2", "-p", "hello", "-p", "hello",
-                                 "-p", "a longer prompt here", "-n", "12", "--micro-batch", "2", "--json",
+                                 "-p", "a longer prompt here", "-n", "12", "--micro-batch", "2", "--json", "--dtype", "fp32",
                                  "--timeout", "10"])
     assert r.exit_code == 0, r.output
     return json.loads(r.output)
@@ -79,9 +79,15 @@ def test_tiny_tokens_match_one_process(tiny_run):
 def test_each_rank_holds_only_its_stage(tiny_run):
     ranks = tiny_run["ranks"]
     assert [r["units"] for r in ranks] == [f"{s['first']}..{s['last']}" for s in tiny_run["split"]["stages"]]
-    for r in ranks:  # counted tensor by tensor in the rank, against the header sizes of its units
-        assert r["weight_bytes"] == r["planned_weight_bytes"] < tiny_run["full_weight_bytes"]
-    assert sum(r["weight_bytes"] for r in ranks) == tiny_run["full_weight_bytes"]  # tiny's head is untied
+    for r in ranks:  # counted tensor by tensor in the rank, against the plan's sizes of its units
+        units = r["layers"] + 1  # + the embedding (rank 0) or the head (rank 1)
+        # each unit is read from the tensor cache into one buffer, padded to the cache's alignment
+        assert r["planned_weight_bytes"] <= r["weight_bytes"] < r["planned_weight_bytes"] + units * 64 * 1024
+        assert r["weight_bytes"] < 0.8 * tiny_run["full_weight_bytes"]
+        assert r["choices"] == ["cpu/fp32/resident"] and r["over_budget"] == {}
+    assert sum(r["planned_weight_bytes"] for r in ranks) == tiny_run["full_weight_bytes"]  # tiny's head is untied
+    assert [(s["first"], s["last"]) for s in tiny_run["plan"]["stages"]] == \
+        [(s["first"], s["last"]) for s in tiny_run["split"]["stages"]]
 
 
 def _start(env_delay: str = "0.05", timeout: float = 3.0) -> LocalRun:
@@ -141,13 +147,17 @@ def test_smollm2_tokens_and_memory():
     from hetero.dist import generate
 
     prompts = ["What is the capital of France?", "Name three colours."]
-    res = generate("smollm2-135m", local_hosts(2), prompts, max_new_tokens=12, timeout=30, ignore_stop=True)
+    res = generate("smollm2-135m", local_hosts(2), prompts, max_new_tokens=12, timeout=30, ignore_stop=True,
+                   precisions=["fp32"])  # the planner at fp32 only: the one-process reference below
     m = _one_process_model("smollm2-135m")
     ref = one_process(m, [m.prompt_ids(p) for p in prompts], 12)
     assert [s["token_ids"] for s in res["sequences"]] == ref
     full = res["full_weight_bytes"]  # fp32, the tied embedding counted once
     for r in res["ranks"]:
-        assert r["weight_bytes"] == r["planned_weight_bytes"] < 0.8 * full
+        # each unit read from the tensor cache into one buffer, padded to the cache's alignment
+        assert r["planned_weight_bytes"] <= r["weight_bytes"] < r["planned_weight_bytes"] + (r["layers"] + 1) * 65536
+        assert r["weight_bytes"] < 0.8 * full
         # measured: the heap grew by this stage's weights (+ small change), not by the other stage's
-        assert r["anon_load_delta"] < r["weight_bytes"] + 40e6
+        # (+ the tokenizer, which the engine loads in the same window; the other stage is ≥ 269 MB)
+        assert r["anon_load_delta"] < r["weight_bytes"] + 80e6
     assert res["ranks"][0]["layers"] + res["ranks"][1]["layers"] == 30

@@ -72,7 +72,10 @@ def register(app: typer.Typer) -> None:
         sequences: int = typer.Option(1, "--sequences", help="Run each prompt this many times (sequences in flight)."),
         max_new_tokens: int = typer.Option(32, "-n", "--max-new-tokens"),
         micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per micro-batch (equal prompt lengths)."),
-        dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | int8 | int4"),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Shorthand for --precisions DTYPE (fp32 | bf16 | int8 | int4)."),
+        precisions: Optional[str] = typer.Option(None, "--precisions", help="Precisions the planner may use per unit, e.g. bf16,int8 (default: as `hetero run`)."),
+        memory: Optional[str] = typer.Option(None, "--memory", help="Every rank's own budgets, as `hetero run --memory`, e.g. cpu=800MB (a rank streams from disk what it cannot hold)."),
+        objective: str = typer.Option("decode", "--objective", help="decode (default) | ttft | throughput."),
         layers: Optional[str] = typer.Option(None, "--layers", help="Decoder layers per stage, e.g. 16,14 (default: the cost-model split)."),
         timeout: float = typer.Option(30.0, "--timeout", help="Seconds before a silent rank ends the run."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Threads per rank (default: cores / ranks)."),
@@ -83,6 +86,7 @@ def register(app: typer.Typer) -> None:
         """Generate with MODEL split into pipeline stages, one per rank (greedy by default)."""
         from hetero.dist import generate
         from hetero.dist.launch import torchrun_commands
+        from hetero.dist.pipeline import precision_list
         from hetero.errors import HeteroError
 
         if sequences < 1 or micro_batch < 1 or max_new_tokens < 1:
@@ -91,15 +95,17 @@ def register(app: typer.Typer) -> None:
         if print_torchrun or not h.all_local():
             if not hosts_file:
                 raise HeteroError("--print-torchrun needs --hosts")
-            extra = " ".join(f"-p {json.dumps(p)}" for p in prompt) + f" -n {max_new_tokens} --dtype {dtype}"
+            plan_args = [f"--{k} {v}" for k, v in (("precisions", precisions), ("dtype", dtype), ("memory", memory)) if v]
+            extra = " ".join([*(f"-p {json.dumps(p)}" for p in prompt), f"-n {max_new_tokens}", *plan_args,
+                              f"--objective {objective}"])
             for line in torchrun_commands(model or "smollm2-135m", h, hosts_file, extra):
                 print(line)
             if not print_torchrun:
                 raise HeteroError("hosts other than this one: run the torchrun line above on each host")
             return
         res = generate(model, h, [p for p in prompt for _ in range(sequences)], max_new_tokens, timeout=timeout,
-                       threads=threads, micro_batch=micro_batch, precision=dtype, layers=_layers(layers),
-                       chat=chat)
+                       threads=threads, micro_batch=micro_batch, precisions=precision_list(precisions, dtype),
+                       memory=memory, objective=objective, layers=_layers(layers), chat=chat)
         if as_json:
             print(json.dumps(res, indent=1))
             return
@@ -156,12 +162,19 @@ def _print(res: dict) -> None:
                 f"{s['finish_reason']}):", highlight=False)
         print(s["text"])
     t = Table(title="ranks")
-    for col in ("rank", "units", "layers", "weights held", "RSS after load", "load s", "busy %"):
-        t.add_column(col, justify="left" if col == "units" else "right")
+    for col in ("rank", "units", "layers", "choices", "streamed", "weights held", "peak (cpu)", "budget (cpu)",
+                "load s", "busy %"):
+        t.add_column(col, justify="left" if col in ("units", "choices") else "right")
     for r in res["ranks"]:
-        t.add_row(str(r["rank"]), r["units"], str(r["layers"]), _gb(r["weight_bytes"]), _gb(r["rss_after_load"]),
-                  f"{r['load_s']:.1f}", f"{100 * r['compute_s'] / max(res['wall_s'], 1e-9):.0f}")
+        t.add_row(str(r["rank"]), r["units"], str(r["layers"]), ", ".join(r["choices"]), str(len(r["streamed_units"])),
+                  _gb(r["weight_bytes"]), _gb(r["footprint_bytes"].get("cpu", 0)),
+                  _gb(r["budget_bytes"].get("cpu", 0)), f"{r['load_s']:.1f}",
+                  f"{100 * r['compute_s'] / max(res['wall_s'], 1e-9):.0f}")
     c.print(t)
+    for r in res["ranks"]:
+        for d, x in r["over_budget"].items():
+            c.print(f"[yellow]warning:[/yellow] rank {r['rank']} {d} footprint {_gb(x['measured'])} is over its "
+                    f"budget of {_gb(x['budget'])}", highlight=False)
     pred = res["split"]["predicted"]
     c.print(f"{res['generated_tokens']} tokens in {res['wall_s']:.2f} s: {res['tok_s']:.1f} tok/s overall, "
             f"decode {res['decode_tok_s']:.1f} tok/s measured vs {pred['throughput_tok_s']:.1f} predicted "

@@ -19,7 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--job", help="a JSON job (hetero.dist.pipeline.Job fields) instead of -p")
     p.add_argument("-n", "--max-new-tokens", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--precisions", help="precisions the planner may use per unit, e.g. bf16,int8 (default: as hetero run)")
+    p.add_argument("--dtype", help="shorthand for --precisions DTYPE")
+    p.add_argument("--memory", help="every rank's budgets, as hetero run --memory (e.g. cpu=800MB)")
+    p.add_argument("--objective", default="decode")
     p.add_argument("--layers", help="decoder layers per stage, e.g. 16,14 (default: the cost-model split)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent rank is an error")
     p.add_argument("--load-timeout", type=float, default=600.0)
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
         from hetero.dist.hosts import load_hosts
-        from hetero.dist.pipeline import Job, run_rank
+        from hetero.dist.pipeline import Job, precision_list, run_rank
 
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise HeteroError("RANK / WORLD_SIZE are not set: start ranks with torchrun, or use `hetero pipeline`")
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 layers = [int(x) for x in a.layers.split(",")] if a.layers else None
                 job = Job(prompts=a.prompt or ["What is the capital of France?"], max_new_tokens=a.max_new_tokens,
-                          micro_batch=a.micro_batch, precision=a.dtype, layers=layers)
+                          micro_batch=a.micro_batch, precisions=precision_list(a.precisions, a.dtype),
+                          memory=a.memory, objective=a.objective, layers=layers)
         result = run_rank(a.model, hosts, rank, world, job, a.timeout, a.load_timeout, a.threads)
         if rank == 0:
             if a.out:

@@ -43,7 +43,7 @@ def torchrun_commands(model: str, hosts: Hosts, hosts_file: str, extra: str = ""
 class LocalRun:
     """The rank processes of one pipeline run on this machine."""
 
-    def __init__(self, model: str, hosts: Hosts, job: Job, timeout: float = 30.0, load_timeout: float = 600.0,
+    def __init__(self, model: str | None, hosts: Hosts, job: Job, timeout: float = 30.0, load_timeout: float = 600.0,
                  threads: int | None = None, env: dict | None = None, stream_stdout: bool = False):
         if not hosts.all_local():
             raise HeteroError("these hosts are not all on this machine; start each host's ranks with torchrun "
@@ -59,7 +59,8 @@ class LocalRun:
         self.procs: list[subprocess.Popen] = []
         self.errs = [open(self.dir / f"rank{r}.err", "w+") for r in range(self.world)]
         for r in range(self.world):
-            cmd = [sys.executable, "-m", "hetero.dist", model, "--hosts", str(self.dir / "hosts.json"),
+            cmd = [sys.executable, "-m", "hetero.dist", *([model] if model else []),  # none: the built-in model
+                   "--hosts", str(self.dir / "hosts.json"),
                    "--job", str(self.dir / "job.json"), "--timeout", str(timeout),
                    "--load-timeout", str(load_timeout), "--threads", str(threads)]
             if r == 0:
@@ -127,7 +128,7 @@ class LocalRun:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def spawn_local(model: str, hosts: Hosts, job: Job, timeout: float = 30.0, load_timeout: float = 600.0,
+def spawn_local(model: str | None, hosts: Hosts, job: Job, timeout: float = 30.0, load_timeout: float = 600.0,
                 threads: int | None = None, max_s: float | None = None, stream_stdout: bool = False) -> dict:
     """Run the whole pipeline on this machine and return rank 0's result (see pipeline._run)."""
     run = LocalRun(model, hosts, job, timeout, load_timeout, threads, stream_stdout=stream_stdout)

@@ -41,9 +41,24 @@ class Job:
     seed: int | None = None
     chat: bool | None = None
     ignore_stop: bool = False              # benchmarks: always generate max_new_tokens
-    precision: str = "fp32"
+    precisions: list[str] | None = None    # what the planner may use per unit (None: as `hetero run`)
+    memory: str | None = None              # budgets of every rank alone, as `hetero run --memory` ("cpu=300MB")
+    objective: str = "decode"
     layers: list[int] | None = None        # decoder layers per stage; None = the cost-model split
     prompt_ids: list[list[int]] = field(default_factory=list)  # filled on rank 0
+
+
+def precision_list(precisions: str | None, dtype: str | None) -> list[str] | None:
+    """--precisions a,b (or --dtype X, its shorthand) as the planner's list; None: as `hetero run`."""
+    from hetero.dtypes import PRECISIONS
+
+    if precisions and dtype:
+        raise HeteroError("give --precisions or --dtype, not both")
+    out = [p.strip() for p in (precisions or dtype or "").split(",") if p.strip()]
+    for p in out:
+        if p not in PRECISIONS:
+            raise HeteroError(f"unknown precision {p!r}; known: {', '.join(PRECISIONS)}")
+    return out or None
 
 
 def micro_batches(prompts: list[list[int]], size: int) -> list[list[int]]:
@@ -100,7 +115,6 @@ def _setup(model: str, hosts: Hosts, job: Job | None, rank: int, world: int, com
     box: list = [None]
     tok = None
     if rank == 0:
-        from hetero.dist.split import rank_speeds, split_model
         from hetero.runtime.api import Model
         from hetero.model.tokenizer import load_tokenizer
 
@@ -118,19 +132,48 @@ def _setup(model: str, hosts: Hosts, job: Job | None, rank: int, world: int, com
         for ids in job.prompt_ids:
             if not ids or len(ids) >= spec.max_context:
                 raise HeteroError(f"each prompt needs 1..{spec.max_context - 1} tokens, got {len(ids)}")
-        n_mb = len(micro_batches(job.prompt_ids, job.micro_batch))
-        longest = max(len(p) for p in job.prompt_ids)
-        ctx = min(spec.max_context, longest + job.max_new_tokens)
-        split = split_model(spec, hosts, rank_speeds(hosts), job.precision, job.micro_batch, n_mb,
-                            longest, ctx, job.layers)
-        box[0] = (job, split)
+        comm.watch.beat("planning")
+        split, plan = _plan(model, spec, hosts, job)
+        box[0] = (job, split, plan.to_dict())
     comm.watch.beat("receiving the job")
     try:
+        # planning (the runtime's reserve, the solver) may take longer than a step's timeout
+        dist.monitored_barrier(timeout=timedelta(seconds=comm.watch.limit), wait_all_ranks=True) \
+            if dist.get_backend() == "gloo" else dist.barrier()
         dist.broadcast_object_list(box, src=0)
     except RuntimeError as e:
         raise comm.lost(0, e) from None
-    job, split = box[0]
-    return spec, job, split, tok
+    job, split, plan = box[0]
+    from hetero.plan.plan import Plan
+
+    return spec, job, split, Plan.from_dict(plan), tok
+
+
+def _plan(model: str | None, spec, hosts: Hosts, job: Job):
+    """The split's stage bounds, then each rank's units planned as `hetero run` plans (decode, its
+    precisions) within that rank's budgets; every rank process holds this one's runtime reserve."""
+    from hetero.dist.plan import pipeline_plan, split_precision, split_speeds, this_machine
+    from hetero.dist.split import rank_speeds, split_model
+    from hetero.runtime import baseline, devices
+
+    n_mb = len(micro_batches(job.prompt_ids, job.micro_batch))
+    longest = max(len(p) for p in job.prompt_ids)
+    ctx = min(spec.max_context, longest + job.max_new_tokens)
+    reserve = {"cpu": baseline.runtime_baseline(model), **devices.cuda_reserve()}
+    raw = rank_speeds(hosts, this_machine())
+    speeds = split_speeds(spec, raw, job.memory, reserve)
+    precision = split_precision(speeds, job.precisions)
+    try:
+        split = split_model(spec, hosts, speeds, precision, job.micro_batch, n_mb, longest, ctx, job.layers)
+    except HeteroError:
+        if job.layers is not None:
+            raise
+        # nothing fits resident: balance by time alone, and let the planner stream what a rank cannot hold
+        split = split_model(spec, hosts, speeds, precision, job.micro_batch, n_mb, longest, ctx, job.layers,
+                            fit_memory=False)
+    # the KV cache of every sequence, at the context they reach (as `hetero run` plans its one)
+    return split, pipeline_plan(spec, raw, split, reserve, job.objective, job.precisions, job.memory,
+                         prompt_tokens=longest, context=ctx, batch=len(job.prompt_ids))
 
 
 def rank_devices(hosts: Hosts) -> list[str]:
@@ -139,22 +182,24 @@ def rank_devices(hosts: Hosts) -> list[str]:
 
 
 def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> dict | None:
-    from hetero.dist.stage import build_stage, rss_anon, stage_weights, trim_heap, weight_bytes
-    from hetero.model.sources import resolve
+    from hetero.dist.stage import rss_anon, trim_heap, weight_bytes
+    from hetero.runtime.engine import Engine
+    from hetero.runtime.memory import Footprint
 
-    spec, job, split, tok = _setup(model, hosts, job, rank, world, comm)
+    spec, job, split, plan, tok = _setup(model, hosts, job, rank, world, comm)
     st = split.stages[rank]
-    device = st.device  # the split's choice: the named device, else the host's first GPU, else cpu
-    src = resolve(model)
-    if src.kind == "gguf":  # the gguf reader's own parse tables (~165 MB for SmolLM2), paid by any
-        from hetero.model.gguf import open_reader  # process that reads a GGUF: not part of the stage
-
-        open_reader(src.path)
+    # rank 0's tokenizer is counted in the reserve; the engine loads its own: keep one, not two
+    has_tok = tok is not None
+    del tok
     trim_heap()
     rss0, anon0 = _rss(), rss_anon()
+    mon = Footprint().start()  # this rank's process, from before its weights: held against its budget
     t0 = time.perf_counter()
     comm.watch.beat(f"loading {st.first}..{st.last}", load_timeout)
-    stage = build_stage(spec, stage_weights(src, spec, st.units), st.units, job.precision, device)
+    # the one engine, on this rank's stage of the plan: converts, builds resident units, streams disk ones
+    eng = Engine.load(plan, model, progress=False, monitor=mon, stage=rank)
+    stage = eng.model.net
+    tok = eng.model.tokenizer if has_tok else None
     load_s = time.perf_counter() - t0
     trim_heap()
     rss1, anon1 = _rss(), rss_anon()
@@ -168,10 +213,23 @@ def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> 
     mbs = micro_batches(job.prompt_ids, job.micro_batch)
     runner = _Runner(spec, job, stage, comm, rank, world, mbs, comm.device)
     delay = float(os.environ.get("HETERO_DIST_STEP_DELAY", "0") or 0)  # tests: slow steps, kill mid-run
-    result = runner.drive(tok, on_token, delay) if rank == 0 else runner.serve(delay)
-    comm.flush()
+    try:
+        result = runner.drive(tok, on_token, delay) if rank == 0 else runner.serve(delay)
+        comm.flush()
+        footprint, over = eng.footprint(), eng.over_budget()
+        streaming = [pf.stats() for pf in eng.prefetchers]
+    finally:
+        eng.close()
+    mine = eng.plan  # this rank's stage plan: its units' choices and its own budgets
     stats = {"rank": rank, "host": st.host, "units": f"{st.first}..{st.last}", "layers": st.layers,
-             "weight_bytes": weight_bytes(stage), "planned_weight_bytes": st.weight_bytes,
+             "choices": sorted({f"{u.device}/{u.precision}/{u.residency}" for u in mine.units}),
+             "streamed_units": [u.name for u in mine.units if u.residency == "disk"],
+             "budget_bytes": dict(mine.budgets), "planned_bytes": {d: mine.memory.get(d, 0) + mine.reserve.get(d, 0)
+                                                                   for d in mine.memory},
+             "footprint_bytes": footprint, "over_budget": {d: {"measured": m, "budget": b} for d, (m, b) in over.items()},
+             "streaming": streaming, "build": eng.build,
+             "weight_bytes": weight_bytes(stage),
+             "planned_weight_bytes": sum(u.bytes for u in mine.units if u.residency == "resident"),
              "rss_before_load": rss0, "rss_after_load": rss1, "rss_load_delta": rss1 - rss0,
              "anon_before_load": anon0, "anon_after_load": anon1, "anon_load_delta": anon1 - anon0,
              "peak_rss": peak_rss_bytes(),
@@ -187,7 +245,8 @@ def _run(model, hosts, rank, world, job, comm: Comm, load_timeout, on_token) -> 
         return None
     result["ranks"] = gathered
     result["split"] = split.to_dict()
-    result["full_weight_bytes"] = spec.total_bytes(job.precision)
+    result["plan"] = plan.to_dict()
+    result["full_weight_bytes"] = sum(u.bytes for u in plan.units)
     return result
 
 

@@ -142,9 +142,11 @@ def rank_speeds(hosts: Hosts, this: tuple[HardwareSpec, Profile | None] | None =
 
 def split_model(spec: ModelSpec, hosts: Hosts, speeds: list[RankSpeed], precision: str = "fp32",
                 micro_batch: int = 1, in_flight: int = 1, prompt_tokens: int = 128, context: int = 256,
-                layers: list[int] | None = None, coeffs: Coefficients | None = None) -> Split:
+                layers: list[int] | None = None, coeffs: Coefficients | None = None,
+                fit_memory: bool = True) -> Split:
     """The best contiguous split of spec's units over the ranks (or the one `layers` fixes: decoder
-    layers per stage, the embedding on the first stage and the head on the last)."""
+    layers per stage, the embedding on the first stage and the head on the last). fit_memory False:
+    balance by time alone (a rank's planner streams from disk what its budget cannot hold)."""
     coeffs = coeffs or Coefficients()
     units = spec.unit_names()
     R, U = len(speeds), len(units)
@@ -183,7 +185,8 @@ def split_model(spec: ModelSpec, hosts: Hosts, speeds: list[RankSpeed], precisio
     if layers is not None:
         bounds = _fixed_bounds(spec, layers, R)
     else:
-        bounds = _best_bounds(R, U, stage_cost, [s.memory for s in speeds], spec, precision)
+        budgets = [s.memory if fit_memory else float("inf") for s in speeds]
+        bounds = _best_bounds(R, U, stage_cost, budgets, spec, precision)
     stages = []
     for r, (i, j) in enumerate(bounds):
         s = speeds[r]

@@ -1,24 +1,15 @@
-"""One pipeline stage: a contiguous run of units (embed?, layers a..b, head?) built from only that
-stage's tensors by the one assembler (hetero.model.decoder.Decoder), so a stage runs the same code and
-the same arithmetic as a whole model.
+"""Measuring one pipeline stage (the engine builds it: Engine.load(plan, model, stage=rank)): the
+weight bytes it holds, its heap, and a one-pass GGUF reader for building a contiguous run of units.
 """
 from __future__ import annotations
 
 import torch
 
-from hetero.model.decoder import Decoder
 from hetero.model.spec import ModelSpec
-from hetero.model.units import UnitConfig
 
 
-def build_stage(spec: ModelSpec, weights, units: tuple[str, ...], precision: str = "fp32",
-                device: str = "cpu") -> Decoder:
-    """Units `units` of `spec` on `device` at `precision`; reads only their tensors through `weights`."""
-    return Decoder.build(spec, weights, default=UnitConfig(device, precision), names=units)
-
-
-def weight_bytes(net: Decoder) -> int:
-    """Bytes of every distinct weight tensor a stage holds (embedding, layers, norm, head)."""
+def weight_bytes(net) -> int:
+    """Bytes of every distinct weight tensor a stage (a Decoder) holds (embedding, layers, norm, head)."""
     seen: dict[int, int] = {}
 
     def walk(obj):

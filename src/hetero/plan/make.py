@@ -42,16 +42,24 @@ def make_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None =
               context: int | None = None, batch: int = 1, max_quality_loss: float | None = None,
               precisions: list[str] | None = None, sensitivity: dict | None = None,
               reserve: dict[str, int] | None = None, coeffs: Coefficients | None = None,
-              explain: bool = True, time_limit: float = 60.0) -> Plan:
+              explain: bool = True, time_limit: float = 60.0, units: list[str] | None = None,
+              pinned: dict[str, str] | None = None) -> Plan:
     """The fastest plan for the objective within every budget (and the quality bound, when given).
 
     memory: device -> bytes (unset devices get what they have free); reserve: bytes per device the
     runtime itself needs (interpreter, libraries), taken off the budgets first. context defaults to
-    the prompt plus 128 new tokens.
+    the prompt plus 128 new tokens. units: plan only this contiguous run (a pipeline stage);
+    pinned: unit -> the precision it must take.
     """
     context = context if context is not None else prompt_tokens + 128
     wl = Workload(objective, prompt_tokens, context, batch)
-    table = build_table(spec, hardware, profile, wl, precisions, sensitivity, coeffs)
+    table = build_table(spec, hardware, profile, wl, precisions, sensitivity, coeffs, units=units)
+    for name, prec in (pinned or {}).items():
+        if name in table.units:
+            keep = np.array([c.precision == prec for c in table.choices])
+            if not keep.any():
+                raise HeteroError(f"unit {name} must be {prec}, which no device here runs among these precisions")
+            table.valid[table.units.index(name)] &= keep
     budgets = default_budgets(hardware, memory)
     reserve = {k: int(v) for k, v in (reserve or {}).items()}
     eff = {m: b - reserve.get(m, 0) for m, b in budgets.items()}

@@ -17,8 +17,9 @@ JSON layout (version 1):
      "stages": [], "why": {...}, "solver": {...}}
 
 `units[].predicted_ms` is the unit's share of one decode step (streaming included); `prefill_ms` its
-share of the prefill. `stages` (contiguous pipeline stages, one rank each) is empty for a
-single-process plan. Editing a plan by hand and running `hetero.plan.rescore` prices it again.
+share of the prefill. `stages` (contiguous pipeline stages, one rank each: host, first, last, rank,
+device, and the rank's budgets / reserve / memory) is empty for a single-process plan; a pipeline's
+`budgets` and `memory` are then the ranks' sums, and each rank runs `plan.stage_plan(rank)`. Editing a plan by hand and running `hetero.plan.rescore` prices it again.
 """
 from __future__ import annotations
 
@@ -48,11 +49,19 @@ class UnitPlan:
 
 @dataclass(frozen=True)
 class Stage:
-    """A contiguous run of units on one host, a pipeline stage (executed over torch.distributed)."""
+    """A contiguous run of units on one rank, a pipeline stage (executed over torch.distributed), with
+    that rank's own budgets, reserve and planned memory: each rank is one process, budgeted alone."""
     host: str
     first: str                # first unit name
     last: str                 # last unit name (inclusive)
     rank: int = 0
+    device: str = ""          # the rank's compute device (the split's choice)
+    budgets: dict[str, int] = field(default_factory=dict)
+    reserve: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)
+    decode_ms: float = 0.0    # this stage's share of one decode step (its units)
+    prefill_ms: float = 0.0
+    send_ms: float = 0.0      # its activations to the next rank (the last: token ids back to rank 0)
 
 
 @dataclass(frozen=True)
@@ -113,8 +122,33 @@ class Plan:
     def devices(self) -> list[str]:
         return list(dict.fromkeys(u.device for u in self.units))
 
+    def stage_units(self, rank: int) -> tuple[UnitPlan, ...]:
+        """The units of the stage run by `rank`."""
+        st = self.stage(rank)
+        names = [u.name for u in self.units]
+        return self.units[names.index(st.first):names.index(st.last) + 1]
+
+    def stage(self, rank: int) -> Stage:
+        for s in self.stages:
+            if s.rank == rank:
+                return s
+        raise HeteroError(f"the plan has no stage for rank {rank} (it has {len(self.stages)} stages)")
+
+    def stage_plan(self, rank: int) -> "Plan":
+        """What one rank executes: its units, with its own budgets, reserve and planned memory."""
+        st = self.stage(rank)
+        units = self.stage_units(rank)
+        dec, pre = st.decode_ms or 1e-9, st.prefill_ms or 1e-9
+        pred = Prediction(self.batch * self.prompt_tokens * 1e3 / pre, self.batch * 1e3 / dec, pre / 1e3,
+                          dec, pre, self.predicted.throughput_tok_s, 0.0)
+        return dataclasses.replace(self, units=units, budgets=dict(st.budgets), reserve=dict(st.reserve),
+                                   memory=dict(st.memory), memory_breakdown={}, predicted=pred, stages=(st,))
+
     def over_budget(self) -> dict[str, int]:
-        """Devices whose planned use plus the runtime's reserve exceeds the budget, by how many bytes."""
+        """Devices whose planned use plus the runtime's reserve exceeds the budget, by how many bytes
+        (a pipeline: each rank against its own budget)."""
+        if len(self.stages) > 1:
+            return {f"rank {s.rank} {d}": n for s in self.stages for d, n in self.stage_plan(s.rank).over_budget().items()}
         out = {}
         for d, b in self.budgets.items():
             need = self.memory.get(d, 0) + self.reserve.get(d, 0)
@@ -177,7 +211,7 @@ class Plan:
                 reserve={k: int(v) for k, v in d.get("reserve", {}).items()},
                 precisions=tuple(d.get("precisions", ())), max_quality_loss=d.get("max_quality_loss"),
                 prefetch=bool(d.get("prefetch", True)), prefetch_depth=int(d.get("prefetch_depth", 2)),
-                stages=tuple(Stage(**s) for s in d.get("stages", ())),
+                stages=tuple(_stage(s) for s in d.get("stages", ())),
                 kind=d.get("kind", "hetero"),
                 why=Why(binding=tuple(why.get("binding", ())), alternative=why.get("alternative", ""),
                         alternative_decode_tok_s=float(why.get("alternative_decode_tok_s", 0.0)),
@@ -203,6 +237,13 @@ class Plan:
             return cls.from_json(Path(path).read_text())
         except OSError as e:
             raise HeteroError(f"cannot read plan {path}: {e.strerror}") from None
+
+
+def _stage(s: dict[str, Any]) -> Stage:
+    ints = {k: {d: int(v) for d, v in s.get(k, {}).items()} for k in ("budgets", "reserve", "memory")}
+    return Stage(host=str(s["host"]), first=s["first"], last=s["last"], rank=int(s.get("rank", 0)),
+                 device=str(s.get("device", "")), **ints, decode_ms=float(s.get("decode_ms", 0.0)),
+                 prefill_ms=float(s.get("prefill_ms", 0.0)), send_ms=float(s.get("send_ms", 0.0)))
 
 
 def _unit(u: dict[str, Any]) -> UnitPlan:

@@ -158,8 +158,11 @@ class Table:
 
 def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, workload: Workload,
                 precisions: list[str] | None = None, sensitivity: dict | None = None,
-                coeffs: Coefficients | None = None, prefetch: bool = True) -> Table:
-    """Price every (unit, choice) pair once; the solver and every scorer read from the result."""
+                coeffs: Coefficients | None = None, prefetch: bool = True,
+                units: list[str] | tuple[str, ...] | None = None) -> Table:
+    """Price every (unit, choice) pair once; the solver and every scorer read from the result.
+
+    units: a contiguous run of the model's units (a pipeline stage) instead of all of them."""
     from hetero.plan.sensitivity import quality_table
 
     workload.validate()
@@ -191,7 +194,7 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
     if not choices:
         raise HeteroError(f"no device here has kernels for {', '.join(sorted(allowed or []))}")
 
-    units = spec.unit_names()
+    units = stage_units(spec, units)
     U, K = len(units), len(choices)
     P, C, B = workload.prompt_tokens, workload.context, workload.batch
     links = {(a, b): cost.link(hw, profile, a, b, coeffs) for a in compute for b in compute}
@@ -203,7 +206,8 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
     quality, nbytes = np.zeros((U, K)), np.zeros((U, K))
     valid = np.ones((U, K), dtype=bool)
     ids = 8 * B  # token ids in, sampled ids out
-    tied = spec.tie_embeddings
+    # one shared matrix only when both ends are here: a stage holding one of them holds it whole
+    tied = spec.tie_embeddings and "embed" in units and "head" in units
     sizes = cost.unit_bytes_table(spec, sorted({c.precision for c in choices}))
     qtab = quality_table(spec, sorted({c.precision for c in choices}), sensitivity)
     for k, ch in enumerate(choices):
@@ -253,6 +257,20 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
     return Table(spec, hw, workload, coeffs, prefetch, units, choices, compute, mem_of, memory_devices,
                  disk.name if disk else None, host, decode, prefill, decode_serial, prefill_serial, weights, weights_only, pools, quality,
                  act_decode, act_prefill, workspace, tied, nbytes, valid)
+
+
+def stage_units(spec: ModelSpec, units=None) -> list[str]:
+    """All of the model's units, or the contiguous run `units` (checked: a stage is one slice)."""
+    every = spec.unit_names()
+    if units is None:
+        return every
+    units = list(units)
+    if not units or units[0] not in every:
+        raise HeteroError(f"a stage needs units of {spec.name}, got {', '.join(units) or 'none'}")
+    i = every.index(units[0])
+    if every[i:i + len(units)] != units:
+        raise HeteroError(f"the units {units[0]}..{units[-1]} are not a contiguous run of {spec.name}'s units")
+    return units
 
 
 def _shortest(c: dict[tuple[str, str], float], nodes: list[str]) -> dict[tuple[str, str], float]:

@@ -114,11 +114,13 @@ class Engine:
     @classmethod
     def load(cls, plan: Plan, model: str | None = None, prefetch: bool | None = None,
              hardware=None, progress: bool = True, monitor: memory.Footprint | None = None,
-             use_cache: bool | None = None) -> "Engine":
+             use_cache: bool | None = None, stage: int | None = None) -> "Engine":
         """Check the plan against the model (and the machine when `hardware` is given), then build it.
 
         use_cache: load every unit from the tensor cache (the default); False builds the units straight
         from the weight files in this process, whose conversion temporaries then count in its peak.
+        stage: a pipeline plan's rank; only that stage's units are converted and built, and the engine
+        runs (and is measured against) `plan.stage_plan(stage)`, that rank's budgets.
         """
         from hetero.plan import check_plan
 
@@ -130,6 +132,11 @@ class Engine:
         if names != spec.unit_names():
             raise HeteroError(f"the plan's units ({len(names)}) do not match {spec.name}'s "
                               f"({len(spec.unit_names())}): it was made for another model")
+        if plan.stages and stage is None:
+            raise HeteroError(f"this plan is a pipeline of {len(plan.stages)} stages: run it with `hetero pipeline`")
+        if stage is not None:
+            plan = plan.stage_plan(stage)
+        stage_names = [u.name for u in plan.units] if stage is not None else None
         for u in plan.units:
             if u.device.startswith("cuda") and not torch.cuda.is_available():
                 raise HeteroError(f"unit {u.name} is planned on {u.device} but CUDA is not available here")
@@ -152,7 +159,7 @@ class Engine:
             mon.files = list(dict.fromkeys([*mon.files, *files]))
             if streamed:
                 raise HeteroError("a plan that streams units runs from the tensor cache (use_cache=True)")
-            net = Decoder.build(spec, weights, unit_configs(plan))
+            net = Decoder.build(spec, weights, unit_configs(plan), names=stage_names)
         else:
             t1 = time.perf_counter()
             want = {u.name: (u.device, u.precision) for u in plan.units}
@@ -163,7 +170,7 @@ class Engine:
             t_conv = time.perf_counter() - t1
             # the run reads only the cache entries (O_DIRECT); the weight files are not touched again
             mon.files += [e.path for e in entries.values()]
-            net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch)
+            net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch, stage_names)
             cache_bytes = sum(entries[u.name].data_bytes for u in plan.units if u.residency == "disk")
         for f in files:
             memory.drop_cache(f)

@@ -115,7 +115,7 @@ def build() -> Path:
             r = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:  # the compiler itself is missing or not runnable
             _write_log(f"$ {' '.join(cmd)}\n{e}\n")
-            raise BuildError(f"compiler {compiler()!r} not runnable ({e.strerror or e}); set CXX") from None
+            raise BuildError(f"compiler {compiler()!r} not runnable ({e.strerror or e}; set CXX); see {log_path()}") from None
         _write_log(f"$ {' '.join(cmd)}\nexit {r.returncode}\n{r.stdout}{r.stderr}")
         if r.returncode != 0:
             raise BuildError(f"compile failed (exit {r.returncode}); see {log_path()}")
@@ -133,7 +133,7 @@ def build() -> Path:
 def _load():
     """(module, None) or (None, why not)."""
     if os.environ.get("HETERO_KERNELS", "1") == "0":
-        return None, "switched off (HETERO_KERNELS=0)"
+        return None, "HETERO_KERNELS=0"
     if platform.machine().lower() not in ("x86_64", "amd64") or not cpu_supported():
         return None, "this CPU lacks AVX-512 (F, BW, VL, DQ)"
     try:

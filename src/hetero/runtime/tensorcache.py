@@ -12,8 +12,8 @@ unit (classes and plain attributes) so a streamed unit is rebuilt without touchi
 
 Entries are keyed by the model's fingerprint, the unit, the precision, the device kind, this format,
 torch's version (torch's int4 packing is its own) and the layout (the compiled kernels' packing or
-torch's): a stale entry is never used. Each is written to a
-temp path, fsynced and renamed, so a full disk or a crash never leaves a half-written entry.
+torch's): a stale entry is never used. Each is written to a temp path, fsynced and renamed, so a
+full disk or a crash never leaves a half-written entry.
 """
 from __future__ import annotations
 

@@ -90,21 +90,32 @@ def _profile_table(prof):
     return t
 
 
+def _kernels_line(st: dict) -> str:
+    """One line on the compiled CPU kernels: what they serve, or why torch's kernels run instead."""
+    if not st["active"]:
+        return f"kernels: torch — compiled kernels off: {st['reason']}"
+    int4 = ", int4 with AVX512-BF16 dot products" if st["int4_bf16_dot"] else ""
+    return f"kernels: compiled — {'/'.join(st['gemv'])} GEMV, fused decode ops{int4} ({st['build']})"
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def devices(as_json: bool = typer.Option(False, "--json", help="print the HardwareSpec as JSON")):
         """What hardware is here: CPU, RAM, GPUs, the cache disk, and the links between them."""
         from hetero.hardware.inventory import inventory
+        from hetero.ops import kernels
 
         spec = inventory()
+        status = kernels.status()
         if as_json:
-            print(json.dumps(spec.to_dict(), indent=1))
+            print(json.dumps({**spec.to_dict(), "kernels": status}, indent=1))
             return
         from rich.console import Console
 
         c = Console()
         c.print(_spec_table(spec, f"devices of {spec.host}"))
         c.print(_links_table(spec))
+        c.print(_kernels_line(status), markup=False, highlight=False, soft_wrap=True)
 
     @app.command()
     def profile(

@@ -274,21 +274,18 @@ def _dequant_linear(x2: torch.Tensor, dequant, packed: torch.Tensor, scales_zero
     return out
 
 
-# Kinds of the compiled whole-stack decode step (gemv.cpp, DecodeStack).
-KIND_F32, KIND_BF16, KIND_INT8, KIND_INT4 = 0, 1, 2, 3
-
-
 def gemv_operands(lin: torch.nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(kind, weight, scales, bias) of a linear layer as the compiled decode stack reads it (empty
-    tensors for none), or None when its decode does not run through a compiled GEMV."""
+    tensors for none), or None when its decode does not run through a compiled GEMV. The kind codes
+    come from the compiled module itself (kernels.kinds()), which is loaded whenever a layer has a GEMV."""
     none = torch.empty(0)
     if type(lin) is DenseLinear and lin._gemv is not None:
-        kind = KIND_F32 if lin.weight.dtype == torch.float32 else KIND_BF16
+        kind = kernels.kinds()["fp32" if lin.weight.dtype == torch.float32 else "bf16"]
         return kind, lin.weight, none, none if lin.bias is None else lin.bias
     if type(lin) is Int8Linear and lin._gemv is not None:
-        return KIND_INT8, lin.qweight, lin._scales_f32, none if lin.bias is None else lin.bias
+        return kernels.kinds()["int8"], lin.qweight, lin._scales_f32, none if lin.bias is None else lin.bias
     if type(lin) is Int4Linear and lin._k is not None:
-        return KIND_INT4, lin.packed, lin.scales_zeros, none if lin.bias is None else lin.bias
+        return kernels.kinds()["int4"], lin.packed, lin.scales_zeros, none if lin.bias is None else lin.bias
     return None
 
 

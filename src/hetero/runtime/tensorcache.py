@@ -10,9 +10,10 @@ with every tensor 4096-aligned so the data region can be read with O_DIRECT stra
 aligned buffer and viewed as tensors without a copy. The header records the module tree of the
 unit (classes and plain attributes) so a streamed unit is rebuilt without touching its weights.
 
-Entries are keyed by the model's fingerprint, the unit, the precision, the device kind, this format
-and torch's version (the int4 packing is torch's): a stale entry is never used. Each is written to a
-temp path, fsynced and renamed, so a full disk or a crash never leaves a half-written entry.
+Entries are keyed by the model's fingerprint, the unit, the precision, the device kind, this format,
+torch's version (torch's int4 packing is its own) and the layout (the compiled kernels' packing or
+torch's): a stale entry is never used. Each is written to a temp path, fsynced and renamed, so a
+full disk or a crash never leaves a half-written entry.
 """
 from __future__ import annotations
 
@@ -202,8 +203,13 @@ _CODE: dict[str, str] = {}
 
 
 def entry_key(spec: ModelSpec, unit: str, precision: str, device: str) -> dict:
+    # layout: the compiled kernels' packing or torch's; an entry packed for one is unreadable by the
+    # other (HETERO_KERNELS=0, or another CPU sharing the cache), so the two never share a key.
+    from hetero.ops import kernels
+
     return {"format": FORMAT, "fingerprint": spec.fingerprint(), "unit": unit, "precision": precision,
-            "device": device_kind(device), "torch": torch.__version__.split("+")[0], "code": code_version()}
+            "device": device_kind(device), "torch": torch.__version__.split("+")[0], "code": code_version(),
+            "layout": kernels.layout(precision, device)}
 
 
 def entry_path(root: Path, key: dict) -> Path:

@@ -1,0 +1,68 @@
+// Shared by every kernel source: SIMD conversions, rounding to the activation dtype, prefetch
+// distances and how rows are split over threads.
+// Helpers live in an unnamed namespace: each source gets its own copy, inlined as the compiler likes.
+#pragma once
+#include "kernels.h"
+#include <torch/types.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t ROWS = 4;
+
+inline __m512 bf16x16_to_f32(const uint16_t* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m512 i8x16_to_f32(const int8_t* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+}
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t b = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// Whether the CPU has AVX512-BF16 dot products (the int4 kernels' fast path for bf16 activations).
+bool cpu_has_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Prefetch distance (bytes ahead in the rows' packed bytes / in their scales): a decode GEMV's share
+// of rows is ~100-300 KB, short enough that the hardware prefetcher ramps up too late on its own.
+constexpr int64_t PF_W = 4096, PF_S = 1024;
+
+// v rounded to T (float or BFloat16) and back: the reference path's rounding points, kept in fp32.
+template <typename T> inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
+template <> inline float rnd<float>(float v) { return v; }
+
+// 16 values of T widened to fp32.
+template <typename T> inline __m512 load16(const T* p);
+template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
+  return bf16x16_to_f32(reinterpret_cast<const uint16_t*>(p));
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// This thread's share [n0, n1) of N rows, in whole ROWS blocks.
+inline void share(int64_t N, int tid, int nth, int64_t& n0, int64_t& n1) {
+  const int64_t blocks = (N + ROWS - 1) / ROWS;
+  n0 = std::min(N, blocks * tid / nth * ROWS);
+  n1 = std::min(N, blocks * (tid + 1) / nth * ROWS);
+}
+
+}  // namespace

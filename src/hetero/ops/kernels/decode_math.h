@@ -1,0 +1,72 @@
+// Per-row math of one decode step (B = 1, T = 1): RMSNorm, RoPE, the KV-cache write and one head's
+// attention, shared by the fused per-layer ops (decode_ops.cpp) and the decode stack (decode_stack.cpp).
+// Element type T is float or BFloat16; math is fp32, with the reference's bf16 roundings kept
+// (rnd<T>) so that both paths round at the same points.
+#pragma once
+#include "common.h"
+
+namespace {
+
+// rms_norm of one row, each value rounded to T; stored as O (T, or fp32 for a GEMV's input).
+template <typename T, typename O>
+void rmsnorm_row(const T* x, const float* w, O* out, int64_t n, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) { const float v = static_cast<float>(x[i]); ss += v * v; }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(rnd<T>(w[i] * (static_cast<float>(x[i]) * r)));
+}
+
+// x*cos + rotate_half(x)*sin for one head of D values, in the reference's rounding order.
+// In: where q/k come from (T, or fp32 already rounded to T).
+template <typename T, typename In = T>
+inline void rope_head(const In* x, const T* c, const T* s, float* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) {
+    const float xi = static_cast<float>(x[i]);
+    const float rot = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
+    out[i] = rnd<T>(rnd<T>(xi * static_cast<float>(c[i])) + rnd<T>(rot * static_cast<float>(s[i])));
+  }
+}
+
+// KV head kh's new K (rotated) and V into the caches [1, K, L, D] at `pos`; buf: D floats.
+template <typename T, typename In>
+void kv_write_head(const In* qkv, const T* c, const T* s, T* kc, T* vc, int64_t pos, int64_t kh, int64_t H,
+                   int64_t K, int64_t D, int64_t L, float* buf) {
+  rope_head<T, In>(qkv + H * D + kh * D, c, s, buf, D);
+  T* kd = kc + (kh * L + pos) * D;
+  T* vd = vc + (kh * L + pos) * D;
+  const In* v = qkv + H * D + K * D + kh * D;
+  for (int64_t i = 0; i < D; ++i) { kd[i] = static_cast<T>(buf[i]); vd[i] = static_cast<T>(v[i]); }
+}
+
+// Query head h over cached positions 0..pos (GQA: kv head h / (H/K)) -> out[h*D .. h*D+D) rounded to T.
+// q: D floats, p: pos + 1 floats of scratch.
+template <typename T, typename In, typename Out>
+void attend_head(const In* qkv, const T* c, const T* s, const T* kc, const T* vc, Out* out, int64_t pos,
+                 int64_t h, int64_t H, int64_t K, int64_t D, int64_t L, float scale, float* q, float* p) {
+  const int64_t S = pos + 1;
+  rope_head<T, In>(qkv + h * D, c, s, q, D);
+  const T* kb = kc + (h / (H / K)) * L * D;
+  const T* vb = vc + (h / (H / K)) * L * D;
+  float m = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16<T>(kb + j * D + i), acc);
+    const float v = rnd<T>(rnd<T>(_mm512_reduce_add_ps(acc)) * scale);
+    p[j] = v;
+    m = std::max(m, v);
+  }
+  float z = 0.f;
+  for (int64_t j = 0; j < S; ++j) { p[j] = std::exp(p[j] - m); z += p[j]; }
+  const float inv = 1.f / z;
+  for (int64_t j = 0; j < S; ++j) p[j] = rnd<T>(p[j] * inv);
+  for (int64_t i = 0; i < D; i += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16<T>(vb + j * D + i), acc);
+    float tmp[16];
+    _mm512_storeu_ps(tmp, acc);
+    for (int k = 0; k < 16; ++k) out[h * D + i + k] = static_cast<Out>(rnd<T>(tmp[k]));
+  }
+}
+
+}  // namespace

@@ -1,0 +1,211 @@
+// The whole decoder stack for one decode step (B = 1, T = 1) in one call.
+// Why: at decode a layer's work is ~10 small ops on 576-wide vectors; called one by one from Python
+// each pays a Python frame, torch dispatch, an output allocation and (GEMVs) an OpenMP wake-up, which
+// together cost more than the weights take to stream. Here every layer runs inside ONE OpenMP
+// parallel region: GEMVs split rows over the threads, small ops are split or repeated per thread,
+// and threads meet at barriers (spinning, so they stay hot). Same math and the same T (bf16) rounding
+// points as the fused per-layer ops (decode_ops.cpp): norm, qkv, rope + KV write + attention, o + residual,
+// norm, gate_up + silu*mul, down + residual.
+#include "kernels.h"
+#include "rows.h"
+#include "decode_math.h"
+#include <omp.h>
+
+using stack::Layer;
+using stack::Lin;
+
+namespace {
+
+// A GEMV input as the row kernels read it: x (fp32, zero beyond the layer's input width) and, for
+// int4, its per-group sums (xs) or its BF16 dot-product layout (xb, xs8; see int4_prep_bf16).
+struct Input {
+  const float* x;
+  float* xs;
+  uint16_t* xb;
+  float* xs8;
+};
+
+void prepare(const Lin& L, const float* x, Input& in) {
+  in.x = x;
+  if (L.kind != KIND_INT4) return;
+  if (cpu_has_bf16()) int4_prep_bf16(x, L.K, in.xb, in.xs8, in.xs);
+  else group_sums(x, L.K / 32, in.xs);
+}
+
+// Rows [n0, n1) of L's product with the input into y[0 .. n1-n0), before rounding.
+void lin_rows(const Lin& L, const Input& in, int64_t n0, int64_t n1, float* y) {
+  const int64_t N = n1 - n0, K = L.K, blocks = (N + ROWS - 1) / ROWS;
+  const float* x = in.x;
+  if (N <= 0) return;
+  switch (L.kind) {
+    case KIND_F32: {
+      const float* wp = static_cast<const float*>(L.w) + n0 * K;
+      gemv_blocks(x, N, K, y, 0, blocks, [&](int64_t n, int64_t k) { return _mm512_loadu_ps(wp + n * K + k); });
+      break;
+    }
+    case KIND_BF16: {
+      const uint16_t* wp = static_cast<const uint16_t*>(L.w) + n0 * K;
+      gemv_blocks(x, N, K, y, 0, blocks, [&](int64_t n, int64_t k) { return bf16x16_to_f32(wp + n * K + k); });
+      break;
+    }
+    case KIND_INT8: {
+      const int8_t* qp = static_cast<const int8_t*>(L.w) + n0 * K;
+      const float* sp = static_cast<const float*>(L.s) + n0;
+      int8_blocks(x, qp, sp, N, K, y, 0, blocks);
+      break;
+    }
+    default: {
+      const uint8_t* pp = static_cast<const uint8_t*>(L.w) + n0 * (K / 2);
+      const uint16_t* sp = static_cast<const uint16_t*>(L.s) + n0 * (K / 32) * 2;
+      if (cpu_has_bf16()) int4_blocks_bf16(in.xb, in.xs8, x, in.xs, pp, sp, N, K, y, 0, blocks);
+      else int4_blocks(x, in.xs, pp, sp, N, K, y, 0, blocks);
+    }
+  }
+}
+
+// A GEMV output as the per-layer path has it: rounded to T, plus the bias (rounded again).
+template <typename T>
+inline float out_value(const Lin& L, int64_t n, float v) {
+  float r = rnd<T>(v);
+  if (L.bias) r = rnd<T>(r + static_cast<float>(static_cast<const T*>(L.bias)[n]));
+  return r;
+}
+
+}  // namespace
+
+DecodeStack::DecodeStack(int64_t H, int64_t K, int64_t D, int64_t E, int64_t I, double eps, double scale, bool bf16)
+    : H_(H), K_(K), D_(D), E_(E), I_(I), eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)),
+      dt_(bf16 ? torch::kBFloat16 : torch::kFloat32) {
+  TORCH_CHECK(D % 16 == 0 && H % K == 0, "head_dim % 16 == 0 and H % K == 0 expected");
+  width_ = round_up(std::max({E, H * D, I}), 64);  // widest GEMV input, padded for int8/int4
+  qkv_.assign((H + 2 * K) * D, 0.f);
+  attn_.assign(width_, 0.f);
+  act_.assign(width_, 0.f);
+}
+
+void DecodeStack::add_layer(std::vector<int64_t> kinds, std::vector<torch::Tensor> w, std::vector<torch::Tensor> s,
+                             std::vector<torch::Tensor> b, torch::Tensor attn_norm, torch::Tensor mlp_norm) {
+  TORCH_CHECK(kinds.size() == 4 && w.size() == 4 && s.size() == 4 && b.size() == 4, "4 linears expected");
+  const int64_t n_out[4] = {(H_ + 2 * K_) * D_, E_, 2 * I_, E_}, n_in[4] = {E_, H_ * D_, E_, I_};
+  Layer ly;
+  Lin* lins[4] = {&ly.qkv, &ly.o, &ly.gu, &ly.down};
+  for (int i = 0; i < 4; ++i) {
+    Lin& L = *lins[i];
+    L.kind = kinds[i];
+    TORCH_CHECK(w[i].is_contiguous() && w[i].device().is_cpu() && w[i].dim() == 2, "weight: contiguous 2-D CPU");
+    L.N = w[i].size(0);
+    L.K = L.kind == KIND_INT4 ? w[i].size(1) * 2 : w[i].size(1);
+    TORCH_CHECK(L.N == n_out[i] && L.K >= n_in[i] && L.K <= width_ && L.K % 16 == 0, "linear ", i, ": bad shape");
+    const auto wt = w[i].scalar_type();
+    switch (L.kind) {
+      case KIND_F32: TORCH_CHECK(wt == torch::kFloat32 && dt_ == torch::kFloat32 && L.K == n_in[i], "fp32 linear"); break;
+      case KIND_BF16: TORCH_CHECK(wt == torch::kBFloat16 && dt_ == torch::kBFloat16 && L.K == n_in[i], "bf16 linear"); break;
+      case KIND_INT8:
+        TORCH_CHECK(wt == torch::kInt8 && dt_ == torch::kBFloat16 && s[i].scalar_type() == torch::kFloat32 &&
+                    s[i].numel() == L.N && s[i].is_contiguous(), "int8 linear");
+        break;
+      case KIND_INT4:
+        TORCH_CHECK(wt == torch::kUInt8 && dt_ == torch::kBFloat16 && L.K % 32 == 0 &&
+                    s[i].scalar_type() == torch::kBFloat16 && s[i].numel() == L.N * (L.K / 32) * 2 &&
+                    s[i].is_contiguous(), "int4 linear");
+        break;
+      default: TORCH_CHECK(false, "unknown linear kind ", L.kind);
+    }
+    L.w = w[i].data_ptr();
+    L.s = s[i].numel() ? s[i].data_ptr() : nullptr;
+    if (b[i].numel()) {
+      TORCH_CHECK(b[i].scalar_type() == dt_ && b[i].numel() == L.N && b[i].is_contiguous(), "bias: [N] in act dtype");
+      L.bias = b[i].data_ptr();
+    }
+  }
+  for (auto* t : {&attn_norm, &mlp_norm})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->numel() == E_ && t->is_contiguous(), "norm: fp32 [E]");
+  ly.attn_norm = attn_norm.data_ptr<float>();
+  ly.mlp_norm = mlp_norm.data_ptr<float>();
+  layers_.push_back(ly);
+  // The stack reads these by pointer: it holds them so they live as long as it does.
+  for (auto* v : {&w, &s, &b}) keep_.insert(keep_.end(), v->begin(), v->end());
+  keep_.push_back(attn_norm);
+  keep_.push_back(mlp_norm);
+}
+
+template <typename T>
+void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std::vector<torch::Tensor>& kc,
+                      std::vector<torch::Tensor>& vc) {
+  const int64_t H = H_, K = K_, D = D_, E = E_, I = I_;
+  float* qkv = qkv_.data();
+  float* attn = attn_.data();
+  float* act = act_.data();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    // Per thread: the normed input (zero beyond E), group sums, one head's q, scores, GEMV rows.
+    std::vector<float> h(width_, 0.f), xs(width_ / 32), xs8(width_ / 4), q(D), p(pos + 1),
+        y(2 * round_up(std::max({E, I, (H + 2 * K) * D}), ROWS));
+    std::vector<uint16_t> xb(width_);
+    Input in{nullptr, xs.data(), xb.data(), xs8.data()};
+    int64_t n0, n1;
+    // this thread's share of lin's rows over src, added into the residual stream x
+    auto rows_into_residual = [&](const Lin& lin, const float* src) {
+      prepare(lin, src, in);
+      share(lin.N, tid, nth, n0, n1);
+      lin_rows(lin, in, n0, n1, y.data());
+      for (int64_t n = n0; n < n1; ++n) x[n] = static_cast<T>(static_cast<float>(x[n]) + out_value<T>(lin, n, y[n - n0]));
+    };
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& ly = layers_[l];
+      T* kcp = kc[l].template data_ptr<T>();
+      T* vcp = vc[l].template data_ptr<T>();
+      // norm (each thread its own copy: cheaper than a barrier) -> qkv rows
+      rmsnorm_row<T, float>(x, ly.attn_norm, h.data(), E, eps_);
+      prepare(ly.qkv, h.data(), in);
+      share(ly.qkv.N, tid, nth, n0, n1);
+      lin_rows(ly.qkv, in, n0, n1, y.data());
+      for (int64_t n = n0; n < n1; ++n) qkv[n] = out_value<T>(ly.qkv, n, y[n - n0]);
+#pragma omp barrier
+      for (int64_t kh = tid; kh < K; kh += nth) kv_write_head<T, float>(qkv, c, s, kcp, vcp, pos, kh, H, K, D, L, q.data());
+#pragma omp barrier
+      for (int64_t hh = H * tid / nth; hh < H * (tid + 1) / nth; ++hh)
+        attend_head<T, float, float>(qkv, c, s, kcp, vcp, attn, pos, hh, H, K, D, L, scale_, q.data(), p.data());
+#pragma omp barrier
+      rows_into_residual(ly.o, attn);
+#pragma omp barrier
+      // norm -> gate and up rows of the same range, so silu(gate) * up needs no barrier
+      rmsnorm_row<T, float>(x, ly.mlp_norm, h.data(), E, eps_);
+      prepare(ly.gu, h.data(), in);
+      share(I, tid, nth, n0, n1);
+      const int64_t m = n1 - n0;
+      lin_rows(ly.gu, in, n0, n1, y.data());
+      lin_rows(ly.gu, in, I + n0, I + n1, y.data() + m);
+      for (int64_t i = n0; i < n1; ++i) {
+        const float g = out_value<T>(ly.gu, i, y[i - n0]), u = out_value<T>(ly.gu, I + i, y[m + i - n0]);
+        act[i] = rnd<T>(rnd<T>(g / (1.f + std::exp(-g))) * u);
+      }
+#pragma omp barrier
+      rows_into_residual(ly.down, act);
+#pragma omp barrier
+    }
+  }
+}
+
+torch::Tensor DecodeStack::step(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
+                                 std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc) {
+  TORCH_CHECK(x.scalar_type() == dt_ && x.numel() == E_ && x.device().is_cpu(), "x: E values in the act dtype");
+  TORCH_CHECK(cos.scalar_type() == dt_ && sin.scalar_type() == dt_ && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.numel() == D_ && sin.numel() == D_, "cos/sin: [D] in the act dtype");
+  const size_t n = layers_.size();
+  TORCH_CHECK(kc.size() == n && vc.size() == n, "one k and v cache per layer");
+  const int64_t L = n ? kc[0].size(2) : 1;
+  TORCH_CHECK(pos >= 0 && pos < L, "position outside the cache");
+  for (size_t l = 0; l < n; ++l)
+    for (auto* t : {&kc[l], &vc[l]})
+      TORCH_CHECK(t->scalar_type() == dt_ && t->is_contiguous() && t->dim() == 4 && t->size(0) == 1 &&
+                  t->size(1) == K_ && t->size(2) == L && t->size(3) == D_, "cache: [1, K, L, D] contiguous");
+  auto out = x.contiguous().clone();
+  if (dt_ == torch::kFloat32)
+    run<float>(out.data_ptr<float>(), pos, L, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, vc);
+  else
+    run<at::BFloat16>(out.data_ptr<at::BFloat16>(), pos, L, cos.data_ptr<at::BFloat16>(),
+                      sin.data_ptr<at::BFloat16>(), kc, vc);
+  return out;
+}

@@ -1,0 +1,72 @@
+// The extension's entry points, as module.cpp binds them: per-layer GEMVs (gemv.cpp), fused decode
+// ops (decode_ops.cpp) and the whole-stack decode step (decode_stack.cpp).
+#pragma once
+#include <torch/types.h>
+#include <cstdint>
+#include <vector>
+
+// Kinds of linear layer the whole-stack decode step reads (Python asks the module for them: kinds()).
+enum Kind : int64_t { KIND_F32 = 0, KIND_BF16 = 1, KIND_INT8 = 2, KIND_INT4 = 3 };
+
+// ---- GEMVs, one token (gemv.cpp) ----------------------------------------------------------------
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w);
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w);
+torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
+torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sm);
+torch::Tensor dequant_int4(torch::Tensor packed, torch::Tensor sm);
+bool has_bf16_dot();
+
+// ---- Fused decode-step ops (decode_ops.cpp) -----------------------------------------------------
+torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);
+std::vector<torch::Tensor> add_rmsnorm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                               torch::Tensor v_cache, int64_t pos, int64_t H, int64_t K, int64_t D, double scale);
+torch::Tensor silu_mul(torch::Tensor gu);
+
+// ---- The whole decoder stack for one decode step (decode_stack.cpp) -----------------------------
+namespace stack {
+
+// A linear layer as the stack reads it; kind: a Kind.
+struct Lin {
+  int64_t kind = -1, N = 0, K = 0;  // K: the weight's input width (int8/int4: padded with zero columns)
+  const void* w = nullptr;          // [N, K] f32 / bf16 / int8, or int4 packed [N, K/2]
+  const void* s = nullptr;          // int8: scale [N] fp32; int4: (scale, zero) [N, K/32, 2] bf16
+  const void* bias = nullptr;       // [N] in the activation dtype, or none
+};
+
+struct Layer {
+  Lin qkv, o, gu, down;
+  const float* attn_norm;
+  const float* mlp_norm;
+};
+
+}  // namespace stack
+
+class DecodeStack {
+ public:
+  // H query heads, K kv heads, D head dim, E hidden size, I MLP width; bf16: activation dtype.
+  DecodeStack(int64_t H, int64_t K, int64_t D, int64_t E, int64_t I, double eps, double scale, bool bf16);
+
+  // One layer: each linear as (kind, weight, scales, bias), empty tensors for none; norms fp32 [E].
+  void add_layer(std::vector<int64_t> kinds, std::vector<torch::Tensor> w, std::vector<torch::Tensor> s,
+                 std::vector<torch::Tensor> b, torch::Tensor attn_norm, torch::Tensor mlp_norm);
+
+  int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x: [.., E] hidden state at position `pos`; cos/sin: [.., D] for `pos`; k/v caches per layer
+  // [1, K, L, D]. Returns the hidden state after every layer (x untouched); the caches get `pos`.
+  torch::Tensor step(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
+                     std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc);
+
+ private:
+  template <typename T>
+  void run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std::vector<torch::Tensor>& kc,
+           std::vector<torch::Tensor>& vc);
+
+  int64_t H_, K_, D_, E_, I_, width_;
+  float eps_, scale_;
+  torch::ScalarType dt_;
+  std::vector<stack::Layer> layers_;
+  std::vector<torch::Tensor> keep_;
+  std::vector<float> qkv_, attn_, act_;  // shared between the threads of a step
+};

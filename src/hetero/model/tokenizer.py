@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hetero.errors import HeteroError
 from hetero.model.sources import Source
 from hetero.paths import cache_dir
 
@@ -45,7 +46,10 @@ class Tokenizer:
         if not self.has_chat_template:
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
             return self.encode(text)
-        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # a template that fails to compile or raises is the model's fault
+            raise HeteroError(f"the model's chat template failed ({type(e).__name__}: {e}); try --no-chat") from None
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
@@ -79,6 +83,16 @@ def _load_gguf_tokenizer(path: Path):
 
 
 def load_tokenizer(source: Source, vocab_size: int, eos_token_id: int | None = None) -> Tokenizer:
+    try:
+        return _load(source, vocab_size, eos_token_id)
+    except HeteroError:
+        raise
+    except Exception as e:  # transformers raises anything on a corrupt vocabulary or template
+        raise HeteroError(f"{source.path or source.name}: cannot build the tokenizer "
+                          f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _load(source: Source, vocab_size: int, eos_token_id: int | None) -> Tokenizer:
     hf = None
     if source.kind == "gguf":
         hf = _load_gguf_tokenizer(source.path)
@@ -97,6 +111,11 @@ def load_tokenizer(source: Source, vocab_size: int, eos_token_id: int | None = N
             tid = hf.convert_tokens_to_ids(tok) if tok in hf.get_vocab() else None
             if isinstance(tid, int):
                 eos.add(tid)
+        if len(hf) > vocab_size:
+            raise HeteroError(f"{source.path}: the tokenizer has {len(hf)} tokens, the embedding {vocab_size} rows")
+        bad = [i for i in eos if not 0 <= i < vocab_size]
+        if bad:
+            raise HeteroError(f"{source.path}: end-of-text id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
     elif eos_token_id is not None:
         eos.add(eos_token_id)
     return Tokenizer(hf, vocab_size, eos)

@@ -14,7 +14,7 @@ import numpy as np
 
 from hetero.errors import HeteroError
 from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo
-from hetero.model.validate import check_float, check_int, check_spec
+from hetero.model.validate import NORM_EPS_MAX, ROPE_THETA_RANGE, check_float, check_int, check_spec
 
 _GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
@@ -161,8 +161,9 @@ def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
         n_layers=n_layers, hidden_size=hidden, intermediate_size=ffn, n_heads=heads,
         n_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
         max_context=count("context_length", "max_context", 2048),
-        rope_theta=check_float(key("rope.freq_base", 10000.0), "rope.freq_base", where),
-        norm_eps=check_float(key("attention.layer_norm_rms_epsilon", 1e-5), "layer_norm_rms_epsilon", where),
+        rope_theta=check_float(key("rope.freq_base", 10000.0), "rope.freq_base", where, *ROPE_THETA_RANGE),
+        norm_eps=check_float(key("attention.layer_norm_rms_epsilon", 1e-5), "layer_norm_rms_epsilon", where,
+                             0.0, NORM_EPS_MAX),
         tie_embeddings="lm_head.weight" not in names,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in names,
         rope_scaling=scaling, tensors=tuple(tensors),

@@ -146,7 +146,7 @@ def tensor_table(path: Path) -> dict[str, TensorInfo]:
                 raise HeteroError(f"{path}: tensor {name!r} at offset {off} is misaligned or runs past the end "
                                   "of the file (truncated or corrupt)")
             out[name] = TensorInfo(name, qt, tuple(int(d) for d in reversed(dims)), data_start + off, nbytes)
-        _check_tiling(path, out, data_start, alignment)
+        _check_tiling(path, out, data_start, alignment, len(mm))
         return out
     except (struct.error, ValueError, KeyError, OverflowError) as e:
         raise HeteroError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
@@ -154,8 +154,9 @@ def tensor_table(path: Path) -> dict[str, TensorInfo]:
         del mm
 
 
-def _check_tiling(path: Path, table: dict[str, TensorInfo], data_start: int, alignment: int) -> None:
-    """Tensors follow each other from the data start with only alignment padding between them."""
+def _check_tiling(path: Path, table: dict[str, TensorInfo], data_start: int, alignment: int, size: int) -> None:
+    """Tensors follow each other from the data start to the end of the file with only alignment
+    padding between them."""
     pos = data_start
     for t in sorted(table.values(), key=lambda t: t.offset):
         if t.offset < pos:
@@ -164,6 +165,8 @@ def _check_tiling(path: Path, table: dict[str, TensorInfo], data_start: int, ali
             raise HeteroError(f"{path}: {t.offset - pos} unused bytes before tensor {t.name!r} "
                               "(corrupt offset or type)")
         pos = t.offset + t.nbytes
+    if table and size - pos >= alignment:
+        raise HeteroError(f"{path}: {size - pos} unused bytes after the last tensor (corrupt offset or type)")
 
 
 def _open_mmap(path: Path) -> np.memmap:

@@ -14,7 +14,7 @@ from typing import Any
 from hetero.dtypes import storage_bytes
 from hetero.errors import HeteroError
 from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo, expected_tensors
-from hetero.model.validate import check_float, check_int, check_shape, check_tensors
+from hetero.model.validate import NORM_EPS_MAX, ROPE_THETA_RANGE, check_float, check_int, check_shape, check_tensors
 
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -93,8 +93,9 @@ def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
             vocab_size=check_int(cfg["vocab_size"], "vocab_size", f"{where} vocab_size"),
             max_context=check_int(_opt(cfg, "max_position_embeddings", 2048), "max_context",
                                   f"{where} max_position_embeddings"),
-            rope_theta=check_float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0, "rope_theta", where),
-            norm_eps=check_float(_opt(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
+            rope_theta=check_float(_opt(cfg, "rope_theta", _opt(rope, "rope_theta", 10000.0)), "rope_theta", where,
+                                    *ROPE_THETA_RANGE),
+            norm_eps=check_float(_opt(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where, 0.0, NORM_EPS_MAX),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(_opt(cfg, "attention_bias", arch == "qwen2")),
             rope_scaling=_rope_scaling(cfg),

@@ -38,13 +38,19 @@ def check_int(value, field: str, where: str) -> int:
     return v
 
 
-def check_float(value, field: str, where: str, positive: bool = True) -> float:
+def check_float(value, field: str, where: str, lo: float = 0.0, hi: float = 1e12) -> float:
+    """A finite number in (lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise HeteroError(f"{where}: {field} must be a number (got {value!r})")
     v = float(value)
-    if not math.isfinite(v) or (positive and v <= 0):
-        raise HeteroError(f"{where}: {field} = {value!r} must be a finite {'positive ' if positive else ''}number")
+    if not math.isfinite(v) or not lo < v <= hi:
+        raise HeteroError(f"{where}: {field} = {value!r} is out of range ({lo:g}, {hi:g}]")
     return v
+
+
+# RMSNorm epsilon is a small guard (1e-5, 1e-6 in practice); RoPE theta is 1e4 .. 1e7 in practice.
+NORM_EPS_MAX = 0.1
+ROPE_THETA_RANGE = (1.0, 1e10)
 
 
 def check_shape(spec, where: str) -> None:
@@ -55,8 +61,8 @@ def check_shape(spec, where: str) -> None:
         raise HeteroError(f"{where}: n_heads {spec.n_heads} is not a multiple of n_kv_heads {spec.n_kv_heads}")
     if spec.head_dim % 2:
         raise HeteroError(f"{where}: head_dim {spec.head_dim} must be even (RoPE rotates pairs)")
-    check_float(spec.rope_theta, "rope_theta", where)
-    check_float(spec.norm_eps, "norm_eps", where)
+    check_float(spec.rope_theta, "rope_theta", where, *ROPE_THETA_RANGE)
+    check_float(spec.norm_eps, "norm_eps", where, 0.0, NORM_EPS_MAX)
 
 
 def check_tensors(spec, where: str) -> None:

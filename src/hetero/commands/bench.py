@@ -143,6 +143,10 @@ def register(app: typer.Typer) -> None:
             raise HeteroError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
         if plan_file and (memory or precisions):
             raise HeteroError("give either --plan or planning flags (--memory, --precisions), not both")
+        if report:
+            from hetero.paths import check_output_dir
+
+            check_output_dir(report)
         from hetero.bench.peers import PEERS
 
         peer_list = _list(peers)
@@ -202,7 +206,10 @@ def register(app: typer.Typer) -> None:
         if report:
             from hetero.bench.report import render
 
-            render(full, report)
+            try:
+                render(full, report)
+            except OSError as e:
+                raise HeteroError(f"cannot write the report to {report}: {e.strerror or e}") from None
             if not as_json:
                 print(f"report: {report}/report.md", file=sys.stderr)
         if as_json:

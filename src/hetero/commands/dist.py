@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import List, Optional
 
 import typer
@@ -91,12 +92,18 @@ def register(app: typer.Typer) -> None:
         if print_torchrun or not h.all_local():
             if not hosts_file:
                 raise HeteroError("--print-torchrun needs --hosts")
-            extra = " ".join(f"-p {json.dumps(p)}" for p in prompt) + f" -n {max_new_tokens} --dtype {dtype}"
+            extra = " ".join(f"-p {shlex.quote(p)}" for p in prompt) + f" -n {max_new_tokens} --dtype {shlex.quote(dtype)}"
             for line in torchrun_commands(model or "smollm2-135m", h, hosts_file, extra):
                 print(line)
             if not print_torchrun:
                 raise HeteroError("hosts other than this one: run the torchrun line above on each host")
             return
+        from hetero.model.sources import resolve_spec
+
+        units = len(resolve_spec(model).unit_names())
+        if h.world_size > units:
+            raise HeteroError(f"{h.world_size} ranks but the model has only {units} units to split; "
+                              f"use at most {units} ranks")
         res = generate(model, h, [p for p in prompt for _ in range(sequences)], max_new_tokens, timeout=timeout,
                        threads=threads, micro_batch=micro_batch, precision=dtype, layers=_layers(layers),
                        chat=chat)

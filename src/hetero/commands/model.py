@@ -67,7 +67,12 @@ def run(
     model runs as planned (placement, precision, residency) and the summary adds predicted vs measured.
     """
     import hetero
+    from hetero.errors import HeteroError
 
+    if threads is not None and threads < 1:
+        raise HeteroError(f"--threads must be at least 1 (got {threads})")
+    if max_new_tokens < 0:
+        raise HeteroError(f"--max-new-tokens must be >= 0 (got {max_new_tokens})")
     if plan_file or memory or precisions or objective or hardware or context:
         _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                      threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,

@@ -192,6 +192,8 @@ def load_hosts(path: str | Path) -> Hosts:
     p = Path(path)
     try:
         text = p.read_text()
+    except UnicodeDecodeError:
+        raise HeteroError(f"hosts file {path} is not UTF-8 text (binary?)") from None
     except OSError as e:
         raise HeteroError(f"cannot read hosts file {path}: {e.strerror}") from None
     try:

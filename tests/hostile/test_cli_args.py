@@ -132,3 +132,10 @@ def test_fifo_model_is_refused_without_hanging(tmp_path):
     p = subprocess.run([sys.executable, "-m", "hetero.cli", "info", str(fifo)], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2 and "not a regular file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_prompt_with_invalid_utf8_bytes(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "hetero.cli", "run", "synthetic:tiny", "-n", "1", "-p",
+                        b"a\xed\xa0\x80b".decode("utf-8", "surrogateescape")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "not valid UTF-8" in p.stderr and "Traceback" not in p.stderr

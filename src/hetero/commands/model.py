@@ -71,6 +71,10 @@ def run(
 
     if threads is not None and threads < 1:
         raise HeteroError(f"--threads must be at least 1 (got {threads})")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+        raise HeteroError("the prompt is not valid UTF-8 text") from None
     if max_new_tokens < 0:
         raise HeteroError(f"--max-new-tokens must be >= 0 (got {max_new_tokens})")
     if plan_file or memory or precisions or objective or hardware or context:

@@ -15,8 +15,8 @@ import sys
 PROMPT = "hello there"
 
 
-class _Hang(Exception):
-    pass
+class _Hang(BaseException):
+    """Not an Exception: the CLI's error boundary must not report it as a bug line."""
 
 
 def _alarm(signum, frame):
@@ -29,6 +29,8 @@ def run_case(case: dict) -> dict:
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(int(case.get("timeout", 20)))
     try:
+        if case["mode"] == "cli":
+            return _cli(case["args"])
         from hetero.model.sources import resolve_spec
 
         try:
@@ -54,6 +56,35 @@ def run_case(case: dict) -> dict:
         return {"outcome": "bug", "msg": f"{type(e).__name__}: {str(e)[:200]}"}
     finally:
         signal.alarm(0)
+
+
+def _cli(args: list[str]) -> dict:
+    """`hetero ARGS` in this process: error = exit 2 with one `error:` line; bug = anything else
+    that is not exit 0 (a traceback, exit 1's bug line)."""
+    import contextlib
+    import io
+
+    from hetero.cli import main as cli_main
+
+    err, out = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            cli_main(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    lines = [x for x in err.getvalue().strip().splitlines() if x.strip() and not x.startswith(("note:", "warning:"))]
+    if code == 0:
+        return {"outcome": "ok"}
+    if code == 2 and "Traceback" not in err.getvalue() and (
+            len(lines) == 1 and lines[0].startswith("error:") or _usage_error(lines)):
+        return {"outcome": "error", "stage": "cli", "msg": lines[-1][:200] if lines else ""}
+    return {"outcome": "bug", "msg": f"exit {code}: {err.getvalue()[-300:]}"}
+
+
+def _usage_error(lines: list[str]) -> bool:
+    # click's own usage errors (a bad option value) are a box of a few lines ending in the reason.
+    return bool(lines) and lines[0].lstrip().startswith(("Usage:", "╭")) and "Traceback" not in "".join(lines)
 
 
 def main() -> None:

@@ -141,6 +141,8 @@ def register(app: typer.Typer) -> None:
         warnings.simplefilter("ignore")
         if min(prompt_tokens, new_tokens, repeats) < 1:
             raise HeteroError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
+        if repeats > 1000 or max(prompt_tokens, new_tokens) > 1 << 24:
+            raise HeteroError("--repeats is at most 1000, --prompt-tokens and --new-tokens at most 16M")
         if plan_file and (memory or precisions):
             raise HeteroError("give either --plan or planning flags (--memory, --precisions), not both")
         if report:

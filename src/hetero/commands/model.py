@@ -69,8 +69,8 @@ def run(
     import hetero
     from hetero.errors import HeteroError
 
-    if threads is not None and threads < 1:
-        raise HeteroError(f"--threads must be at least 1 (got {threads})")
+    if threads is not None and not 1 <= threads <= 4096:
+        raise HeteroError(f"--threads must be between 1 and 4096 (got {threads})")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates

@@ -58,7 +58,11 @@ def cli_cases(root: Path) -> list[list[str]]:
     (root / "tag.yaml").write_text("hosts: !!python/object/apply:os.system ['true']\n")
     (root / "afile").write_text("x")
     m = "synthetic:tiny"
-    paths = ["/proc/hetero-x", "/dev/null", str(root), str(root / "none" / "x"), str(root / "afile")]
+    import os
+
+    os.mkfifo(root / "fifo")
+    # Never a real device as an output path: a broken check would replace it (as root, /dev/null).
+    paths = ["/proc/hetero-x", str(root / "fifo"), str(root), str(root / "none" / "x"), str(root / "afile")]
     out: list[list[str]] = []
     for n in ("-1", "0", "99999999999999999999", "nan", "1e309", "abc"):
         out += [["run", m, "--max-new-tokens", n], ["run", m, "-n", "1", "--threads", n],
@@ -73,6 +77,9 @@ def cli_cases(root: Path) -> list[list[str]]:
                 ["pipeline", m, "--hosts", p], ["plan", m, "--sensitivity", p]]
     for mem in ("cpu=-1GB", "cpu=abc", "gpu7=1GB", "cpu=1e400GB", "cpu=0", "cpu=200%", "=", "cpu"):
         out += [["plan", m, "--memory", mem], ["run", m, "-n", "1", "--memory", mem]]
+    for dev in ("/dev/null", "/dev/zero"):  # read only
+        out += [["run", dev, "-n", "1"], ["info", dev], ["run", m, "-n", "1", "--plan", dev],
+                ["plan", m, "--hardware", dev], ["pipeline", m, "--hosts", dev], ["plan", m, "--sensitivity", dev]]
     out += [["run", m, "-n", "1", "--plan", str(root / "list.json")],
             ["run", m, "-n", "1", "--plan", str(root / "neg.json")],
             ["pipeline", m, "--hosts", str(root / "bin.yaml")], ["pipeline", m, "--hosts", str(root / "tag.yaml")],

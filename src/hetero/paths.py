@@ -29,3 +29,21 @@ def check_output_dir(out: str | Path) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or str(parent).startswith(("/proc", "/sys")):
         raise HeteroError(f"cannot write into {parent}: not a writable directory")
     return p
+
+
+def read_user_text(path: str | Path, what: str, limit: int = 16 << 20) -> str:
+    """A small text file the user named (plan, hosts, table): a regular file, at most `limit`
+    bytes, UTF-8; anything else (a FIFO, /dev/zero, a binary) is one clear error."""
+    from hetero.errors import HeteroError
+
+    p = Path(path).expanduser()
+    try:
+        if not p.is_file():
+            raise HeteroError(f"{what} {p}: {'not a regular file' if p.exists() else 'no such file'}")
+        if p.stat().st_size > limit:
+            raise HeteroError(f"{what} {p} is over {limit >> 20} MB; is it the right file?")
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeteroError(f"{what} {p} is not UTF-8 text (binary?)") from None
+    except OSError as e:
+        raise HeteroError(f"cannot read {what} {p}: {e.strerror or e}") from None

@@ -139,3 +139,21 @@ def test_a_prompt_with_invalid_utf8_bytes(tmp_path):
                         b"a\xed\xa0\x80b".decode("utf-8", "surrogateescape")], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "not valid UTF-8" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_plan_output_onto_a_device_or_fifo_is_refused_and_left_alone(tmp_path, capsys):
+    import stat
+
+    fifo = tmp_path / "out.fifo"     # stands in for /dev/null: a rename would replace the node itself
+    os.mkfifo(fifo)
+    code, _, err = run_cli(["plan", "synthetic:tiny", "-o", str(fifo)], capsys)
+    assert_clean_error(code, err, "not a regular file")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("flag", ["--plan", "--hosts", "--sensitivity"])
+def test_dev_zero_as_an_input_file_is_refused_at_once(flag, capsys):
+    cmd = {"--plan": ["run", "synthetic:tiny", "-n", "1"], "--hosts": ["pipeline", "synthetic:tiny"],
+           "--sensitivity": ["plan", "synthetic:tiny"]}[flag]
+    code, _, err = run_cli([*cmd, flag, "/dev/zero"], capsys)
+    assert_clean_error(code, err, "not a regular file")

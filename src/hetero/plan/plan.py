@@ -171,6 +171,8 @@ class Plan:
         p = Path(path).expanduser()
         if p.is_dir():
             raise HeteroError(f"{p} is a directory; give a file name for the plan, e.g. {p / 'plan.json'}")
+        if p.exists() and not p.is_file():  # renaming over /dev/null would replace the device itself
+            raise HeteroError(f"{p} is not a regular file; give a file name for the plan")
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
         except OSError as e:
@@ -232,12 +234,12 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        from hetero.paths import read_user_text
+
         try:
-            return cls.from_json(Path(path).read_text())
-        except UnicodeDecodeError:
-            raise HeteroError(f"plan {path} is not UTF-8 text") from None
-        except OSError as e:
-            raise HeteroError(f"cannot read plan {path}: {e.strerror}") from None
+            return cls.from_json(read_user_text(path, "plan"))
+        except RecursionError:
+            raise HeteroError(f"plan {path} is not valid JSON (nested too deep)") from None
 
 
 def _check_ranges(p: "Plan") -> None:

@@ -42,10 +42,12 @@ def model_group(root: Path, n: int, seed: int, batch: int = 500) -> dict:
         cache.mkdir()
         results, peak = harness.run_worker(chunk, cache, timeout=60 + 2 * len(chunk))
         peaks.append(peak)
+        base = [r.get("tokens") for r in results[:harness.ORIGINALS]]
+        print(json.dumps({"chunk": i, "originals": base, "peak_mb": round(peak / 1e6)}), file=sys.stderr, flush=True)
         counts += harness.classify(chunk, results)
         bad += [(c["label"], r) for c, r in zip(chunk, results) if r.get("bad")]
     counts["over 2 GB"] = sum(p > RSS_CAP or p < 0 for p in peaks)
-    return {"counts": dict(counts), "peak_rss_mb": round(max(peaks) / 1e6), "bad": bad[:10],
+    return {"counts": dict(counts), "peak_rss_mb": round(max(peaks) / 1e6), "bad": bad[:30],
             "gguf": sum("gguf" == c["kind"] for c in mutants), "hf": sum("hf" == c["kind"] for c in mutants)}
 
 

@@ -169,6 +169,7 @@ _CONFIG_FIELDS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "in
                   "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
                   "tie_word_embeddings", "rope_scaling", "architectures", "model_type"]
 _BAD_FLOATS = [0, -1, 2**63, 1e300, "1e-5", True, [], {}, float("nan"), float("inf")]
+_BAD_BOOLS = [0, 1, "true", None, [], {}, float("nan")]    # True/False are both valid models
 _BAD_VALUES = [0, -1, 1, 1000000000, 2**63, 1.5, "64", None, True, [], {}, [64], float("nan")]
 
 
@@ -195,7 +196,8 @@ def hf_mutant(src: Path, dst: Path, i: int, seed: int) -> str:
     if op == "cfg_value":
         k = rng.choice(_CONFIG_FIELDS)
         # A float hyper-parameter only gets values no model has (a plausible one is a valid model).
-        v = rng.choice(_BAD_FLOATS if k in ("rms_norm_eps", "rope_theta") else _BAD_VALUES)
+        v = rng.choice(_BAD_FLOATS if k in ("rms_norm_eps", "rope_theta") else
+                       _BAD_BOOLS if k == "tie_word_embeddings" else _BAD_VALUES)
         cfg[k] = v
         cfg_path.write_text(json.dumps(cfg))
         return f"config {k}={v!r}"

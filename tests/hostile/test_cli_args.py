@@ -157,3 +157,10 @@ def test_dev_zero_as_an_input_file_is_refused_at_once(flag, capsys):
            "--sensitivity": ["plan", "synthetic:tiny"]}[flag]
     code, _, err = run_cli([*cmd, flag, "/dev/zero"], capsys)
     assert_clean_error(code, err, "not a regular file")
+
+
+def test_bench_report_never_replaces_a_foreign_directory(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep")
+    code, _, err = run_cli(["bench", "synthetic:tiny", "--report", str(tmp_path)], capsys)
+    assert_clean_error(code, err, "report.md")
+    assert (tmp_path / "notes.txt").read_text() == "keep"

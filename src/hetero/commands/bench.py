@@ -148,7 +148,11 @@ def register(app: typer.Typer) -> None:
         if report:
             from hetero.paths import check_output_dir
 
-            check_output_dir(report)
+            out_dir = check_output_dir(report)
+            # the report dir is replaced whole: only an empty dir or an earlier report may be
+            if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "report.md").is_file():
+                raise HeteroError(f"{out_dir} is not empty and holds no report.md; --report replaces the "
+                                  "whole directory, so give a new or report directory")
         from hetero.bench.peers import PEERS
 
         peer_list = _list(peers)

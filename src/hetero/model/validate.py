@@ -30,7 +30,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 def check_int(value, field: str, where: str) -> int:
     """`value` as an int inside LIMITS[field] (bools and floats with a fraction are refused)."""
     lo, hi = LIMITS[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and (not math.isfinite(value) or value != int(value)))):
         raise HeteroError(f"{where}: {field} must be an integer (got {value!r})")
     v = int(value)
     if not lo <= v <= hi:

@@ -51,8 +51,13 @@ def _wait_policy() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: HeteroError (bad input) becomes one line on stderr and exit code 2."""
+    """Console entry point, the one error boundary: HeteroError (bad input) becomes one line on
+    stderr and exit code 2; anything else is a bug, reported in one line with exit code 1
+    (HETERO_DEBUG=1 shows the traceback)."""
+    import os
+
     _wait_policy()
+
     try:
         app(args=argv, standalone_mode=True)
     except HeteroError as e:
@@ -61,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if os.environ.get("HETERO_DEBUG") == "1":
+            raise
+        msg = " ".join(str(e).split())[:300]
+        print(f"internal error (bug): {type(e).__name__}: {msg}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -141,8 +141,18 @@ def register(app: typer.Typer) -> None:
         warnings.simplefilter("ignore")
         if min(prompt_tokens, new_tokens, repeats) < 1:
             raise HeteroError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
+        if repeats > 1000 or max(prompt_tokens, new_tokens) > 1 << 24:
+            raise HeteroError("--repeats is at most 1000, --prompt-tokens and --new-tokens at most 16M")
         if plan_file and (memory or precisions):
             raise HeteroError("give either --plan or planning flags (--memory, --precisions), not both")
+        if report:
+            from hetero.paths import check_output_dir
+
+            out_dir = check_output_dir(report)
+            # the report dir is replaced whole: only an empty dir or an earlier report may be
+            if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "report.md").is_file():
+                raise HeteroError(f"{out_dir} is not empty and holds no report.md; --report replaces the "
+                                  "whole directory, so give a new or report directory")
         from hetero.bench.peers import PEERS
 
         peer_list = _list(peers)
@@ -202,7 +212,10 @@ def register(app: typer.Typer) -> None:
         if report:
             from hetero.bench.report import render
 
-            render(full, report)
+            try:
+                render(full, report)
+            except OSError as e:
+                raise HeteroError(f"cannot write the report to {report}: {e.strerror or e}") from None
             if not as_json:
                 print(f"report: {report}/report.md", file=sys.stderr)
         if as_json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import List, Optional
 
 import typer
@@ -95,14 +96,20 @@ def register(app: typer.Typer) -> None:
         if print_torchrun or not h.all_local():
             if not hosts_file:
                 raise HeteroError("--print-torchrun needs --hosts")
-            plan_args = [f"--{k} {v}" for k, v in (("precisions", precisions), ("dtype", dtype), ("memory", memory)) if v]
-            extra = " ".join([*(f"-p {json.dumps(p)}" for p in prompt), f"-n {max_new_tokens}", *plan_args,
-                              f"--objective {objective}"])
+            plan_args = [f"--{k} {shlex.quote(v)}" for k, v in (("precisions", precisions), ("dtype", dtype), ("memory", memory)) if v]
+            extra = " ".join([*(f"-p {shlex.quote(p)}" for p in prompt), f"-n {max_new_tokens}", *plan_args,
+                              f"--objective {shlex.quote(objective)}"])
             for line in torchrun_commands(model or "smollm2-135m", h, hosts_file, extra):
                 print(line)
             if not print_torchrun:
                 raise HeteroError("hosts other than this one: run the torchrun line above on each host")
             return
+        from hetero.model.sources import resolve_spec
+
+        units = len(resolve_spec(model).unit_names())
+        if h.world_size > units:
+            raise HeteroError(f"{h.world_size} ranks but the model has only {units} units to split; "
+                              f"use at most {units} ranks")
         res = generate(model, h, [p for p in prompt for _ in range(sequences)], max_new_tokens, timeout=timeout,
                        threads=threads, micro_batch=micro_batch, precisions=precision_list(precisions, dtype),
                        memory=memory, objective=objective, layers=_layers(layers), chat=chat)

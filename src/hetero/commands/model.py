@@ -69,6 +69,14 @@ def run(
     """
     from hetero.errors import HeteroError
 
+    if threads is not None and not 1 <= threads <= 4096:
+        raise HeteroError(f"--threads must be between 1 and 4096 (got {threads})")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+        raise HeteroError("the prompt is not valid UTF-8 text") from None
+    if max_new_tokens < 0:
+        raise HeteroError(f"--max-new-tokens must be >= 0 (got {max_new_tokens})")
     if dtype is not None:
         if precisions:
             raise HeteroError("give --dtype or --precisions, not both (--dtype D is --precisions D)")

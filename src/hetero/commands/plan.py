@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
         from hetero.plan import baselines, make_plan, parse_memory
         from hetero.plan.sensitivity import load_sensitivity
 
+        if max_quality_loss is not None and not max_quality_loss >= 0:
+            raise HeteroError(f"--max-quality-loss must be >= 0 (got {max_quality_loss})")
         spec = resolve_spec(model)
         hw, prof = machine(hardware)
         precs = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None

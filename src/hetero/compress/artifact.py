@@ -52,17 +52,58 @@ def hf_config(spec: ModelSpec, record: dict | None, dtype: str = "fp32", tokeniz
     return cfg
 
 
+MARKER = ".hetero-artifact"  # written into every artifact dir: what --force may replace
+
+
+def is_artifact(d: Path) -> bool:
+    """A dir hetero wrote: it has the marker, or (older artifacts) a config.json with a record."""
+    if (d / MARKER).is_file():
+        return True
+    try:
+        return isinstance(json.loads((d / "config.json").read_text()).get("compression"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Temp dirs a killed run left beside `out` (named with that run's pid) are removed."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name[len(f".{out.name}.partial-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def staged_output(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success it becomes `out` (replacing it when `force`)."""
-    out = Path(out).expanduser()
+    """Yield a temp dir beside `out`; on success it becomes `out` (replacing it when `force`, and
+    only when `out` is an empty dir or an artifact hetero wrote)."""
+    out = Path(out).expanduser().absolute()
+    if out == Path.cwd() or out == out.parent:
+        raise HeteroError(f"{out}: give a new directory name for the artifact, not the current or root dir")
     if out.exists() and not force:
         raise HeteroError(f"{out} already exists; choose another -o or pass --force")
-    if not out.parent.exists():
+    if out.exists() and not (out.is_dir() and (is_artifact(out) or not any(out.iterdir()))):
+        raise HeteroError(f"{out} is not an artifact hetero wrote; --force replaces only those (remove it yourself)")
+    if not out.parent.is_dir():
         raise HeteroError(f"{out.parent}: no such directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale_partials(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise HeteroError(f"cannot write into {out.parent}: {e.strerror or e}") from None
     try:
         yield tmp
+        (tmp / MARKER).write_text("written by hetero compress\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, old)

@@ -107,6 +107,14 @@ def _tokenizer_gguf(loaded: Loaded) -> Path:
     raise HeteroError("GGUF export copies the tokenizer from a GGUF source; this model has none in its history")
 
 
+def _is_gguf(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return p.is_file() and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def write_gguf(out: str | Path, loaded: Loaded, spec: ModelSpec, tensors: dict, qtype: str,
                record: dict | None, force: bool = False) -> dict:
     """Write `tensors` as a GGUF file of block type `qtype`; returns the record (with bytes)."""
@@ -121,7 +129,17 @@ def write_gguf(out: str | Path, loaded: Loaded, spec: ModelSpec, tensors: dict, 
     src_reader = gguf.GGUFReader(str(_tokenizer_gguf(loaded)), "r")
     qt = gguf.GGMLQuantizationType[qtype]
     arch = "llama"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None)
+    if out.exists() and not _is_gguf(out):
+        raise HeteroError(f"{out} is not a GGUF file; --force replaces only those (remove it yourself)")
+    if not out.parent.is_dir():
+        raise HeteroError(f"{out.parent}: no such directory")
+    from hetero.compress.artifact import remove_stale_partials
+
+    remove_stale_partials(out)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)
+    except OSError as e:
+        raise HeteroError(f"cannot write into {out.parent}: {e.strerror or e}") from None
     os.close(fd)
     total = 0
     try:

@@ -189,11 +189,9 @@ def parse_hosts(data, where: str = "hosts file") -> Hosts:
 def load_hosts(path: str | Path) -> Hosts:
     import yaml
 
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise HeteroError(f"cannot read hosts file {path}: {e.strerror}") from None
+    from hetero.paths import read_user_text
+
+    text = read_user_text(path, "hosts file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

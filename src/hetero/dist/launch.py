@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -35,9 +36,10 @@ def torchrun_commands(model: str, hosts: Hosts, hosts_file: str, extra: str = ""
     if len(per) != 1:
         raise HeteroError("torchrun starts the same number of ranks on every node; give every host the same `ranks`")
     n = per.pop()
+    q = shlex.quote  # single quotes: a pasted line never expands $(...) or backticks
     return [f"torchrun --nnodes {len(hosts.hosts)} --node-rank {i} --nproc-per-node {n} "
-            f"--master-addr {hosts.master} --master-port {hosts.port} -m hetero.dist {model} "
-            f"--hosts {hosts_file}{' ' + extra if extra else ''}" for i in range(len(hosts.hosts))]
+            f"--master-addr {q(hosts.master)} --master-port {hosts.port} -m hetero.dist {q(model)} "
+            f"--hosts {q(hosts_file)}{' ' + extra if extra else ''}" for i in range(len(hosts.hosts))]
 
 
 class LocalRun:

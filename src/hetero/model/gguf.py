@@ -14,6 +14,7 @@ import numpy as np
 
 from hetero.errors import HeteroError
 from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo
+from hetero.model.validate import NORM_EPS_MAX, ROPE_THETA_RANGE, check_float, check_int, check_spec
 
 _GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
@@ -50,16 +51,17 @@ def canonical_name(gguf_name: str) -> str | None:
 
 @lru_cache(maxsize=4)
 def open_reader(path: Path):
-    """A memory-mapped GGUFReader; a truncated or corrupt file becomes a one-line error."""
+    """A memory-mapped GGUFReader; a truncated or corrupt file becomes a one-line error.
+
+    The header is walked and checked first (gguf_index): the reader sizes its arrays from counts in
+    the file, and a count of 2^62 must be refused before it allocates anything."""
     import gguf
 
+    from hetero.model.gguf_index import tensor_table
+
+    tensor_table(path)
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise HeteroError(f"{path}: not a GGUF file (bad magic)")
         return gguf.GGUFReader(str(path), "r")
-    except HeteroError:
-        raise
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
         raise HeteroError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
 
@@ -81,27 +83,53 @@ def metadata(path: Path) -> dict[str, Any]:
     return {k: _field(r, k) for k in r.fields if k not in skip and not k.startswith("GGUF.")}
 
 
+def _check_tokenizer(path: Path, r, vocab: int) -> None:
+    """Token strings are UTF-8, fit the embedding, and the special ids name real tokens."""
+    f = r.fields.get("tokenizer.ggml.tokens")
+    if f is None:
+        return
+    n = len(f.data)
+    if n > vocab:
+        raise HeteroError(f"{path}: {n} tokens but the embedding has {vocab} rows")
+    try:
+        for idx in f.data:
+            bytes(f.parts[idx]).decode("utf-8")
+    except (UnicodeDecodeError, IndexError, TypeError):
+        raise HeteroError(f"{path}: the tokenizer's token strings are not valid UTF-8 (corrupt file)") from None
+    for key in ("bos", "eos", "unknown", "padding", "eot"):
+        v = _field(r, f"tokenizer.ggml.{key}_token_id")
+        if v is not None and (not isinstance(v, int) or not 0 <= v < n):
+            raise HeteroError(f"{path}: tokenizer.ggml.{key}_token_id = {v!r} is not a token id (0..{n - 1})")
+    tpl = r.fields.get("tokenizer.chat_template")
+    if tpl is not None and not isinstance(_field(r, "tokenizer.chat_template"), str):
+        raise HeteroError(f"{path}: tokenizer.chat_template is not a UTF-8 string")
+
+
 def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
     r = open_reader(path)
     arch = _field(r, "general.architecture")
-    if arch not in _GGUF_ARCH:
+    if not isinstance(arch, str) or arch not in _GGUF_ARCH:
         raise HeteroError(
             f"unsupported architecture {arch!r} in {path.name}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     a = arch
+    where = str(path)
 
     def key(k: str, default: Any = None) -> Any:
         return _field(r, f"{a}.{k}", default)
 
-    try:
-        hidden = int(key("embedding_length"))
-        heads = int(key("attention.head_count"))
-        n_layers = int(key("block_count"))
-        ffn = int(key("feed_forward_length"))
-    except TypeError:
-        raise HeteroError(f"{path}: GGUF metadata lacks the {arch} shape keys") from None
-    kv_heads = int(key("attention.head_count_kv", heads))
-    head_dim = int(key("attention.key_length", hidden // heads))
+    def count(k: str, field: str, default: Any = None) -> int:
+        v = key(k, default)
+        if v is None:
+            raise HeteroError(f"{path}: GGUF metadata lacks {a}.{k}")
+        return check_int(v, field, f"{where}: {a}.{k}")
+
+    hidden = count("embedding_length", "hidden_size")
+    heads = count("attention.head_count", "n_heads")
+    n_layers = count("block_count", "n_layers")
+    ffn = count("feed_forward_length", "intermediate_size")
+    kv_heads = count("attention.head_count_kv", "n_kv_heads", heads)
+    head_dim = count("attention.key_length", "head_dim", hidden // heads)
     tensors = []
     for t in r.tensors:
         cname = canonical_name(t.name)
@@ -113,27 +141,35 @@ def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
     vocab = key("vocab_size")
     if vocab is None:
         emb = next((t for t in tensors if t.name == "model.embed_tokens.weight"), None)
-        vocab = emb.shape[0] if emb else len(r.fields["tokenizer.ggml.tokens"].data)
+        if emb is None:
+            raise HeteroError(f"{path}: no token embedding (token_embd.weight) and no {a}.vocab_size")
+        vocab = emb.shape[0]
+    vocab = check_int(vocab, "vocab_size", f"{where}: vocab size")
+    _check_tokenizer(path, r, vocab)
     scaling = None
     if key("rope.scaling.type") == "linear":
-        scaling = RopeScaling(type="linear", factor=float(key("rope.scaling.factor", 1.0)))
+        scaling = RopeScaling(type="linear", factor=check_float(key("rope.scaling.factor", 1.0), "rope.scaling.factor", where))
     elif "rope_freqs.weight" in {t.name for t in r.tensors}:
         # Llama 3.1-style GGUFs carry precomputed llama3 frequency factors; original params are
         # not in metadata, so we use the published defaults when the factors tensor is present.
         scaling = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                               original_max_position_embeddings=8192)
-    return ModelSpec(
-        name=name or _field(r, "general.name") or path.stem,
+    general_name = _field(r, "general.name")
+    spec = ModelSpec(
+        name=name or (general_name if isinstance(general_name, str) else None) or path.stem,
         architecture=_GGUF_ARCH[arch], source=str(path), format="gguf",
         n_layers=n_layers, hidden_size=hidden, intermediate_size=ffn, n_heads=heads,
-        n_kv_heads=kv_heads, head_dim=head_dim, vocab_size=int(vocab),
-        max_context=int(key("context_length", 2048)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        n_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+        max_context=count("context_length", "max_context", 2048),
+        rope_theta=check_float(key("rope.freq_base", 10000.0), "rope.freq_base", where, *ROPE_THETA_RANGE),
+        norm_eps=check_float(key("attention.layer_norm_rms_epsilon", 1e-5), "layer_norm_rms_epsilon", where,
+                             0.0, NORM_EPS_MAX),
         tie_embeddings="lm_head.weight" not in names,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in names,
         rope_scaling=scaling, tensors=tuple(tensors),
     )
+    check_spec(spec, where)
+    return spec
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

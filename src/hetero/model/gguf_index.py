@@ -8,6 +8,7 @@ asked for.
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,39 +31,76 @@ class TensorInfo:
     nbytes: int
 
 
+_MAX_KEY = 1 << 16          # bytes of a metadata key or tensor name
+_MAX_DIMS = 4               # GGML_MAX_DIMS
+_MAX_ALIGNMENT = 1 << 16
+
+
 class _Cursor:
+    """Reads the header; every count and length is checked against the bytes left before use."""
+
     def __init__(self, buf: memoryview):
         self.buf, self.pos = buf, 0
+
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
     def take(self, fmt: str):
         v = struct.unpack_from("<" + fmt, self.buf, self.pos)
         self.pos += struct.calcsize("<" + fmt)
         return v[0] if len(v) == 1 else v
 
-    def string(self) -> str:
+    def count(self, per_item: int, what: str) -> int:
+        """A u64 count of items that each take at least `per_item` bytes: must fit what is left."""
         n = self.take("Q")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
-        self.pos += n
-        return s
+        if n * per_item > self.left:
+            raise ValueError(f"{what} count {n} does not fit the {self.left} bytes left")
+        return n
 
-    def skip_value(self, vtype: int) -> None:
+    def string(self, limit: int | None = None) -> str:
+        n = self.count(1, "string length")
+        if limit is not None and n > limit:
+            raise ValueError(f"string of {n} bytes (most {limit})")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("a key or name is not UTF-8") from None
+
+    def skip_value(self, vtype: int, depth: int = 0) -> None:
         if vtype in _SCALAR:
-            self.pos += struct.calcsize(_SCALAR[vtype])
+            size = struct.calcsize(_SCALAR[vtype])
+            if size > self.left:
+                raise ValueError("value runs past the end of the file")
+            self.pos += size
         elif vtype == _STRING:
-            n = self.take("Q")  # read first: `pos += take()` would add to the old position
+            n = self.count(1, "string length")  # read first: `pos += take()` would add to the old position
             self.pos += n
         elif vtype == _ARRAY:
-            etype, count = self.take("I"), self.take("Q")
+            if depth > 2:
+                raise ValueError("arrays nested too deep")
+            etype = self.take("I")
             if etype in _SCALAR:
-                self.pos += count * struct.calcsize(_SCALAR[etype])
+                size = struct.calcsize(_SCALAR[etype])
+                n = self.count(size, "array")  # read first, as above
+                self.pos += n * size
             elif etype == _STRING:  # a vocabulary: ~100k strings, so one tight loop, no method calls
-                buf, pos, length = self.buf, self.pos, struct.Struct("<Q").unpack_from
-                for _ in range(count):
+                n = self.count(8, "array")
+                buf, pos, end, length = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
+                for _ in range(n):
+                    if pos + 8 > end:
+                        raise ValueError("a string array runs past the end of the file")
                     pos += 8 + length(buf, pos)[0]
+                if pos > end:
+                    raise ValueError("a string array runs past the end of the file")
                 self.pos = pos
+            elif etype == _ARRAY:
+                for _ in range(self.count(12, "array")):
+                    self.skip_value(etype, depth + 1)
             else:
-                for _ in range(count):
-                    self.skip_value(etype)
+                raise ValueError(f"unknown array element type {etype}")
         else:
             raise ValueError(f"unknown metadata value type {vtype}")
 
@@ -81,42 +119,90 @@ def _block_size(ggml_type: int) -> tuple[int, int]:
 
 
 def tensor_table(path: Path) -> dict[str, TensorInfo]:
-    """Every tensor's type, shape and absolute offset, by its GGUF name."""
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    """Every tensor's type, shape and absolute offset, by its GGUF name.
+
+    Checked before anything is sized from it: counts fit the file, dims are bounded, offsets are
+    aligned, inside the data section and tile it in order (padding only between tensors), so an
+    offset set to 0, off by one, or a type changed to one of another size is refused."""
+    mm = _open_mmap(path)
     try:
         c = _Cursor(memoryview(mm))
         if bytes(mm[:4]) != b"GGUF":
             raise HeteroError(f"{path}: not a GGUF file (bad magic)")
         c.pos = 4
-        version, n_tensors, n_kv = c.take("I"), c.take("Q"), c.take("Q")
-        if version < 2:
+        version = c.take("I")
+        if version not in (2, 3):
             raise HeteroError(f"{path}: GGUF version {version} is not supported")
+        n_tensors, n_kv = c.count(24, "tensor"), c.count(12, "metadata key")
         alignment = 32
         for _ in range(n_kv):
-            key, vtype = c.string(), c.take("I")
+            key, vtype = c.string(_MAX_KEY), c.take("I")
             if key == "general.alignment" and vtype in _SCALAR:
-                alignment = int(c.take(_SCALAR[vtype]))
+                alignment = c.take(_SCALAR[vtype])
+                if (isinstance(alignment, bool) or not isinstance(alignment, int) or
+                        not 0 < alignment <= _MAX_ALIGNMENT or alignment & (alignment - 1)):
+                    raise HeteroError(f"{path}: general.alignment {alignment!r} is not a power of two")
             else:
                 c.skip_value(vtype)
         raw = []
         for _ in range(n_tensors):
-            name, nd = c.string(), c.take("I")
+            name, nd = c.string(_MAX_KEY), c.take("I")
+            if not 1 <= nd <= _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {nd} dimensions")
             dims = [c.take("Q") for _ in range(nd)]
             raw.append((name, c.take("I"), dims, c.take("Q")))
         data_start = (c.pos + alignment - 1) // alignment * alignment
-        out = {}
+        out: dict[str, TensorInfo] = {}
         for name, qt, dims, off in raw:
-            block, size = _block_size(qt)
-            n = int(np.prod(dims)) if dims else 1
-            out[name] = TensorInfo(name, qt, tuple(int(d) for d in reversed(dims)), data_start + off,
-                                   n // block * size)
-        if out and max(t.offset + t.nbytes for t in out.values()) > len(mm):
-            raise HeteroError(f"{path}: truncated GGUF (tensor data runs past the end of the file)")
+            try:
+                block, size = _block_size(qt)
+            except (ValueError, KeyError):
+                raise HeteroError(f"{path}: tensor {name!r} has unknown type {qt}") from None
+            if any(d < 1 or d > 1 << 40 for d in dims) or dims[0] % block:
+                raise HeteroError(f"{path}: tensor {name!r} has invalid dims {dims} for its type")
+            if name in out:
+                raise HeteroError(f"{path}: tensor {name!r} appears twice")
+            nbytes = math.prod(dims) // block * size
+            if off % alignment or data_start + off + nbytes > len(mm):
+                raise HeteroError(f"{path}: tensor {name!r} at offset {off} is misaligned or runs past the end "
+                                  "of the file (truncated or corrupt)")
+            out[name] = TensorInfo(name, qt, tuple(int(d) for d in reversed(dims)), data_start + off, nbytes)
+        _check_tiling(path, out, data_start, alignment, len(mm))
         return out
-    except (struct.error, ValueError, KeyError) as e:
+    except (struct.error, ValueError, KeyError, OverflowError) as e:
         raise HeteroError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
     finally:
         del mm
+
+
+def _check_tiling(path: Path, table: dict[str, TensorInfo], data_start: int, alignment: int, size: int) -> None:
+    """Tensors follow each other from the data start to the end of the file with only alignment
+    padding between them."""
+    pos = data_start
+    for t in sorted(table.values(), key=lambda t: t.offset):
+        if t.offset < pos:
+            raise HeteroError(f"{path}: tensor {t.name!r} overlaps the tensor before it (corrupt offset or type)")
+        if t.offset - pos >= alignment:
+            raise HeteroError(f"{path}: {t.offset - pos} unused bytes before tensor {t.name!r} "
+                              "(corrupt offset or type)")
+        pos = t.offset + t.nbytes
+    if table and size - pos >= alignment:
+        raise HeteroError(f"{path}: {size - pos} unused bytes after the last tensor (corrupt offset or type)")
+
+
+def _open_mmap(path: Path) -> np.memmap:
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise HeteroError(f"{path}: not a regular file")
+        if st.st_size < 24:
+            raise HeteroError(f"{path}: truncated GGUF ({st.st_size} bytes)")
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as e:
+        raise HeteroError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:

@@ -5,6 +5,8 @@ Only headers are read (the first 8 bytes give the JSON header length): planning 
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 from hetero.dtypes import storage_bytes
 from hetero.errors import HeteroError
 from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo, expected_tensors
+from hetero.model.validate import NORM_EPS_MAX, ROPE_THETA_RANGE, check_float, check_int, check_shape, check_tensors
 
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -20,10 +23,12 @@ def _architecture(cfg: dict[str, Any]) -> str:
     mt = cfg.get("model_type")
     if mt in SUPPORTED_ARCHITECTURES:
         return mt
-    for cls in cfg.get("architectures") or []:
+    classes = cfg.get("architectures")
+    classes = [c for c in classes if isinstance(c, str)] if isinstance(classes, list) else []
+    for cls in classes:
         if cls in _ARCH_BY_CLASS:
             return _ARCH_BY_CLASS[cls]
-    named = mt or ", ".join(cfg.get("architectures") or []) or "unknown"
+    named = (mt if isinstance(mt, str) else None) or ", ".join(classes) or "unknown"
     raise HeteroError(f"unsupported architecture {named!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
@@ -49,82 +54,182 @@ def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling | None:
     )
 
 
+def _opt(cfg: dict[str, Any], key: str, default: Any) -> Any:
+    v = cfg.get(key)
+    return default if v is None else v
+
+
 def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
                      tensors: tuple[TensorInfo, ...] | None = None, name: str | None = None) -> ModelSpec:
-    """Build a ModelSpec from an HF config dict; without `tensors`, the Llama layout in bf16 is assumed."""
+    """Build a ModelSpec from an HF config dict; without `tensors`, the Llama layout in bf16 is assumed.
+
+    The dict is validated as a schema first (types, ranges, required fields): one error names the field."""
+    if not isinstance(cfg, dict):
+        raise HeteroError(f"{source}: config.json must be a JSON object (got {type(cfg).__name__})")
     arch = _architecture(cfg)
+    where = f"{source}: config.json"
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if cfg.get(key) is None:
+            raise HeteroError(f"{where} lacks {key!r}")
+    hidden = check_int(cfg["hidden_size"], "hidden_size", f"{where} hidden_size")
+    heads = check_int(cfg["num_attention_heads"], "n_heads", f"{where} num_attention_heads")
+    rope = _rope_params(cfg)
+    if not isinstance(rope, dict):
+        raise HeteroError(f"{where}: rope_scaling must be an object (got {type(rope).__name__})")
+    for key in ("tie_word_embeddings", "attention_bias"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise HeteroError(f"{where}: {key} must be true or false (got {cfg[key]!r})")
+    name = name or cfg.get("_name_or_path") or source
     try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         spec = ModelSpec(
-            name=name or cfg.get("_name_or_path") or source,
+            name=name if isinstance(name, str) else source,
             architecture=arch, source=source, format=fmt,
-            n_layers=int(cfg["num_hidden_layers"]), hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]), n_heads=heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            vocab_size=int(cfg["vocab_size"]),
-            max_context=int(cfg.get("max_position_embeddings", 2048)),
-            rope_theta=float(cfg.get("rope_theta") or _rope_params(cfg).get("rope_theta") or 10000.0),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            n_layers=check_int(cfg["num_hidden_layers"], "n_layers", f"{where} num_hidden_layers"),
+            hidden_size=hidden,
+            intermediate_size=check_int(cfg["intermediate_size"], "intermediate_size", f"{where} intermediate_size"),
+            n_heads=heads,
+            n_kv_heads=check_int(_opt(cfg, "num_key_value_heads", heads), "n_kv_heads", f"{where} num_key_value_heads"),
+            head_dim=check_int(_opt(cfg, "head_dim", hidden // heads), "head_dim", f"{where} head_dim"),
+            vocab_size=check_int(cfg["vocab_size"], "vocab_size", f"{where} vocab_size"),
+            max_context=check_int(_opt(cfg, "max_position_embeddings", 2048), "max_context",
+                                  f"{where} max_position_embeddings"),
+            rope_theta=check_float(_opt(cfg, "rope_theta", _opt(rope, "rope_theta", 10000.0)), "rope_theta", where,
+                                    *ROPE_THETA_RANGE),
+            norm_eps=check_float(_opt(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where, 0.0, NORM_EPS_MAX),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            attention_bias=bool(_opt(cfg, "attention_bias", arch == "qwen2")),
             rope_scaling=_rope_scaling(cfg),
         )
-    except KeyError as e:
-        raise HeteroError(f"config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:  # e.g. a RoPE factor that is a list
+        raise HeteroError(f"{where}: a field has the wrong type ({e})") from None
+    check_shape(spec, where)
     if tensors is None:
         dt = {"float32": "F32", "float16": "F16"}.get(str(cfg.get("torch_dtype")), "BF16")
         tensors = tuple(TensorInfo(n, s, dt, storage_bytes(dt, s)) for n, s in expected_tensors(spec))
     import dataclasses
 
-    return dataclasses.replace(spec, tensors=tensors)
+    spec = dataclasses.replace(spec, tensors=tensors)
+    check_tensors(spec, source)
+    return spec
+
+
+_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                       "BOOL": 1}
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor dtypes, shapes and offsets), nothing else."""
+    """The JSON header of a .safetensors file (tensor dtypes, shapes and offsets), nothing else.
+
+    The layout is checked against the file size: each tensor's bytes are what its dtype and shape
+    need, inside the data section, and no two tensors overlap, so a corrupt file fails here, not
+    deep inside a run."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             raw = f.read(8)
             if len(raw) != 8:
                 raise HeteroError(f"{path}: not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100 << 20:
+            if n > 100 << 20 or 8 + n > size:
                 raise HeteroError(f"{path}: not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise HeteroError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise HeteroError(f"{path}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise HeteroError(f"{path}: not a safetensors file (header is not an object)")
+    _check_layout(path, header, size - 8 - n)
     return header
+
+
+def _check_layout(path: Path, header: dict[str, Any], data_len: int) -> None:
+    spans = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        bad = f"{path}: corrupt safetensors header (tensor {name!r}"
+        if not isinstance(meta, dict):
+            raise HeteroError(f"{bad} is not an object)")
+        dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+            raise HeteroError(f"{bad} has unknown dtype {dtype!r})")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
+            raise HeteroError(f"{bad} has an invalid shape {shape!r})")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise HeteroError(f"{bad} has invalid data_offsets {offs!r})")
+        a, b = offs
+        if not 0 <= a <= b <= data_len:
+            raise HeteroError(f"{bad} lies outside the file: bytes {a}..{b} of {data_len}; truncated?)")
+        need = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
+        if b - a != need:
+            raise HeteroError(f"{bad} holds {b - a} bytes, {dtype} {shape} needs {need})")
+        spans.append((a, b, name))
+    # As the safetensors format requires: tensors tile the data section, no gap, no overlap.
+    spans.sort()
+    end = 0
+    for a, b, name in spans:
+        if a != end:
+            what = "overlaps the tensor before it" if a < end else f"starts at {a}, after a gap from {end}"
+            raise HeteroError(f"{path}: corrupt safetensors header (tensor {name!r} {what})")
+        end = b
+    if end != data_len:
+        raise HeteroError(f"{path}: corrupt safetensors file ({data_len - end} bytes after the last tensor)")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise HeteroError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise HeteroError(f"{path}: {what} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise HeteroError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError):
+        raise HeteroError(f"{path}: invalid JSON") from None
 
 
 def safetensors_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [d / f for f in sorted(set(weight_map.values()))]
+        idx = _read_json(index, "the index")
+        weight_map = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise HeteroError(f"{index}: needs a weight_map object of tensor name -> file name")
+        files = [d / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if f.resolve().parent != d.resolve() or not f.is_file():
+                raise HeteroError(f"{index}: weight file {f.name!r} is missing or outside the model dir")
+        return files
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise HeteroError(f"{d}: no .safetensors files next to config.json")
     return files
 
 
-def spec_from_hf_dir(d: Path, source: str | None = None, fmt: str = "safetensors") -> ModelSpec:
+def read_config(d: Path) -> dict[str, Any]:
     cfg_path = d / "config.json"
     if not cfg_path.exists():
         raise HeteroError(f"{d}: not a model dir (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise HeteroError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    cfg = _read_json(cfg_path, "config.json")
+    if not isinstance(cfg, dict):
+        raise HeteroError(f"{cfg_path}: must be a JSON object (got {type(cfg).__name__})")
+    return cfg
+
+
+def spec_from_hf_dir(d: Path, source: str | None = None, fmt: str = "safetensors") -> ModelSpec:
+    cfg = read_config(d)
     _architecture(cfg)  # an unsupported model is named before anything else is looked at
     tensors = []
     for f in safetensors_files(d):
         for tname, meta in read_safetensors_header(f).items():
             if tname == "__metadata__":
                 continue
-            shape = tuple(meta["shape"])
             a, b = meta["data_offsets"]
-            tensors.append(TensorInfo(tname, shape, meta["dtype"], b - a))
+            tensors.append(TensorInfo(tname, tuple(meta["shape"]), meta["dtype"], b - a))
     name = cfg.get("_name_or_path") or d.name
-    return spec_from_config(cfg, source=source or str(d), fmt=fmt, tensors=tuple(tensors), name=name)
+    return spec_from_config(cfg, source=source or str(d), fmt=fmt, tensors=tuple(tensors),
+                            name=name if isinstance(name, str) else d.name)

@@ -39,8 +39,11 @@ def builtin_path(name: str) -> Path:
 
 
 def _sniff(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise HeteroError(f"{path}: cannot read ({e.strerror or e})") from None
     if head[:4] == b"GGUF":
         return "gguf"
     if len(head) == 8 and int.from_bytes(head, "little") < (100 << 20) and path.suffix == ".safetensors":
@@ -66,6 +69,8 @@ def resolve(model: str | None) -> Source:
         if not (path / "config.json").exists():
             raise HeteroError(f"{path}: not a model dir (no config.json)")
         return Source("hf", path, str(path))
+    if not path.is_file():
+        raise HeteroError(f"{path}: not a regular file (a FIFO or device cannot be a model)")
     kind = _sniff(path)
     if kind == "gguf":
         return Source("gguf", path, str(path))
@@ -110,7 +115,7 @@ def _cached_gguf_spec(src: Source) -> ModelSpec:
     from hetero.paths import cache_dir
 
     st = src.path.stat()
-    key = hashlib.sha256(f"{src.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{src.name}|v1".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{src.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{src.name}|v2".encode()).hexdigest()[:20]
     cached = cache_dir() / "specs" / f"{key}.json"
     try:
         return ModelSpec.from_dict(json.loads(cached.read_text()))

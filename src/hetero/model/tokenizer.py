@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hetero.errors import HeteroError
 from hetero.model.sources import Source
 from hetero.paths import cache_dir
 
@@ -34,6 +35,10 @@ class FastTokenizer:
         self.backend, self.chat_template, self.special_tokens = backend, chat_template, special_tokens
         eos = special_tokens.get("eos_token")
         self.eos_token_id = None if eos is None else backend.token_to_id(eos)
+
+    def __len__(self) -> int:
+        # as len() of a transformers tokenizer: the vocabulary with its added tokens
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -118,7 +123,10 @@ class Tokenizer:
         if not self.has_chat_template:
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
             return self.encode(text)
-        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # a template that fails to compile or raises is the model's fault
+            raise HeteroError(f"the model's chat template failed ({type(e).__name__}: {e}); try --no-chat") from None
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
@@ -164,6 +172,16 @@ def _token_id(hf: Any, token: str) -> int | None:
 
 
 def load_tokenizer(source: Source, vocab_size: int, eos_token_id: int | None = None) -> Tokenizer:
+    try:
+        return _load(source, vocab_size, eos_token_id)
+    except HeteroError:
+        raise
+    except Exception as e:  # transformers raises anything on a corrupt vocabulary or template
+        raise HeteroError(f"{source.path or source.name}: cannot build the tokenizer "
+                          f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _load(source: Source, vocab_size: int, eos_token_id: int | None) -> Tokenizer:
     hf = None
     if source.kind == "gguf":
         hf = _load_gguf_tokenizer(source.path)
@@ -183,6 +201,11 @@ def load_tokenizer(source: Source, vocab_size: int, eos_token_id: int | None = N
             tid = _token_id(hf, tok)
             if isinstance(tid, int):
                 eos.add(tid)
+        if len(hf) > vocab_size:
+            raise HeteroError(f"{source.path}: the tokenizer has {len(hf)} tokens, the embedding {vocab_size} rows")
+        bad = [i for i in eos if not 0 <= i < vocab_size]
+        if bad:
+            raise HeteroError(f"{source.path}: end-of-text id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
     elif eos_token_id is not None:
         eos.add(eos_token_id)
     return Tokenizer(hf, vocab_size, eos)

@@ -187,10 +187,31 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write to a temp file beside `path`, then rename; an unwritable path is one clear error."""
+        import os
+        import tempfile
+
+        p = Path(path).expanduser()
+        if p.is_dir():
+            raise HeteroError(f"{p} is a directory; give a file name for the plan, e.g. {p / 'plan.json'}")
+        if p.exists() and not p.is_file():  # renaming over /dev/null would replace the device itself
+            raise HeteroError(f"{p} is not a regular file; give a file name for the plan")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+        except OSError as e:
+            raise HeteroError(f"cannot write the plan to {p}: {e.strerror or e}") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json() + "\n")
+            os.replace(tmp, p)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise HeteroError(f"cannot write the plan to {p}: {e.strerror or e}") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        if not isinstance(d, dict):
+            raise HeteroError(f"not a valid plan: a JSON object is needed, got {type(d).__name__}")
         try:
             v = int(d.get("version", 0))
             if v > PLAN_VERSION or v < 1:
@@ -198,7 +219,7 @@ class Plan:
             units = tuple(_unit(u) for u in d["units"])
             wl = d.get("workload", {})
             why = d.get("why") or {}
-            return cls(
+            plan = cls(
                 model=d["model"]["name"], fingerprint=d["model"].get("fingerprint", ""),
                 host=d.get("hardware", {}).get("host", ""), hardware=d.get("hardware", {}).get("source", ""),
                 objective=wl.get("objective", "decode"), prompt_tokens=int(wl.get("prompt_tokens", 512)),
@@ -219,9 +240,11 @@ class Plan:
                         notes=tuple(why.get("notes", ())), alternatives=tuple(why.get("alternatives", ()))),
                 solver=dict(d.get("solver", {})), version=v,
             )
+            _check_ranges(plan)
+            return plan
         except HeteroError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise HeteroError(f"not a valid plan: {type(e).__name__}: {e}") from None
 
     @classmethod
@@ -233,10 +256,31 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        from hetero.paths import read_user_text
+
         try:
-            return cls.from_json(Path(path).read_text())
-        except OSError as e:
-            raise HeteroError(f"cannot read plan {path}: {e.strerror}") from None
+            return cls.from_json(read_user_text(path, "plan"))
+        except RecursionError:
+            raise HeteroError(f"plan {path} is not valid JSON (nested too deep)") from None
+
+
+def _check_ranges(p: "Plan") -> None:
+    """Numbers a hand-edited plan could get wrong: budgets and sizes are not negative, the
+    workload is at least one token and one sequence."""
+    for what, table in (("budget", p.budgets), ("reserve", p.reserve), ("memory", p.memory)):
+        for dev, v in table.items():
+            if v < 0:
+                raise HeteroError(f"not a valid plan: {what} for {dev} is negative ({v})")
+    for what, v in (("context", p.context), ("prompt_tokens", p.prompt_tokens), ("batch", p.batch),
+                    ("prefetch_depth", p.prefetch_depth + 1)):
+        if v < 1:
+            raise HeteroError(f"not a valid plan: workload {what} must be at least 1 (got {v})")
+    if p.max_quality_loss is not None and not (isinstance(p.max_quality_loss, (int, float))
+                                               and p.max_quality_loss >= 0):
+        raise HeteroError(f"not a valid plan: max_quality_loss {p.max_quality_loss!r} must be >= 0")
+    for u in p.units:
+        if u.bytes < 0:
+            raise HeteroError(f"not a valid plan: unit {u.name} has negative bytes")
 
 
 def _stage(s: dict[str, Any]) -> Stage:

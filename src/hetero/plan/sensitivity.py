@@ -60,9 +60,11 @@ def quality_table(spec: ModelSpec, precisions, table: Sensitivity | None = None)
 def load_sensitivity(path: str | Path) -> Sensitivity:
     """A table from JSON: {"layers.0": {"int4": 0.004, "int8": 0.0002}, "head": {...}, ...}
     (optionally wrapped as {"units": {...}}). Costs are relative perplexity increases."""
+    from hetero.paths import read_user_text
+
     try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+        d = json.loads(read_user_text(path, "sensitivity table"))
+    except (OSError, ValueError, RecursionError) as e:
         raise HeteroError(f"cannot read sensitivity table {path}: {e}") from None
     return sensitivity_from_dict(d)
 

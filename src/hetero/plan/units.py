@@ -18,6 +18,8 @@ def parse_bytes(text: str, spec: ModelSpec | None = None) -> int:
     if not m:
         raise HeteroError(f"cannot read {text!r} as a size; use e.g. 2GB, 512MiB, 1e9 or 25%")
     value, unit = float(m.group(1)), m.group(2).lower()
+    if not value < 1e18:  # an exabyte: past any machine, and `inf` has no int
+        raise HeteroError(f"size {text!r} is too large")
     if unit == "%":
         if spec is None:
             raise HeteroError(f"{text!r}: a percentage needs a model (it is a share of the bf16 size)")

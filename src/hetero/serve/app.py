@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from hetero.serve.limits import BODY_IDLE_S, RequestLimits
 from hetero.serve.budget import BudgetWatch
 from hetero.serve.errors import install_error_handlers
 from hetero.serve.gauges import register_gauges
@@ -25,7 +26,7 @@ DEFAULT_MAX_BODY = 1 << 20       # 1 MiB: far above any prompt that fits a conte
 
 def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...] = (), api_key: str | None = None,
                max_concurrency: int = 8, max_queue: int = 64, max_body_bytes: int = DEFAULT_MAX_BODY,
-               watch: BudgetWatch | None = None) -> FastAPI:
+               watch: BudgetWatch | None = None, body_idle_s: float = BODY_IDLE_S) -> FastAPI:
     spec = engine.model.spec
     model_id = model_id or spec.name
     metrics = Metrics()
@@ -66,6 +67,8 @@ def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...
                                  known={model_id, spec.name, *[a for a in aliases if a]}, context=context,
                                  max_body_bytes=max_body_bytes, watch=watch)
     app.state.scheduler, app.state.metrics, app.state.model_id = scheduler, metrics, model_id
+    # added first, so it runs inside ServeMiddleware: metrics count its 401s and 408s too
+    app.add_middleware(RequestLimits, api_key=api_key, idle_s=body_idle_s)
     app.add_middleware(ServeMiddleware, api_key=api_key, metrics=metrics)
     install_error_handlers(app)
     app.include_router(openai.router)

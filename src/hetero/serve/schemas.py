@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,14 +59,55 @@ class GenRequest:
     created: int = 0
 
 
+MAX_JSON_DEPTH = 32               # far deeper than any request body; json.loads recurses per level
+MAX_JSON_BYTES = 16 << 20          # a ceiling above any --max-body the server is given
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays/objects in `raw`, counted without parsing (strings skipped)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_JSON_STRING.sub(b'""', raw)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _check_text(v: Any, where: str = "body") -> None:
+    """Every string (keys too) is valid Unicode: a lone surrogate such as "\\ud800" has no UTF-8."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{where} holds invalid Unicode (a lone surrogate)", code="invalid_unicode") from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_text(k, where)
+            _check_text(x, f"'{k}'" if where == "body" else where)
+    elif isinstance(v, list):
+        for x in v:
+            _check_text(x, where)
+
+
 def parse_json_object(raw: bytes) -> dict:
+    """A request body as a dict: size and nesting depth bounded before parsing, valid UTF-8 and
+    Unicode after, so no body can make the parser recurse or a string fail to encode later."""
+    if len(raw) > MAX_JSON_BYTES:
+        raise APIError(413, f"the request body is over {MAX_JSON_BYTES} bytes", code="body_too_large")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
                        code="invalid_body")
+    _check_text(body)
     return body
 
 

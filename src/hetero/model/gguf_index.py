@@ -23,7 +23,8 @@ _STRING, _ARRAY = 8, 9
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class GGUFTensor:
+    """One entry of a GGUF file's tensor table (spec.TensorInfo describes a tensor of the model)."""
     name: str
     ggml_type: int
     shape: tuple[int, ...]   # torch order (the file stores the fastest dimension first)
@@ -118,7 +119,7 @@ def _block_size(ggml_type: int) -> tuple[int, int]:
     return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
 
 
-def tensor_table(path: Path) -> dict[str, TensorInfo]:
+def tensor_table(path: Path) -> dict[str, GGUFTensor]:
     """Every tensor's type, shape and absolute offset, by its GGUF name.
 
     Checked before anything is sized from it: counts fit the file, dims are bounded, offsets are
@@ -152,7 +153,7 @@ def tensor_table(path: Path) -> dict[str, TensorInfo]:
             dims = [c.take("Q") for _ in range(nd)]
             raw.append((name, c.take("I"), dims, c.take("Q")))
         data_start = (c.pos + alignment - 1) // alignment * alignment
-        out: dict[str, TensorInfo] = {}
+        out: dict[str, GGUFTensor] = {}
         for name, qt, dims, off in raw:
             try:
                 block, size = _block_size(qt)
@@ -166,7 +167,7 @@ def tensor_table(path: Path) -> dict[str, TensorInfo]:
             if off % alignment or data_start + off + nbytes > len(mm):
                 raise HeteroError(f"{path}: tensor {name!r} at offset {off} is misaligned or runs past the end "
                                   "of the file (truncated or corrupt)")
-            out[name] = TensorInfo(name, qt, tuple(int(d) for d in reversed(dims)), data_start + off, nbytes)
+            out[name] = GGUFTensor(name, qt, tuple(int(d) for d in reversed(dims)), data_start + off, nbytes)
         _check_tiling(path, out, data_start, alignment, len(mm))
         return out
     except (struct.error, ValueError, KeyError, OverflowError) as e:
@@ -175,7 +176,7 @@ def tensor_table(path: Path) -> dict[str, TensorInfo]:
         del mm
 
 
-def _check_tiling(path: Path, table: dict[str, TensorInfo], data_start: int, alignment: int, size: int) -> None:
+def _check_tiling(path: Path, table: dict[str, GGUFTensor], data_start: int, alignment: int, size: int) -> None:
     """Tensors follow each other from the data start to the end of the file with only alignment
     padding between them."""
     pos = data_start
@@ -205,7 +206,7 @@ def _open_mmap(path: Path) -> np.memmap:
         raise HeteroError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
+def read_tensor(path: Path, info: GGUFTensor) -> np.ndarray:
     """One tensor as float32 in torch's dim order (no Q/K unpermute: the caller's job)."""
     from hetero.model.gguf_dequant import dequantize
 

@@ -103,6 +103,17 @@ def resolve_spec(model: str | None) -> ModelSpec:
     return _cached_gguf_spec(src)
 
 
+def gguf_spec_cache_path(src: Source) -> Path:
+    """Where the spec derived from a GGUF file is cached (keyed by path, size, mtime and name)."""
+    import hashlib
+
+    from hetero.paths import cache_dir
+
+    st = src.path.stat()
+    key = hashlib.sha256(f"{src.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{src.name}|v2".encode()).hexdigest()[:20]
+    return cache_dir() / "specs" / f"{key}.json"
+
+
 def _cached_gguf_spec(src: Source) -> ModelSpec:
     """gguf's reader parses every metadata field (seconds for a 49k-token vocab), so the derived
     spec is cached, keyed by the file's path, size and mtime; a changed file is read afresh."""
@@ -114,9 +125,7 @@ def _cached_gguf_spec(src: Source) -> ModelSpec:
     from hetero.model.gguf import spec_from_gguf
     from hetero.paths import cache_dir
 
-    st = src.path.stat()
-    key = hashlib.sha256(f"{src.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{src.name}|v2".encode()).hexdigest()[:20]
-    cached = cache_dir() / "specs" / f"{key}.json"
+    cached = gguf_spec_cache_path(src)
     try:
         return ModelSpec.from_dict(json.loads(cached.read_text()))
     except (OSError, ValueError, KeyError, TypeError):

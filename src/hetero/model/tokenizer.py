@@ -137,6 +137,11 @@ def _gguf_cache_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def gguf_tokenizer_cached(path: Path) -> bool:
+    """Whether the GGUF file's tokenizer is already converted into the cache (no transformers needed)."""
+    return (cache_dir() / "tokenizers" / _gguf_cache_key(path) / "tokenizer_config.json").exists()
+
+
 def _load_gguf_tokenizer(path: Path):
     cached = cache_dir() / "tokenizers" / _gguf_cache_key(path)
     if (cached / "tokenizer_config.json").exists():

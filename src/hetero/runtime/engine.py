@@ -72,6 +72,17 @@ def _convert_isolated(model: str, units: dict[str, tuple[str, str]]) -> None:
         raise HeteroError(msg)
 
 
+def _tight(plan: Plan, spec: ModelSpec) -> bool:
+    """Whether converting here could break the plan's cpu budget: its headroom is under the
+    temporaries of converting the largest unit (~3x its fp32 size: dequantised weights, quantiser
+    intermediates). Then conversion runs in a child, as a large one always does."""
+    budget = plan.budgets.get("cpu")
+    if not budget:
+        return False
+    headroom = budget - plan.memory.get("cpu", 0) - plan.reserve.get("cpu", 0)
+    return headroom < 3 * max(spec.unit_bytes(u, "fp32") for u in spec.unit_names())
+
+
 def source_files(src: Source) -> list[Path]:
     """The files a model's weights are read from (their page-cache pages count in the footprint)."""
     from hetero.model.hf import safetensors_files
@@ -163,7 +174,8 @@ class Engine:
         else:
             t1 = time.perf_counter()
             want = {u.name: (u.device, u.precision) for u in plan.units}
-            if missing_bytes(spec, want) > ISOLATE_BYTES:
+            missing = missing_bytes(spec, want)
+            if missing > ISOLATE_BYTES or (missing and _tight(plan, spec)):
                 _convert_isolated(model or plan.model, want)
             entries = ensure_entries(spec, weights, want, after_unit=lambda: [memory.drop_cache(f) for f in files],
                                      progress=progress)
@@ -358,6 +370,9 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
     from hetero.plan import check_plan, make_plan, parse_memory
     from hetero.plan.units import fmt_bytes
 
+    from hetero.runtime.firstuse import prepare
+
+    prepare(model, hardware)  # first-use artifacts in a child: not in this process's peak or reserve
     spec = resolve_spec(model)
     notes: list[str] = []
     reserve = {"cpu": baseline.runtime_baseline(model), **devices.cuda_reserve()}

@@ -135,6 +135,11 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
                  threads, as_json, plan_file, memory, hardware, objective, precisions, context, prefetch,
                  replan) -> None:
     """`run` under a Plan: plan (or load and check one), build, generate, predicted vs measured."""
+    from hetero.runtime import firstuse
+
+    if not plan_file:  # before torch loads: a budget too small for the runtime is refused under it
+        firstuse.prepare(model, hardware)
+        firstuse.refuse_early(model, memory)
     import torch
 
     from hetero.errors import HeteroError

@@ -38,6 +38,16 @@ def runtime_baseline(model: str | None = None) -> int:
     return end
 
 
+def known_baseline(model: str | None = None) -> int | None:
+    """The runtime's size as last measured for `model` on this machine and code (None: never), read
+    without importing torch: a budget below it can be refused before the runtime is loaded."""
+    path = _cache_path(model)
+    try:
+        return int(json.loads(path.read_text())["end"]) if path is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _measure(model: str | None) -> int:
     import torch  # noqa: F401  (the imports are the point: their pages are part of the baseline)
 

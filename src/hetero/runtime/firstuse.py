@@ -15,6 +15,8 @@ import sys
 from hetero.errors import HeteroError
 
 _PROFILE = "from hetero.hardware.profile import get_profile; get_profile(progress=True)"
+_BASELINE = ("import json, sys; from hetero.runtime.baseline import runtime_baseline; "
+             "runtime_baseline(json.load(sys.stdin)['model'])")
 _TOKENIZER = ("import json, sys; from hetero.model.sources import resolve, resolve_spec; "
               "from hetero.model.tokenizer import load_tokenizer; m = json.load(sys.stdin)['model']; "
               "load_tokenizer(resolve(m), resolve_spec(m).vocab_size, None)")
@@ -24,9 +26,9 @@ def prepare(model: str | None, hardware: str | None = None) -> None:
     """Build whatever of (profile, spec, tokenizer) a run of `model` here would build itself."""
     if hardware in (None, "", "this", "local"):
         from hetero.hardware.inventory import host_name
-        from hetero.hardware.profile import load_cached
+        from hetero.hardware.profile import profile_path
 
-        if load_cached(host_name(), True) is None:
+        if not profile_path(host_name()).exists():  # only whether one exists: checking it imports torch
             _child(_PROFILE, {}, "measuring this machine's profile")
     from hetero.model.sources import gguf_spec_cache_path, resolve
     from hetero.model.tokenizer import gguf_tokenizer_cached
@@ -46,3 +48,24 @@ def _child(code: str, args: dict, what: str) -> None:
         if last.startswith("hetero.errors.HeteroError: "):
             raise HeteroError(last[len("hetero.errors.HeteroError: "):])
         raise HeteroError(f"{what} failed in a child process: {last[:300]}")
+
+
+def refuse_early(model: str | None, memory_text: str | None) -> None:
+    """Refuse a cpu budget below what the runtime itself holds before this process loads the runtime
+    (torch, kernels, warm-ups: a few hundred MB), so that a refused run never peaks over its budget.
+    The runtime's size is the cached measurement, taken in a child on first use."""
+    if not memory_text:
+        return
+    from hetero.model.sources import resolve_spec
+    from hetero.plan.units import fmt_bytes, parse_memory
+    from hetero.runtime.baseline import known_baseline
+
+    cpu = parse_memory(memory_text, resolve_spec(model)).get("cpu")
+    if cpu is None:
+        return
+    need = known_baseline(model)
+    if need is None:
+        _child(_BASELINE, {"model": model}, "measuring the runtime's own memory")
+        need = known_baseline(model)
+    if need is not None and need > cpu:
+        raise HeteroError(f"the runtime itself needs {fmt_bytes(need)} of cpu, more than its budget of {fmt_bytes(cpu)}")

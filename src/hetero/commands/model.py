@@ -138,7 +138,7 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
     from hetero.runtime import firstuse
 
     if not plan_file:  # before torch loads: a budget too small for the runtime is refused under it
-        firstuse.prepare(model, hardware)
+        firstuse.prepare(model)
         firstuse.refuse_early(model, memory)
     import torch
 

@@ -20,9 +20,9 @@ def machine(name: str = "this") -> tuple[HardwareSpec, Profile | None]:
     no profile; a path to a HardwareSpec JSON file -> that spec, no profile."""
     if name in ("this", "", "local"):
         from hetero.hardware.inventory import inventory
-        from hetero.hardware.profile import get_profile
+        from hetero.hardware.profile import get_profile_isolated
 
-        return inventory(), get_profile()
+        return inventory(), get_profile_isolated()
     if name.startswith("catalog:"):
         from hetero.hardware.catalog import resolve
 

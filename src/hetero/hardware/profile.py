@@ -181,3 +181,33 @@ def get_profile(refresh: bool = False, quick: bool = True, progress: bool = True
     prof = measure(inventory(), quick=quick, progress=progress, sizes=sizes)
     save(prof)
     return prof
+
+
+def get_profile_isolated() -> Profile:
+    """get_profile() for a run: a missing or stale profile is measured in a child process with this
+    process's thread count, so its probe buffers (over 1 GB: they must exceed the last-level cache)
+    never count in the run's peak; measured here only if the child could not."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from hetero.hardware.inventory import host_name
+
+    host = host_name()
+    cached = load_cached(host, True)
+    if cached is not None:
+        return cached
+    threads = torch.get_num_threads()
+    code = (f"import torch; torch.set_num_threads({threads}); "
+            "from hetero.hardware.profile import get_profile; get_profile(refresh=True)")
+    print("note: measuring this machine's profile once, in a child process", file=sys.stderr, flush=True)
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                       stdout=subprocess.DEVNULL)
+    if r.returncode == 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ProfileCacheWarning)
+            prof = load_cached(host, True)
+        if prof is not None:
+            return prof
+    return get_profile(refresh=True)

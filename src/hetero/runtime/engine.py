@@ -372,7 +372,7 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
 
     from hetero.runtime.firstuse import prepare
 
-    prepare(model, hardware)  # first-use artifacts in a child: not in this process's peak or reserve
+    prepare(model)  # first-use artifacts in a child: not in this process's peak or reserve
     spec = resolve_spec(model)
     notes: list[str] = []
     reserve = {"cpu": baseline.runtime_baseline(model), **devices.cuda_reserve()}

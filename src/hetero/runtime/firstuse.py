@@ -1,10 +1,10 @@
-"""First-use artifacts — the machine's profile, a GGUF model's spec and converted tokenizer — are built
-in a child process, so that the first run of a model holds its memory budget as the tenth does.
+"""First-use artifacts — a GGUF model's spec and converted tokenizer, the runtime's own size — are
+built in a child process, so that the first run of a model holds its memory budget as the tenth does.
 
 Each is computed once and cached on disk; building one in this process would leave its temporaries
-(the profile's GB-sized probe buffers, the gguf reader's ~120 MB of metadata objects,
-transformers imported for a vocabulary conversion) in the
-run's peak and in the baseline the planner reserves. A child's memory leaves with it.
+(the gguf reader's ~120 MB of metadata objects, transformers imported for a vocabulary conversion)
+in the run's peak and in the baseline the planner reserves. A child's memory leaves with it. (The
+machine's profile is measured the same way: hardware.profile.get_profile_isolated.)
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import sys
 
 from hetero.errors import HeteroError
 
-_PROFILE = "from hetero.hardware.profile import get_profile; get_profile(progress=True)"
 _BASELINE = ("import json, sys; from hetero.runtime.baseline import runtime_baseline; "
              "runtime_baseline(json.load(sys.stdin)['model'])")
 _TOKENIZER = ("import json, sys; from hetero.model.sources import resolve, resolve_spec; "
@@ -22,14 +21,8 @@ _TOKENIZER = ("import json, sys; from hetero.model.sources import resolve, resol
               "load_tokenizer(resolve(m), resolve_spec(m).vocab_size, None)")
 
 
-def prepare(model: str | None, hardware: str | None = None) -> None:
-    """Build whatever of (profile, spec, tokenizer) a run of `model` here would build itself."""
-    if hardware in (None, "", "this", "local"):
-        from hetero.hardware.inventory import host_name
-        from hetero.hardware.profile import profile_path
-
-        if not profile_path(host_name()).exists():  # only whether one exists: checking it imports torch
-            _child(_PROFILE, {}, "measuring this machine's profile")
+def prepare(model: str | None) -> None:
+    """Build whatever of (spec, tokenizer) a run of `model` would otherwise build in its own process."""
     from hetero.model.sources import gguf_spec_cache_path, resolve
     from hetero.model.tokenizer import gguf_tokenizer_cached
 

@@ -39,13 +39,24 @@ def runtime_baseline(model: str | None = None) -> int:
 
 
 def known_baseline(model: str | None = None) -> int | None:
-    """The runtime's size as last measured for `model` on this machine and code (None: never), read
-    without importing torch: a budget below it can be refused before the runtime is loaded."""
+    """A fresh process's whole size once it holds the runtime for `model` (None: never measured here),
+    read without importing torch, so that a budget below it is refused before the runtime loads.
+    Kept apart from the growth record above, which processes of any start size (a test runner, a
+    server) rewrite."""
     path = _cache_path(model)
     try:
-        return int(json.loads(path.read_text())["end"]) if path is not None else None
+        return int(json.loads(path.with_suffix(".process.json").read_text())["end"]) if path else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def measure_process_size(model: str | None = None) -> int:
+    """Measure known_baseline() in this process (a fresh child: nothing loaded yet) and keep it."""
+    end = _measure(model)
+    path = _cache_path(model)
+    if path is not None:
+        _store(path.with_suffix(".process.json"), 0, end)
+    return end
 
 
 def _measure(model: str | None) -> int:

@@ -14,8 +14,8 @@ import sys
 
 from hetero.errors import HeteroError
 
-_BASELINE = ("import json, sys; from hetero.runtime.baseline import runtime_baseline; "
-             "runtime_baseline(json.load(sys.stdin)['model'])")
+_BASELINE = ("import json, sys; from hetero.runtime.baseline import measure_process_size; "
+             "measure_process_size(json.load(sys.stdin)['model'])")
 _TOKENIZER = ("import json, sys; from hetero.model.sources import resolve, resolve_spec; "
               "from hetero.model.tokenizer import load_tokenizer; m = json.load(sys.stdin)['model']; "
               "load_tokenizer(resolve(m), resolve_spec(m).vocab_size, None)")

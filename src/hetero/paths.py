@@ -47,3 +47,14 @@ def read_user_text(path: str | Path, what: str, limit: int = 16 << 20) -> str:
         raise HeteroError(f"{what} {p} is not UTF-8 text (binary?)") from None
     except OSError as e:
         raise HeteroError(f"cannot read {what} {p}: {e.strerror or e}") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a temp file named after a dead one is stale and may go)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True

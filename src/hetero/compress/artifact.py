@@ -20,6 +20,7 @@ import torch
 
 from hetero.errors import HeteroError
 from hetero.model.spec import ModelSpec, expected_tensors
+from hetero.paths import pid_alive
 
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -65,21 +66,11 @@ def is_artifact(d: Path) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_partials(out: Path) -> None:
     """Temp dirs a killed run left beside `out` (named with that run's pid) are removed."""
     for p in out.parent.glob(f".{out.name}.partial-*"):
         pid = p.name[len(f".{out.name}.partial-"):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 

@@ -33,7 +33,7 @@ import torch
 
 from hetero.errors import HeteroError
 from hetero.model.spec import ModelSpec
-from hetero.paths import cache_dir
+from hetero.paths import cache_dir, pid_alive
 
 FORMAT = 1
 MAGIC = b"HETTC001"
@@ -329,18 +329,8 @@ def clean_temps(root: Path) -> None:
             pid = int(p.name.rsplit(".", 2)[-2])
         except ValueError:
             continue
-        if pid == os.getpid() or not _alive(pid):
+        if pid == os.getpid() or not pid_alive(pid):
             _unlink(p)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---- building units ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 
-from hetero.dtypes import DEQUANT_BYTES_PER_ELEMENT, DEQUANT_ELEMENTS, PRECISIONS
+from hetero.dtypes import BLOCK_PRECISIONS, DEQUANT_BYTES_PER_ELEMENT, DEQUANT_ELEMENTS, NATIVE, PRECISIONS
 from hetero.hardware.types import DeviceSpec, HardwareSpec, Profile
 from hetero.model.spec import ModelSpec
 
@@ -39,7 +39,9 @@ class Coefficients:
     gemv_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.33, cuda=0.75, mps=0.6, xpu=0.6))
     mem_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.6, cuda=0.8, mps=0.7, xpu=0.7))
     # Weight-only quantised matmuls dequantise on the fly: their FLOP rate relative to bf16's.
-    quant_gemm: dict[str, float] = field(default_factory=lambda: {"int8": 0.8, "int4": 0.5})
+    # GGUF block formats dequantise a block of rows to bf16 per GEMM (hetero.ops.native).
+    quant_gemm: dict[str, float] = field(default_factory=lambda: {
+        "int8": 0.8, "int4": 0.5, **{p: 0.5 for p in BLOCK_PRECISIONS}})
     # Prefill rate vs matrix size: a unit's matmuls run at rate x (elements / probe elements)^-alpha.
     # The profile measures one GEMM shape, so alpha is 0 until calibration fits it from runs of models
     # of different widths ("gemm_shape@DEVICE/PREC", a value, not a multiplier). Either sign happens:
@@ -82,7 +84,23 @@ class DeviceRates:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        return tuple(p for p in PRECISIONS if p in self.gemv and p in self.gemm)
+        """What the planner may choose here; `native` wherever some block format has rates (a unit
+        at `native` is priced at its own formats' rates: rate_precision)."""
+        have = [p for p in PRECISIONS if p in self.gemv and p in self.gemm]
+        if NATIVE not in have and any(p in BLOCK_PRECISIONS for p in have):
+            have.append(NATIVE)
+        return tuple(have)
+
+    def rate_precision(self, spec: ModelSpec, unit: str, precision: str) -> str:
+        """The precision whose rates price `unit` at `precision`: a native unit runs its main format;
+        a block format without rates of its own takes the nearest measured block format's."""
+        p = spec.native_format(unit) if precision == NATIVE else precision
+        if p in self.gemv and p in self.gemm:
+            return p
+        blocks = [b for b in BLOCK_PRECISIONS if b in self.gemv and b in self.gemm]
+        if p in BLOCK_PRECISIONS and blocks:
+            return min(blocks, key=lambda b: abs(BLOCK_PRECISIONS.index(b) - BLOCK_PRECISIONS.index(p)))
+        return p if p in self.gemv else next(iter(self.gemv))
 
 
 @dataclass(frozen=True)
@@ -125,8 +143,8 @@ def _device_precisions(dev: DeviceSpec, measured: set[str]) -> tuple[str, ...]:
     """Precisions a device has kernels for: what was measured, else what its kind supports."""
     if measured:
         return tuple(p for p in PRECISIONS if p in measured)
-    if dev.kind == "cpu":
-        return ("fp32", "bf16", "int8", "int4")  # fp16 matmuls on CPU are slow: never planned
+    if dev.kind == "cpu":  # fp16 matmuls on CPU are slow: never planned
+        return ("fp32", "bf16", "int8", "int4", *BLOCK_PRECISIONS)
     if dev.kind == "cuda":
         peak = dev.peak_flops
         return tuple(p for p in PRECISIONS
@@ -154,10 +172,10 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
                 g = m_gemm[p]
             elif m_gemm:  # measured some precisions: scale the nearest measured one
                 base = m_gemm.get("bf16") or statistics.median(m_gemm.values())
-                g = base * (coeffs.quant_gemm.get(p, 1.0) if p in ("int8", "int4") else 1.0)
+                g = base * coeffs.quant_gemm.get(p, 1.0)
             else:
                 peak = dev.peak_flops.get(p) or peak_bf16
-                if p in ("int8", "int4"):  # weight-only: the matmul itself runs at bf16 rate
+                if p in coeffs.quant_gemm:  # weight-only: the matmul itself runs at bf16 rate
                     peak = peak_bf16 * coeffs.quant_gemm.get(p, 1.0)
                 g = peak * coeffs.gemm_eff[kind]
             # decode streams weight bytes at a rate nearly independent of dtype (measured here)
@@ -245,7 +263,7 @@ def unit_bytes_table(spec: ModelSpec, precisions) -> dict[tuple[str, str], int]:
         by_unit.setdefault(spec.unit_of(t.name), []).append(t)
     if spec.tie_embeddings:  # a tied head reads the embedding matrix (as spec.unit_tensors says)
         by_unit["head"] += [t for t in spec.tensors if t.name == "model.embed_tokens.weight"]
-    return {(u, p): sum(weight_bytes(p, t.shape) for t in ts)
+    return {(u, p): sum(weight_bytes(p, t.shape, stored=t.dtype) for t in ts)
             for u, ts in by_unit.items() for p in precisions}
 
 
@@ -329,6 +347,7 @@ def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str,
     weights = read_bytes(spec, unit, full, batch * tokens)
     # decode reads the whole KV cache; prefill writes its new K/V once
     kv = kv_bytes(spec, unit, precision, context if tokens == 1 else tokens, batch)
+    precision = rates.rate_precision(spec, unit, precision)
     rate = rates.gemm[precision]
     if tokens > 1 and rates.gemm_shape.get(precision):
         rate *= gemm_shape_factor(spec, unit, rates.gemm_ref, rates.gemm_shape[precision])

@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import math
 
-# Compute precisions the planner and the engine know. Order: largest to smallest.
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "int4")
+# GGUF block formats run as stored (hetero.ops.native): lowercase names of the GGML types. A unit at
+# one of these holds its matrices in that block format (converting from any other type); `native`
+# keeps each matrix's own stored type (a dense stored matrix runs in bf16).
+BLOCK_PRECISIONS: tuple[str, ...] = ("q8_0", "q6_k", "q5_k", "q4_1", "q4_k", "q4_0")
+NATIVE = "native"
+# Block formats hetero can quantise to from float weights (the others only run as a file stores them).
+QUANTISABLE_BLOCKS: tuple[str, ...] = ("q8_0", "q4_1", "q4_0")
+
+# Compute precisions the planner and the engine know: hetero's own grids first (largest to smallest),
+# then the file's formats.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "int4", NATIVE, *BLOCK_PRECISIONS)
 
 # Default group size of group-wise int4 (torch's CPU int4 kernel accepts 32, 64, 128, 256).
 INT4_GROUP = 32
@@ -47,16 +56,32 @@ def storage_bytes(dtype: str, shape: tuple[int, ...]) -> int:
     raise ValueError(f"unknown storage type {dtype!r}")
 
 
-def weight_bytes(precision: str, shape: tuple[int, ...], group: int = INT4_GROUP) -> int:
+def is_block_type(stored: str | None) -> bool:
+    """True for a GGML block-quantised storage type (Q8_0, Q4_K, ...), not a dense one."""
+    return stored is not None and GGML_BLOCKS.get(stored, (1, 0))[0] > 1
+
+
+def native_format(stored: str | None) -> str:
+    """The precision a matrix stored as `stored` runs at under `native`: its block format, or bf16
+    for a dense (or unknown) type."""
+    return stored.lower() if is_block_type(stored) and stored.lower() in BLOCK_PRECISIONS else "bf16"
+
+
+def weight_bytes(precision: str, shape: tuple[int, ...], group: int = INT4_GROUP, stored: str | None = None) -> int:
     """Bytes of a weight of `shape` ([out, in] for 2-D) held at a compute precision.
 
     1-D tensors (norm weights, biases) always stay fp32: they are tiny and precision-critical.
     int8 is per output channel (one bf16 scale per row); int4 is group-wise along the input
     dimension with a bf16 scale and zero per group (the layout of torch's int4 CPU kernel).
+    Block precisions hold the GGML format's own bytes; `native` those of the stored type `stored`.
     """
     n = math.prod(shape)
     if len(shape) < 2:
         return n * 4
+    if precision == NATIVE:
+        precision = native_format(stored)
+    if precision in BLOCK_PRECISIONS:
+        return storage_bytes(precision.upper(), shape)
     rows, cols = shape[0], math.prod(shape[1:])
     if precision == "fp32":
         return n * 4

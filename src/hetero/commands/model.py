@@ -94,10 +94,9 @@ def info(
 ) -> None:
     """Describe MODEL from its headers alone: shape, parameters, bytes per precision, a layer table."""
     import hetero
-    from hetero.dtypes import PRECISIONS
 
     spec = hetero.spec(model)
-    per_precision = {p: spec.total_bytes(p) for p in PRECISIONS}
+    per_precision = {p: spec.total_bytes(p) for p in spec.runnable_precisions()}
     units = [
         {"unit": u, "params": spec.unit_params(u), "stored_bytes": spec.unit_stored_bytes(u),
          "bf16_bytes": spec.unit_bytes(u, "bf16"), "decode_flops": spec.unit_flops_per_token(u, 1)}

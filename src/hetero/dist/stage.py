@@ -43,7 +43,11 @@ def stage_weights(source, spec: ModelSpec, units: tuple[str, ...]):
     ready = {n: torch.from_numpy(a if a.flags.writeable else a.copy())
              for n, a in iter_tensors(source.path, spec, names=names)}
 
-    def get(name: str):
+    def get(name: str, blocks: bool = False):
+        if blocks:  # native formats read the stored blocks, not the pre-dequantised floats
+            if (b := store(name, blocks=True)) is not None and not isinstance(b, torch.Tensor):
+                ready.pop(name, None)
+                return b
         t = ready.pop(name, None)
         return t if t is not None else store(name)  # a tensor asked for twice (a tied head) reads again
 

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from hetero.dtypes import BLOCK_PRECISIONS
+from hetero.errors import HeteroError
 from hetero.hardware.types import Measurement
 
 
@@ -107,6 +109,35 @@ def _int4_weight(n: int, k: int, device: str, group: int):
     return lambda x: mm(x, packed, group, sz)
 
 
+# Byte offsets of the fp16 scale fields in one block of each GGUF format (the rest may be any bits).
+_BLOCK_SCALES = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(ggml_type: str, n: int, k: int, device: str = "cpu"):
+    """A BlockTensor [n, k] of random quants with small, finite fp16 scales: what a probe times."""
+    import torch
+
+    from hetero.dtypes import GGML_BLOCKS
+    from hetero.ops.blocks import BlockTensor
+
+    per, size = GGML_BLOCKS[ggml_type]
+    raw = torch.randint(0, 256, (n, k // per, size), dtype=torch.uint8)
+    for off in _BLOCK_SCALES[ggml_type]:
+        raw[:, :, off:off + 2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)
+    return BlockTensor(ggml_type, raw.reshape(n, -1).to(device), (n, k))
+
+
+def _block_op(precision: str, m: int, k: int, n: int, device: str):
+    """x[m, k] @ W^T through the engine's own layer for a GGUF block format (hetero.ops.native)."""
+    import torch
+
+    from hetero.ops.linear import make_linear
+
+    lin = make_linear(random_blocks(precision.upper(), n, k, "cpu"), None, precision, device)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    return lambda: lin(x)
+
+
 def matmul_op(precision: str, m: int, k: int, n: int, device: str, group: int = 32):
     """A callable computing x[m, k] @ W[n, k]^T at `precision` the way the engine runs it.
 
@@ -123,6 +154,10 @@ def matmul_op(precision: str, m: int, k: int, n: int, device: str, group: int = 
             x = torch.randn(m, k, dtype=dt, device=device)
             w = torch.randn(n, k, dtype=dt, device=device)
             return lambda: F.linear(x, w)
+        if precision in BLOCK_PRECISIONS:
+            fn = _block_op(precision, m, k, n, device)
+            fn()
+            return fn
         x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
         if precision == "int8":
             w8 = torch.randint(-128, 127, (n, k), dtype=torch.int8, device=device)
@@ -135,7 +170,7 @@ def matmul_op(precision: str, m: int, k: int, n: int, device: str, group: int = 
             return None
         fn()  # raises here when the kernel is missing for this device
         return fn
-    except (RuntimeError, NotImplementedError, AttributeError):
+    except (RuntimeError, NotImplementedError, AttributeError, ImportError, HeteroError):
         return None
 
 
@@ -191,7 +226,9 @@ def device_probes(be: Backend, sz: Sizes) -> list[Probe]:
     """Every figure of one compute device, as lazily built probes."""
     import torch
 
-    from hetero.dtypes import PRECISIONS, weight_bytes
+    from hetero.dtypes import NATIVE, PRECISIONS, weight_bytes
+
+    measured = [prec for prec in PRECISIONS if prec != NATIVE]  # native is priced per unit from these
 
     def p(key, unit, work, make, scale=1.0):
         return Probe(key, unit, work, make, be.sync, sz.min_time, scale)
@@ -224,11 +261,11 @@ def device_probes(be: Backend, sz: Sizes) -> list[Probe]:
     out.append(p(("op_overhead",), "s", 0.0, tiny_ops, scale=1.0 / sz.overhead_iters))
 
     gemm_work = 2.0 * sz.gemm_m * sz.gemm_k * sz.gemm_n
-    for prec in PRECISIONS:
+    for prec in measured:
         out.append(p(("gemm", prec), "FLOP/s", gemm_work,
                      lambda prec=prec: matmul_op(prec, sz.gemm_m, sz.gemm_k, sz.gemm_n, be.device)))
     k = 4096
-    for prec in PRECISIONS:
+    for prec in measured:
         nrows = _gemv_n(prec, k, sz.gemv_bytes)
         out.append(p(("gemv", prec), "B/s", float(weight_bytes(prec, (nrows, k))),
                      lambda prec=prec, nrows=nrows: matmul_op(prec, 1, k, nrows, be.device)))

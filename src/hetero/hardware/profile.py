@@ -19,7 +19,7 @@ from hetero.hardware import bench, diskbench
 from hetero.hardware.types import DeviceProfile, HardwareSpec, Profile
 from hetero.paths import cache_dir
 
-PROFILE_VERSION = 2  # 2: disk probes read into huge-page buffers, as the runtime does (2-2.5x the rate here)
+PROFILE_VERSION = 3  # 3: GGUF block formats (hetero.ops.native) measured; 2: disk probes read into huge-page buffers, as the runtime does (2-2.5x the rate here)
 
 
 class ProfileCacheWarning(UserWarning):

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetero.dtypes import kv_bytes_per_element, weight_bytes
+from hetero.dtypes import is_block_type, kv_bytes_per_element, native_format, weight_bytes
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -83,7 +83,40 @@ class ModelSpec:
 
     def unit_bytes(self, unit: str, precision: str) -> int:
         """Bytes of a unit's weights held at `precision` (1-D tensors stay fp32)."""
-        return sum(weight_bytes(precision, t.shape) for t in self.unit_tensors(unit))
+        return sum(weight_bytes(precision, t.shape, stored=t.dtype) for t in self.unit_tensors(unit))
+
+    def native_format(self, unit: str) -> str:
+        """The format holding most of a unit's matrix bytes when it runs `native` (a block precision,
+        or bf16): the cost model prices a native unit at that format's measured rates."""
+        by: dict[str, int] = {}
+        for t in self.unit_tensors(unit):
+            if len(t.shape) >= 2:
+                f = native_format(t.dtype)
+                by[f] = by.get(f, 0) + weight_bytes(f, t.shape)
+        return max(by, key=by.get) if by else "bf16"
+
+    def stored_as(self, unit: str, precision: str) -> bool:
+        """True when every matrix of `unit` is stored in the block format `precision` (q4_k, ...)."""
+        mats = [t for t in self.unit_tensors(unit) if len(t.shape) >= 2]
+        return bool(mats) and all(t.dtype == precision.upper() for t in mats)
+
+    def runnable_precisions(self) -> tuple[str, ...]:
+        """Precisions this model's units can be held at: hetero's grids, the block formats hetero
+        quantises to, `native` for a file with block formats, and a format it cannot quantise to
+        where some unit is wholly stored in it."""
+        from hetero.dtypes import BLOCK_PRECISIONS, NATIVE, PRECISIONS, QUANTISABLE_BLOCKS
+
+        blocks = self.has_block_tensors
+        units = self.unit_names()
+        return tuple(p for p in PRECISIONS
+                     if (p not in BLOCK_PRECISIONS and p != NATIVE) or p in QUANTISABLE_BLOCKS
+                     or (p == NATIVE and blocks)
+                     or (p in BLOCK_PRECISIONS and blocks and any(self.stored_as(u, p) for u in units)))
+
+    @property
+    def has_block_tensors(self) -> bool:
+        """True when some matrix is stored block-quantised (a GGUF file): `native` then means something."""
+        return any(is_block_type(t.dtype) for t in self.tensors if len(t.shape) >= 2)
 
     def unit_stored_bytes(self, unit: str) -> int:
         return sum(t.nbytes for t in self.unit_tensors(unit))
@@ -98,7 +131,7 @@ class ModelSpec:
         return sum(t.nbytes for t in self.tensors)
 
     def total_bytes(self, precision: str) -> int:
-        return sum(weight_bytes(precision, t.shape) for t in self.tensors)
+        return sum(weight_bytes(precision, t.shape, stored=t.dtype) for t in self.tensors)
 
     @property
     def kv_dim(self) -> int:

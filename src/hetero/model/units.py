@@ -3,11 +3,14 @@ embedding. Every path that builds units — Decoder.build, the tensor cache, the
 stages — comes through here, so a unit built anywhere is the same module, bit for bit."""
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from hetero.dtypes import BLOCK_PRECISIONS, NATIVE
 from hetero.model.arch import architecture
 from hetero.model.spec import ModelSpec
 from hetero.ops.embedding import TiedEmbedding, make_embedding
@@ -42,9 +45,25 @@ def tie_embedding(spec: ModelSpec, embed: UnitConfig, head: UnitConfig, head_mod
     return TiedEmbedding.tie(head_module)
 
 
+def block_weights(weights: Weights, precision: str) -> Weights:
+    """The weights a unit at `precision` reads: a GGUF block precision (or native) takes matrices as
+    their stored blocks (BlockTensors, run or converted without a pass through floats), others floats."""
+    if precision != NATIVE and precision not in BLOCK_PRECISIONS:
+        return weights
+    try:
+        takes_blocks = "blocks" in inspect.signature(weights).parameters or any(
+            p.kind is p.VAR_KEYWORD for p in inspect.signature(weights).parameters.values())
+    except (TypeError, ValueError):
+        takes_blocks = False
+    if not takes_blocks:  # a plain lookup (a dict of floats): the linear layers convert
+        return weights
+    return functools.partial(weights, blocks=True)
+
+
 def build_unit(spec: ModelSpec, weights: Weights, unit: str, cfg: UnitConfig):
     """The module of `unit`: the embedding table (a dense tensor or a QuantEmbedding), a decoder layer
     of the spec's architecture, or the head's linear layer (the final norm is the Decoder's)."""
+    weights = block_weights(weights, cfg.precision)
     if unit == "embed":
         return make_embedding(weights("model.embed_tokens.weight"), cfg.precision, cfg.device)
     if unit == "head":

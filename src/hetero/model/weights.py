@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from hetero.errors import HeteroError
@@ -15,7 +16,11 @@ from hetero.model.spec import ModelSpec
 
 
 class WeightStore:
-    """`store(name)` -> float tensor in torch dim order (fp32 for GGUF, the stored dtype otherwise)."""
+    """`store(name)` -> float tensor in torch dim order (fp32 for GGUF, the stored dtype otherwise).
+
+    `store(name, blocks=True)` hands a GGUF matrix stored in a block format the engine runs natively
+    (hetero.ops.blocks.NATIVE_TYPES) as a BlockTensor of its bytes as stored, so nothing is
+    rounded twice; other tensors come as floats either way."""
 
     def __init__(self, source: Source, spec: ModelSpec):
         self.source, self.spec = source, spec
@@ -37,7 +42,9 @@ class WeightStore:
                         self._files[name] = f
             self._read = self._read_safetensors
 
-    def __call__(self, name: str) -> torch.Tensor | None:
+    def __call__(self, name: str, blocks: bool = False):
+        if blocks and self.source.kind == "gguf":
+            return self._read_gguf(name, blocks=True)
         return self._read(name)
 
     def _read_safetensors(self, name: str) -> torch.Tensor | None:
@@ -49,7 +56,7 @@ class WeightStore:
         with safe_open(str(f), framework="pt") as fh:
             return fh.get_tensor(name)
 
-    def _read_gguf(self, name: str) -> torch.Tensor | None:
+    def _read_gguf(self, name: str, blocks: bool = False):
         # One tensor at a time, on first use, through the light tensor table (gguf_index: no
         # GGUFReader, whose metadata objects would cost ~165 MB of heap for one norm vector).
         from hetero.model.gguf import canonical_name, unpermute
@@ -61,18 +68,41 @@ class WeightStore:
         info = self._gguf_table.get(name)
         if info is None:
             return None
+        if blocks and len(info.shape) == 2 and (bt := self._blocks(name, info)) is not None:
+            return bt
         try:
             arr = read_tensor(self.source.path, info)
         except (ValueError, IndexError, NotImplementedError) as e:
             raise HeteroError(f"{self.source.path}: cannot read tensor {info.name} ({e})") from None
         return torch.from_numpy(unpermute(name, arr, self.spec))
 
+    def _blocks(self, name: str, info):
+        """The matrix's blocks as stored ([N, row bytes] uint8, Q/K rows unpermuted: a row permutation
+        moves whole rows of blocks, so it is exact), or None for a type not run natively."""
+        from gguf import GGMLQuantizationType
+
+        from hetero.model.gguf import unpermute
+        from hetero.ops.blocks import NATIVE_TYPES, BlockTensor
+
+        try:
+            qtype = GGMLQuantizationType(info.ggml_type).name
+        except ValueError:
+            return None
+        if qtype not in NATIVE_TYPES:
+            return None
+        n, k = info.shape
+        if info.nbytes % n:
+            raise HeteroError(f"{self.source.path}: tensor {info.name} holds {info.nbytes} bytes, not {n} rows")
+        mm = np.memmap(self.source.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+        rows = np.array(mm).reshape(n, info.nbytes // n)
+        return BlockTensor(qtype, torch.from_numpy(unpermute(name, rows, self.spec)), (n, k))
+
 
 def required(store: Callable[[str], torch.Tensor | None]) -> Callable[[str], torch.Tensor]:
     """Wrap a store so a missing tensor is a clear error rather than a None deep in the model."""
 
-    def get(name: str) -> torch.Tensor:
-        t = store(name)
+    def get(name: str, **kw) -> torch.Tensor:
+        t = store(name, **kw)
         if t is None:
             raise HeteroError(f"weights lack tensor {name!r}")
         return t

@@ -19,7 +19,14 @@ from pathlib import Path
 from hetero.errors import HeteroError
 from hetero.model.spec import ModelSpec
 
-BASE: dict[str, float] = {"fp32": 0.0, "bf16": 0.0, "fp16": 0.0, "int8": 0.002, "int4": 0.03}
+BASE: dict[str, float] = {"fp32": 0.0, "bf16": 0.0, "fp16": 0.0, "int8": 0.002, "int4": 0.03,
+                          # GGUF block formats, as llama.cpp's quantize tool reports them for a 7B
+                          # Llama (perplexity over fp16): Q8_0 ~0, Q6_K +0.1%, Q5_K_M +0.6%,
+                          # Q4_K_M +0.9%, Q4_1 +3%, Q4_0 +4%
+                          "q8_0": 0.0005, "q6_k": 0.001, "q5_k": 0.006, "q4_k": 0.012, "q4_1": 0.03,
+                          "q4_0": 0.04,
+                          # the file as it is stored: the reference a GGUF model's quality is measured by
+                          "native": 0.0}
 ROLE: dict[str, float] = {"embed": 0.25, "head": 2.0, "edge_layer": 1.5, "layer": 1.0}
 
 # A measured table: (unit, precision) -> cost. Pairs it lacks fall back to the default.

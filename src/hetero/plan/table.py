@@ -12,6 +12,7 @@ import numpy as np
 
 from hetero import cost
 from hetero.cost import Coefficients
+from hetero.dtypes import BLOCK_PRECISIONS, QUANTISABLE_BLOCKS
 from hetero.errors import HeteroError
 from hetero.hardware.types import HardwareSpec, Profile
 from hetero.model.spec import ModelSpec
@@ -179,12 +180,15 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
     host = "cpu" if "cpu" in rates else compute[0]
     host_mem = mem_of[host]
     allowed = set(precisions) if precisions else None
+    runnable = spec.runnable_precisions()
 
     choices: list[Choice] = []
     for d, r in rates.items():
         for p in r.precisions:
             if allowed is not None and p not in allowed:
                 continue
+            if p not in runnable:
+                continue  # e.g. native for a model of dense tensors: no stored block format to keep
             for res in cost.RESIDENCIES:
                 if res == "ram" and mem_of[d] == host_mem:
                     continue  # the weights already live in the memory this device computes from
@@ -211,6 +215,9 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
     sizes = cost.unit_bytes_table(spec, sorted({c.precision for c in choices}))
     qtab = quality_table(spec, sorted({c.precision for c in choices}), sensitivity)
     for k, ch in enumerate(choices):
+        if ch.precision in BLOCK_PRECISIONS and ch.precision not in QUANTISABLE_BLOCKS:
+            # a format hetero cannot quantise to runs only where the unit's matrices are stored in it
+            valid[:, k] = [spec.stored_as(unit, ch.precision) for unit in units]
         r, home = rates[ch.device], mem_of[ch.device]
         hl = links[(host, ch.device)]
         for u, unit in enumerate(units):

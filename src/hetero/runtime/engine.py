@@ -273,8 +273,8 @@ def _dropping(weights, files: list[Path]):
     file in the page cache on top of the converted weights."""
     count = [0]
 
-    def get(name: str) -> torch.Tensor:
-        t = weights(name)
+    def get(name: str, **kw) -> torch.Tensor:
+        t = weights(name, **kw)
         count[0] += 1
         if count[0] % 64 == 0:
             for f in files:

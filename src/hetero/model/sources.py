@@ -114,6 +114,10 @@ def gguf_spec_cache_path(src: Source) -> Path:
     return cache_dir() / "specs" / f"{key}.json"
 
 
+def cached_gguf_spec(src: Source) -> ModelSpec:
+    return _cached_gguf_spec(src)
+
+
 def _cached_gguf_spec(src: Source) -> ModelSpec:
     """gguf's reader parses every metadata field (seconds for a 49k-token vocab), so the derived
     spec is cached, keyed by the file's path, size and mtime; a changed file is read afresh."""

@@ -89,7 +89,7 @@ def test_perplexity_within_one_percent_of_llama_cpp(gemma, llama):
     from hetero.eval.corpus import builtin_text, eval_ids
     from hetero.eval.perplexity import perplexity, windows
 
-    ids = eval_ids(gemma.tokenizer, builtin_text(), 1024)
+    ids = eval_ids(gemma.tokenizer, builtin_text(), 768)
     ours = perplexity(gemma.net, ids, 512, 256, progress=False).perplexity
     nll, n = 0.0, 0
     for b, e, first in windows(len(ids), 512, 256):

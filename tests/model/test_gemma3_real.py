@@ -37,19 +37,40 @@ def llama(path):
                            logits_all=True, verbose=False)
 
 
-def test_logits_equal_transformers_on_the_dequantised_file(gemma, path):
+@pytest.fixture(scope="module")
+def reference(path):
     transformers = pytest.importorskip("transformers")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     assert type(ref).__name__ == "Gemma3ForCausalLM"
+    return ref
+
+
+def test_logits_equal_transformers_on_the_dequantised_file(gemma, reference):
     ids = torch.tensor([gemma.tokenizer.encode(PROMPT + " Paris, and the capital of Italy is Rome.")])
     with torch.no_grad():
-        want = ref(ids).logits[0]
+        want = reference(ids).logits[0]
     net = gemma.net
     cache = net.new_cache(1, ids.shape[1])
     got = net(ids[:, :8], 0, cache, last_only=False)[0]
     assert (got - want[:8]).abs().max().item() <= 1e-3
     for pos in range(8, ids.shape[1]):   # cached decode
+        assert (net(ids[:, pos:pos + 1], pos, cache)[0] - want[pos]).abs().max().item() <= 1e-3
+
+
+def test_past_the_sliding_window_equals_transformers(gemma, reference):
+    """600 prompt tokens then cached decode: the local layers (window 512) run from their rings."""
+    from hetero.eval.corpus import builtin_text
+
+    ids = torch.tensor([gemma.tokenizer.encode(builtin_text()[:6000])[:608]])
+    with torch.no_grad():
+        want = reference(ids).logits[0]
+    net = gemma.net
+    cache = net.new_cache(1, 608)
+    assert min(k.shape[2] for k in cache.k) == 512 and max(k.shape[2] for k in cache.k) == 608
+    got = net(ids[:, :600], 0, cache, last_only=False)[0]
+    assert (got[-88:] - want[512:600]).abs().max().item() <= 1e-3
+    for pos in range(600, 608):
         assert (net(ids[:, pos:pos + 1], pos, cache)[0] - want[pos]).abs().max().item() <= 1e-3
 
 

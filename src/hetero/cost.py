@@ -279,7 +279,8 @@ def kv_bytes(spec: ModelSpec, unit: str, precision: str, context: int, batch: in
     """KV cache of one decoder layer for `batch` sequences of `context` tokens (on its compute device)."""
     if not unit.startswith("layers."):
         return 0
-    return batch * context * spec.kv_bytes_per_token(precision, layers=1)
+    held = spec.layer_kv_tokens(int(unit.split(".")[1]), context)  # a local layer keeps its window only
+    return batch * held * spec.kv_bytes_per_token(precision, layers=1)
 
 
 def buffer_bytes(spec: ModelSpec, unit: str, full: int, prompt_tokens: int, batch: int,

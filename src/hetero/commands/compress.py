@@ -92,6 +92,10 @@ def compress(
     if Path(out).expanduser().exists() and not force:  # fail before the slow part
         raise HeteroError(f"{out} already exists; choose another -o or pass --force")
     _threads(threads)
+    from hetero.compress.artifact import check_exportable
+    from hetero.model.sources import resolve_spec
+
+    check_exportable(resolve_spec(model))  # before the slow part
     loaded = load_model(model)
     opts = methods.Options(group=group, sym=sym, sparsity=sparsity, nm=nm, values=values,
                            calib_tokens=calib_tokens, act_order=act_order, layers=layers, steps=steps,

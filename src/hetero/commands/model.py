@@ -104,7 +104,8 @@ def info(
     ]
     if as_json:
         print(json.dumps({**spec.summary(), "bytes": per_precision,
-                          "kv_bytes_per_token_bf16": spec.kv_bytes_per_token("bf16"), "units": units}))
+                          "kv_bytes_per_token_bf16": spec.kv_bytes_per_token("bf16"),
+                          "kv_bytes_full_context_bf16": spec.kv_bytes(spec.max_context, "bf16"), "units": units}))
         return
     from rich.console import Console
     from rich.table import Table
@@ -118,7 +119,12 @@ def info(
             f"tied embeddings {s['tied_embeddings']}, qkv bias {s['attention_bias']}")
     c.print("stored " + _fmt_bytes(spec.stored_bytes) + " | " +
             ", ".join(f"{p} {_fmt_bytes(b)}" for p, b in per_precision.items()) +
-            f" | KV cache {_fmt_bytes(spec.kv_bytes_per_token('bf16'))}/token (bf16)")
+            f" | KV cache {_fmt_bytes(spec.kv_bytes_per_token('bf16'))}/token (bf16)"
+            + (f", {_fmt_bytes(spec.kv_bytes(spec.max_context, 'bf16'))} at the full context: "
+               f"{s['local_layers']} local layers hold {spec.sliding_window} tokens at most" if spec.layer_types else ""))
+    if spec.layer_types:
+        c.print(f"attention: {s['local_layers']} local layers (window {spec.sliding_window}, rope θ "
+                f"{spec.rope_local_theta:g}), {spec.n_layers - s['local_layers']} global")
     t = Table("unit", "params", "stored", "bf16", "decode FLOPs/token")
     rows = units if len(units) <= 12 else units[:5] + [None] + units[-4:]
     for u in rows:

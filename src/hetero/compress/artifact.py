@@ -26,7 +26,16 @@ _ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qw
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def check_exportable(spec: ModelSpec) -> None:
+    """Compressed checkpoints are written as Llama-family HF dirs; Gemma 3 (its own config fields and
+    norm convention) is not written yet."""
+    if spec.architecture not in _ARCH_CLASS:
+        raise HeteroError(f"compress writes {', '.join(_ARCH_CLASS)} checkpoints; {spec.architecture} is not "
+                          "supported yet (run it at --dtype int8/int4 instead)")
+
+
 def hf_config(spec: ModelSpec, record: dict | None, dtype: str = "fp32", tokenizer=None) -> dict:
+    check_exportable(spec)
     """An HF config.json dict describing `spec` (what hetero.model.hf.spec_from_config reads back)."""
     cfg = {
         "architectures": [_ARCH_CLASS[spec.architecture]], "model_type": spec.architecture,

@@ -15,7 +15,8 @@ from hetero.errors import HeteroError
 
 # spec.architecture -> the module that defines it (imported on first use: torch stays unloaded
 # for header-only commands)
-MODULES = {"llama": "hetero.model.llama", "mistral": "hetero.model.llama", "qwen2": "hetero.model.llama"}
+MODULES = {"llama": "hetero.model.llama", "mistral": "hetero.model.llama", "qwen2": "hetero.model.llama",
+           "gemma3": "hetero.model.gemma3"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class Architecture:
     build_layer: Callable
     # compile_decode(layers) -> a compiled whole-stack decode step, or None (each layer steps itself)
     compile_decode: Callable | None = None
+    # embed_scale(spec) -> the factor embeddings are multiplied by, in the activation dtype (None: 1)
+    embed_scale: Callable | None = None
+    # from_hf(name, tensor) -> the canonical form of a tensor read from an HF checkpoint (None: as is)
+    from_hf: Callable | None = None
 
 
 def architecture(spec) -> Architecture:

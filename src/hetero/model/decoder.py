@@ -10,6 +10,7 @@ move at device boundaries. Shapes: B batch, T new tokens, V vocabulary, h hidden
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -34,6 +35,11 @@ class Decoder(torch.nn.Module):
         self.embed_dtype = activation_dtype(units["embed"].precision) if self.has_embed else None
         self.head_device = units["head"].device if self.has_head else None
         self.rope: RotaryTable | None = None
+        # Families with local layers (Gemma 3) rotate those with their own base: a second table.
+        self.rope_local: RotaryTable | None = None
+        self.layer_ids = [int(u.split(".")[1]) for u in units if u.startswith("layers.")]
+        scale = architecture(spec).embed_scale
+        self.embed_scale = scale(spec) if scale is not None and self.has_embed else None
         # The compiled decode stack and the layers it was built from (rebuilt when `layers` change).
         # stack_decode = False: each layer runs its own decode step (the stack's reference).
         self.stack_decode = True
@@ -87,11 +93,17 @@ class Decoder(torch.nn.Module):
         return self._stack[1]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        spec = self.spec
         if self.rope is None or self.rope.cos.shape[0] < max_len:
-            self.rope = RotaryTable(self.spec, max_len)
+            self.rope = RotaryTable(spec, max_len)
+            if spec.rope_local_theta is not None:
+                local = dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None)
+                self.rope_local = RotaryTable(local, max_len)
         dtypes = [layer.dtype for layer in self.layers]
         devices = [layer.device for layer in self.layers]
-        return KVCache(self.spec, batch, max_len, dtypes, devices)
+        # a local layer's cache holds its window only (a ring: model/gemma3.py)
+        lengths = [spec.layer_kv_tokens(i, max_len) for i in self.layer_ids]
+        return KVCache(spec, batch, max_len, dtypes, devices, lengths)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, start: int, cache: KVCache, last_only: bool = True,
@@ -105,6 +117,9 @@ class Decoder(torch.nn.Module):
             raise ValueError(f"context overflow: {start + T} > cache length {cache.max_len}")
         if self.has_embed:
             x = self.embed[x.to(self.embed.device)]
+            if self.embed_scale is not None:  # in the activation dtype, the factor rounded to it (as HF)
+                x = x.to(self.embed_dtype)
+                x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
         if self.layers:
             stack = self._decode_stack() if B == T == 1 and self.stack_decode else None
             if stack is not None:  # one decode step: every layer in one compiled call
@@ -112,13 +127,14 @@ class Decoder(torch.nn.Module):
                 x = x.to(device=first.device, dtype=first.dtype)
                 x = stack.step(x, start, *self.rope.get(start, 1, first.dtype, first.device), cache.k, cache.v)
             else:
-                tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one cos/sin per (dtype, device)
+                tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin per (dtype, device, local)
                 for i, layer in enumerate(self.layers):
                     if x.device != torch.device(layer.device) or x.dtype != layer.dtype:
                         x = x.to(device=layer.device, dtype=layer.dtype)  # cuda:0 -> cuda:1 moves too
-                    key = (layer.dtype, layer.device)
+                    local = self.rope_local is not None and self.spec.is_sliding(self.layer_ids[i])
+                    key = (layer.dtype, layer.device, local)
                     if key not in tables:
-                        tables[key] = self.rope.get(start, T, layer.dtype, layer.device)
+                        tables[key] = (self.rope_local if local else self.rope).get(start, T, layer.dtype, layer.device)
                     x = layer(x, start, *tables[key], cache.k[i], cache.v[i])
         if not self.has_head:
             return x

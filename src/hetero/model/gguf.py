@@ -2,6 +2,8 @@
 
 llama.cpp's converter permutes the rows of Q and K for the `llama` architecture (it uses interleaved
 RoPE pairs); we undo that on load so that every source feeds the same half-split RoPE decoder.
+Gemma 3 is not permuted; its norm weights are stored as the multiplier (HF's 1 + w), the form hetero's
+canonical tensors use (model/gemma3.py adds the 1 to an HF checkpoint's norms instead).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from hetero.errors import HeteroError
 from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo
 from hetero.model.validate import NORM_EPS_MAX, ROPE_THETA_RANGE, check_float, check_int, check_spec
 
-_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3"}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -32,6 +34,18 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# Gemma 3 names its norms around attention and the MLP its own way (ffn_norm is the norm before the MLP)
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_LAYER_NAMES_BY_ARCH = {"gemma3": _GEMMA3_LAYER_NAMES}
+# llama.cpp's fixed Gemma 3 layout where the file does not say: every 6th layer global, local RoPE base 1e4
+GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -40,12 +54,14 @@ _GLOBAL_NAMES = {
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def canonical_name(gguf_name: str) -> str | None:
+def canonical_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The canonical (HF) name of a GGUF tensor of architecture `arch` (a spec.architecture value)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLK.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    names = _LAYER_NAMES_BY_ARCH.get(arch, _LAYER_NAMES)
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None  # e.g. rope_freqs: derived from metadata instead
 
 
@@ -132,7 +148,7 @@ def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
     head_dim = count("attention.key_length", "head_dim", hidden // heads)
     tensors = []
     for t in r.tensors:
-        cname = canonical_name(t.name)
+        cname = canonical_name(t.name, _GGUF_ARCH[arch])
         if cname is None:
             continue
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
@@ -154,6 +170,7 @@ def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
         # not in metadata, so we use the published defaults when the factors tensor is present.
         scaling = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                               original_max_position_embeddings=8192)
+    local = _local_layers(path, arch, n_layers, key) if arch == "gemma3" else {}
     general_name = _field(r, "general.name")
     spec = ModelSpec(
         name=name or (general_name if isinstance(general_name, str) else None) or path.stem,
@@ -166,10 +183,33 @@ def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
                              0.0, NORM_EPS_MAX),
         tie_embeddings="lm_head.weight" not in names,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in names,
-        rope_scaling=scaling, tensors=tuple(tensors),
+        rope_scaling=scaling, tensors=tuple(tensors), **local,
     )
     check_spec(spec, where)
     return spec
+
+
+def _local_layers(path: Path, arch: str, n_layers: int, key) -> dict[str, Any]:
+    """Gemma 3's interleaved local/global layers: the window from the file; which layers are local from
+    `{arch}.attention.sliding_window_pattern` where present (a per-layer bool list, or a period),
+    else llama.cpp's fixed period of 6; the local RoPE base from rope.freq_base_swa, else 1e4."""
+    from hetero.model.spec import FULL, SLIDING
+
+    where = f"{path}: {arch}.attention.sliding_window"
+    window = check_int(key("attention.sliding_window", 4096), "max_context", where)
+    pattern = key("attention.sliding_window_pattern", GEMMA3_PATTERN)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers or not all(isinstance(b, bool) for b in pattern):
+            raise HeteroError(f"{path}: {arch}.attention.sliding_window_pattern must hold {n_layers} booleans")
+        types = tuple(SLIDING if b else FULL for b in pattern)
+    else:
+        period = check_int(pattern, "n_layers", f"{path}: {arch}.attention.sliding_window_pattern")
+        types = tuple(SLIDING if (i + 1) % period else FULL for i in range(n_layers))
+    local_theta = check_float(key("rope.freq_base_swa", GEMMA3_LOCAL_THETA), "rope.freq_base_swa", str(path),
+                              *ROPE_THETA_RANGE)
+    head_dim = key("attention.key_length")
+    return {"sliding_window": window, "layer_types": types, "rope_local_theta": local_theta,
+            "query_pre_attn_scalar": float(head_dim) if isinstance(head_dim, int) else None}
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -197,7 +237,7 @@ def iter_tensors(path: Path, spec: ModelSpec, names: set[str] | None = None) -> 
     """Yield (canonical name, float32 array) for each tensor (or those in `names`), Q/K unpermuted."""
     r = open_reader(path)
     for t in r.tensors:
-        cname = canonical_name(t.name)
+        cname = canonical_name(t.name, spec.architecture)
         if cname is None or (names is not None and cname not in names):
             continue
         try:

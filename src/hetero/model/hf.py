@@ -16,13 +16,20 @@ from hetero.errors import HeteroError
 from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo, expected_tensors
 from hetero.model.validate import NORM_EPS_MAX, ROPE_THETA_RANGE, check_float, check_int, check_shape, check_tensors
 
-_ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                  "Gemma3ForCausalLM": "gemma3"}
+_MODEL_TYPES = {"gemma3_text": "gemma3"}
 
 
 def _architecture(cfg: dict[str, Any]) -> str:
     mt = cfg.get("model_type")
+    if mt == "gemma3" and isinstance(cfg.get("text_config"), dict):
+        raise HeteroError("a multimodal Gemma 3 checkpoint (text_config + vision tower): only the text-only "
+                          "Gemma3ForCausalLM layout is supported")
     if mt in SUPPORTED_ARCHITECTURES:
         return mt
+    if mt in _MODEL_TYPES:
+        return _MODEL_TYPES[mt]
     classes = cfg.get("architectures")
     classes = [c for c in classes if isinstance(c, str)] if isinstance(classes, list) else []
     for cls in classes:
@@ -32,9 +39,15 @@ def _architecture(cfg: dict[str, Any]) -> str:
     raise HeteroError(f"unsupported architecture {named!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+def _rope_params(cfg: dict[str, Any], layer_type: str = "full_attention") -> dict[str, Any]:
     # transformers ≥ 5 writes `rope_parameters` (theta included); older configs `rope_scaling`.
-    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    # Families with local layers nest one dict per layer type (Gemma 3: full_attention, sliding_attention).
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict) and isinstance(rp.get(layer_type), dict):
+        return rp[layer_type]
+    if isinstance(rp, dict) and any(isinstance(v, dict) for v in rp.values()):
+        return {}
+    return rp or cfg.get("rope_scaling") or {}
 
 
 def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling | None:
@@ -80,6 +93,8 @@ def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
             raise HeteroError(f"{where}: {key} must be true or false (got {cfg[key]!r})")
     name = name or cfg.get("_name_or_path") or source
+    gemma = _gemma3_fields(cfg, where) if arch == "gemma3" else {}
+    theta = gemma.pop("rope_theta", None)   # the global layers' base: nested in rope_parameters
     try:
         spec = ModelSpec(
             name=name if isinstance(name, str) else source,
@@ -89,16 +104,17 @@ def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
             intermediate_size=check_int(cfg["intermediate_size"], "intermediate_size", f"{where} intermediate_size"),
             n_heads=heads,
             n_kv_heads=check_int(_opt(cfg, "num_key_value_heads", heads), "n_kv_heads", f"{where} num_key_value_heads"),
-            head_dim=check_int(_opt(cfg, "head_dim", hidden // heads), "head_dim", f"{where} head_dim"),
+            head_dim=check_int(_opt(cfg, "head_dim", 256 if gemma else hidden // heads), "head_dim",
+                               f"{where} head_dim"),
             vocab_size=check_int(cfg["vocab_size"], "vocab_size", f"{where} vocab_size"),
-            max_context=check_int(_opt(cfg, "max_position_embeddings", 2048), "max_context",
+            max_context=check_int(_opt(cfg, "max_position_embeddings", 131072 if gemma else 2048), "max_context",
                                   f"{where} max_position_embeddings"),
-            rope_theta=check_float(_opt(cfg, "rope_theta", _opt(rope, "rope_theta", 10000.0)), "rope_theta", where,
+            rope_theta=theta or check_float(_opt(cfg, "rope_theta", _opt(rope, "rope_theta", 10000.0)), "rope_theta", where,
                                     *ROPE_THETA_RANGE),
             norm_eps=check_float(_opt(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where, 0.0, NORM_EPS_MAX),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(_opt(cfg, "tie_word_embeddings", arch == "gemma3")),
             attention_bias=bool(_opt(cfg, "attention_bias", arch == "qwen2")),
-            rope_scaling=_rope_scaling(cfg),
+            rope_scaling=_rope_scaling(cfg), **gemma,
         )
     except (TypeError, ValueError) as e:  # e.g. a RoPE factor that is a list
         raise HeteroError(f"{where}: a field has the wrong type ({e})") from None
@@ -111,6 +127,39 @@ def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
     spec = dataclasses.replace(spec, tensors=tensors)
     check_tensors(spec, source)
     return spec
+
+
+def _gemma3_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """Gemma 3's local/global layout (transformers' defaults where a field is absent); the features
+    hetero does not run (logit soft-capping, bidirectional attention, another activation) are refused."""
+    from hetero.model.spec import FULL, SLIDING
+
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise HeteroError(f"{where}: {key} = {cfg[key]!r} is not supported (Gemma 3 has none)")
+    if cfg.get("use_bidirectional_attention"):
+        raise HeteroError(f"{where}: use_bidirectional_attention is not supported (a causal decoder only)")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise HeteroError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+    n = check_int(cfg["num_hidden_layers"], "n_layers", f"{where} num_hidden_layers")
+    types = cfg.get("layer_types")
+    if types is None:
+        period = check_int(_opt(cfg, "sliding_window_pattern", 6), "n_layers", f"{where} sliding_window_pattern")
+        types = [SLIDING if (i + 1) % period else FULL for i in range(n)]
+    if not isinstance(types, list) or len(types) != n or any(t not in (SLIDING, FULL) for t in types):
+        raise HeteroError(f"{where}: layer_types must list {n} of {SLIDING!r} / {FULL!r}")
+    full, local = _rope_params(cfg, FULL), _rope_params(cfg, SLIDING)
+    theta = _opt(full, "rope_theta", _opt(cfg, "rope_theta", 1_000_000.0))
+    local_theta = _opt(local, "rope_theta", _opt(cfg, "rope_local_base_freq", 10_000.0))
+    return {
+        "rope_theta": check_float(theta, "rope_theta", where, *ROPE_THETA_RANGE),
+        "sliding_window": check_int(_opt(cfg, "sliding_window", 4096), "max_context", f"{where} sliding_window"),
+        "layer_types": tuple(types),
+        "rope_local_theta": check_float(local_theta, "rope_local_base_freq", where, *ROPE_THETA_RANGE),
+        "query_pre_attn_scalar": check_float(_opt(cfg, "query_pre_attn_scalar", 256), "query_pre_attn_scalar",
+                                             where, 0.0, 1e6),
+    }
 
 
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

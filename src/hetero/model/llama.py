@@ -74,13 +74,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated per-layer K and V: [B, K, max_len, D], written in place, never reallocated."""
+    """Preallocated per-layer K and V: [B, K, L, D], written in place, never reallocated. L is max_len,
+    or fewer slots for a layer that never looks further back (a local layer's window, used as a ring)."""
 
-    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtypes: list[torch.dtype], devices: list[str]):
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtypes: list[torch.dtype], devices: list[str],
+                 lengths: list[int] | None = None):
         self.max_len = max_len
-        shape = (batch, spec.n_kv_heads, max_len, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dt, device=dev) for dt, dev in zip(dtypes, devices)]
-        self.v = [torch.zeros(shape, dtype=dt, device=dev) for dt, dev in zip(dtypes, devices)]
+        self.lengths = list(lengths) if lengths is not None else [max_len] * len(dtypes)
+        shapes = [(batch, spec.n_kv_heads, n, spec.head_dim) for n in self.lengths]
+        self.k = [torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in zip(shapes, dtypes, devices)]
+        self.v = [torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in zip(shapes, dtypes, devices)]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

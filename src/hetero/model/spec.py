@@ -15,7 +15,9 @@ from typing import Any
 
 from hetero.dtypes import is_block_type, kv_bytes_per_element, native_format, weight_bytes
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+
+SLIDING, FULL = "sliding_attention", "full_attention"   # layer_types values (HF names)
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -40,7 +42,7 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    architecture: str          # llama | mistral | qwen2
+    architecture: str          # llama | mistral | qwen2 | gemma3
     source: str                # where it came from (path, built-in name or synthetic:NAME)
     format: str                # gguf | safetensors | synthetic
     n_layers: int
@@ -57,6 +59,12 @@ class ModelSpec:
     attention_bias: bool
     rope_scaling: RopeScaling | None = None
     tensors: tuple[TensorInfo, ...] = field(default=(), repr=False)
+    # Interleaved local/global attention (Gemma 3): a local layer sees only the last `sliding_window`
+    # positions (itself included) and rotates with its own RoPE base; () means every layer is global.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None   # attention scale is its -1/2 power (None: head_dim)
 
     # ---- units: the granularity at which the planner places work --------------------------------
     def unit_names(self) -> list[str]:
@@ -138,9 +146,23 @@ class ModelSpec:
         return self.n_kv_heads * self.head_dim
 
     def kv_bytes_per_token(self, precision: str = "bf16", layers: int | None = None) -> int:
-        """K and V for one token across `layers` (default: all) decoder layers."""
+        """K and V for one token across `layers` (default: all) decoder layers, where every token is
+        kept (a local layer keeps at most its window: see layer_kv_tokens / kv_bytes)."""
         n = self.n_layers if layers is None else layers
         return 2 * n * self.kv_dim * kv_bytes_per_element(precision)
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.sliding_window is not None and self.layer_types[layer] == SLIDING
+
+    def layer_kv_tokens(self, layer: int, context: int) -> int:
+        """Positions layer `layer` holds in its KV cache at `context` tokens: a local layer's window
+        bounds it (its cache is a ring of that many slots)."""
+        return min(context, self.sliding_window) if self.is_sliding(layer) else context
+
+    def kv_bytes(self, context: int, precision: str = "bf16", batch: int = 1) -> int:
+        """The whole KV cache of `batch` sequences at `context` tokens."""
+        per = 2 * self.kv_dim * kv_bytes_per_element(precision)
+        return batch * per * sum(self.layer_kv_tokens(i, context) for i in range(self.n_layers))
 
     # ---- FLOPs ----------------------------------------------------------------------------------
     def layer_matmul_params(self) -> int:
@@ -154,7 +176,8 @@ class ModelSpec:
             return 0.0
         if unit == "head":
             return 2.0 * self.hidden_size * self.vocab_size
-        attn = 2.0 * 2.0 * self.n_heads * self.head_dim * context  # QK^T and AV
+        seen = self.layer_kv_tokens(int(unit.split(".")[1]), context)  # a local layer: its window
+        attn = 2.0 * 2.0 * self.n_heads * self.head_dim * seen  # QK^T and AV
         return 2.0 * self.layer_matmul_params() + attn
 
     def flops_per_token(self, context: int) -> float:
@@ -172,7 +195,10 @@ class ModelSpec:
         payload = json.dumps(
             [self.architecture, self.n_layers, self.hidden_size, self.intermediate_size,
              self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size,
-             [(t.name, list(t.shape), t.dtype) for t in self.tensors]],
+             [(t.name, list(t.shape), t.dtype) for t in self.tensors]]
+            # only where set, so the ids of families without local layers stay what they were
+            + ([self.sliding_window, list(self.layer_types), self.rope_local_theta, self.query_pre_attn_scalar]
+               if self.layer_types or self.query_pre_attn_scalar is not None else []),
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -190,6 +216,7 @@ class ModelSpec:
         )
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["layer_types"] = tuple(d.get("layer_types") or ())
         return cls(**d)
 
     def summary(self) -> dict[str, Any]:
@@ -202,11 +229,15 @@ class ModelSpec:
             "norm_eps": self.norm_eps, "tied_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias, "params": self.n_params,
             "stored_bytes": self.stored_bytes,
+            **({"sliding_window": self.sliding_window, "rope_local_theta": self.rope_local_theta,
+                "local_layers": sum(self.is_sliding(i) for i in range(self.n_layers))}
+               if self.layer_types else {}),
         }
 
 
 def expected_tensors(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
-    """Canonical names and shapes a Llama-family checkpoint of this shape holds."""
+    """Canonical names and shapes a checkpoint of this shape and family holds (Gemma 3 adds q/k norms
+    and norms after attention and around the MLP)."""
     h, f, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     q, kv = spec.n_heads * spec.head_dim, spec.kv_dim
     out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
@@ -223,6 +254,9 @@ def expected_tensors(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
             (p + "mlp.up_proj.weight", (f, h)),
             (p + "mlp.down_proj.weight", (h, f)),
         ]
+        if spec.architecture == "gemma3":
+            out += [(p + "self_attn.q_norm.weight", (spec.head_dim,)), (p + "self_attn.k_norm.weight", (spec.head_dim,)),
+                    (p + "pre_feedforward_layernorm.weight", (h,)), (p + "post_feedforward_layernorm.weight", (h,))]
         if spec.attention_bias:
             out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
                     (p + "self_attn.v_proj.bias", (kv,))]

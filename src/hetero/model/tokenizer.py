@@ -1,7 +1,8 @@
 """Tokenizer and chat template: from GGUF metadata or an HF dir, or a byte-level fallback for
 synthetic models, which have no trained vocabulary.
 
-A tokenizer.json is served by the `tokenizers` package directly and its chat template rendered by
+A Gemma 3 GGUF's SentencePiece vocabulary is served by model/spm.py (llama.cpp's algorithm: the ids
+transformers' conversion gives differ on runs of spaces). A tokenizer.json is served by the `tokenizers` package directly and its chat template rendered by
 chat_template.py: importing transformers costs a run's start ~1-3 s. transformers is used only where
 that cannot give the same ids: converting a GGUF file's vocabulary (once; the result is cached under
 the cache dir, keyed by the file's size and mtime) and HF dirs whose tokenizer is a class of its own.
@@ -139,7 +140,17 @@ def _gguf_cache_key(path: Path) -> str:
 
 def gguf_tokenizer_cached(path: Path) -> bool:
     """Whether the GGUF file's tokenizer is already converted into the cache (no transformers needed)."""
-    return (cache_dir() / "tokenizers" / _gguf_cache_key(path) / "tokenizer_config.json").exists()
+    from hetero.model.spm import _cache_file
+
+    return (cache_dir() / "tokenizers" / _gguf_cache_key(path) / "tokenizer_config.json").exists() \
+        or _cache_file(path).exists()
+
+
+# GGUF architectures whose SentencePiece vocabulary hetero tokenizes itself (model/spm.py)
+SPM_ARCHITECTURES = ("gemma3",)
+# end-of-turn tokens by family, where the generic list below would pick a wrong one (Gemma's "</s>"
+# is plain text)
+TURN_ENDS = {"gemma3": ("<end_of_turn>",)}
 
 
 def _load_gguf_tokenizer(path: Path):
@@ -171,7 +182,7 @@ def _load_gguf_tokenizer(path: Path):
 
 
 def _token_id(hf: Any, token: str) -> int | None:
-    if isinstance(hf, FastTokenizer):
+    if hasattr(hf, "token_id"):  # FastTokenizer, SpmTokenizer
         return hf.token_id(token)
     return hf.convert_tokens_to_ids(token) if token in hf.get_vocab() else None
 
@@ -188,7 +199,17 @@ def load_tokenizer(source: Source, vocab_size: int, eos_token_id: int | None = N
 
 def _load(source: Source, vocab_size: int, eos_token_id: int | None) -> Tokenizer:
     hf = None
+    arch = None
     if source.kind == "gguf":
+        from hetero.model.sources import cached_gguf_spec
+
+        arch = cached_gguf_spec(source).architecture
+    if arch in SPM_ARCHITECTURES:
+        from hetero.model.chat_template import BUILTIN_TEMPLATES
+        from hetero.model.spm import load_spm
+
+        hf = load_spm(source.path, BUILTIN_TEMPLATES.get(arch))
+    elif source.kind == "gguf":
         hf = _load_gguf_tokenizer(source.path)
     elif source.kind == "hf" and any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         hf = load_fast(source.path)
@@ -202,7 +223,7 @@ def _load(source: Source, vocab_size: int, eos_token_id: int | None) -> Tokenize
         if isinstance(v, int):
             eos.add(v)
         # Chat models end a turn with an end-of-turn token that may differ from eos.
-        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
+        for tok in TURN_ENDS.get(arch, ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")):
             tid = _token_id(hf, tok)
             if isinstance(tid, int):
                 eos.add(tid)

@@ -64,6 +64,14 @@ def check_shape(spec, where: str) -> None:
         raise HeteroError(f"{where}: head_dim {spec.head_dim} must be even (RoPE rotates pairs)")
     check_float(spec.rope_theta, "rope_theta", where, *ROPE_THETA_RANGE)
     check_float(spec.norm_eps, "norm_eps", where, 0.0, NORM_EPS_MAX)
+    if spec.layer_types:
+        from hetero.model.spec import FULL, SLIDING
+
+        if len(spec.layer_types) != spec.n_layers or any(t not in (SLIDING, FULL) for t in spec.layer_types):
+            raise HeteroError(f"{where}: layer_types must name {spec.n_layers} layers, each "
+                              f"{SLIDING!r} or {FULL!r} (got {list(spec.layer_types)[:8]!r}...)")
+        if SLIDING in spec.layer_types:
+            check_int(spec.sliding_window, "max_context", f"{where}: sliding_window")
 
 
 def check_tensors(spec, where: str) -> None:

@@ -54,7 +54,12 @@ class WeightStore:
         if f is None:
             return None
         with safe_open(str(f), framework="pt") as fh:
-            return fh.get_tensor(name)
+            t = fh.get_tensor(name)
+        from hetero.model.arch import architecture
+
+        # a family whose HF tensors differ from hetero's canonical form converts them here (Gemma's norms)
+        from_hf = architecture(self.spec).from_hf
+        return t if from_hf is None else from_hf(name, t)
 
     def _read_gguf(self, name: str, blocks: bool = False):
         # One tensor at a time, on first use, through the light tensor table (gguf_index: no
@@ -64,7 +69,7 @@ class WeightStore:
 
         if self._gguf_table is None:
             self._gguf_table = {c: t for n, t in tensor_table(self.source.path).items()
-                                if (c := canonical_name(n)) is not None}
+                                if (c := canonical_name(n, self.spec.architecture)) is not None}
         info = self._gguf_table.get(name)
         if info is None:
             return None

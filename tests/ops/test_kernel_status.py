@@ -74,7 +74,8 @@ def test_status_agrees_with_get():
     st = kernels.status()
     assert st["active"] == (kernels.get() is not None)
     if st["active"]:
-        assert st["reason"] is None and st["gemv"] == ["fp32", "bf16", "int8", "int4"]
+        assert st["reason"] is None and st["gemv"] == ["fp32", "bf16", "int8", "int4", "q8_0", "q4_0", "q4_1",
+                                                       "q4_k", "q5_k", "q6_k"]
         assert Path(st["build"]).exists() and st["int4_bf16_dot"] == bool(kernels.get().has_bf16_dot())
     else:
         assert st["reason"]

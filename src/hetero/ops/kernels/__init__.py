@@ -31,8 +31,9 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mav
 # int8's fp32 scales): the tensor cache keys entries by it, so torch's kernels never read them.
 # Bump it when the kernels read stored tensors differently.
 LAYOUT = "kernels-v1"
-# Precisions whose decode GEMV runs compiled (with the fused decode ops for fp32/bf16 activations).
-SERVED = ("fp32", "bf16", "int8", "int4", "native", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
+# Precisions whose decode GEMV runs compiled (with the fused decode ops for fp32/bf16 activations);
+# precision native runs the block types its weights hold.
+SERVED = ("fp32", "bf16", "int8", "int4", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
 _state: dict = {}
 
 
@@ -177,7 +178,7 @@ def status() -> dict:
 
 
 def kinds() -> dict[str, int]:
-    """The decode stack's code per linear kind (fp32, bf16, int8, int4), as the compiled module
+    """The decode stack's code per linear kind (fp32, bf16, int8, int4, q8_0 .. q6_k), as the compiled module
     defines them; empty when it was never loaded in this process."""
     return dict(_state.get("kinds", {}))
 

@@ -100,7 +100,7 @@ def test_devices_reports_the_kernels(capsys):
     assert d["kernels"] == kernels.status() and d["devices"][0]["name"] == "cpu"
     line = [ln for ln in devices(capsys).splitlines() if ln.startswith("kernels:")]
     assert len(line) == 1
-    assert ("fp32/bf16/int8/int4 GEMV" in line[0]) == d["kernels"]["active"]
+    assert ("fp32/bf16/int8/int4/q8_0/q4_0/q4_1/q4_k/q5_k/q6_k GEMV" in line[0]) == d["kernels"]["active"]
     kernels.set_enabled(False)
     try:
         assert json.loads(devices(capsys, "--json"))["kernels"]["active"] is False

@@ -178,7 +178,7 @@ def status() -> dict:
 
 
 def kinds() -> dict[str, int]:
-    """The decode stack's code per linear kind (fp32, bf16, int8, int4, q8_0 .. q6_k), as the compiled module
+    """The decode stack's code per linear kind (fp32, bf16, int8, int4, q8_0 .. q6_k), as the module
     defines them; empty when it was never loaded in this process."""
     return dict(_state.get("kinds", {}))
 

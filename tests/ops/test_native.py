@@ -43,7 +43,7 @@ def test_decode_and_prefill_match_float64(t, path):
     assert rel(y5, x5.double() @ w64.T) < 1e-5
 
 
-@pytest.mark.parametrize("t", ["Q4_1", "Q4_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("t", NATIVE_TYPES)
 def test_bf16_activations_within_bf16_rounding(t, path):
     bt = random_blocks(t, 64, 256, seed=2)
     w64 = reference(bt)

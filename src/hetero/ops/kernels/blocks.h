@@ -8,6 +8,7 @@
 // The offset terms (Q4_0's -8 d, Q4_1's m, the K types' -dmin mn) use per-32 sums of x (xs).
 #pragma once
 #include "common.h"
+#include "rows.h"
 
 namespace {
 
@@ -172,6 +173,143 @@ void q_blocks(int64_t kind, const float* x, const float* xs, const uint8_t* w, i
     case KIND_Q4_K: q_blocks_t<BK<false>>(x, xs, w, N, K, y, b0, b1); break;
     case KIND_Q5_K: q_blocks_t<BK<true>>(x, xs, w, N, K, y, b0, b1); break;
     default: q_blocks_t<BQ6_K>(x, xs, w, N, K, y, b0, b1);
+  }
+}
+
+
+// ---- bf16 activations: AVX512-BF16 dot products (as int4_rows_bf16 in rows.h) -------------------
+// The nibbles become exact bf16 0..15 through a table, x is bf16 already, each product is exact in
+// fp32: the result differs from the fp32 kernel only in summation order. Q4_0/Q4_1 (K % 64 == 0) read
+// x in int4_prep_bf16's layout (their nibble order is the int4 rows layout's); Q4_K reads x as plain
+// bf16 (a 32-byte run of its nibbles is one sub-block in the low nibbles, the next in the high).
+
+inline bool bf16_kind(int64_t kind, int64_t K) {
+  return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : kind == KIND_Q4_K);
+}
+
+// The bf16 inputs of a bf16_kind GEMV: xb (K), xs8 (K / 4), xs (K / 32) from x (K fp32 bf16 values).
+inline void block_prep_bf16(int64_t kind, const float* x, int64_t K, uint16_t* xb, float* xs8, float* xs) {
+  if (kind != KIND_Q4_K) { int4_prep_bf16(x, K, xb, xs8, xs); return; }
+  group_sums(x, K / 32, xs);
+  for (int64_t k = 0; k < K; ++k) { uint32_t u; std::memcpy(&u, x + k, 4); xb[k] = static_cast<uint16_t>(u >> 16); }
+}
+
+// fp16 a in lanes 0-7, b in lanes 8-15.
+BF16_TARGET inline __m512 f16_pair(const uint8_t* a, const uint8_t* b) {
+  uint16_t ha, hb;
+  std::memcpy(&ha, a, 2);
+  std::memcpy(&hb, b, 2);
+  return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(static_cast<short>(hb)), _mm_set1_epi16(static_cast<short>(ha))));
+}
+
+// Q4_0 (M1 = false) / Q4_1 (true): NR consecutive rows from n0, two blocks per step.
+template <bool M1, int NR>
+BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb, const float* xs8, const uint8_t* w,
+                                     int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = M1 ? 20 : 18, OFF = M1 ? 4 : 2;
+  const int64_t rb = K / 32 * B, P = K / 64;
+  const uint8_t* wb = w + n0 * rb;
+  const __m512 eight = _mm512_set1_ps(8.f);
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + p * 2 * B * NR;
+    for (int64_t o = 0; o < 2 * B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    const __m512i xl = _mm512_loadu_si512(xb + 64 * p), xh = _mm512_loadu_si512(xb + 64 * p + 32);
+    const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p);
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b0 = wb + r * rb + 2 * p * B;
+      const uint8_t* b1 = b0 + B;
+      const __m256i raw = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + OFF)),
+                                           _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + OFF)));
+      const __m512i v = _mm512_cvtepu8_epi16(raw);
+      const __m512i wl = _mm512_permutexvar_epi16(v, c.table);
+      const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
+      __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
+      d = _mm512_dpbf16_ps(d, (__m512bh)wh, (__m512bh)xh);
+      const __m512 sc = f16_pair(b0, b1);
+      acc[r] = _mm512_fmadd_ps(d, sc, acc[r]);
+      if (M1) acc[r] = _mm512_fmadd_ps(f16_pair(b0 + 2, b1 + 2), s8, acc[r]);   // m * sum
+      else acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(eight, sc), s8, acc[r]);    // -8 d * sum
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// The 8 scales and 8 mins of a K-type block's 12 scale bytes, bytes 0-7 / 8-15 of the result
+// (llama.cpp's uint32 unpacking of get_scale_min_k4, all 16 at once).
+inline void scales_mins_k4(const uint8_t* q, uint8_t out[16]) {
+  constexpr uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+  uint32_t u[4];
+  std::memcpy(u, q, 12);
+  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+  const uint32_t mins_lo = u[1] & m1;
+  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+  u[2] = mins_lo;
+  u[0] &= m1;
+  std::memcpy(out, u, 16);
+}
+
+template <int NR>
+BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb, const float* xs, const uint8_t* w,
+                                      int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = 144;
+  const int64_t rb = K / 256 * B, nb = K / 256;
+  const uint8_t* wb = w + n0 * rb;
+  __m512 acc[NR];
+  __m256 off[NR];   // dmin * mn * (sum of the sub-block's x), 8 sub-blocks in 8 lanes
+  for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = _mm256_setzero_ps(); }
+  alignas(32) float sc[NR][8];
+  for (int64_t i = 0; i < nb; ++i) {
+    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * B * NR;
+    for (int64_t o = 0; o < B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    const __m256 xs8 = _mm256_loadu_ps(xs + 8 * i);
+    for (int r = 0; r < NR; ++r) {  // the rows' scales first, so x is loaded once for all rows
+      const uint8_t* b = wb + r * rb + i * B;
+      alignas(16) uint8_t sm[16];
+      scales_mins_k4(b + 4, sm);
+      const __m128i smv = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
+      _mm256_store_ps(sc[r], _mm256_mul_ps(_mm256_set1_ps(f16(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv))));
+      const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)));
+      off[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(f16(b + 2)), mn), xs8, off[r]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t* xp = xb + 256 * i + 64 * j;
+      const __m512i xl = _mm512_loadu_si512(xp), xh = _mm512_loadu_si512(xp + 32);
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* b = wb + r * rb + i * B;
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * j)));
+        const __m512i wl = _mm512_permutexvar_epi16(v, c.table);
+        const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
+        const __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
+        const __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wh, (__m512bh)xh);
+        acc[r] = _mm512_fmadd_ps(d0, _mm512_set1_ps(sc[r][2 * j]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(d1, _mm512_set1_ps(sc[r][2 * j + 1]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const __m256 o = off[r];
+    alignas(32) float t[8];
+    _mm256_store_ps(t, o);
+    float s = 0.f;
+    for (float v : t) s += v;
+    y[n0 + r] = _mm512_reduce_add_ps(acc[r]) - s;
+  }
+}
+
+// Rows [b0 * ROWS, b1 * ROWS) of y for a bf16_kind, from block_prep_bf16's inputs.
+BF16_TARGET void q_blocks_bf16(int64_t kind, const uint16_t* xb, const float* xs8, const float* xs, const uint8_t* w,
+                               int64_t N, int64_t K, float* y, int64_t b0, int64_t b1) {
+  static const Int4Bf16Consts c;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * ROWS;
+    const bool full = N - n0 >= ROWS;
+    for (int64_t n = n0; n < (full ? n0 + 1 : N); ++n) {
+      if (kind == KIND_Q4_K) { if (full) q4k_rows_bf16<ROWS>(c, xb, xs, w, K, n, y); else q4k_rows_bf16<1>(c, xb, xs, w, K, n, y); }
+      else if (kind == KIND_Q4_1) { if (full) q4_rows_bf16<true, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<true, 1>(c, xb, xs8, w, K, n, y); }
+      else { if (full) q4_rows_bf16<false, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<false, 1>(c, xb, xs8, w, K, n, y); }
+    }
   }
 }
 

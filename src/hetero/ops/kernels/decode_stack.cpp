@@ -28,7 +28,11 @@ struct Input {
 
 void prepare(const Lin& L, const float* x, Input& in) {
   in.x = x;
-  if (is_block_kind(L.kind)) { group_sums(x, L.K / 32, in.xs); return; }
+  if (is_block_kind(L.kind)) {
+    if (bf16_kind(L.kind, L.K)) block_prep_bf16(L.kind, x, L.K, in.xb, in.xs8, in.xs);
+    else group_sums(x, L.K / 32, in.xs);
+    return;
+  }
   if (L.kind != KIND_INT4) return;
   if (cpu_has_bf16()) int4_prep_bf16(x, L.K, in.xb, in.xs8, in.xs);
   else group_sums(x, L.K / 32, in.xs);
@@ -58,7 +62,8 @@ void lin_rows(const Lin& L, const Input& in, int64_t n0, int64_t n1, float* y) {
     }
     case KIND_Q8_0: case KIND_Q4_0: case KIND_Q4_1: case KIND_Q4_K: case KIND_Q5_K: case KIND_Q6_K: {
       const uint8_t* wp = static_cast<const uint8_t*>(L.w) + n0 * block_row_bytes(L.kind, K);
-      q_blocks(L.kind, x, in.xs, wp, N, K, y, 0, blocks);
+      if (bf16_kind(L.kind, K)) q_blocks_bf16(L.kind, in.xb, in.xs8, in.xs, wp, N, K, y, 0, blocks);
+      else q_blocks(L.kind, x, in.xs, wp, N, K, y, 0, blocks);
       break;
     }
     default: {
@@ -117,8 +122,9 @@ void DecodeStack::add_layer(std::vector<int64_t> kinds, std::vector<torch::Tenso
                     s[i].is_contiguous(), "int4 linear");
         break;
       case KIND_Q8_0: case KIND_Q4_0: case KIND_Q4_1: case KIND_Q4_K: case KIND_Q5_K: case KIND_Q6_K:
-        // GGUF blocks as stored: K is the layer's input width (a whole number of blocks)
-        TORCH_CHECK(wt == torch::kUInt8 && L.K % (L.kind <= KIND_Q4_1 ? 32 : 256) == 0 &&
+        // GGUF blocks as stored, bf16 activations (their bf16 kernels read x as bf16): K is the
+        // layer's input width (a whole number of blocks)
+        TORCH_CHECK(wt == torch::kUInt8 && dt_ == torch::kBFloat16 && L.K % (L.kind <= KIND_Q4_1 ? 32 : 256) == 0 &&
                     w[i].size(1) == block_row_bytes(L.kind, L.K), "block linear: row bytes do not match K");
         break;
       default: TORCH_CHECK(false, "unknown linear kind ", L.kind);

@@ -51,3 +51,14 @@ def test_bad_blocks_are_one_line_errors():
         BlockTensor("IQ2_XS", torch.zeros(2, 2, dtype=torch.uint8), (2, 256))
     with pytest.raises(HeteroError, match="cannot quantise to Q4_K"):
         quantize_blocks(torch.randn(4, 256), "Q4_K")
+
+
+@pytest.mark.parametrize("t", NATIVE_TYPES)
+def test_compiled_dequantise_is_the_same_values(t):
+    from hetero.ops import kernels
+
+    if kernels.get() is None:
+        pytest.skip("compiled kernels unavailable here")
+    bt = random_blocks(t, 21, 512, seed=11)
+    got = kernels.get().dequant_gguf(bt.data, kernels.kinds()[t.lower()], 512)
+    assert torch.equal(got, bt.dequantize())

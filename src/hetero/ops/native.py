@@ -6,8 +6,9 @@ file mixes Q4_K and Q6_K rows within one fused QKV. The bytes held are the file'
 
   decode, CPU with the compiled kernels  one AVX-512 GEMV per segment over the blocks as stored
                                          (kernels/blocks.h): exact weights, fp32 accumulation
-  prefill, or without the kernels        each segment dequantised exactly (blocks.dequantize_rows)
-                                         in bounded row blocks to x's dtype, then a GEMM
+  prefill                                each segment dequantised exactly in bounded row blocks to
+                                         x's dtype (compiled on the CPU, else blocks.dequantize_rows:
+                                         the same values), then a GEMM
   CUDA                                   the same pure-torch dequantise-and-GEMM path; it has not
                                          run on a GPU.
 
@@ -85,9 +86,13 @@ class NativeLinear(torch.nn.Module):
         rows = max(16, DEQUANT_ELEMENTS // max(1, k) // 16 * 16)
         out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
         o = 0
-        for s in self.segments:
+        for j, s in enumerate(self.segments):
+            kind = self._kinds[j] if self._k is not None else None
             for r in range(0, s.shape[0], rows):
-                w = dequantize_rows(s.ggml_type, s.data[r:r + rows], k).to(x2.dtype)
+                if kind is not None and x2.device.type == "cpu":   # compiled, the same exact values
+                    w = self._k.dequant_gguf(s.data[r:r + rows], kind, k).to(x2.dtype)
+                else:
+                    w = dequantize_rows(s.ggml_type, s.data[r:r + rows], k).to(x2.dtype)
                 out[:, o + r:o + r + w.shape[0]] = F.linear(x2, w)
             o += s.shape[0]
         return out

@@ -20,6 +20,7 @@ bool has_bf16_dot();
 
 // ---- GEMV over GGUF blocks, one token (gemv_blocks.cpp) -----------------------------------------
 torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K);
+torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);
 
 // ---- Fused decode-step ops (decode_ops.cpp) -----------------------------------------------------
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);

@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int4", &gemv_int4);
   m.def("dequant_int4", &dequant_int4);
   m.def("gemv_gguf", &gemv_gguf);
+  m.def("dequant_gguf", &dequant_gguf);
   m.def("rmsnorm", &rmsnorm);
   m.def("add_rmsnorm", &add_rmsnorm);
   m.def("decode_attention", &decode_attention);

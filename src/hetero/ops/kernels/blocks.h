@@ -180,16 +180,16 @@ void q_blocks(int64_t kind, const float* x, const float* xs, const uint8_t* w, i
 // ---- bf16 activations: AVX512-BF16 dot products (as int4_rows_bf16 in rows.h) -------------------
 // The nibbles become exact bf16 0..15 through a table, x is bf16 already, each product is exact in
 // fp32: the result differs from the fp32 kernel only in summation order. Q4_0/Q4_1 (K % 64 == 0) read
-// x in int4_prep_bf16's layout (their nibble order is the int4 rows layout's); Q4_K reads x as plain
-// bf16 (a 32-byte run of its nibbles is one sub-block in the low nibbles, the next in the high).
+// x in int4_prep_bf16's layout (their nibble order is the int4 rows layout's); Q4_K and Q6_K read x
+// as plain bf16 (a 32-byte run of Q4_K nibbles is one sub-block in the low nibbles, the next in the high).
 
 inline bool bf16_kind(int64_t kind, int64_t K) {
-  return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : kind == KIND_Q4_K);
+  return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : (kind == KIND_Q4_K || kind == KIND_Q6_K));
 }
 
 // The bf16 inputs of a bf16_kind GEMV: xb (K), xs8 (K / 4), xs (K / 32) from x (K fp32 bf16 values).
 inline void block_prep_bf16(int64_t kind, const float* x, int64_t K, uint16_t* xb, float* xs8, float* xs) {
-  if (kind != KIND_Q4_K) { int4_prep_bf16(x, K, xb, xs8, xs); return; }
+  if (kind == KIND_Q4_0 || kind == KIND_Q4_1) { int4_prep_bf16(x, K, xb, xs8, xs); return; }
   group_sums(x, K / 32, xs);
   for (int64_t k = 0; k < K; ++k) { uint32_t u; std::memcpy(&u, x + k, 4); xb[k] = static_cast<uint16_t>(u >> 16); }
 }
@@ -298,15 +298,68 @@ BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* x
   }
 }
 
+// Q6_K: a 32-weight group's 6-bit values built in 16-bit words and mapped to exact bf16 (q - 32)
+// by a 64-entry table (vpermt2w); x plain bf16; the two 16-weight sub-blocks' scales fill lanes
+// 0-7 / 8-15 (dot products sum word pairs into dwords: lanes 0-7 are the group's first 16 weights).
+struct Q6Bf16Consts {
+  __m512i lo, hi;
+  BF16_TARGET Q6Bf16Consts() {
+    alignas(64) uint16_t tab[64];
+    for (int i = 0; i < 64; ++i) { const float v = static_cast<float>(i - 32); uint32_t u; std::memcpy(&u, &v, 4); tab[i] = u >> 16; }
+    lo = _mm512_load_si512(tab);
+    hi = _mm512_load_si512(tab + 32);
+  }
+};
+
+template <int NR>
+BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb, const uint8_t* w, int64_t K,
+                                      int64_t n0, float* y) {
+  constexpr int64_t B = 210;
+  const int64_t rb = K / 256 * B, nb = K / 256;
+  const uint8_t* wb = w + n0 * rb;
+  const __m512i m15 = _mm512_set1_epi16(0xF), m3 = _mm512_set1_epi16(3);
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nb; ++i) {
+    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * B * NR;
+    for (int64_t o = 0; o < B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b = wb + r * rb + i * B;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const __m512 d = _mm512_set1_ps(f16(b + 208));
+      // the 16 sub-block scales as fp32 (d * sc, as gguf-py computes them)
+      const __m512 s16 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)))));
+      alignas(64) float sf[16];
+      _mm512_store_ps(sf, s16);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+        for (int g = 0; g < 4; ++g) {
+          const __m512i l = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (g % 2))));
+          const __m512i nib = g < 2 ? _mm512_and_si512(l, m15) : _mm512_srli_epi16(l, 4);
+          const __m512i q = _mm512_or_si512(nib, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * g)), m3), 4));
+          const __m512i wv = _mm512_permutex2var_epi16(c.lo, q, c.hi);
+          const int e = 128 * h + 32 * g;
+          const __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xb + 256 * i + e));
+          const __m512 scv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sf[e / 16]), _mm512_set1_ps(sf[e / 16 + 1]));
+          acc[r] = _mm512_fmadd_ps(dot, scv, acc[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 // Rows [b0 * ROWS, b1 * ROWS) of y for a bf16_kind, from block_prep_bf16's inputs.
 BF16_TARGET void q_blocks_bf16(int64_t kind, const uint16_t* xb, const float* xs8, const float* xs, const uint8_t* w,
                                int64_t N, int64_t K, float* y, int64_t b0, int64_t b1) {
   static const Int4Bf16Consts c;
+  static const Q6Bf16Consts c6;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * ROWS;
     const bool full = N - n0 >= ROWS;
     for (int64_t n = n0; n < (full ? n0 + 1 : N); ++n) {
-      if (kind == KIND_Q4_K) { if (full) q4k_rows_bf16<ROWS>(c, xb, xs, w, K, n, y); else q4k_rows_bf16<1>(c, xb, xs, w, K, n, y); }
+      if (kind == KIND_Q6_K) { if (full) q6k_rows_bf16<ROWS>(c6, xb, w, K, n, y); else q6k_rows_bf16<1>(c6, xb, w, K, n, y); }
+      else if (kind == KIND_Q4_K) { if (full) q4k_rows_bf16<ROWS>(c, xb, xs, w, K, n, y); else q4k_rows_bf16<1>(c, xb, xs, w, K, n, y); }
       else if (kind == KIND_Q4_1) { if (full) q4_rows_bf16<true, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<true, 1>(c, xb, xs8, w, K, n, y); }
       else { if (full) q4_rows_bf16<false, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<false, 1>(c, xb, xs8, w, K, n, y); }
     }

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hetero.dtypes import INT4_GROUP
 from hetero.errors import HeteroError
 from hetero.ops.blocks import BlockTensor
-from hetero.ops.linear import (BLOCK_PRECISIONS, _to_type, check_device, dequant_int4_rows, quantize_int4_groupwise,
+from hetero.ops.linear import (BLOCK_PRECISIONS, to_block_type, check_device, dequant_int4_rows, quantize_int4_groupwise,
                                quantize_int8_per_channel)
 from hetero.ops.native import NativeEmbedding, NativeLinear
 
@@ -84,7 +84,7 @@ def make_embedding(weight, precision: str, device: str = "cpu"):
     check_device(device)
     blocks = isinstance(weight, BlockTensor)
     if precision == "native" and blocks or precision in BLOCK_PRECISIONS:
-        table = weight if precision == "native" else _to_type(weight, precision.upper())
+        table = weight if precision == "native" else to_block_type(weight, precision.upper())
         if isinstance(table, list):
             if len(table) != 1:
                 raise HeteroError("an embedding table is one block tensor")

@@ -315,7 +315,7 @@ def _dequantized(weight) -> torch.Tensor:
     return torch.cat([s.dequantize() for s in segs])
 
 
-def _to_type(weight, ggml_type: str) -> list[BlockTensor]:
+def to_block_type(weight, ggml_type: str) -> list[BlockTensor]:
     """The weight's segments all in `ggml_type`: segments already of it are kept as they are, the
     rest (and float weights) dequantised exactly and quantised with the reference rounding."""
     segs = _segments(weight)
@@ -353,7 +353,7 @@ def make_linear(weight, bias: torch.Tensor | None, precision: str, device: str =
     if precision == "native":
         return NativeLinear(segs, bias, device) if segs is not None else DenseLinear(weight, bias, "bf16", device)
     if precision in BLOCK_PRECISIONS:
-        return NativeLinear(_to_type(weight, precision.upper()), bias, device)
+        return NativeLinear(to_block_type(weight, precision.upper()), bias, device)
     if segs is not None:
         weight = _dequantized(weight)
     if precision in DTYPES:

@@ -147,7 +147,8 @@ def _deq_q6_k(b):
     qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev).view(1, 1, 4, 1)
     qh = (qh & 3).reshape(-1, 8, 32)
     q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(-1, 16, 16).float()
-    d = (_f16(b[:, 208:210]) * b[:, 192:208].contiguous().view(torch.int8).float()).unsqueeze(-1)  # [n, 16, 1]
+    sc = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = (_f16(b[:, 208:210]) * sc).unsqueeze(-1)                      # [n, 16, 1]
     return (d * q).reshape(-1, 256)
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from hetero.dtypes import INT4_GROUP
 from hetero.errors import HeteroError
 from hetero.ops.blocks import BlockTensor
-from hetero.ops.linear import (BLOCK_PRECISIONS, to_block_type, check_device, dequant_int4_rows, quantize_int4_groupwise,
-                               quantize_int8_per_channel)
+from hetero.ops.linear import (BLOCK_PRECISIONS, check_device, dequant_int4_rows, quantize_int4_groupwise,
+                               quantize_int8_per_channel, to_block_type)
 from hetero.ops.native import NativeEmbedding, NativeLinear
 
 

@@ -144,7 +144,8 @@ def _deq_q6_k(b):
     dev = b.device
     ql = b[:, :128].reshape(-1, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8, device=dev).view(1, 1, 2, 1)
     ql = (ql & 15).reshape(-1, 8, 32)
-    qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev).view(1, 1, 4, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev).view(1, 1, 4, 1)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts
     qh = (qh & 3).reshape(-1, 8, 32)
     q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(-1, 16, 16).float()
     sc = b[:, 192:208].contiguous().view(torch.int8).float()

@@ -74,7 +74,8 @@ def test_status_agrees_with_get():
     st = kernels.status()
     assert st["active"] == (kernels.get() is not None)
     if st["active"]:
-        assert st["reason"] is None and st["gemv"] == ["fp32", "bf16", "int8", "int4"]
+        assert st["reason"] is None and st["gemv"] == ["fp32", "bf16", "int8", "int4", "q8_0", "q4_0", "q4_1",
+                                                       "q4_k", "q5_k", "q6_k"]
         assert Path(st["build"]).exists() and st["int4_bf16_dot"] == bool(kernels.get().has_bf16_dot())
     else:
         assert st["reason"]
@@ -99,7 +100,7 @@ def test_devices_reports_the_kernels(capsys):
     assert d["kernels"] == kernels.status() and d["devices"][0]["name"] == "cpu"
     line = [ln for ln in devices(capsys).splitlines() if ln.startswith("kernels:")]
     assert len(line) == 1
-    assert ("fp32/bf16/int8/int4 GEMV" in line[0]) == d["kernels"]["active"]
+    assert ("fp32/bf16/int8/int4/q8_0/q4_0/q4_1/q4_k/q5_k/q6_k GEMV" in line[0]) == d["kernels"]["active"]
     kernels.set_enabled(False)
     try:
         assert json.loads(devices(capsys, "--json"))["kernels"]["active"] is False

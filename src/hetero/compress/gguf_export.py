@@ -17,6 +17,7 @@ from hetero.compress.core import Loaded, fp32_bytes
 from hetero.dtypes import storage_bytes
 from hetero.errors import HeteroError
 from hetero.model.spec import ModelSpec, expected_tensors
+from hetero.ops.blocks import Q8_SEARCH, quantize_q8_0  # noqa: F401  (the writer's Q8_0; tests import it here)
 
 TYPES = ("Q8_0", "Q4_0", "Q4_1")
 _LAYER = {
@@ -29,37 +30,6 @@ _LAYER = {
 }
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
-
-
-# Q8_0 scale search: candidates amax/127 x (1 + j/256), j < 64. j = 0 is round-to-nearest itself, so
-# the search is never worse than RTN; on weights that already sit on a coarser grid (a Q4_1 source:
-# 16 levels per block) some scale lands on that grid's phase and the block's squared error drops
-# ~3x (measured on SmolLM2's layers), which is what a re-export must not lose.
-Q8_SEARCH = 64
-
-
-def quantize_q8_0(arr: np.ndarray, rows_per_chunk: int = 4096) -> np.ndarray:
-    """[rows, K] float32 -> GGUF Q8_0 bytes [rows, K / 32 * 34] (per block: fp16 scale, 32 int8),
-    each block's scale chosen by least squared error over Q8_SEARCH candidates."""
-    rows, k = arr.shape
-    out = np.empty((rows, k // 32 * 34), dtype=np.uint8)
-    for r0 in range(0, rows, rows_per_chunk):
-        x = arr[r0:r0 + rows_per_chunk].reshape(-1, 32).astype(np.float32)
-        amax = np.abs(x).max(axis=1, keepdims=True)
-        best_d = np.zeros_like(amax)
-        best_err = np.full_like(amax, np.inf)
-        for j in range(Q8_SEARCH):
-            d = (amax / 127 * (1 + j / 256)).astype(np.float16).astype(np.float32)
-            safe = np.where(d == 0, 1, d)
-            err = ((np.clip(np.round(x / safe), -127, 127) * d - x) ** 2).sum(axis=1, keepdims=True)
-            better = err < best_err
-            best_d = np.where(better, d, best_d)
-            best_err = np.where(better, err, best_err)
-        safe = np.where(best_d == 0, 1, best_d)
-        q = np.clip(np.round(x / safe), -127, 127).astype(np.int8)
-        blocks = np.concatenate([best_d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
-        out[r0:r0 + rows_per_chunk] = blocks.reshape(-1, k // 32 * 34)
-    return out
 
 
 def quantize(arr: np.ndarray, qtype: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from hetero.model.arch import Architecture
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig
 from hetero.ops import kernels
-from hetero.ops.linear import activation_dtype, gemv_operands, make_linear
+from hetero.ops.linear import activation_dtype, cat_rows, gemv_operands, make_linear
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
@@ -95,13 +95,13 @@ class DecoderLayer(torch.nn.Module):
         p = f"model.layers.{i}."
         self.spec, self.device, self.dtype = spec, unit.device, activation_dtype(unit.precision)
         self.n_q, self.n_kv = spec.n_heads * spec.head_dim, spec.kv_dim
-        qkv_w = torch.cat([weights(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        qkv_w = cat_rows([weights(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         qkv_b = None
         if spec.attention_bias:
             qkv_b = torch.cat([weights(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
         self.qkv = make_linear(qkv_w, qkv_b, unit.precision, unit.device)
         self.o = make_linear(weights(p + "self_attn.o_proj.weight"), None, unit.precision, unit.device)
-        gate_up = torch.cat([weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight")])
+        gate_up = cat_rows([weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight")])
         self.gate_up = make_linear(gate_up, None, unit.precision, unit.device)
         self.down = make_linear(weights(p + "mlp.down_proj.weight"), None, unit.precision, unit.device)
         self.attn_norm = weights(p + "input_layernorm.weight").float().to(unit.device)

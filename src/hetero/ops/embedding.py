@@ -13,7 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from hetero.dtypes import INT4_GROUP
-from hetero.ops.linear import check_device, dequant_int4_rows, quantize_int4_groupwise, quantize_int8_per_channel
+from hetero.errors import HeteroError
+from hetero.ops.blocks import BlockTensor
+from hetero.ops.linear import (BLOCK_PRECISIONS, check_device, dequant_int4_rows, quantize_int4_groupwise,
+                               quantize_int8_per_channel, to_block_type)
+from hetero.ops.native import NativeEmbedding, NativeLinear
 
 
 class QuantEmbedding(torch.nn.Module):
@@ -72,10 +76,24 @@ def _unpack(rows: torch.Tensor, precision: str, dim: int, group: int) -> torch.T
     return ((q - 8.0) * scale + zero).to(torch.bfloat16)
 
 
-def make_embedding(weight: torch.Tensor, precision: str, device: str = "cpu"):
-    """The table for a unit of `precision`: a dense tensor (fp32/bf16/fp16) or a QuantEmbedding.
-    Both are plain torch ops on lookup, so a table on CUDA works as on the CPU (not run on a GPU)."""
+def make_embedding(weight, precision: str, device: str = "cpu"):
+    """The table for a unit of `precision`: a dense tensor (fp32/bf16/fp16), a QuantEmbedding, or
+    for GGUF blocks (a BlockTensor, precision native or a block type) a NativeEmbedding that
+    dequantises only the rows it reads. All are plain torch ops on lookup, so a table on CUDA works
+    as on the CPU (not run on a GPU)."""
     check_device(device)
+    blocks = isinstance(weight, BlockTensor)
+    if precision == "native" and blocks or precision in BLOCK_PRECISIONS:
+        table = weight if precision == "native" else to_block_type(weight, precision.upper())
+        if isinstance(table, list):
+            if len(table) != 1:
+                raise HeteroError("an embedding table is one block tensor")
+            table = table[0]
+        return NativeEmbedding(table, device)
+    if blocks:
+        weight = weight.dequantize()
+    if precision == "native":
+        precision = "bf16"
     if precision in ("int8", "int4"):
         return QuantEmbedding(weight, precision, device)
     from hetero.ops.linear import activation_dtype
@@ -86,7 +104,7 @@ def make_embedding(weight: torch.Tensor, precision: str, device: str = "cpu"):
 class TiedEmbedding:
     """The embedding of a tied model read from the head's own weights: one matrix in memory, as the
     planner prices it. Gathers rows from the head's layout (dense, int8 per row, or the int4 rows
-    layout, on the CPU or CUDA); `tie()` returns None where that layout cannot be read by row."""
+    layout, or GGUF blocks, on the CPU or CUDA); `tie()` returns None where that layout cannot be read by row."""
 
     def __init__(self, head: torch.nn.Module, kind: str):
         self.head, self.kind = head, kind
@@ -101,11 +119,15 @@ class TiedEmbedding:
             return TiedEmbedding(head, "int8")
         if isinstance(head, Int4Linear) and getattr(head, "layout", "") == "rows":
             return TiedEmbedding(head, "int4")
+        if isinstance(head, NativeLinear):
+            return TiedEmbedding(head, "native")
         # torch's own int4 packings (CPU, CUDA tinygemm) are opaque: the caller keeps a table of its own
         return None
 
     @property
     def device(self) -> torch.device:
+        if self.kind == "native":
+            return self.head.segments[0].data.device
         p = next(iter(vars(self.head)[k] for k in ("weight", "qweight", "packed") if k in vars(self.head)))
         return p.device
 
@@ -113,6 +135,8 @@ class TiedEmbedding:
         h, flat = self.head, ids.reshape(-1)
         if self.kind == "dense":
             rows = h.weight[flat]
+        elif self.kind == "native":  # GGUF blocks: only the rows read are dequantised (exactly)
+            rows = h.dequantize_rows(flat).to(torch.bfloat16)
         elif self.kind == "int8":
             rows = h.qweight[flat, :h.in_features].to(torch.bfloat16) * h.scales[flat, None]
         else:  # rows layout (linear.Int4Linear): packed [N, K/2], scales_zeros [N, K/g, 2]

@@ -17,8 +17,13 @@ import torch.nn.functional as F
 from hetero.dtypes import DEQUANT_ELEMENTS, INT4_GROUP
 from hetero.errors import HeteroError
 from hetero.ops import kernels
+from hetero.ops.blocks import BlockTensor, QUANTIZABLE, quantize_blocks
+from hetero.ops.native import NativeLinear, merge_segments
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# GGUF block formats run as stored (ops/native.py): "native" keeps each segment's own type; a type
+# name converts every segment (and a float weight) to that type.
+BLOCK_PRECISIONS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
 
 # Device kinds whose units this engine builds; the cost model also prices mps and xpu (what-if plans).
 RUNNABLE_KINDS: tuple[str, ...] = ("cpu", "cuda")
@@ -286,11 +291,71 @@ def gemv_operands(lin: torch.nn.Module) -> tuple[int, torch.Tensor, torch.Tensor
         return kernels.kinds()["int8"], lin.qweight, lin._scales_f32, none if lin.bias is None else lin.bias
     if type(lin) is Int4Linear and lin._k is not None:
         return kernels.kinds()["int4"], lin.packed, lin.scales_zeros, none if lin.bias is None else lin.bias
+    # GGUF blocks: one segment per stack operand; a layer of mixed types runs per layer instead
+    if type(lin) is NativeLinear and lin._k is not None and len(lin.segments) == 1:
+        return lin._kinds[0], lin.segments[0].data, none, none if lin.bias is None else lin._bias_bf16
     return None
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str, device: str = "cpu") -> torch.nn.Module:
+def _segments(weight) -> list[BlockTensor] | None:
+    """A weight's row segments when it is held as GGUF blocks, else None (a float tensor)."""
+    if isinstance(weight, BlockTensor):
+        return [weight]
+    if isinstance(weight, (list, tuple)):
+        if not all(isinstance(w, BlockTensor) for w in weight):
+            raise HeteroError("a segmented weight must be a list of BlockTensors")
+        return list(weight)
+    return None
+
+
+def _dequantized(weight) -> torch.Tensor:
+    segs = _segments(weight)
+    if segs is None:
+        return weight
+    return torch.cat([s.dequantize() for s in segs])
+
+
+def to_block_type(weight, ggml_type: str) -> list[BlockTensor]:
+    """The weight's segments all in `ggml_type`: segments already of it are kept as they are, the
+    rest (and float weights) dequantised exactly and quantised with the reference rounding."""
+    segs = _segments(weight)
+    parts = segs if segs is not None else [weight]
+    out = []
+    for p in parts:
+        if isinstance(p, BlockTensor) and p.ggml_type == ggml_type:
+            out.append(p)
+            continue
+        if ggml_type not in QUANTIZABLE:
+            raise HeteroError(f"cannot quantise to {ggml_type} here (hetero quantises to "
+                              f"{', '.join(QUANTIZABLE)}); use precision native or one of those")
+        out.append(quantize_blocks(p.dequantize() if isinstance(p, BlockTensor) else p, ggml_type))
+    return out
+
+
+def cat_rows(weights: list) -> "torch.Tensor | list[BlockTensor]":
+    """Weights stacked along the output rows (a fused QKV or gate_up): float tensors are torch.cat'd;
+    GGUF blocks stay blocks, as a list of row segments (adjacent ones of one type fused). A mix of
+    float and block weights is dequantised (exactly) and cat'd as floats."""
+    if all(isinstance(w, torch.Tensor) for w in weights):
+        return torch.cat(weights)
+    if any(isinstance(w, torch.Tensor) for w in weights):
+        return torch.cat([_dequantized(w) for w in weights])
+    segs = [s for w in weights for s in _segments(w)]
+    return merge_segments(segs)
+
+
+def make_linear(weight, bias: torch.Tensor | None, precision: str, device: str = "cpu") -> torch.nn.Module:
+    """The layer for `weight` (a float tensor [N, K], a BlockTensor, or a list of BlockTensor row
+    segments) at `precision`. "native" runs GGUF blocks in their own types (a float weight has none:
+    bf16); a block type name converts to that type; the other precisions dequantise blocks first."""
     check_device(device)
+    segs = _segments(weight)
+    if precision == "native":
+        return NativeLinear(segs, bias, device) if segs is not None else DenseLinear(weight, bias, "bf16", device)
+    if precision in BLOCK_PRECISIONS:
+        return NativeLinear(to_block_type(weight, precision.upper()), bias, device)
+    if segs is not None:
+        weight = _dequantized(weight)
     if precision in DTYPES:
         return DenseLinear(weight, bias, precision, device)
     if precision == "int8":

@@ -23,16 +23,17 @@ from pathlib import Path
 NAME = "hetero_gemv"
 HERE = Path(__file__).parent
 # One extension from these sources; every header is hashed too (the build key).
-SOURCES = tuple(HERE / n for n in ("gemv.cpp", "decode_ops.cpp", "decode_stack.cpp", "module.cpp"))
-HEADERS = tuple(HERE / n for n in ("kernels.h", "common.h", "rows.h", "decode_math.h"))
+SOURCES = tuple(HERE / n for n in ("gemv.cpp", "gemv_blocks.cpp", "decode_ops.cpp", "decode_stack.cpp", "module.cpp"))
+HEADERS = tuple(HERE / n for n in ("kernels.h", "common.h", "rows.h", "blocks.h", "decode_math.h"))
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-         "-mavx512dq", "-mfma"]
+         "-mavx512dq", "-mfma", "-mf16c"]
 # How the tensors the compiled kernels read are stored (int4's nibble order and [N, K/32, 2] scales,
 # int8's fp32 scales): the tensor cache keys entries by it, so torch's kernels never read them.
 # Bump it when the kernels read stored tensors differently.
 LAYOUT = "kernels-v1"
-# Precisions whose decode GEMV runs compiled (with the fused decode ops for fp32/bf16 activations).
-SERVED = ("fp32", "bf16", "int8", "int4")
+# Precisions whose decode GEMV runs compiled (with the fused decode ops for fp32/bf16 activations);
+# precision native runs the block types its weights hold.
+SERVED = ("fp32", "bf16", "int8", "int4", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
 _state: dict = {}
 
 
@@ -177,7 +178,7 @@ def status() -> dict:
 
 
 def kinds() -> dict[str, int]:
-    """The decode stack's code per linear kind (fp32, bf16, int8, int4), as the compiled module
+    """The decode stack's code per linear kind (fp32, bf16, int8, int4, q8_0 .. q6_k), as the module
     defines them; empty when it was never loaded in this process."""
     return dict(_state.get("kinds", {}))
 

@@ -8,6 +8,7 @@
 // norm, gate_up + silu*mul, down + residual.
 #include "kernels.h"
 #include "rows.h"
+#include "blocks.h"
 #include "decode_math.h"
 #include <omp.h>
 
@@ -17,7 +18,7 @@ using stack::Lin;
 namespace {
 
 // A GEMV input as the row kernels read it: x (fp32, zero beyond the layer's input width) and, for
-// int4, its per-group sums (xs) or its BF16 dot-product layout (xb, xs8; see int4_prep_bf16).
+// int4 and the GGUF block kinds, its per-group sums (xs) or its BF16 dot-product layout (xb, xs8; see int4_prep_bf16).
 struct Input {
   const float* x;
   float* xs;
@@ -27,6 +28,11 @@ struct Input {
 
 void prepare(const Lin& L, const float* x, Input& in) {
   in.x = x;
+  if (is_block_kind(L.kind)) {
+    if (bf16_kind(L.kind, L.K)) block_prep_bf16(L.kind, x, L.K, in.xb, in.xs8, in.xs);
+    else group_sums(x, L.K / 32, in.xs);
+    return;
+  }
   if (L.kind != KIND_INT4) return;
   if (cpu_has_bf16()) int4_prep_bf16(x, L.K, in.xb, in.xs8, in.xs);
   else group_sums(x, L.K / 32, in.xs);
@@ -52,6 +58,12 @@ void lin_rows(const Lin& L, const Input& in, int64_t n0, int64_t n1, float* y) {
       const int8_t* qp = static_cast<const int8_t*>(L.w) + n0 * K;
       const float* sp = static_cast<const float*>(L.s) + n0;
       int8_blocks(x, qp, sp, N, K, y, 0, blocks);
+      break;
+    }
+    case KIND_Q8_0: case KIND_Q4_0: case KIND_Q4_1: case KIND_Q4_K: case KIND_Q5_K: case KIND_Q6_K: {
+      const uint8_t* wp = static_cast<const uint8_t*>(L.w) + n0 * block_row_bytes(L.kind, K);
+      if (bf16_kind(L.kind, K)) q_blocks_bf16(L.kind, in.xb, in.xs8, in.xs, wp, N, K, y, 0, blocks);
+      else q_blocks(L.kind, x, in.xs, wp, N, K, y, 0, blocks);
       break;
     }
     default: {
@@ -94,7 +106,7 @@ void DecodeStack::add_layer(std::vector<int64_t> kinds, std::vector<torch::Tenso
     L.kind = kinds[i];
     TORCH_CHECK(w[i].is_contiguous() && w[i].device().is_cpu() && w[i].dim() == 2, "weight: contiguous 2-D CPU");
     L.N = w[i].size(0);
-    L.K = L.kind == KIND_INT4 ? w[i].size(1) * 2 : w[i].size(1);
+    L.K = L.kind == KIND_INT4 ? w[i].size(1) * 2 : (is_block_kind(L.kind) ? n_in[i] : w[i].size(1));
     TORCH_CHECK(L.N == n_out[i] && L.K >= n_in[i] && L.K <= width_ && L.K % 16 == 0, "linear ", i, ": bad shape");
     const auto wt = w[i].scalar_type();
     switch (L.kind) {
@@ -108,6 +120,12 @@ void DecodeStack::add_layer(std::vector<int64_t> kinds, std::vector<torch::Tenso
         TORCH_CHECK(wt == torch::kUInt8 && dt_ == torch::kBFloat16 && L.K % 32 == 0 &&
                     s[i].scalar_type() == torch::kBFloat16 && s[i].numel() == L.N * (L.K / 32) * 2 &&
                     s[i].is_contiguous(), "int4 linear");
+        break;
+      case KIND_Q8_0: case KIND_Q4_0: case KIND_Q4_1: case KIND_Q4_K: case KIND_Q5_K: case KIND_Q6_K:
+        // GGUF blocks as stored, bf16 activations (their bf16 kernels read x as bf16): K is the
+        // layer's input width (a whole number of blocks)
+        TORCH_CHECK(wt == torch::kUInt8 && dt_ == torch::kBFloat16 && L.K % (L.kind <= KIND_Q4_1 ? 32 : 256) == 0 &&
+                    w[i].size(1) == block_row_bytes(L.kind, L.K), "block linear: row bytes do not match K");
         break;
       default: TORCH_CHECK(false, "unknown linear kind ", L.kind);
     }

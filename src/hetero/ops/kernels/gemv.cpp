@@ -5,31 +5,6 @@
 #include "kernels.h"
 #include "rows.h"
 
-namespace {
-
-// Activations may come as fp32 or bf16 (any shape holding K values, contiguous): a bf16 x is widened
-// here and the result rounded back to bf16, saving the two conversion ops per call at decode.
-template <typename Run>
-torch::Tensor with_act(const torch::Tensor& x, int64_t K, int64_t N, Run run) {
-  TORCH_CHECK(x.numel() == K && x.is_contiguous() && x.device().is_cpu(), "x: K contiguous values expected");
-  auto y = torch::empty({N}, x.options());
-  if (x.scalar_type() == torch::kFloat32) {
-    run(x.data_ptr<float>(), y.data_ptr<float>());
-    return y;
-  }
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "x: fp32 or bf16 expected");
-  std::vector<float> xf(K), yf(N);
-  const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
-  for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xb[k]);
-  run(xf.data(), yf.data());
-  at::BFloat16* yb = y.data_ptr<at::BFloat16>();
-  for (int64_t n = 0; n < N; ++n) yb[n] = static_cast<at::BFloat16>(yf[n]);
-  return y;
-}
-
-
-}  // namespace
-
 // x: [K] fp32, w: [N, K] fp32 -> [N] fp32. K % 16 == 0. (All GEMVs: y in x's dtype, see with_act.)
 torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
   const int64_t N = w.size(0), K = w.size(1);

@@ -6,7 +6,9 @@
 #include <vector>
 
 // Kinds of linear layer the whole-stack decode step reads (Python asks the module for them: kinds()).
-enum Kind : int64_t { KIND_F32 = 0, KIND_BF16 = 1, KIND_INT8 = 2, KIND_INT4 = 3 };
+// KIND_Q8_0 .. KIND_Q6_K: GGUF blocks as stored, [N, row bytes] uint8 (hetero/ops/blocks.py).
+enum Kind : int64_t { KIND_F32 = 0, KIND_BF16 = 1, KIND_INT8 = 2, KIND_INT4 = 3,
+                      KIND_Q8_0 = 4, KIND_Q4_0 = 5, KIND_Q4_1 = 6, KIND_Q4_K = 7, KIND_Q5_K = 8, KIND_Q6_K = 9 };
 
 // ---- GEMVs, one token (gemv.cpp) ----------------------------------------------------------------
 torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w);
@@ -15,6 +17,10 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sm);
 torch::Tensor dequant_int4(torch::Tensor packed, torch::Tensor sm);
 bool has_bf16_dot();
+
+// ---- GEMV over GGUF blocks, one token (gemv_blocks.cpp) -----------------------------------------
+torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K);
+torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);
 
 // ---- Fused decode-step ops (decode_ops.cpp) -----------------------------------------------------
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);
@@ -29,7 +35,7 @@ namespace stack {
 // A linear layer as the stack reads it; kind: a Kind.
 struct Lin {
   int64_t kind = -1, N = 0, K = 0;  // K: the weight's input width (int8/int4: padded with zero columns)
-  const void* w = nullptr;          // [N, K] f32 / bf16 / int8, or int4 packed [N, K/2]
+  const void* w = nullptr;          // [N, K] f32 / bf16 / int8, int4 packed [N, K/2], or blocks [N, row bytes]
   const void* s = nullptr;          // int8: scale [N] fp32; int4: (scale, zero) [N, K/32, 2] bf16
   const void* bias = nullptr;       // [N] in the activation dtype, or none
 };

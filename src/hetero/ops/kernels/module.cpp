@@ -8,7 +8,9 @@ namespace {
 
 // Kind codes by precision name: Python reads them here, so the two sides cannot drift apart.
 std::map<std::string, int64_t> kinds() {
-  return {{"fp32", KIND_F32}, {"bf16", KIND_BF16}, {"int8", KIND_INT8}, {"int4", KIND_INT4}};
+  return {{"fp32", KIND_F32}, {"bf16", KIND_BF16}, {"int8", KIND_INT8}, {"int4", KIND_INT4},
+          {"q8_0", KIND_Q8_0}, {"q4_0", KIND_Q4_0}, {"q4_1", KIND_Q4_1}, {"q4_k", KIND_Q4_K},
+          {"q5_k", KIND_Q5_K}, {"q6_k", KIND_Q6_K}};
 }
 
 }  // namespace
@@ -19,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
   m.def("dequant_int4", &dequant_int4);
+  m.def("gemv_gguf", &gemv_gguf);
+  m.def("dequant_gguf", &dequant_gguf);
   m.def("rmsnorm", &rmsnorm);
   m.def("add_rmsnorm", &add_rmsnorm);
   m.def("decode_attention", &decode_attention);

@@ -1,0 +1,369 @@
+// GEMV row kernels over GGUF blocks as the file stores them (hetero/ops/blocks.py documents each
+// layout): Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K. Shared by the per-layer GEMV (gemv_blocks.cpp) and
+// the whole-stack decode step (decode_stack.cpp).
+//
+// Each weight is dequantised exactly (the integers are exact in fp32, the block scales are computed
+// in fp32 as gguf-py does); a block's integers are dotted with x in fp32 and the dot is scaled once
+// per 16 or 32 weights (the sum's rounding order differs from dequantise-then-dot, nothing else).
+// The offset terms (Q4_0's -8 d, Q4_1's m, the K types' -dmin mn) use per-32 sums of x (xs).
+#pragma once
+#include "common.h"
+#include "rows.h"
+
+namespace {
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+}
+
+inline __m512i u8x16i(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
+
+// 6-bit (scale, min) j of a K-type block's 12 scale bytes (llama.cpp's get_scale_min_k4).
+inline void scale_min_k4(int j, const uint8_t* q, int& sc, int& mn) {
+  if (j < 4) { sc = q[j] & 63; mn = q[j + 4] & 63; }
+  else { sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4); mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+// One block of each type: acc += the block's weights * x (vector), off += the offset terms (scalar).
+struct BQ8_0 {
+  static constexpr int64_t W = 32, B = 34;
+  static inline void dot(const uint8_t* b, const float* x, const float*, __m512& acc, float&) {
+    const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+    const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+    const __m512 t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(x)));
+    acc = _mm512_fmadd_ps(t, _mm512_set1_ps(f16(b)), acc);
+  }
+};
+
+// 16 nibble bytes (byte i = q[i] | q[i+16] << 4) dotted with x[0..31].
+inline __m512 nib_dot(const uint8_t* qs, const float* x) {
+  const __m512i v = u8x16i(qs), lo = _mm512_set1_epi32(0xF);
+  return _mm512_fmadd_ps(cvt(_mm512_srli_epi32(v, 4)), _mm512_loadu_ps(x + 16),
+                         _mm512_mul_ps(cvt(_mm512_and_si512(v, lo)), _mm512_loadu_ps(x)));
+}
+
+struct BQ4_0 {
+  static constexpr int64_t W = 32, B = 18;
+  static inline void dot(const uint8_t* b, const float* x, const float* xs, __m512& acc, float& off) {
+    const float d = f16(b);
+    acc = _mm512_fmadd_ps(nib_dot(b + 2, x), _mm512_set1_ps(d), acc);
+    off += -8.f * d * xs[0];
+  }
+};
+
+struct BQ4_1 {
+  static constexpr int64_t W = 32, B = 20;
+  static inline void dot(const uint8_t* b, const float* x, const float* xs, __m512& acc, float& off) {
+    acc = _mm512_fmadd_ps(nib_dot(b + 4, x), _mm512_set1_ps(f16(b)), acc);
+    off += f16(b + 2) * xs[0];
+  }
+};
+
+// Q4_K / Q5_K: 8 sub-blocks of 32; per 64 weights 32 nibble bytes (low: sub-block 2j, high: 2j+1).
+template <bool FIFTH>
+struct BK {
+  static constexpr int64_t W = 256, B = FIFTH ? 176 : 144;
+  static inline void dot(const uint8_t* b, const float* x, const float* xs, __m512& acc, float& off) {
+    const float d = f16(b), dmin = f16(b + 2);
+    const uint8_t* sc6 = b + 4;
+    const uint8_t* qs = b + (FIFTH ? 48 : 16);
+    const __m512i lo = _mm512_set1_epi32(0xF), one = _mm512_set1_epi32(1);
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0;
+    if (FIFTH) { h0 = u8x16i(b + 16); h1 = u8x16i(b + 32); }
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v0 = u8x16i(qs + 32 * j), v1 = u8x16i(qs + 32 * j + 16);
+      for (int half = 0; half < 2; ++half) {
+        const int s = 2 * j + half;
+        __m512i a = half ? _mm512_srli_epi32(v0, 4) : _mm512_and_si512(v0, lo);
+        __m512i c = half ? _mm512_srli_epi32(v1, 4) : _mm512_and_si512(v1, lo);
+        if (FIFTH) {
+          const __m128i sh = _mm_cvtsi32_si128(s);
+          a = _mm512_or_si512(a, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(h0, sh), one), 4));
+          c = _mm512_or_si512(c, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(h1, sh), one), 4));
+        }
+        int sc, mn;
+        scale_min_k4(s, sc6, sc, mn);
+        const float* xp = x + 32 * s;
+        const __m512 t = _mm512_fmadd_ps(cvt(c), _mm512_loadu_ps(xp + 16), _mm512_mul_ps(cvt(a), _mm512_loadu_ps(xp)));
+        acc = _mm512_fmadd_ps(t, _mm512_set1_ps(d * static_cast<float>(sc)), acc);
+        off -= dmin * static_cast<float>(mn) * xs[s];
+      }
+    }
+  }
+};
+
+// Q6_K: 16 sub-blocks of 16 with an int8 scale each; q = 6 bits - 32.
+struct BQ6_K {
+  static constexpr int64_t W = 256, B = 210;
+  static inline void dot(const uint8_t* b, const float* x, const float*, __m512& acc, float&) {
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
+    const __m512i lo = _mm512_set1_epi32(0xF), three = _mm512_set1_epi32(3), k32 = _mm512_set1_epi32(32);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i hb0 = u8x16i(qh + 32 * h), hb1 = u8x16i(qh + 32 * h + 16);
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t* lp = ql + 64 * h + 32 * (i % 2);
+        const __m512i a0 = u8x16i(lp), a1 = u8x16i(lp + 16);
+        const __m128i sh = _mm_cvtsi32_si128(2 * i);
+        __m512i q0 = i < 2 ? _mm512_and_si512(a0, lo) : _mm512_srli_epi32(a0, 4);
+        __m512i q1 = i < 2 ? _mm512_and_si512(a1, lo) : _mm512_srli_epi32(a1, 4);
+        q0 = _mm512_sub_epi32(_mm512_or_si512(q0, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(hb0, sh), three), 4)), k32);
+        q1 = _mm512_sub_epi32(_mm512_or_si512(q1, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(hb1, sh), three), 4)), k32);
+        const int e = 128 * h + 32 * i;
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(cvt(q0), _mm512_loadu_ps(x + e)), _mm512_set1_ps(d * static_cast<float>(sc[e / 16])), acc);
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(cvt(q1), _mm512_loadu_ps(x + e + 16)), _mm512_set1_ps(d * static_cast<float>(sc[e / 16 + 1])), acc);
+      }
+    }
+  }
+};
+
+// NR consecutive rows from n0 (row stride rb bytes; NR rows are contiguous, so the prefetch sweeps
+// them as one stream, PF_W ahead, at the rate they are read).
+template <class T, int NR>
+inline void q_rows(const float* x, const float* xs, const uint8_t* w, int64_t rb, int64_t K, int64_t n0, float* y) {
+  const uint8_t* wb = w + n0 * rb;
+  __m512 acc[NR];
+  float off[NR];
+  for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = 0.f; }
+  const int64_t nb = K / T::W;
+  for (int64_t i = 0; i < nb; ++i) {
+    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * T::B * NR;
+    for (int64_t o = 0; o < T::B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) T::dot(wb + r * rb + i * T::B, x + i * T::W, xs + i * (T::W / 32), acc[r], off[r]);
+  }
+  for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]) + off[r];
+}
+
+template <class T>
+void q_blocks_t(const float* x, const float* xs, const uint8_t* w, int64_t N, int64_t K, float* y, int64_t b0, int64_t b1) {
+  const int64_t rb = K / T::W * T::B;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * ROWS;
+    if (N - n0 >= ROWS) q_rows<T, ROWS>(x, xs, w, rb, K, n0, y);
+    else for (int64_t n = n0; n < N; ++n) q_rows<T, 1>(x, xs, w, rb, K, n, y);
+  }
+}
+
+inline bool is_block_kind(int64_t kind) { return kind >= KIND_Q8_0 && kind <= KIND_Q6_K; }
+
+// Bytes of one row of K weights in a block kind.
+inline int64_t block_row_bytes(int64_t kind, int64_t K) {
+  switch (kind) {
+    case KIND_Q8_0: return K / 32 * BQ8_0::B;
+    case KIND_Q4_0: return K / 32 * BQ4_0::B;
+    case KIND_Q4_1: return K / 32 * BQ4_1::B;
+    case KIND_Q4_K: return K / 256 * BK<false>::B;
+    case KIND_Q5_K: return K / 256 * BK<true>::B;
+    default: return K / 256 * BQ6_K::B;
+  }
+}
+
+// Rows [b0 * ROWS, b1 * ROWS) of y = W x for W [N, K] in block kind `kind`; xs: per-32 sums of x.
+void q_blocks(int64_t kind, const float* x, const float* xs, const uint8_t* w, int64_t N, int64_t K, float* y,
+              int64_t b0, int64_t b1) {
+  switch (kind) {
+    case KIND_Q8_0: q_blocks_t<BQ8_0>(x, xs, w, N, K, y, b0, b1); break;
+    case KIND_Q4_0: q_blocks_t<BQ4_0>(x, xs, w, N, K, y, b0, b1); break;
+    case KIND_Q4_1: q_blocks_t<BQ4_1>(x, xs, w, N, K, y, b0, b1); break;
+    case KIND_Q4_K: q_blocks_t<BK<false>>(x, xs, w, N, K, y, b0, b1); break;
+    case KIND_Q5_K: q_blocks_t<BK<true>>(x, xs, w, N, K, y, b0, b1); break;
+    default: q_blocks_t<BQ6_K>(x, xs, w, N, K, y, b0, b1);
+  }
+}
+
+
+// ---- bf16 activations: AVX512-BF16 dot products (as int4_rows_bf16 in rows.h) -------------------
+// The nibbles become exact bf16 0..15 through a table, x is bf16 already, each product is exact in
+// fp32: the result differs from the fp32 kernel only in summation order. Q4_0/Q4_1 (K % 64 == 0) read
+// x in int4_prep_bf16's layout (their nibble order is the int4 rows layout's); Q4_K and Q6_K read x
+// as plain bf16 (a 32-byte run of Q4_K nibbles is one sub-block in the low nibbles, the next in the high).
+
+inline bool bf16_kind(int64_t kind, int64_t K) {
+  return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : (kind == KIND_Q4_K || kind == KIND_Q6_K));
+}
+
+// The bf16 inputs of a bf16_kind GEMV: xb (K), xs8 (K / 4), xs (K / 32) from x (K fp32 bf16 values).
+inline void block_prep_bf16(int64_t kind, const float* x, int64_t K, uint16_t* xb, float* xs8, float* xs) {
+  if (kind == KIND_Q4_0 || kind == KIND_Q4_1) { int4_prep_bf16(x, K, xb, xs8, xs); return; }
+  group_sums(x, K / 32, xs);
+  for (int64_t k = 0; k < K; ++k) { uint32_t u; std::memcpy(&u, x + k, 4); xb[k] = static_cast<uint16_t>(u >> 16); }
+}
+
+// fp16 a in lanes 0-7, b in lanes 8-15.
+BF16_TARGET inline __m512 f16_pair(const uint8_t* a, const uint8_t* b) {
+  uint16_t ha, hb;
+  std::memcpy(&ha, a, 2);
+  std::memcpy(&hb, b, 2);
+  return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(static_cast<short>(hb)), _mm_set1_epi16(static_cast<short>(ha))));
+}
+
+// Q4_0 (M1 = false) / Q4_1 (true): NR consecutive rows from n0, two blocks per step.
+template <bool M1, int NR>
+BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb, const float* xs8, const uint8_t* w,
+                                     int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = M1 ? 20 : 18, OFF = M1 ? 4 : 2;
+  const int64_t rb = K / 32 * B, P = K / 64;
+  const uint8_t* wb = w + n0 * rb;
+  const __m512 eight = _mm512_set1_ps(8.f);
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + p * 2 * B * NR;
+    for (int64_t o = 0; o < 2 * B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    const __m512i xl = _mm512_loadu_si512(xb + 64 * p), xh = _mm512_loadu_si512(xb + 64 * p + 32);
+    const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p);
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b0 = wb + r * rb + 2 * p * B;
+      const uint8_t* b1 = b0 + B;
+      const __m256i raw = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + OFF)),
+                                           _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + OFF)));
+      const __m512i v = _mm512_cvtepu8_epi16(raw);
+      const __m512i wl = _mm512_permutexvar_epi16(v, c.table);
+      const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
+      __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
+      d = _mm512_dpbf16_ps(d, (__m512bh)wh, (__m512bh)xh);
+      const __m512 sc = f16_pair(b0, b1);
+      acc[r] = _mm512_fmadd_ps(d, sc, acc[r]);
+      if (M1) acc[r] = _mm512_fmadd_ps(f16_pair(b0 + 2, b1 + 2), s8, acc[r]);   // m * sum
+      else acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(eight, sc), s8, acc[r]);    // -8 d * sum
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// The 8 scales and 8 mins of a K-type block's 12 scale bytes, bytes 0-7 / 8-15 of the result
+// (llama.cpp's uint32 unpacking of get_scale_min_k4, all 16 at once).
+inline void scales_mins_k4(const uint8_t* q, uint8_t out[16]) {
+  constexpr uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+  uint32_t u[4];
+  std::memcpy(u, q, 12);
+  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+  const uint32_t mins_lo = u[1] & m1;
+  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+  u[2] = mins_lo;
+  u[0] &= m1;
+  std::memcpy(out, u, 16);
+}
+
+template <int NR>
+BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb, const float* xs, const uint8_t* w,
+                                      int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = 144;
+  const int64_t rb = K / 256 * B, nb = K / 256;
+  const uint8_t* wb = w + n0 * rb;
+  __m512 acc[NR];
+  __m256 off[NR];   // dmin * mn * (sum of the sub-block's x), 8 sub-blocks in 8 lanes
+  for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = _mm256_setzero_ps(); }
+  alignas(32) float sc[NR][8];
+  for (int64_t i = 0; i < nb; ++i) {
+    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * B * NR;
+    for (int64_t o = 0; o < B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    const __m256 xs8 = _mm256_loadu_ps(xs + 8 * i);
+    for (int r = 0; r < NR; ++r) {  // the rows' scales first, so x is loaded once for all rows
+      const uint8_t* b = wb + r * rb + i * B;
+      alignas(16) uint8_t sm[16];
+      scales_mins_k4(b + 4, sm);
+      const __m128i smv = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
+      _mm256_store_ps(sc[r], _mm256_mul_ps(_mm256_set1_ps(f16(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv))));
+      const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)));
+      off[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(f16(b + 2)), mn), xs8, off[r]);
+    }
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t* xp = xb + 256 * i + 64 * j;
+      const __m512i xl = _mm512_loadu_si512(xp), xh = _mm512_loadu_si512(xp + 32);
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* b = wb + r * rb + i * B;
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * j)));
+        const __m512i wl = _mm512_permutexvar_epi16(v, c.table);
+        const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
+        const __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
+        const __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wh, (__m512bh)xh);
+        acc[r] = _mm512_fmadd_ps(d0, _mm512_set1_ps(sc[r][2 * j]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(d1, _mm512_set1_ps(sc[r][2 * j + 1]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    const __m256 o = off[r];
+    alignas(32) float t[8];
+    _mm256_store_ps(t, o);
+    float s = 0.f;
+    for (float v : t) s += v;
+    y[n0 + r] = _mm512_reduce_add_ps(acc[r]) - s;
+  }
+}
+
+// Q6_K: a 32-weight group's 6-bit values built in 16-bit words and mapped to exact bf16 (q - 32)
+// by a 64-entry table (vpermt2w); x plain bf16; the two 16-weight sub-blocks' scales fill lanes
+// 0-7 / 8-15 (dot products sum word pairs into dwords: lanes 0-7 are the group's first 16 weights).
+struct Q6Bf16Consts {
+  __m512i lo, hi;
+  BF16_TARGET Q6Bf16Consts() {
+    alignas(64) uint16_t tab[64];
+    for (int i = 0; i < 64; ++i) { const float v = static_cast<float>(i - 32); uint32_t u; std::memcpy(&u, &v, 4); tab[i] = u >> 16; }
+    lo = _mm512_load_si512(tab);
+    hi = _mm512_load_si512(tab + 32);
+  }
+};
+
+template <int NR>
+BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb, const uint8_t* w, int64_t K,
+                                      int64_t n0, float* y) {
+  constexpr int64_t B = 210;
+  const int64_t rb = K / 256 * B, nb = K / 256;
+  const uint8_t* wb = w + n0 * rb;
+  const __m512i m15 = _mm512_set1_epi16(0xF), m3 = _mm512_set1_epi16(3);
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nb; ++i) {
+    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * B * NR;
+    for (int64_t o = 0; o < B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b = wb + r * rb + i * B;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const __m512 d = _mm512_set1_ps(f16(b + 208));
+      // the 16 sub-block scales as fp32 (d * sc, as gguf-py computes them)
+      const __m512 s16 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)))));
+      alignas(64) float sf[16];
+      _mm512_store_ps(sf, s16);
+      for (int h = 0; h < 2; ++h) {
+        const __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+        for (int g = 0; g < 4; ++g) {
+          const __m512i l = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (g % 2))));
+          const __m512i nib = g < 2 ? _mm512_and_si512(l, m15) : _mm512_srli_epi16(l, 4);
+          const __m512i q = _mm512_or_si512(nib, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * g)), m3), 4));
+          const __m512i wv = _mm512_permutex2var_epi16(c.lo, q, c.hi);
+          const int e = 128 * h + 32 * g;
+          const __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xb + 256 * i + e));
+          const __m512 scv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sf[e / 16]), _mm512_set1_ps(sf[e / 16 + 1]));
+          acc[r] = _mm512_fmadd_ps(dot, scv, acc[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// Rows [b0 * ROWS, b1 * ROWS) of y for a bf16_kind, from block_prep_bf16's inputs.
+BF16_TARGET void q_blocks_bf16(int64_t kind, const uint16_t* xb, const float* xs8, const float* xs, const uint8_t* w,
+                               int64_t N, int64_t K, float* y, int64_t b0, int64_t b1) {
+  static const Int4Bf16Consts c;
+  static const Q6Bf16Consts c6;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * ROWS;
+    const bool full = N - n0 >= ROWS;
+    for (int64_t n = n0; n < (full ? n0 + 1 : N); ++n) {
+      if (kind == KIND_Q6_K) { if (full) q6k_rows_bf16<ROWS>(c6, xb, w, K, n, y); else q6k_rows_bf16<1>(c6, xb, w, K, n, y); }
+      else if (kind == KIND_Q4_K) { if (full) q4k_rows_bf16<ROWS>(c, xb, xs, w, K, n, y); else q4k_rows_bf16<1>(c, xb, xs, w, K, n, y); }
+      else if (kind == KIND_Q4_1) { if (full) q4_rows_bf16<true, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<true, 1>(c, xb, xs8, w, K, n, y); }
+      else { if (full) q4_rows_bf16<false, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<false, 1>(c, xb, xs8, w, K, n, y); }
+    }
+  }
+}
+
+}  // namespace

@@ -1,0 +1,133 @@
+"""A linear layer that runs GGUF block formats as the file stores them (no second rounding).
+
+The weight is a list of row segments (BlockTensors, blocks.py), each kept in its own type: a Q4_K_M
+file mixes Q4_K and Q6_K rows within one fused QKV. The bytes held are the file's bytes, so decode
+(bound by bytes read per token) streams exactly what the file would.
+
+  decode, CPU with the compiled kernels  one AVX-512 GEMV per segment over the blocks as stored
+                                         (kernels/blocks.h): exact weights, fp32 accumulation
+  prefill                                each segment dequantised exactly in bounded row blocks to
+                                         x's dtype (compiled on the CPU, else blocks.dequantize_rows:
+                                         the same values), then a GEMM
+  CUDA                                   the same pure-torch dequantise-and-GEMM path; it has not
+                                         run on a GPU.
+
+Output is in x's dtype (fp32 or bf16; anything else computes in fp32). A layer of one segment runs
+in the compiled whole-stack decode step (linear.gemv_operands); one of mixed types runs per layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hetero.dtypes import DEQUANT_ELEMENTS
+from hetero.errors import HeteroError
+from hetero.ops import kernels
+from hetero.ops.blocks import BlockTensor, cat_rows, dequantize_rows
+
+
+def merge_segments(segments: list[BlockTensor]) -> list[BlockTensor]:
+    """Adjacent segments of one type fused into one (fewer GEMV calls, one stack operand)."""
+    out: list[list[BlockTensor]] = []
+    for s in segments:
+        if out and out[-1][0].ggml_type == s.ggml_type:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return [g[0] if len(g) == 1 else cat_rows(g) for g in out]
+
+
+class NativeLinear(torch.nn.Module):
+    def __init__(self, segments: list[BlockTensor] | BlockTensor, bias: torch.Tensor | None = None,
+                 device: str = "cpu"):
+        super().__init__()
+        segments = [segments] if isinstance(segments, BlockTensor) else list(segments)
+        if not segments:
+            raise HeteroError("a native linear layer needs at least one row segment")
+        k = segments[0].shape[1]
+        if any(s.shape[1] != k for s in segments):
+            raise HeteroError(f"row segments of one linear layer must share K; got "
+                              f"{sorted({s.shape[1] for s in segments})}")
+        self.segments = [s.to(device) for s in merge_segments(segments)]
+        self.in_features = k
+        self.out_features = sum(s.shape[0] for s in self.segments)
+        if bias is not None and bias.numel() != self.out_features:
+            raise HeteroError(f"bias of {bias.numel()} values for {self.out_features} output features")
+        self.bias = None if bias is None else bias.to(device=device, dtype=torch.float32).reshape(-1)
+        # the activation dtype's copy (bf16 units, the decode stack) is made once
+        self._bias_bf16 = None if bias is None else self.bias.to(torch.bfloat16)
+        cpu = torch.device(device).type == "cpu"
+        self._k = kernels.get() if cpu else None
+        self._kinds = [kernels.kinds()[s.ggml_type.lower()] for s in self.segments] if self._k else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return y
+        return y + (self._bias_bf16 if y.dtype == torch.bfloat16 else self.bias.to(y.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, k = x.shape, self.in_features
+        dt = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        if self._k is not None and x.numel() == k and x.device.type == "cpu":
+            xv = x.reshape(k).to(dt).contiguous()
+            ys = [self._k.gemv_gguf(xv, s.data, kind, k) for s, kind in zip(self.segments, self._kinds)]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys)
+            return self._add_bias(y).view(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, k).to(dt)
+        return self._add_bias(self.matmul(x2)).reshape(*shape[:-1], self.out_features)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, K] @ W.T in x2's dtype, dequantising DEQUANT_ELEMENTS weights at a time."""
+        k = self.in_features
+        rows = max(16, DEQUANT_ELEMENTS // max(1, k) // 16 * 16)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
+        o = 0
+        for j, s in enumerate(self.segments):
+            kind = self._kinds[j] if self._k is not None else None
+            for r in range(0, s.shape[0], rows):
+                if kind is not None and x2.device.type == "cpu":   # compiled, the same exact values
+                    w = self._k.dequant_gguf(s.data[r:r + rows], kind, k).to(x2.dtype)
+                else:
+                    w = dequantize_rows(s.ggml_type, s.data[r:r + rows], k).to(x2.dtype)
+                out[:, o + r:o + r + w.shape[0]] = F.linear(x2, w)
+            o += s.shape[0]
+        return out
+
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 rows `ids` (1-D, output features) of the weight: an embedding tied to this head."""
+        ids = ids.to(self.segments[0].data.device)
+        if len(self.segments) == 1:
+            s = self.segments[0]
+            return dequantize_rows(s.ggml_type, s.data[ids], self.in_features)
+        out = torch.empty(ids.numel(), self.in_features, dtype=torch.float32, device=ids.device)
+        o = 0
+        for s in self.segments:
+            hit = (ids >= o) & (ids < o + s.shape[0])
+            if hit.any():
+                out[hit] = dequantize_rows(s.ggml_type, s.data[ids[hit] - o], self.in_features)
+            o += s.shape[0]
+        return out
+
+
+class NativeEmbedding(torch.nn.Module):
+    """A GGUF block table [V, row bytes]: a lookup dequantises only the rows it reads (exactly), in
+    the activation dtype (bf16)."""
+
+    def __init__(self, table: BlockTensor, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.table = table.to(device)
+        self.rows, self.dim = table.shape
+        self.dtype = dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.data.device
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(self.table.data.device)
+        rows = dequantize_rows(self.table.ggml_type, self.table.data[flat], self.dim).to(self.dtype)
+        return rows.view(*ids.shape, self.dim)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import weakref
 
 import numpy as np
 import pytest
@@ -156,4 +158,29 @@ def test_force_replaces_an_earlier_export(tmp_path, capsys):
     code, _, err = run_cli(["compress", "synthetic:tiny", "--format", "gguf", "--type", "Q8_0", "-o", str(out),
                             "--force", "--json", "--no-progress"], capsys)
     assert code == 0 and out.stat().st_size > first
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file written under the umask
     assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"]
+
+
+def test_the_writer_asks_for_one_tensor_at_a_time_and_keeps_none(tmp_path):
+    from hetero.compress.gguf_export import byte_vocab_kv, write_stream
+    from hetero.model.sources import resolve_spec
+    from hetero.model.spec import expected_tensors
+    from hetero.model.synthetic import tensor
+
+    spec = resolve_spec("synthetic:tiny")
+    asked, alive = [], []
+
+    def get(name, shape):
+        # every tensor handed out before must already be written and dropped
+        assert not any(r() is not None for r in alive), f"a tensor is still held when {name} is asked for"
+        asked.append(name)
+        t = tensor(name, shape)
+        alive.append(weakref.ref(t))
+        return t
+
+    total = write_stream(tmp_path / "x.gguf", spec, get, "Q4_0", byte_vocab_kv(spec.vocab_size))
+    assert asked == [n for n, _ in expected_tensors(spec)]
+    assert total < (tmp_path / "x.gguf").stat().st_size < total + 64 * 1024  # data + header and vocab

@@ -301,6 +301,9 @@ def write_stream(out: str | Path, spec: ModelSpec, get, qtype: str, kv: KV, sear
                 del t, data
                 advance(math.prod(shape))
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

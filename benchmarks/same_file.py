@@ -180,14 +180,16 @@ def hetero_bytes_per_token(model) -> int:
     return total
 
 
-def machine_peaks() -> tuple[float, float, str]:
-    """(memory read B/s, best GEMM FLOP/s, its precision) from this machine's hardware profile."""
+def machine_peaks() -> tuple[float, float, str, str]:
+    """(memory read B/s, best GEMM FLOP/s, its precision, when measured) from this machine's hardware
+    profile (a profile measured on a busy machine understates both: the time says which one it is)."""
     from hetero.hardware.profile import get_profile_isolated
 
-    cpu = get_profile_isolated().devices["cpu"]
+    prof = get_profile_isolated()
+    cpu = prof.devices["cpu"]
     prec, m = max(((p, v) for p, v in cpu.gemm_flops.items() if p in ("int8", "bf16")), key=lambda pv: pv[1].median)
     read = cpu.mem_read_bandwidth or cpu.mem_bandwidth
-    return read.median, m.median, prec
+    return read.median, m.median, prec, prof.measured_at
 
 
 # ---- the two tables ----------------------------------------------------------------------------
@@ -203,7 +205,7 @@ def speed_table(shape: str, want: str, rounds: int, prompt_n: int, steps: int, t
     import llama_cpp
 
     spec = resolve_spec(f"synthetic:{shape}")
-    read_bs, gemm, gemm_prec = machine_peaks()
+    read_bs, gemm, gemm_prec, measured_at = machine_peaks()
     flops_tok = spec.prefill_flops(prompt_n) / prompt_n
     files = shape_files(shape, kquant)
     print(f"# hetero vs llama.cpp on the same GGUF files — synthetic:{shape} ({spec.n_layers} layers, hidden "
@@ -211,7 +213,8 @@ def speed_table(shape: str, want: str, rounds: int, prompt_n: int, steps: int, t
           f"prompt {prompt_n} tokens, {steps} decode steps, {rounds} rounds A B A B, medians; torch "
           f"{torch.__version__}, llama-cpp-python {llama_cpp.__version__}\n")
     print(f"Memory read rate {read_bs / 1e9:.1f} GB/s and best GEMM {gemm / 1e9:.0f} GFLOP/s ({gemm_prec}) from "
-          f"this machine's hardware profile; % bound = measured / (that rate / bytes or FLOPs per token).\n")
+          f"this machine's hardware profile (measured {measured_at}); % bound = measured / (that rate / "
+          f"bytes or FLOPs per token).\n")
     print("| file | hetero precision | decode tok/s hetero / llama.cpp | decode ratio (min–max) | "
           "decode % of memory bound hetero / llama.cpp | prefill tok/s hetero / llama.cpp | "
           "prefill ratio (min–max) | prefill % of GEMM peak hetero / llama.cpp |")

@@ -8,6 +8,11 @@ alternate so both see the same machine noise; ratios are per round. Quality: per
 tokens of the built-in evaluation text (non-overlapping 512-token windows, same scoring).
 
     .venv/bin/python benchmarks/vs_llamacpp.py [--precisions int4,int8] [--rounds 3] [--tokens 64]
+    .venv/bin/python benchmarks/vs_llamacpp.py --shape tinyllama-1.1b [--rounds 3 --prompt 512 --decode 32]
+    .venv/bin/python benchmarks/vs_llamacpp.py --perplexity [--ppl-tokens 2048]
+
+--shape and --perplexity run both engines on the very same GGUF files (benchmarks/same_file.py):
+at a real shape llama.cpp's fixed per-op costs no longer dominate, which the 135M model's do.
 
 Without llama-cpp-python (`make bench-peers` installs it) hetero's figures are still printed, with a note.
 Also printed: % of the memory-bandwidth bound in decode, % of the bf16 GEMM bound in prefill, and
@@ -16,7 +21,6 @@ whether greedy tokens on the fast (compiled-kernel) path equal those of the stoc
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import statistics
@@ -115,46 +119,42 @@ def peer_gguf(src, prec: str):
     llama.cpp's own requantisation of it (the same weights, widened) into the cache dir."""
     from pathlib import Path
 
-    import llama_cpp
-
     from hetero.paths import cache_dir
+    from same_file import llama_quantize
 
     kind = PEER_TYPE[prec]
     if kind == "Q4_1":
         return Path(src), kind
     out = cache_dir() / "peers" / f"{Path(src).stem}.{kind}.gguf"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
-                                           "F32": "LLAMA_FTYPE_ALL_F32"}[kind])
-        params.allow_requantize = True
-        tmp = out.with_suffix(".tmp")
-        saved = os.dup(2)  # the quantizer prints every tensor on stderr
-        try:
-            with open(os.devnull, "w") as null:
-                os.dup2(null.fileno(), 2)
-                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        if rc != 0:
-            raise SystemExit(f"llama.cpp could not make {kind} from {src} (rc {rc})")
-        os.replace(tmp, out)
-    return out, kind
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return llama_quantize(Path(src), out, kind), kind
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precisions", default="int4,int8")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--tokens", "--decode", dest="tokens", type=int, default=64, help="decode steps")
+    ap.add_argument("--prefill", "--prompt", dest="prefill", type=int, default=512, help="prompt tokens")
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--shape", help="same-file speed at a synthetic shape (tinyllama-1.1b, llama2-7b-smol)")
+    ap.add_argument("--perplexity", action="store_true", help="same-file perplexity of the built-in model")
+    ap.add_argument("--hetero-precision", default="native",
+                    help="--shape/--perplexity: hetero's precision (native: the file's own types)")
+    ap.add_argument("--kquant", default="Q4_K_M", choices=("Q4_K_M", "Q4_K_S"),
+                    help="--shape/--perplexity: the k-quant file llama.cpp's quantizer makes")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
+    if a.shape or a.perplexity:
+        import same_file
+
+        if a.shape:
+            same_file.speed_table(a.shape, a.hetero_precision, a.rounds, a.prefill, a.tokens, a.threads, a.kquant)
+        if a.perplexity:
+            same_file.perplexity_table(a.hetero_precision, a.ppl_tokens, a.threads, a.kquant)
+        return 0
     import hetero
     from hetero.eval.corpus import eval_ids
     from hetero.model.sources import builtin_path

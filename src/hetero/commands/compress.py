@@ -96,6 +96,13 @@ def compress(
     from hetero.model.sources import resolve_spec
 
     check_exportable(resolve_spec(model))  # before the slow part
+    if fmt == "gguf" and method is None and (model or "").startswith("synthetic:"):
+        # generated tensor by tensor into the file: neither the model nor its safetensors dir is made
+        from hetero.compress.gguf_export import write_synthetic_gguf
+
+        record = write_synthetic_gguf(out, model.split(":", 1)[1], gguf_type, force=force, progress=progress)
+        _report(out, record, as_json)
+        return
     loaded = load_model(model)
     opts = methods.Options(group=group, sym=sym, sparsity=sparsity, nm=nm, values=values,
                            calib_tokens=calib_tokens, act_order=act_order, layers=layers, steps=steps,
@@ -110,7 +117,7 @@ def compress(
     if fmt == "gguf":
         from hetero.compress.gguf_export import write_gguf
 
-        record = write_gguf(out, loaded, spec, tensors, gguf_type, record, force=force)
+        record = write_gguf(out, loaded, spec, tensors, gguf_type, record, force=force, progress=progress)
     else:
         from hetero.compress.artifact import write_hf_dir
 
@@ -119,6 +126,10 @@ def compress(
         import shutil
 
         shutil.rmtree(opts.checkpoint_dir, ignore_errors=True)
+    _report(out, record, as_json)
+
+
+def _report(out: str, record: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(record))
     else:

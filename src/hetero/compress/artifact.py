@@ -35,8 +35,8 @@ def check_exportable(spec: ModelSpec) -> None:
 
 
 def hf_config(spec: ModelSpec, record: dict | None, dtype: str = "fp32", tokenizer=None) -> dict:
-    check_exportable(spec)
     """An HF config.json dict describing `spec` (what hetero.model.hf.spec_from_config reads back)."""
+    check_exportable(spec)
     cfg = {
         "architectures": [_ARCH_CLASS[spec.architecture]], "model_type": spec.architecture,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,

@@ -2,10 +2,16 @@
 
 Speed does not depend on trained weights, so big models are synthetic. The spec comes from the
 config alone (planning a 70B costs nothing); the weights are written once, as an HF-style
-safetensors dir under the cache, only when a run needs them.
+safetensors dir under the cache, only when a run needs them. Each tensor is seeded by its own name
+(`tensor()`), so any one of them is made without the others: the GGUF export streams them.
+
+Shapes listed in BUILTIN_TOKENIZER use the built-in model's vocabulary (SmolLM2's 49152 tokens), so
+real text tokenises as in a trained model and a GGUF written from them runs in llama.cpp; the others
+keep their own vocab size and hetero's byte-level fallback tokenizer.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +31,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # TinyLlama-1.1B shape with the built-in (SmolLM2) vocabulary: the same-file benchmark's model.
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048,
+                           rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # Llama-2-7B shape with the built-in vocabulary.
+    "llama2-7b-smol": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=49152, max_position_embeddings=4096,
+                           rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
     # Llama-2-7B shape.
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
@@ -42,6 +56,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Shapes whose tokenizer is a built-in model's (hetero.model.sources.BUILTINS); their vocab_size is its.
+BUILTIN_TOKENIZER: dict[str, str] = {"tinyllama-1.1b": "smollm2-135m", "llama2-7b-smol": "smollm2-135m"}
+
+# Bumped whenever tensor() would give other values, so no cached weights of an older rule are reused.
+GENERATOR = 2
+
+
 def config(name: str) -> dict[str, Any]:
     if name not in CONFIGS:
         raise HeteroError(f"unknown synthetic model {name!r}; known: {', '.join(sorted(CONFIGS))}")
@@ -52,13 +73,39 @@ def config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def tokenizer_gguf(name: str) -> Path | None:
+    """The GGUF whose tokenizer the synthetic model `name` uses (None: the byte-level fallback)."""
+    config(name)
+    if name not in BUILTIN_TOKENIZER:
+        return None
+    from hetero.model.sources import builtin_path
+
+    return builtin_path(BUILTIN_TOKENIZER[name])
+
+
+def tensor_seed(name: str, seed: int = 0) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def tensor(name: str, shape: tuple[int, ...], seed: int = 0):
+    """The synthetic value of canonical tensor `name` (bf16): norms 1, biases 0, matrices seeded by
+    their name and scaled so activations stay O(1) through the layers, like a trained model's."""
+    import torch
+
+    if len(shape) == 1:
+        return (torch.ones(shape) if "norm" in name else torch.zeros(shape)).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(tensor_seed(name, seed))
+    t = torch.randn(shape, generator=gen)
+    t.mul_(shape[-1] ** -0.5)
+    return t.to(torch.bfloat16)
+
+
 def weights_dir(name: str) -> Path:
-    return cache_dir() / "synthetic" / name
+    return cache_dir() / "synthetic" / f"{name}.g{GENERATOR}"
 
 
 def ensure_weights(name: str, seed: int = 0, progress: bool = True) -> Path:
     """Write the seeded random weights of `name` once (bf16 safetensors); return the directory."""
-    import torch
     from safetensors.torch import save_file
 
     from hetero.model.spec import expected_tensors
@@ -72,19 +119,13 @@ def ensure_weights(name: str, seed: int = 0, progress: bool = True) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
-        gen = torch.Generator().manual_seed(seed)
         shard, shard_bytes, shards, index = {}, 0, [], {}
         names = expected_tensors(spec)
         from hetero.progress import progress_bar
 
         with progress_bar(f"writing synthetic:{name}", total=len(names), enabled=progress) as advance:
             for tname, shape in names:
-                if len(shape) == 1:
-                    t = torch.ones(shape) if "norm" in tname else torch.zeros(shape)
-                else:
-                    # Scaled so activations stay O(1) through the layers, like a trained model's.
-                    t = torch.randn(shape, generator=gen) * (shape[-1] ** -0.5)
-                shard[tname] = t.to(torch.bfloat16)
+                shard[tname] = tensor(tname, shape, seed)
                 shard_bytes += shard[tname].numel() * 2
                 if shard_bytes >= 2 << 30:
                     shards.append(shard)

@@ -1,5 +1,5 @@
 """Tokenizer and chat template: from GGUF metadata or an HF dir, or a byte-level fallback for
-synthetic models, which have no trained vocabulary.
+synthetic models, which have no trained vocabulary (those shaped on the built-in vocabulary use its).
 
 A Gemma 3 GGUF's SentencePiece vocabulary is served by model/spm.py (llama.cpp's algorithm: the ids
 transformers' conversion gives differ on runs of spaces). A tokenizer.json is served by the `tokenizers` package directly and its chat template rendered by
@@ -211,6 +211,11 @@ def _load(source: Source, vocab_size: int, eos_token_id: int | None) -> Tokenize
         hf = load_spm(source.path, BUILTIN_TEMPLATES.get(arch))
     elif source.kind == "gguf":
         hf = _load_gguf_tokenizer(source.path)
+    elif source.kind == "synthetic":
+        from hetero.model.synthetic import tokenizer_gguf
+
+        path = tokenizer_gguf(source.name)
+        hf = _load_gguf_tokenizer(path) if path is not None else None
     elif source.kind == "hf" and any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         hf = load_fast(source.path)
         if hf is None:

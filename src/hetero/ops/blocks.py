@@ -237,9 +237,9 @@ def cat_rows(parts: list[BlockTensor]) -> BlockTensor:
 Q8_SEARCH = 64
 
 
-def quantize_q8_0(arr: np.ndarray, rows_per_chunk: int = 4096) -> np.ndarray:
+def quantize_q8_0(arr: np.ndarray, rows_per_chunk: int = 4096, search: int = Q8_SEARCH) -> np.ndarray:
     """[rows, K] float32 -> GGUF Q8_0 bytes [rows, K / 32 * 34] (per block: fp16 scale, 32 int8),
-    each block's scale chosen by least squared error over Q8_SEARCH candidates."""
+    each block's scale chosen by least squared error over `search` candidates (1: round-to-nearest)."""
     rows, k = arr.shape
     out = np.empty((rows, k // 32 * 34), dtype=np.uint8)
     for r0 in range(0, rows, rows_per_chunk):
@@ -247,7 +247,7 @@ def quantize_q8_0(arr: np.ndarray, rows_per_chunk: int = 4096) -> np.ndarray:
         amax = np.abs(x).max(axis=1, keepdims=True)
         best_d = np.zeros_like(amax)
         best_err = np.full_like(amax, np.inf)
-        for j in range(Q8_SEARCH):
+        for j in range(search):
             d = (amax / 127 * (1 + j / 256)).astype(np.float16).astype(np.float32)
             safe = np.where(d == 0, 1, d)
             err = ((np.clip(np.round(x / safe), -127, 127) * d - x) ** 2).sum(axis=1, keepdims=True)

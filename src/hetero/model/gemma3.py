@@ -23,7 +23,7 @@ from hetero.model.arch import Architecture
 from hetero.model.llama import apply_rope, rms_norm
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig
-from hetero.ops.linear import activation_dtype, make_linear
+from hetero.ops.linear import activation_dtype, cat_rows, make_linear
 
 
 class Gemma3Layer(torch.nn.Module):
@@ -34,10 +34,10 @@ class Gemma3Layer(torch.nn.Module):
         self.dtype = activation_dtype(unit.precision)
         self.n_q, self.n_kv = spec.n_heads * spec.head_dim, spec.kv_dim
         self.window = spec.sliding_window if spec.is_sliding(i) else None
-        qkv_w = torch.cat([weights(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        qkv_w = cat_rows([weights(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         self.qkv = make_linear(qkv_w, None, unit.precision, unit.device)
         self.o = make_linear(weights(p + "self_attn.o_proj.weight"), None, unit.precision, unit.device)
-        gate_up = torch.cat([weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight")])
+        gate_up = cat_rows([weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight")])
         self.gate_up = make_linear(gate_up, None, unit.precision, unit.device)
         self.down = make_linear(weights(p + "mlp.down_proj.weight"), None, unit.precision, unit.device)
 

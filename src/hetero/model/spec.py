@@ -114,10 +114,15 @@ class ModelSpec:
         where some unit is wholly stored in it."""
         from hetero.dtypes import BLOCK_PRECISIONS, NATIVE, PRECISIONS, QUANTISABLE_BLOCKS
 
+        from hetero.dtypes import GGML_BLOCKS
+
         blocks = self.has_block_tensors
         units = self.unit_names()
+        # quantising to a block format needs every matrix's rows to be whole blocks (a real file's are)
+        widths = {t.shape[-1] for t in self.tensors if len(t.shape) >= 2}
+        fits = {p for p in QUANTISABLE_BLOCKS if all(w % GGML_BLOCKS[p.upper()][0] == 0 for w in widths)}
         return tuple(p for p in PRECISIONS
-                     if (p not in BLOCK_PRECISIONS and p != NATIVE) or p in QUANTISABLE_BLOCKS
+                     if (p not in BLOCK_PRECISIONS and p != NATIVE) or p in fits
                      or (p == NATIVE and blocks)
                      or (p in BLOCK_PRECISIONS and blocks and any(self.stored_as(u, p) for u in units)))
 

@@ -37,6 +37,22 @@ def merge_segments(segments: list[BlockTensor]) -> list[BlockTensor]:
     return [g[0] if len(g) == 1 else cat_rows(g) for g in out]
 
 
+class Segment(torch.nn.Module):
+    """One block tensor held as a module (its bytes a plain tensor attribute), so the tensor cache
+    snapshots it and a streamed unit's buffer binds it like any other weight."""
+
+    def __init__(self, block: BlockTensor):
+        super().__init__()
+        self.data, self.ggml_type, self.shape = block.data, block.ggml_type, tuple(block.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def block(self) -> BlockTensor:
+        return BlockTensor(self.ggml_type, self.data, self.shape)
+
+
 class NativeLinear(torch.nn.Module):
     def __init__(self, segments: list[BlockTensor] | BlockTensor, bias: torch.Tensor | None = None,
                  device: str = "cpu"):
@@ -48,7 +64,10 @@ class NativeLinear(torch.nn.Module):
         if any(s.shape[1] != k for s in segments):
             raise HeteroError(f"row segments of one linear layer must share K; got "
                               f"{sorted({s.shape[1] for s in segments})}")
-        self.segments = [s.to(device) for s in merge_segments(segments)]
+        merged = merge_segments(segments)
+        self.n_segments = len(merged)
+        for i, s in enumerate(merged):
+            self.add_module(f"seg{i}", Segment(s.to(device)))
         self.in_features = k
         self.out_features = sum(s.shape[0] for s in self.segments)
         if bias is not None and bias.numel() != self.out_features:
@@ -59,6 +78,11 @@ class NativeLinear(torch.nn.Module):
         cpu = torch.device(device).type == "cpu"
         self._k = kernels.get() if cpu else None
         self._kinds = [kernels.kinds()[s.ggml_type.lower()] for s in self.segments] if self._k else None
+
+    @property
+    def segments(self) -> list[BlockTensor]:
+        """The row segments in output order, as BlockTensors over the child modules' bytes (seg0, ...)."""
+        return [self._modules[f"seg{i}"].block() for i in range(self.n_segments)]
 
     @property
     def nbytes(self) -> int:
@@ -119,7 +143,7 @@ class NativeEmbedding(torch.nn.Module):
 
     def __init__(self, table: BlockTensor, device: str = "cpu", dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        self.table = table.to(device)
+        self.table = Segment(table.to(device))
         self.rows, self.dim = table.shape
         self.dtype = dtype
 

@@ -257,10 +257,11 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
                             for a in compute for b in compute if a != b}, compute)
     act_prefill = _shortest({(a, b): links[(a, b)].time(cost.activation_bytes(spec, P, B, coeffs))
                              for a in compute for b in compute if a != b}, compute)
-    # a CPU that may run int4 also holds the block its prefill dequantises at a time
+    # a CPU that may run int4 or a GGUF block format also holds the block its prefill dequantises at a time
     kinds = {d.name: d.kind for d in hw.devices}
     workspace = {d: cost.workspace_bytes(spec, P, B, dequant=kinds.get(d) == "cpu" and any(
-        c.device == d and c.precision == "int4" for c in choices)) for d in compute}
+        c.device == d and (c.precision == "int4" or c.precision in BLOCK_PRECISIONS or c.precision == "native")
+        for c in choices)) for d in compute}
     return Table(spec, hw, workload, coeffs, prefetch, units, choices, compute, mem_of, memory_devices,
                  disk.name if disk else None, host, decode, prefill, decode_serial, prefill_serial, weights, weights_only, pools, quality,
                  act_decode, act_prefill, workspace, tied, nbytes, valid)

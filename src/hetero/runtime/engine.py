@@ -399,9 +399,17 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
         notes.append(f"re-planned: {why}; new cpu budget {fmt_bytes(budgets['cpu'])}")
         return fresh, notes
     hw, prof = _machine(hardware)
-    plan = make_plan(spec, hw, prof, memory=parse_memory(memory_text, spec), objective=objective,
-                     prompt_tokens=prompt_tokens, context=context, precisions=precisions, reserve=reserve)
-    return plan, notes
+    kw = dict(memory=parse_memory(memory_text, spec), objective=objective, prompt_tokens=prompt_tokens,
+              context=context, precisions=precisions, reserve=reserve)
+    if precisions is None and spec.has_block_tensors:
+        # A quantised file runs as it is stored (or wider) unless the budget forces a conversion:
+        # re-rounding its weights to another grid costs quality the user did not ask to trade.
+        try:
+            return make_plan(spec, hw, prof, max_quality_loss=0.0, **kw), notes
+        except HeteroError:
+            notes.append("the file's own formats do not fit this budget: some units are converted to "
+                         "smaller ones (pass --precisions to choose)")
+    return make_plan(spec, hw, prof, **kw), notes
 
 
 def _machine(hardware: str | None):

@@ -188,13 +188,16 @@ def code_version() -> str:
     """A hash of the code that builds units: an entry made by other code (new attributes, another
     quantisation) is stale."""
     if "code" not in _CODE:
+        import hetero.ops.blocks as blocks
         import hetero.ops.embedding as embedding
         import hetero.ops.linear as linear
+        import hetero.ops.native as native
         from hetero.model.arch import MODULES
 
         h = hashlib.sha256()
         # every architecture file (model/llama.py, model/gemma3.py, ...) and the kernels they build on
-        for m in [*(importlib.import_module(n) for n in sorted(set(MODULES.values()))), linear, embedding]:
+        for m in [*(importlib.import_module(n) for n in sorted(set(MODULES.values()))), linear, embedding,
+                  native, blocks]:
             h.update(Path(m.__file__).read_bytes())
         _CODE["code"] = h.hexdigest()[:16]
     return _CODE["code"]

@@ -6,6 +6,7 @@ from typing import Iterator, Sequence, Union
 
 import torch
 
+from hetero.dtypes import PRECISIONS
 from hetero.errors import HeteroError
 from hetero.model.units import UnitConfig
 from hetero.model.spec import ModelSpec
@@ -16,8 +17,7 @@ from hetero.runtime.sampling import SamplingParams
 Messages = Sequence[dict]
 Prompt = Union[str, Messages]
 
-PRECISION_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
-                   "fp16": "fp16", "float16": "fp16", "int8": "int8", "int4": "int4"}
+PRECISION_NAMES = {**{p: p for p in PRECISIONS}, "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 class Model:
@@ -75,7 +75,7 @@ def load(model: str | None = None, dtype: str = "fp32", device: str = "cpu",
 
     precision = PRECISION_NAMES.get(dtype)
     if precision is None:
-        raise HeteroError(f"unknown dtype {dtype!r}; known: fp32, bf16, fp16, int8, int4")
+        raise HeteroError(f"unknown dtype {dtype!r}; known: {', '.join(PRECISIONS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HeteroError(f"device {device} requested but CUDA is not available here")
     if threads:

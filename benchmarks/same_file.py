@@ -170,9 +170,9 @@ def hetero_bytes_per_token(model) -> int:
     table only when the head is tied to it."""
     seen, total = set(), 0
     for name, mod in model.net.named_modules():
-        if name == "embed" and not model.spec.tie_embeddings:
+        if (name == "embed" or name.startswith("embed.")) and not model.spec.tie_embeddings:
             continue
-        for attr in ("weight", "qweight", "packed", "scales", "scales_zeros", "bias"):
+        for attr in ("weight", "qweight", "packed", "scales", "scales_zeros", "bias", "data"):
             t = getattr(mod, attr, None)
             if isinstance(t, torch.Tensor) and mod is not model.net and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())

@@ -104,18 +104,18 @@ def weight_bytes_per_token(net) -> int:
     """Bytes of weights read per decoded token (every linear layer once; the embedding row is noise)."""
     total = 0
     for mod in net.modules():
-        for name in ("weight", "qweight", "packed", "scales", "scales_zeros"):
+        for name in ("weight", "qweight", "packed", "scales", "scales_zeros", "data"):  # data: GGUF blocks
             t = getattr(mod, name, None)
             if isinstance(t, torch.Tensor) and mod is not net:
                 total += t.numel() * t.element_size()
     return total
 
 
-PEER_TYPE = {"int4": "Q4_1", "int8": "Q8_0", "bf16": "BF16", "fp32": "F32"}
+PEER_TYPE = {"native": "Q4_1", "int4": "Q4_1", "int8": "Q8_0", "bf16": "BF16", "fp32": "F32"}
 
 
 def peer_gguf(src, prec: str):
-    """The llama.cpp file for hetero precision `prec`: the built-in Q4_1 itself for int4, else
+    """The llama.cpp file for hetero precision `prec`: the built-in Q4_1 itself for native and int4, else
     llama.cpp's own requantisation of it (the same weights, widened) into the cache dir."""
     from pathlib import Path
 
@@ -132,7 +132,7 @@ def peer_gguf(src, prec: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precisions", default="int4,int8")
+    ap.add_argument("--precisions", default="native,int4,int8")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", "--decode", dest="tokens", type=int, default=64, help="decode steps")
     ap.add_argument("--prefill", "--prompt", dest="prefill", type=int, default=512, help="prompt tokens")

@@ -142,7 +142,10 @@ class Decoder(torch.nn.Module):
             return x[:, :0, :0]
         if last_only:
             x = x[:, -1:]
-        x = rms_norm(x.to(self.head_device), self.norm, self.spec.norm_eps)
+        x = x.to(self.head_device)
+        if getattr(self.head, "computes_in_input_dtype", False):
+            x = x.float()  # a head that honours its input's dtype gives fp32 logits: no bf16 ties
+        x = rms_norm(x, self.norm, self.spec.norm_eps)
         logits = self.head(x).float()
         return logits[:, -1] if last_only else logits
 

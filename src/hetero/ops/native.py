@@ -54,6 +54,9 @@ class Segment(torch.nn.Module):
 
 
 class NativeLinear(torch.nn.Module):
+    # fp32 in, fp32 out (exact weights, fp32 accumulation): the decoder gives a native head fp32 input
+    computes_in_input_dtype = True
+
     def __init__(self, segments: list[BlockTensor] | BlockTensor, bias: torch.Tensor | None = None,
                  device: str = "cpu"):
         super().__init__()

@@ -199,16 +199,30 @@ def _ratio(h: list[float], l: list[float]) -> str:
 
 
 def speed_table(shape: str, want: str, rounds: int, prompt_n: int, steps: int, threads: int, kquant: str) -> None:
-    from hetero.eval.corpus import eval_ids
     from hetero.model.sources import resolve_spec
+
+    files_speed_table(f"synthetic:{shape}", resolve_spec(f"synthetic:{shape}"), shape_files(shape, kquant),
+                      want, rounds, prompt_n, steps, threads)
+
+
+def file_speed_table(model: str, want: str, rounds: int, prompt_n: int, steps: int, threads: int) -> None:
+    """The same table for one GGUF a user has (a path, or a built-in name such as gemma3-270m)."""
+    from hetero.model.sources import resolve, resolve_spec
+
+    path = Path(resolve(model).path)
+    files_speed_table(model, resolve_spec(model), [(path.stem, path)], want, rounds, prompt_n, steps, threads)
+
+
+def files_speed_table(name: str, spec, files: list[tuple[str, Path]], want: str, rounds: int, prompt_n: int,
+                      steps: int, threads: int) -> None:
+    from hetero.eval.corpus import eval_ids
 
     import llama_cpp
 
-    spec = resolve_spec(f"synthetic:{shape}")
     read_bs, gemm, gemm_prec, measured_at = machine_peaks()
     flops_tok = spec.prefill_flops(prompt_n) / prompt_n
-    files = shape_files(shape, kquant)
-    print(f"# hetero vs llama.cpp on the same GGUF files — synthetic:{shape} ({spec.n_layers} layers, hidden "
+    shape = name
+    print(f"# hetero vs llama.cpp on the same GGUF files — {shape} ({spec.n_layers} layers, hidden "
           f"{spec.hidden_size}, FFN {spec.intermediate_size}, vocab {spec.vocab_size}), {threads} threads, "
           f"prompt {prompt_n} tokens, {steps} decode steps, {rounds} rounds A B A B, medians; torch "
           f"{torch.__version__}, llama-cpp-python {llama_cpp.__version__}\n")

@@ -139,6 +139,7 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--shape", help="same-file speed at a synthetic shape (tinyllama-1.1b, llama2-7b-smol)")
+    ap.add_argument("--file", help="same-file speed on one GGUF: a path or a built-in name (gemma3-270m)")
     ap.add_argument("--perplexity", action="store_true", help="same-file perplexity of the built-in model")
     ap.add_argument("--hetero-precision", default="native",
                     help="--shape/--perplexity: hetero's precision (native: the file's own types)")
@@ -147,9 +148,11 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
-    if a.shape or a.perplexity:
+    if a.shape or a.perplexity or a.file:
         import same_file
 
+        if a.file:
+            same_file.file_speed_table(a.file, a.hetero_precision, a.rounds, a.prefill, a.tokens, a.threads)
         if a.shape:
             same_file.speed_table(a.shape, a.hetero_precision, a.rounds, a.prefill, a.tokens, a.threads, a.kquant)
         if a.perplexity:

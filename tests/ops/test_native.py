@@ -67,7 +67,10 @@ def test_mixed_segments_bias_and_stack_operands(path):
     x = torch.randn(3, 256)
     for xs in (x[:1], x):
         assert rel(lin(xs), xs.double() @ w64.T + bias.double()) < 1e-5
-    assert gemv_operands(lin) is None      # mixed types: the layer runs per layer, not in the stack
+    mixed = gemv_operands(lin)             # mixed types: one stack operand per segment, in row order
+    if mixed is not None:
+        assert mixed[0] == [kernels.kinds()["q4_k"], kernels.kinds()["q6_k"]]
+        assert [w.data_ptr() for w in mixed[1]] == [s.data.data_ptr() for s in lin.segments]
     one = make_linear(q, bias[:32], "native")
     ops = gemv_operands(one)
     assert (ops is not None) == (path == "compiled")

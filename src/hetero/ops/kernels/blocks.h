@@ -187,11 +187,16 @@ inline bool bf16_kind(int64_t kind, int64_t K) {
   return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : (kind == KIND_Q4_K || kind == KIND_Q6_K));
 }
 
+// x (K fp32 values that are bf16 values) as bf16 bits.
+inline void bf16_bits(const float* x, int64_t K, uint16_t* xb) {
+  for (int64_t k = 0; k < K; ++k) { uint32_t u; std::memcpy(&u, x + k, 4); xb[k] = static_cast<uint16_t>(u >> 16); }
+}
+
 // The bf16 inputs of a bf16_kind GEMV: xb (K), xs8 (K / 4), xs (K / 32) from x (K fp32 bf16 values).
 inline void block_prep_bf16(int64_t kind, const float* x, int64_t K, uint16_t* xb, float* xs8, float* xs) {
   if (kind == KIND_Q4_0 || kind == KIND_Q4_1) { int4_prep_bf16(x, K, xb, xs8, xs); return; }
   group_sums(x, K / 32, xs);
-  for (int64_t k = 0; k < K; ++k) { uint32_t u; std::memcpy(&u, x + k, 4); xb[k] = static_cast<uint16_t>(u >> 16); }
+  bf16_bits(x, K, xb);
 }
 
 // fp16 a in lanes 0-7, b in lanes 8-15.

@@ -122,8 +122,20 @@ struct BQ6_K {
   }
 };
 
-// NR consecutive rows from n0 (row stride rb bytes; NR rows are contiguous, so the prefetch sweeps
-// them as one stream, PF_W ahead, at the rate they are read).
+// Each of NR rows (stride rb bytes, from wb) is read as its own stream, `len` bytes a step from byte
+// `off` of the row: each row's bytes PF_R ahead are prefetched, past the row's end in the same row
+// of the next NR rows (read after these). One stream over the NR rows' bytes PF_W ahead, as
+// before, ran behind rows 1..NR-1 of a long row: Q6_K [2048, 5632] streamed at 7 GB/s, 19 at K 2048.
+template <int NR>
+inline void prefetch_rows(const uint8_t* wb, int64_t rb, int64_t off, int64_t len) {
+  int64_t o = off + PF_R, g = 0;
+  while (o >= rb) { o -= rb; ++g; }   // PF_R is a few rows at most
+  const char* p = reinterpret_cast<const char*>(wb) + g * NR * rb + o;
+  for (int r = 0; r < NR; ++r)
+    for (int64_t l = 0; l < len; l += 64) _mm_prefetch(p + r * rb + l, _MM_HINT_T0);
+}
+
+// NR consecutive rows from n0 (row stride rb bytes).
 template <class T, int NR>
 inline void q_rows(const float* x, const float* xs, const uint8_t* w, int64_t rb, int64_t K, int64_t n0, float* y) {
   const uint8_t* wb = w + n0 * rb;
@@ -132,8 +144,7 @@ inline void q_rows(const float* x, const float* xs, const uint8_t* w, int64_t rb
   for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = 0.f; }
   const int64_t nb = K / T::W;
   for (int64_t i = 0; i < nb; ++i) {
-    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * T::B * NR;
-    for (int64_t o = 0; o < T::B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_rows<NR>(wb, rb, i * T::B, T::B);
     for (int r = 0; r < NR; ++r) T::dot(wb + r * rb + i * T::B, x + i * T::W, xs + i * (T::W / 32), acc[r], off[r]);
   }
   for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]) + off[r];
@@ -218,8 +229,7 @@ BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
-    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + p * 2 * B * NR;
-    for (int64_t o = 0; o < 2 * B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_rows<NR>(wb, rb, p * 2 * B, 2 * B);
     const __m512i xl = _mm512_loadu_si512(xb + 64 * p), xh = _mm512_loadu_si512(xb + 64 * p + 32);
     const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p);
     for (int r = 0; r < NR; ++r) {
@@ -266,8 +276,7 @@ BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* x
   for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = _mm256_setzero_ps(); }
   alignas(32) float sc[NR][8];
   for (int64_t i = 0; i < nb; ++i) {
-    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * B * NR;
-    for (int64_t o = 0; o < B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_rows<NR>(wb, rb, i * B, B);
     const __m256 xs8 = _mm256_loadu_ps(xs + 8 * i);
     for (int r = 0; r < NR; ++r) {  // the rows' scales first, so x is loaded once for all rows
       const uint8_t* b = wb + r * rb + i * B;
@@ -326,8 +335,7 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < nb; ++i) {
-    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * B * NR;
-    for (int64_t o = 0; o < B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_rows<NR>(wb, rb, i * B, B);
     for (int r = 0; r < NR; ++r) {
       const uint8_t* b = wb + r * rb + i * B;
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);

@@ -191,11 +191,11 @@ void q_blocks(int64_t kind, const float* x, const float* xs, const uint8_t* w, i
 // ---- bf16 activations: AVX512-BF16 dot products (as int4_rows_bf16 in rows.h) -------------------
 // The nibbles become exact bf16 0..15 through a table, x is bf16 already, each product is exact in
 // fp32: the result differs from the fp32 kernel only in summation order. Q4_0/Q4_1 (K % 64 == 0) read
-// x in int4_prep_bf16's layout (their nibble order is the int4 rows layout's); Q4_K and Q6_K read x
+// x in int4_prep_bf16's layout (their nibble order is the int4 rows layout's); Q4_K, Q5_K and Q6_K read x
 // as plain bf16 (a 32-byte run of Q4_K nibbles is one sub-block in the low nibbles, the next in the high).
 
 inline bool bf16_kind(int64_t kind, int64_t K) {
-  return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : (kind == KIND_Q4_K || kind == KIND_Q6_K));
+  return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : (kind == KIND_Q4_K || kind == KIND_Q5_K || kind == KIND_Q6_K));
 }
 
 // x (K fp32 values that are bf16 values) as bf16 bits.
@@ -265,10 +265,30 @@ inline void scales_mins_k4(const uint8_t* q, uint8_t out[16]) {
   std::memcpy(out, u, 16);
 }
 
-template <int NR>
-BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb, const float* xs, const uint8_t* w,
-                                      int64_t K, int64_t n0, float* y) {
-  constexpr int64_t B = 144;
+// Q4_K (FIFTH = false) / Q5_K: 32 bytes of nibbles are sub-blocks 2j (low) and 2j+1 (high). Q5_K's
+// fifth bits (qh byte l, bit s: weight l of sub-block s) are shifted to bit 4 of each word and
+// merged in with one bit-select; vpermw reads 5 index bits, so the table holds bf16(0 .. 31) and the
+// bits above 4 do not matter (Q4_K's table repeats 0 .. 15 and ignores bit 4).
+template <bool FIFTH>
+BF16_TARGET inline __m512i k_word_index(__m512i nib, __m512i qhw, int s) {
+  if (!FIFTH) return nib;
+  const __m512i sh = s < 4 ? _mm512_slli_epi16(qhw, 4 - s) : _mm512_srli_epi16(qhw, s - 4);
+  return _mm512_ternarylogic_epi32(_mm512_set1_epi16(0xF), nib, sh, 0xCA);  // (nib & 15) | (sh & ~15)
+}
+
+struct Q5Bf16Consts {
+  __m512i table;
+  BF16_TARGET Q5Bf16Consts() {
+    alignas(64) uint16_t tab[32];
+    for (int i = 0; i < 32; ++i) { const float v = static_cast<float>(i); uint32_t u; std::memcpy(&u, &v, 4); tab[i] = u >> 16; }
+    table = _mm512_load_si512(tab);
+  }
+};
+
+template <bool FIFTH, int NR>
+BF16_TARGET inline void qk_rows_bf16(__m512i table, const uint16_t* xb, const float* xs, const uint8_t* w,
+                                     int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = FIFTH ? 176 : 144, QS = FIFTH ? 48 : 16;
   const int64_t rb = K / 256 * B, nb = K / 256;
   const uint8_t* wb = w + n0 * rb;
   __m512 acc[NR];
@@ -292,9 +312,11 @@ BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* x
       const __m512i xl = _mm512_loadu_si512(xp), xh = _mm512_loadu_si512(xp + 32);
       for (int r = 0; r < NR; ++r) {
         const uint8_t* b = wb + r * rb + i * B;
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * j)));
-        const __m512i wl = _mm512_permutexvar_epi16(v, c.table);
-        const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + QS + 32 * j)));
+        const __m512i qhw = FIFTH ? _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)))
+                                  : _mm512_setzero_si512();
+        const __m512i wl = _mm512_permutexvar_epi16(k_word_index<FIFTH>(v, qhw, 2 * j), table);
+        const __m512i wh = _mm512_permutexvar_epi16(k_word_index<FIFTH>(_mm512_srli_epi16(v, 4), qhw, 2 * j + 1), table);
         const __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
         const __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wh, (__m512bh)xh);
         acc[r] = _mm512_fmadd_ps(d0, _mm512_set1_ps(sc[r][2 * j]), acc[r]);
@@ -367,12 +389,14 @@ BF16_TARGET void q_blocks_bf16(int64_t kind, const uint16_t* xb, const float* xs
                                int64_t N, int64_t K, float* y, int64_t b0, int64_t b1) {
   static const Int4Bf16Consts c;
   static const Q6Bf16Consts c6;
+  static const Q5Bf16Consts c5;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * ROWS;
     const bool full = N - n0 >= ROWS;
     for (int64_t n = n0; n < (full ? n0 + 1 : N); ++n) {
       if (kind == KIND_Q6_K) { if (full) q6k_rows_bf16<ROWS>(c6, xb, w, K, n, y); else q6k_rows_bf16<1>(c6, xb, w, K, n, y); }
-      else if (kind == KIND_Q4_K) { if (full) q4k_rows_bf16<ROWS>(c, xb, xs, w, K, n, y); else q4k_rows_bf16<1>(c, xb, xs, w, K, n, y); }
+      else if (kind == KIND_Q4_K) { if (full) qk_rows_bf16<false, ROWS>(c.table, xb, xs, w, K, n, y); else qk_rows_bf16<false, 1>(c.table, xb, xs, w, K, n, y); }
+      else if (kind == KIND_Q5_K) { if (full) qk_rows_bf16<true, ROWS>(c5.table, xb, xs, w, K, n, y); else qk_rows_bf16<true, 1>(c5.table, xb, xs, w, K, n, y); }
       else if (kind == KIND_Q4_1) { if (full) q4_rows_bf16<true, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<true, 1>(c, xb, xs8, w, K, n, y); }
       else { if (full) q4_rows_bf16<false, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<false, 1>(c, xb, xs8, w, K, n, y); }
     }

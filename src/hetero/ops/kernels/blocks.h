@@ -210,12 +210,15 @@ inline void block_prep_bf16(int64_t kind, const float* x, int64_t K, uint16_t* x
   bf16_bits(x, K, xb);
 }
 
-// fp16 a in lanes 0-7, b in lanes 8-15.
-BF16_TARGET inline __m512 f16_pair(const uint8_t* a, const uint8_t* b) {
-  uint16_t ha, hb;
-  std::memcpy(&ha, a, 2);
-  std::memcpy(&hb, b, 2);
-  return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(static_cast<short>(hb)), _mm_set1_epi16(static_cast<short>(ha))));
+// fp16 words w and w + B/2 of the 32 bytes at p (one field of two consecutive B-byte blocks) as
+// fp32 in lanes 0-7 / 8-15, the permute's index from pair_index(w, B): one load and one permute.
+BF16_TARGET inline __m512 f16_pair(const uint8_t* p, __m256i idx) {
+  return _mm512_cvtph_ps(_mm256_permutexvar_epi16(idx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+
+BF16_TARGET inline __m256i pair_index(int w, int B) {
+  return _mm256_set_epi16(w + B / 2, w + B / 2, w + B / 2, w + B / 2, w + B / 2, w + B / 2, w + B / 2, w + B / 2,
+                          w, w, w, w, w, w, w, w);
 }
 
 // Q4_0 (M1 = false) / Q4_1 (true): NR consecutive rows from n0, two blocks per step.
@@ -226,12 +229,13 @@ BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb
   const int64_t rb = K / 32 * B, P = K / 64;
   const uint8_t* wb = w + n0 * rb;
   const __m512 eight = _mm512_set1_ps(8.f);
+  const __m256i idx_d = pair_index(0, B), idx_m = pair_index(1, B);
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
     prefetch_rows<NR>(wb, rb, p * 2 * B, 2 * B);
     const __m512i xl = _mm512_loadu_si512(xb + 64 * p), xh = _mm512_loadu_si512(xb + 64 * p + 32);
-    const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p);
+    const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p), s64 = _mm512_mul_ps(eight, s8);
     for (int r = 0; r < NR; ++r) {
       const uint8_t* b0 = wb + r * rb + 2 * p * B;
       const uint8_t* b1 = b0 + B;
@@ -242,10 +246,13 @@ BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb
       const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
       __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
       d = _mm512_dpbf16_ps(d, (__m512bh)wh, (__m512bh)xh);
-      const __m512 sc = f16_pair(b0, b1);
-      acc[r] = _mm512_fmadd_ps(d, sc, acc[r]);
-      if (M1) acc[r] = _mm512_fmadd_ps(f16_pair(b0 + 2, b1 + 2), s8, acc[r]);   // m * sum
-      else acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(eight, sc), s8, acc[r]);    // -8 d * sum
+      const __m512 sc = f16_pair(b0, idx_d);
+      if (M1) {
+        acc[r] = _mm512_fmadd_ps(d, sc, acc[r]);
+        acc[r] = _mm512_fmadd_ps(f16_pair(b0, idx_m), s8, acc[r]);   // m * sum
+      } else {
+        acc[r] = _mm512_fmadd_ps(_mm512_sub_ps(d, s64), sc, acc[r]);    // d (dot - 8 sum)
+      }
     }
   }
   for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
@@ -338,8 +345,9 @@ BF16_TARGET inline void qk_rows_bf16(__m512i table, const uint16_t* xb, const fl
 // by a 64-entry table (vpermt2w); x plain bf16; the two 16-weight sub-blocks' scales fill lanes
 // 0-7 / 8-15 (dot products sum word pairs into dwords: lanes 0-7 are the group's first 16 weights).
 struct Q6Bf16Consts {
-  __m512i lo, hi;
+  __m512i lo, hi, pair;   // pair: dword lanes 0-7 -> 0, 8-15 -> 1
   BF16_TARGET Q6Bf16Consts() {
+    pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     alignas(64) uint16_t tab[64];
     for (int i = 0; i < 64; ++i) { const float v = static_cast<float>(i - 32); uint32_t u; std::memcpy(&u, &v, 4); tab[i] = u >> 16; }
     lo = _mm512_load_si512(tab);
@@ -353,7 +361,7 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
   constexpr int64_t B = 210;
   const int64_t rb = K / 256 * B, nb = K / 256;
   const uint8_t* wb = w + n0 * rb;
-  const __m512i m15 = _mm512_set1_epi16(0xF), m3 = _mm512_set1_epi16(3);
+  const __m512i m15 = _mm512_set1_epi16(0xF);
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < nb; ++i) {
@@ -364,18 +372,25 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
       const __m512 d = _mm512_set1_ps(f16(b + 208));
       // the 16 sub-block scales as fp32 (d * sc, as gguf-py computes them)
       const __m512 s16 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)))));
-      alignas(64) float sf[16];
-      _mm512_store_ps(sf, s16);
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+        const __m512i l0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h)));
+        const __m512i l1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32)));
+        // group g: nibbles (low of l0, low of l1, high of l0, high of l1) in bits 0-3, qh bits 2g, 2g+1
+        // moved to bits 4-5 and merged by one bit-select; vpermt2w reads 6 index bits (the rest
+        // do not matter) from the 64-entry table of bf16(q - 32)
+        const __m512i q[4] = {_mm512_ternarylogic_epi32(m15, l0, _mm512_slli_epi16(qh, 4), 0xCA),
+                              _mm512_ternarylogic_epi32(m15, l1, _mm512_slli_epi16(qh, 2), 0xCA),
+                              _mm512_ternarylogic_epi32(m15, _mm512_srli_epi16(l0, 4), qh, 0xCA),
+                              _mm512_ternarylogic_epi32(m15, _mm512_srli_epi16(l1, 4), _mm512_srli_epi16(qh, 2), 0xCA)};
+#pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) {
-          const __m512i l = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (g % 2))));
-          const __m512i nib = g < 2 ? _mm512_and_si512(l, m15) : _mm512_srli_epi16(l, 4);
-          const __m512i q = _mm512_or_si512(nib, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * g)), m3), 4));
-          const __m512i wv = _mm512_permutex2var_epi16(c.lo, q, c.hi);
+          const __m512i wv = _mm512_permutex2var_epi16(c.lo, q[g], c.hi);
           const int e = 128 * h + 32 * g;
           const __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xb + 256 * i + e));
-          const __m512 scv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sf[e / 16]), _mm512_set1_ps(sf[e / 16 + 1]));
+          // scales of sub-blocks e/16 (lanes 0-7) and e/16 + 1 (lanes 8-15)
+          const __m512 scv = _mm512_permutexvar_ps(_mm512_add_epi32(c.pair, _mm512_set1_epi32(e / 16)), s16);
           acc[r] = _mm512_fmadd_ps(dot, scv, acc[r]);
         }
       }

@@ -57,6 +57,23 @@ def test_bf16_activations_within_bf16_rounding(t, path):
         assert rel(y, ref) < (4e-3 if m == 1 else 1e-2)
 
 
+@needs_kernels
+@pytest.mark.parametrize("t", NATIVE_TYPES)
+def test_bf16_decode_is_the_exact_sum_rounded_once(t):
+    """A decode GEMV on bf16 x (the bf16 dot-product kernels where the CPU has them) is the float64
+    product of the exact weights and x, rounded once to bf16: at most one bf16 step off it (a wrong
+    bit in a kernel's weights is off by far more)."""
+    kernels.set_enabled(True)
+    bt = random_blocks(t, 45, 512, seed=11)
+    lin = make_linear(bt, None, "native")
+    x = torch.randn(512, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    exact = reference(bt) @ x.double()
+    y = lin(x).double()
+    assert y.shape == (45,)
+    step = exact.abs() * 2.0 ** -7 + 1e-9 * exact.abs().max()
+    assert bool(((y - exact).abs() <= step).all()), float(((y - exact).abs() / exact.abs()).max())
+
+
 def test_mixed_segments_bias_and_stack_operands(path):
     q, k, v = random_blocks("Q4_K", 32, 256, 1), random_blocks("Q6_K", 16, 256, 2), random_blocks("Q6_K", 16, 256, 3)
     fused = cat_rows([q, k, v])
@@ -67,7 +84,10 @@ def test_mixed_segments_bias_and_stack_operands(path):
     x = torch.randn(3, 256)
     for xs in (x[:1], x):
         assert rel(lin(xs), xs.double() @ w64.T + bias.double()) < 1e-5
-    assert gemv_operands(lin) is None      # mixed types: the layer runs per layer, not in the stack
+    mixed = gemv_operands(lin)             # mixed types: one stack operand per segment, in row order
+    if mixed is not None:
+        assert mixed[0] == [kernels.kinds()["q4_k"], kernels.kinds()["q6_k"]]
+        assert [w.data_ptr() for w in mixed[1]] == [s.data.data_ptr() for s in lin.segments]
     one = make_linear(q, bias[:32], "native")
     ops = gemv_operands(one)
     assert (ops is not None) == (path == "compiled")

@@ -1,6 +1,7 @@
 """A tiny Llama whose layers hold GGUF blocks as stored gives the logits of the same model at fp32
 built from the blocks' exact values (within bf16 activations), and is closer to them than int4
-re-quantisation of the same weights; the compiled decode stack runs it when every linear is one type."""
+re-quantisation of the same weights; the compiled decode stack runs it, a linear of mixed types as
+its segments, and gives the per-layer path's logits."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,10 @@ SPEC = ModelSpec(name="tiny-native", architecture="llama", source="test", format
 # Per layer: the type of q, k, v, o, gate, up, down. "mixed" has a Q4_K_M-like Q/K/V (Q4_K and Q6_K).
 TYPES = {"uniform": [("Q4_K",) * 3 + ("Q4_1", "Q4_0", "Q4_0", "Q8_0"),
                      ("Q6_K",) * 3 + ("Q5_K", "Q4_K", "Q4_K", "Q6_K")],
-         "mixed": [("Q4_K", "Q6_K", "Q6_K", "Q4_K", "Q4_K", "Q4_K", "Q6_K")] * 2}
+         "mixed": [("Q4_K", "Q6_K", "Q6_K", "Q4_K", "Q4_K", "Q4_K", "Q6_K")] * 2,
+         # three types in one QKV (both bf16 input layouts), a gate/up of two types
+         "mixed3": [("Q4_0", "Q4_K", "Q6_K", "Q8_0", "Q4_K", "Q6_K", "Q5_K"),
+                    ("Q6_K", "Q4_1", "Q8_0", "Q4_K", "Q4_0", "Q4_K", "Q6_K")]}
 NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -62,7 +66,7 @@ def test_native_layers_match_their_exact_values(variant):
     int4 = Decoder.build(SPEC, floats.get, default=UnitConfig(precision="int4"))
     bf16 = Decoder.build(SPEC, floats.get, default=UnitConfig(precision="bf16"))  # the yardstick
     stacked = native._decode_stack() is not None
-    assert stacked == (variant == "uniform" and kernels.get() is not None)
+    assert stacked == (kernels.get() is not None)
     tokens = torch.randint(0, SPEC.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
     want = run(ref, tokens, 6)
     err = {name: float((run(net, tokens, 6) - want).norm() / want.norm()) for name, net in
@@ -70,3 +74,21 @@ def test_native_layers_match_their_exact_values(variant):
     # bf16 activations cost what a bf16 model costs (which also rounds its weights); int4 far more
     assert err["native"] < 1.5 * err["bf16"] and err["native"] < 3e-2, err
     assert err["int4"] > 3 * err["native"], err
+
+
+@pytest.mark.parametrize("variant", ["uniform", "mixed", "mixed3"])
+def test_decode_stack_gives_the_per_layer_logits(variant):
+    """Mixed-type linears (Q4_K_M's Q/K/V, a Q6_K down) in the compiled stack: one GEMV per segment,
+    the same kernels and rounding points as the per-layer path, so the same logits."""
+    if kernels.get() is None:
+        pytest.skip("compiled kernels unavailable here")
+    kernels.set_enabled(True)
+    blocks = tiny_weights(variant)
+    net = Decoder.build(SPEC, blocks.get, default=UnitConfig(precision="native"))
+    assert net._decode_stack() is not None
+    tokens = torch.randint(0, SPEC.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
+    stacked = run(net, tokens, 4)
+    net.stack_decode = False
+    layered = run(net, tokens, 4)
+    assert stacked.shape == layered.shape and stacked.abs().max() > 0
+    assert torch.equal(stacked, layered)

@@ -279,10 +279,12 @@ def _dequant_linear(x2: torch.Tensor, dequant, packed: torch.Tensor, scales_zero
     return out
 
 
-def gemv_operands(lin: torch.nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def gemv_operands(lin: torch.nn.Module) -> tuple | None:
     """(kind, weight, scales, bias) of a linear layer as the compiled decode stack reads it (empty
-    tensors for none), or None when its decode does not run through a compiled GEMV. The kind codes
-    come from the compiled module itself (kernels.kinds()), which is loaded whenever a layer has a GEMV."""
+    tensors for none), or None when its decode does not run through a compiled GEMV. A GGUF layer of
+    several types gives lists (kinds, weights): its row segments in output order, one GEMV each.
+    The kind codes come from the compiled module itself (kernels.kinds()), which is loaded whenever
+    a layer has a GEMV."""
     none = torch.empty(0)
     if type(lin) is DenseLinear and lin._gemv is not None:
         kind = kernels.kinds()["fp32" if lin.weight.dtype == torch.float32 else "bf16"]
@@ -291,9 +293,12 @@ def gemv_operands(lin: torch.nn.Module) -> tuple[int, torch.Tensor, torch.Tensor
         return kernels.kinds()["int8"], lin.qweight, lin._scales_f32, none if lin.bias is None else lin.bias
     if type(lin) is Int4Linear and lin._k is not None:
         return kernels.kinds()["int4"], lin.packed, lin.scales_zeros, none if lin.bias is None else lin.bias
-    # GGUF blocks: one segment per stack operand; a layer of mixed types runs per layer instead
-    if type(lin) is NativeLinear and lin._k is not None and len(lin.segments) == 1:
-        return lin._kinds[0], lin.segments[0].data, none, none if lin.bias is None else lin._bias_bf16
+    if type(lin) is NativeLinear and lin._k is not None:
+        bias = none if lin.bias is None else lin._bias_bf16
+        segs = lin.segments
+        if len(segs) == 1:
+            return lin._kinds[0], segs[0].data, none, bias
+        return list(lin._kinds), [s.data for s in segs], none, bias
     return None
 
 

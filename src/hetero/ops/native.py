@@ -12,8 +12,9 @@ file mixes Q4_K and Q6_K rows within one fused QKV. The bytes held are the file'
   CUDA                                   the same pure-torch dequantise-and-GEMM path; it has not
                                          run on a GPU.
 
-Output is in x's dtype (fp32 or bf16; anything else computes in fp32). A layer of one segment runs
-in the compiled whole-stack decode step (linear.gemv_operands); one of mixed types runs per layer.
+Output is in x's dtype (fp32 or bf16; anything else computes in fp32). The compiled whole-stack
+decode step reads the segments as they are (linear.gemv_operands): one GEMV per segment into its
+output rows, each in its own type.
 """
 from __future__ import annotations
 

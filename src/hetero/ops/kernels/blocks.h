@@ -122,8 +122,20 @@ struct BQ6_K {
   }
 };
 
-// NR consecutive rows from n0 (row stride rb bytes; NR rows are contiguous, so the prefetch sweeps
-// them as one stream, PF_W ahead, at the rate they are read).
+// Each of NR rows (stride rb bytes, from wb) is read as its own stream, `len` bytes a step from byte
+// `off` of the row: each row's bytes PF_R ahead are prefetched, past the row's end in the same row
+// of the next NR rows (read after these). One stream over the NR rows' bytes PF_W ahead, as
+// before, ran behind rows 1..NR-1 of a long row: Q6_K [2048, 5632] streamed at 7 GB/s, 19 at K 2048.
+template <int NR>
+inline void prefetch_rows(const uint8_t* wb, int64_t rb, int64_t off, int64_t len) {
+  int64_t o = off + PF_R, g = 0;
+  while (o >= rb) { o -= rb; ++g; }   // PF_R is a few rows at most
+  const char* p = reinterpret_cast<const char*>(wb) + g * NR * rb + o;
+  for (int r = 0; r < NR; ++r)
+    for (int64_t l = 0; l < len; l += 64) _mm_prefetch(p + r * rb + l, _MM_HINT_T0);
+}
+
+// NR consecutive rows from n0 (row stride rb bytes).
 template <class T, int NR>
 inline void q_rows(const float* x, const float* xs, const uint8_t* w, int64_t rb, int64_t K, int64_t n0, float* y) {
   const uint8_t* wb = w + n0 * rb;
@@ -132,8 +144,7 @@ inline void q_rows(const float* x, const float* xs, const uint8_t* w, int64_t rb
   for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = 0.f; }
   const int64_t nb = K / T::W;
   for (int64_t i = 0; i < nb; ++i) {
-    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * T::B * NR;
-    for (int64_t o = 0; o < T::B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_rows<NR>(wb, rb, i * T::B, T::B);
     for (int r = 0; r < NR; ++r) T::dot(wb + r * rb + i * T::B, x + i * T::W, xs + i * (T::W / 32), acc[r], off[r]);
   }
   for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]) + off[r];
@@ -180,26 +191,34 @@ void q_blocks(int64_t kind, const float* x, const float* xs, const uint8_t* w, i
 // ---- bf16 activations: AVX512-BF16 dot products (as int4_rows_bf16 in rows.h) -------------------
 // The nibbles become exact bf16 0..15 through a table, x is bf16 already, each product is exact in
 // fp32: the result differs from the fp32 kernel only in summation order. Q4_0/Q4_1 (K % 64 == 0) read
-// x in int4_prep_bf16's layout (their nibble order is the int4 rows layout's); Q4_K and Q6_K read x
+// x in int4_prep_bf16's layout (their nibble order is the int4 rows layout's); Q4_K, Q5_K and Q6_K read x
 // as plain bf16 (a 32-byte run of Q4_K nibbles is one sub-block in the low nibbles, the next in the high).
 
 inline bool bf16_kind(int64_t kind, int64_t K) {
-  return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : (kind == KIND_Q4_K || kind == KIND_Q6_K));
+  return cpu_has_bf16() && ((kind == KIND_Q4_0 || kind == KIND_Q4_1) ? K % 64 == 0 : (kind == KIND_Q4_K || kind == KIND_Q5_K || kind == KIND_Q6_K));
+}
+
+// x (K fp32 values that are bf16 values) as bf16 bits.
+inline void bf16_bits(const float* x, int64_t K, uint16_t* xb) {
+  for (int64_t k = 0; k < K; ++k) { uint32_t u; std::memcpy(&u, x + k, 4); xb[k] = static_cast<uint16_t>(u >> 16); }
 }
 
 // The bf16 inputs of a bf16_kind GEMV: xb (K), xs8 (K / 4), xs (K / 32) from x (K fp32 bf16 values).
 inline void block_prep_bf16(int64_t kind, const float* x, int64_t K, uint16_t* xb, float* xs8, float* xs) {
   if (kind == KIND_Q4_0 || kind == KIND_Q4_1) { int4_prep_bf16(x, K, xb, xs8, xs); return; }
   group_sums(x, K / 32, xs);
-  for (int64_t k = 0; k < K; ++k) { uint32_t u; std::memcpy(&u, x + k, 4); xb[k] = static_cast<uint16_t>(u >> 16); }
+  bf16_bits(x, K, xb);
 }
 
-// fp16 a in lanes 0-7, b in lanes 8-15.
-BF16_TARGET inline __m512 f16_pair(const uint8_t* a, const uint8_t* b) {
-  uint16_t ha, hb;
-  std::memcpy(&ha, a, 2);
-  std::memcpy(&hb, b, 2);
-  return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(static_cast<short>(hb)), _mm_set1_epi16(static_cast<short>(ha))));
+// fp16 words w and w + B/2 of the 32 bytes at p (one field of two consecutive B-byte blocks) as
+// fp32 in lanes 0-7 / 8-15, the permute's index from pair_index(w, B): one load and one permute.
+BF16_TARGET inline __m512 f16_pair(const uint8_t* p, __m256i idx) {
+  return _mm512_cvtph_ps(_mm256_permutexvar_epi16(idx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+
+BF16_TARGET inline __m256i pair_index(int w, int B) {
+  return _mm256_set_epi16(w + B / 2, w + B / 2, w + B / 2, w + B / 2, w + B / 2, w + B / 2, w + B / 2, w + B / 2,
+                          w, w, w, w, w, w, w, w);
 }
 
 // Q4_0 (M1 = false) / Q4_1 (true): NR consecutive rows from n0, two blocks per step.
@@ -210,13 +229,13 @@ BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb
   const int64_t rb = K / 32 * B, P = K / 64;
   const uint8_t* wb = w + n0 * rb;
   const __m512 eight = _mm512_set1_ps(8.f);
+  const __m256i idx_d = pair_index(0, B), idx_m = pair_index(1, B);
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
-    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + p * 2 * B * NR;
-    for (int64_t o = 0; o < 2 * B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_rows<NR>(wb, rb, p * 2 * B, 2 * B);
     const __m512i xl = _mm512_loadu_si512(xb + 64 * p), xh = _mm512_loadu_si512(xb + 64 * p + 32);
-    const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p);
+    const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p), s64 = _mm512_mul_ps(eight, s8);
     for (int r = 0; r < NR; ++r) {
       const uint8_t* b0 = wb + r * rb + 2 * p * B;
       const uint8_t* b1 = b0 + B;
@@ -227,10 +246,13 @@ BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb
       const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
       __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
       d = _mm512_dpbf16_ps(d, (__m512bh)wh, (__m512bh)xh);
-      const __m512 sc = f16_pair(b0, b1);
-      acc[r] = _mm512_fmadd_ps(d, sc, acc[r]);
-      if (M1) acc[r] = _mm512_fmadd_ps(f16_pair(b0 + 2, b1 + 2), s8, acc[r]);   // m * sum
-      else acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(eight, sc), s8, acc[r]);    // -8 d * sum
+      const __m512 sc = f16_pair(b0, idx_d);
+      if (M1) {
+        acc[r] = _mm512_fmadd_ps(d, sc, acc[r]);
+        acc[r] = _mm512_fmadd_ps(f16_pair(b0, idx_m), s8, acc[r]);   // m * sum
+      } else {
+        acc[r] = _mm512_fmadd_ps(_mm512_sub_ps(d, s64), sc, acc[r]);    // d (dot - 8 sum)
+      }
     }
   }
   for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
@@ -250,10 +272,30 @@ inline void scales_mins_k4(const uint8_t* q, uint8_t out[16]) {
   std::memcpy(out, u, 16);
 }
 
-template <int NR>
-BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb, const float* xs, const uint8_t* w,
-                                      int64_t K, int64_t n0, float* y) {
-  constexpr int64_t B = 144;
+// Q4_K (FIFTH = false) / Q5_K: 32 bytes of nibbles are sub-blocks 2j (low) and 2j+1 (high). Q5_K's
+// fifth bits (qh byte l, bit s: weight l of sub-block s) are shifted to bit 4 of each word and
+// merged in with one bit-select; vpermw reads 5 index bits, so the table holds bf16(0 .. 31) and the
+// bits above 4 do not matter (Q4_K's table repeats 0 .. 15 and ignores bit 4).
+template <bool FIFTH>
+BF16_TARGET inline __m512i k_word_index(__m512i nib, __m512i qhw, int s) {
+  if (!FIFTH) return nib;
+  const __m512i sh = s < 4 ? _mm512_slli_epi16(qhw, 4 - s) : _mm512_srli_epi16(qhw, s - 4);
+  return _mm512_ternarylogic_epi32(_mm512_set1_epi16(0xF), nib, sh, 0xCA);  // (nib & 15) | (sh & ~15)
+}
+
+struct Q5Bf16Consts {
+  __m512i table;
+  BF16_TARGET Q5Bf16Consts() {
+    alignas(64) uint16_t tab[32];
+    for (int i = 0; i < 32; ++i) { const float v = static_cast<float>(i); uint32_t u; std::memcpy(&u, &v, 4); tab[i] = u >> 16; }
+    table = _mm512_load_si512(tab);
+  }
+};
+
+template <bool FIFTH, int NR>
+BF16_TARGET inline void qk_rows_bf16(__m512i table, const uint16_t* xb, const float* xs, const uint8_t* w,
+                                     int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = FIFTH ? 176 : 144, QS = FIFTH ? 48 : 16;
   const int64_t rb = K / 256 * B, nb = K / 256;
   const uint8_t* wb = w + n0 * rb;
   __m512 acc[NR];
@@ -261,8 +303,7 @@ BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* x
   for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = _mm256_setzero_ps(); }
   alignas(32) float sc[NR][8];
   for (int64_t i = 0; i < nb; ++i) {
-    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * B * NR;
-    for (int64_t o = 0; o < B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_rows<NR>(wb, rb, i * B, B);
     const __m256 xs8 = _mm256_loadu_ps(xs + 8 * i);
     for (int r = 0; r < NR; ++r) {  // the rows' scales first, so x is loaded once for all rows
       const uint8_t* b = wb + r * rb + i * B;
@@ -278,9 +319,11 @@ BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* x
       const __m512i xl = _mm512_loadu_si512(xp), xh = _mm512_loadu_si512(xp + 32);
       for (int r = 0; r < NR; ++r) {
         const uint8_t* b = wb + r * rb + i * B;
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * j)));
-        const __m512i wl = _mm512_permutexvar_epi16(v, c.table);
-        const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + QS + 32 * j)));
+        const __m512i qhw = FIFTH ? _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)))
+                                  : _mm512_setzero_si512();
+        const __m512i wl = _mm512_permutexvar_epi16(k_word_index<FIFTH>(v, qhw, 2 * j), table);
+        const __m512i wh = _mm512_permutexvar_epi16(k_word_index<FIFTH>(_mm512_srli_epi16(v, 4), qhw, 2 * j + 1), table);
         const __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
         const __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wh, (__m512bh)xh);
         acc[r] = _mm512_fmadd_ps(d0, _mm512_set1_ps(sc[r][2 * j]), acc[r]);
@@ -302,8 +345,9 @@ BF16_TARGET inline void q4k_rows_bf16(const Int4Bf16Consts& c, const uint16_t* x
 // by a 64-entry table (vpermt2w); x plain bf16; the two 16-weight sub-blocks' scales fill lanes
 // 0-7 / 8-15 (dot products sum word pairs into dwords: lanes 0-7 are the group's first 16 weights).
 struct Q6Bf16Consts {
-  __m512i lo, hi;
+  __m512i lo, hi, pair;   // pair: dword lanes 0-7 -> 0, 8-15 -> 1
   BF16_TARGET Q6Bf16Consts() {
+    pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     alignas(64) uint16_t tab[64];
     for (int i = 0; i < 64; ++i) { const float v = static_cast<float>(i - 32); uint32_t u; std::memcpy(&u, &v, 4); tab[i] = u >> 16; }
     lo = _mm512_load_si512(tab);
@@ -317,30 +361,36 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
   constexpr int64_t B = 210;
   const int64_t rb = K / 256 * B, nb = K / 256;
   const uint8_t* wb = w + n0 * rb;
-  const __m512i m15 = _mm512_set1_epi16(0xF), m3 = _mm512_set1_epi16(3);
+  const __m512i m15 = _mm512_set1_epi16(0xF);
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < nb; ++i) {
-    const char* pf = reinterpret_cast<const char*>(wb) + PF_W + i * B * NR;
-    for (int64_t o = 0; o < B * NR; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    prefetch_rows<NR>(wb, rb, i * B, B);
     for (int r = 0; r < NR; ++r) {
       const uint8_t* b = wb + r * rb + i * B;
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
       const __m512 d = _mm512_set1_ps(f16(b + 208));
       // the 16 sub-block scales as fp32 (d * sc, as gguf-py computes them)
       const __m512 s16 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)))));
-      alignas(64) float sf[16];
-      _mm512_store_ps(sf, s16);
+#pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+        const __m512i l0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h)));
+        const __m512i l1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32)));
+        // group g: nibbles (low of l0, low of l1, high of l0, high of l1) in bits 0-3, qh bits 2g, 2g+1
+        // moved to bits 4-5 and merged by one bit-select; vpermt2w reads 6 index bits (the rest
+        // do not matter) from the 64-entry table of bf16(q - 32)
+        const __m512i q[4] = {_mm512_ternarylogic_epi32(m15, l0, _mm512_slli_epi16(qh, 4), 0xCA),
+                              _mm512_ternarylogic_epi32(m15, l1, _mm512_slli_epi16(qh, 2), 0xCA),
+                              _mm512_ternarylogic_epi32(m15, _mm512_srli_epi16(l0, 4), qh, 0xCA),
+                              _mm512_ternarylogic_epi32(m15, _mm512_srli_epi16(l1, 4), _mm512_srli_epi16(qh, 2), 0xCA)};
+#pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) {
-          const __m512i l = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (g % 2))));
-          const __m512i nib = g < 2 ? _mm512_and_si512(l, m15) : _mm512_srli_epi16(l, 4);
-          const __m512i q = _mm512_or_si512(nib, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * g)), m3), 4));
-          const __m512i wv = _mm512_permutex2var_epi16(c.lo, q, c.hi);
+          const __m512i wv = _mm512_permutex2var_epi16(c.lo, q[g], c.hi);
           const int e = 128 * h + 32 * g;
           const __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xb + 256 * i + e));
-          const __m512 scv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sf[e / 16]), _mm512_set1_ps(sf[e / 16 + 1]));
+          // scales of sub-blocks e/16 (lanes 0-7) and e/16 + 1 (lanes 8-15)
+          const __m512 scv = _mm512_permutexvar_ps(_mm512_add_epi32(c.pair, _mm512_set1_epi32(e / 16)), s16);
           acc[r] = _mm512_fmadd_ps(dot, scv, acc[r]);
         }
       }
@@ -354,12 +404,14 @@ BF16_TARGET void q_blocks_bf16(int64_t kind, const uint16_t* xb, const float* xs
                                int64_t N, int64_t K, float* y, int64_t b0, int64_t b1) {
   static const Int4Bf16Consts c;
   static const Q6Bf16Consts c6;
+  static const Q5Bf16Consts c5;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * ROWS;
     const bool full = N - n0 >= ROWS;
     for (int64_t n = n0; n < (full ? n0 + 1 : N); ++n) {
       if (kind == KIND_Q6_K) { if (full) q6k_rows_bf16<ROWS>(c6, xb, w, K, n, y); else q6k_rows_bf16<1>(c6, xb, w, K, n, y); }
-      else if (kind == KIND_Q4_K) { if (full) q4k_rows_bf16<ROWS>(c, xb, xs, w, K, n, y); else q4k_rows_bf16<1>(c, xb, xs, w, K, n, y); }
+      else if (kind == KIND_Q4_K) { if (full) qk_rows_bf16<false, ROWS>(c.table, xb, xs, w, K, n, y); else qk_rows_bf16<false, 1>(c.table, xb, xs, w, K, n, y); }
+      else if (kind == KIND_Q5_K) { if (full) qk_rows_bf16<true, ROWS>(c5.table, xb, xs, w, K, n, y); else qk_rows_bf16<true, 1>(c5.table, xb, xs, w, K, n, y); }
       else if (kind == KIND_Q4_1) { if (full) q4_rows_bf16<true, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<true, 1>(c, xb, xs8, w, K, n, y); }
       else { if (full) q4_rows_bf16<false, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<false, 1>(c, xb, xs8, w, K, n, y); }
     }

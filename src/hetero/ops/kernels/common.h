@@ -44,6 +44,8 @@ bool cpu_has_bf16() {
 // Prefetch distance (bytes ahead in the rows' packed bytes / in their scales): a decode GEMV's share
 // of rows is ~100-300 KB, short enough that the hardware prefetcher ramps up too late on its own.
 constexpr int64_t PF_W = 4096, PF_S = 1024;
+// ... and per row, when each row is prefetched as its own stream (blocks.h)
+constexpr int64_t PF_R = 4096;
 
 // v rounded to T (float or BFloat16) and back: the reference path's rounding points, kept in fp32.
 template <typename T> inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }

@@ -18,24 +18,67 @@ using stack::Lin;
 namespace {
 
 // A GEMV input as the row kernels read it: x (fp32, zero beyond the layer's input width) and, for
-// int4 and the GGUF block kinds, its per-group sums (xs) or its BF16 dot-product layout (xb, xs8; see int4_prep_bf16).
+// int4 and the GGUF block kinds, its per-group sums (xs) and its BF16 dot-product layouts: xb, xs8
+// (int4_prep_bf16's order: int4, Q4_0, Q4_1) and xp (plain bf16: the other block kinds).
 struct Input {
   const float* x;
   float* xs;
   uint16_t* xb;
   float* xs8;
+  uint16_t* xp;
 };
+
+inline bool int4_order(int64_t kind) { return kind == KIND_Q4_0 || kind == KIND_Q4_1; }
 
 void prepare(const Lin& L, const float* x, Input& in) {
   in.x = x;
-  if (is_block_kind(L.kind)) {
-    if (bf16_kind(L.kind, L.K)) block_prep_bf16(L.kind, x, L.K, in.xb, in.xs8, in.xs);
+  if (!L.parts.empty()) {  // block kinds: the layouts its parts read (a mixed linear may need both)
+    bool i4 = false, plain = false;
+    for (const auto& p : L.parts)
+      if (bf16_kind(p.kind, L.K)) (int4_order(p.kind) ? i4 : plain) = true;
+    if (i4) int4_prep_bf16(x, L.K, in.xb, in.xs8, in.xs);
     else group_sums(x, L.K / 32, in.xs);
+    if (plain) bf16_bits(x, L.K, in.xp);
     return;
   }
   if (L.kind != KIND_INT4) return;
   if (cpu_has_bf16()) int4_prep_bf16(x, L.K, in.xb, in.xs8, in.xs);
   else group_sums(x, L.K / 32, in.xs);
+}
+
+// Rows [n0, n1) of a block linear into y[0 .. n1-n0): each part's rows by its own kernel.
+void block_rows(const Lin& L, const Input& in, int64_t n0, int64_t n1, float* y) {
+  for (const auto& p : L.parts) {
+    const int64_t a = std::max(n0, p.n0), b = std::min(n1, p.n1);
+    if (a >= b) continue;
+    const uint8_t* wp = static_cast<const uint8_t*>(p.w) + (a - p.n0) * block_row_bytes(p.kind, L.K);
+    const int64_t N = b - a, blocks = (N + ROWS - 1) / ROWS;
+    if (bf16_kind(p.kind, L.K))
+      q_blocks_bf16(p.kind, int4_order(p.kind) ? in.xb : in.xp, in.xs8, in.xs, wp, N, L.K, y + (a - n0), 0, blocks);
+    else
+      q_blocks(p.kind, in.x, in.xs, wp, N, L.K, y + (a - n0), 0, blocks);
+  }
+}
+
+// This thread's share [n0, n1) of L's rows: whole ROWS blocks of equal bytes (parts of a mixed
+// linear differ in bytes per row; otherwise equal rows).
+void share_lin(const Lin& L, int tid, int nth, int64_t& n0, int64_t& n1) {
+  if (L.parts.size() < 2) { share(L.N, tid, nth, n0, n1); return; }
+  double total = 0;
+  for (const auto& p : L.parts) total += static_cast<double>((p.n1 - p.n0) * block_row_bytes(p.kind, L.K));
+  auto first = [&](int t) -> int64_t {  // the first row of thread t's share
+    if (t <= 0) return 0;
+    if (t >= nth) return L.N;
+    double left = total * t / nth;
+    for (const auto& p : L.parts) {
+      const double rb = static_cast<double>(block_row_bytes(p.kind, L.K)), bytes = (p.n1 - p.n0) * rb;
+      if (left < bytes) return std::min(p.n1, p.n0 + round_up(static_cast<int64_t>(left / rb), ROWS));
+      left -= bytes;
+    }
+    return L.N;
+  };
+  n0 = first(tid);
+  n1 = std::max(n0, first(tid + 1));
 }
 
 // Rows [n0, n1) of L's product with the input into y[0 .. n1-n0), before rounding.
@@ -60,12 +103,9 @@ void lin_rows(const Lin& L, const Input& in, int64_t n0, int64_t n1, float* y) {
       int8_blocks(x, qp, sp, N, K, y, 0, blocks);
       break;
     }
-    case KIND_Q8_0: case KIND_Q4_0: case KIND_Q4_1: case KIND_Q4_K: case KIND_Q5_K: case KIND_Q6_K: {
-      const uint8_t* wp = static_cast<const uint8_t*>(L.w) + n0 * block_row_bytes(L.kind, K);
-      if (bf16_kind(L.kind, K)) q_blocks_bf16(L.kind, in.xb, in.xs8, in.xs, wp, N, K, y, 0, blocks);
-      else q_blocks(L.kind, x, in.xs, wp, N, K, y, 0, blocks);
+    case KIND_Q8_0: case KIND_Q4_0: case KIND_Q4_1: case KIND_Q4_K: case KIND_Q5_K: case KIND_Q6_K: case KIND_MIXED:
+      block_rows(L, in, n0, n1, y);
       break;
-    }
     default: {
       const uint8_t* pp = static_cast<const uint8_t*>(L.w) + n0 * (K / 2);
       const uint16_t* sp = static_cast<const uint16_t*>(L.s) + n0 * (K / 32) * 2;
@@ -95,42 +135,60 @@ DecodeStack::DecodeStack(int64_t H, int64_t K, int64_t D, int64_t E, int64_t I, 
   act_.assign(width_, 0.f);
 }
 
-void DecodeStack::add_layer(std::vector<int64_t> kinds, std::vector<torch::Tensor> w, std::vector<torch::Tensor> s,
-                             std::vector<torch::Tensor> b, torch::Tensor attn_norm, torch::Tensor mlp_norm) {
-  TORCH_CHECK(kinds.size() == 4 && w.size() == 4 && s.size() == 4 && b.size() == 4, "4 linears expected");
+void DecodeStack::add_layer(std::vector<std::vector<int64_t>> kinds, std::vector<std::vector<torch::Tensor>> ws,
+                             std::vector<torch::Tensor> s, std::vector<torch::Tensor> b, torch::Tensor attn_norm,
+                             torch::Tensor mlp_norm) {
+  TORCH_CHECK(kinds.size() == 4 && ws.size() == 4 && s.size() == 4 && b.size() == 4, "4 linears expected");
   const int64_t n_out[4] = {(H_ + 2 * K_) * D_, E_, 2 * I_, E_}, n_in[4] = {E_, H_ * D_, E_, I_};
   Layer ly;
   Lin* lins[4] = {&ly.qkv, &ly.o, &ly.gu, &ly.down};
   for (int i = 0; i < 4; ++i) {
     Lin& L = *lins[i];
-    L.kind = kinds[i];
-    TORCH_CHECK(w[i].is_contiguous() && w[i].device().is_cpu() && w[i].dim() == 2, "weight: contiguous 2-D CPU");
-    L.N = w[i].size(0);
-    L.K = L.kind == KIND_INT4 ? w[i].size(1) * 2 : (is_block_kind(L.kind) ? n_in[i] : w[i].size(1));
-    TORCH_CHECK(L.N == n_out[i] && L.K >= n_in[i] && L.K <= width_ && L.K % 16 == 0, "linear ", i, ": bad shape");
-    const auto wt = w[i].scalar_type();
-    switch (L.kind) {
-      case KIND_F32: TORCH_CHECK(wt == torch::kFloat32 && dt_ == torch::kFloat32 && L.K == n_in[i], "fp32 linear"); break;
-      case KIND_BF16: TORCH_CHECK(wt == torch::kBFloat16 && dt_ == torch::kBFloat16 && L.K == n_in[i], "bf16 linear"); break;
-      case KIND_INT8:
-        TORCH_CHECK(wt == torch::kInt8 && dt_ == torch::kBFloat16 && s[i].scalar_type() == torch::kFloat32 &&
-                    s[i].numel() == L.N && s[i].is_contiguous(), "int8 linear");
-        break;
-      case KIND_INT4:
-        TORCH_CHECK(wt == torch::kUInt8 && dt_ == torch::kBFloat16 && L.K % 32 == 0 &&
-                    s[i].scalar_type() == torch::kBFloat16 && s[i].numel() == L.N * (L.K / 32) * 2 &&
-                    s[i].is_contiguous(), "int4 linear");
-        break;
-      case KIND_Q8_0: case KIND_Q4_0: case KIND_Q4_1: case KIND_Q4_K: case KIND_Q5_K: case KIND_Q6_K:
-        // GGUF blocks as stored, bf16 activations (their bf16 kernels read x as bf16): K is the
-        // layer's input width (a whole number of blocks)
-        TORCH_CHECK(wt == torch::kUInt8 && dt_ == torch::kBFloat16 && L.K % (L.kind <= KIND_Q4_1 ? 32 : 256) == 0 &&
-                    w[i].size(1) == block_row_bytes(L.kind, L.K), "block linear: row bytes do not match K");
-        break;
-      default: TORCH_CHECK(false, "unknown linear kind ", L.kind);
+    TORCH_CHECK(!kinds[i].empty() && kinds[i].size() == ws[i].size(), "linear ", i, ": one weight per kind");
+    for (const auto& t : ws[i])
+      TORCH_CHECK(t.is_contiguous() && t.device().is_cpu() && t.dim() == 2, "weight: contiguous 2-D CPU");
+    if (kinds[i].size() > 1 || is_block_kind(kinds[i][0])) {
+      // GGUF blocks as stored, bf16 activations (their bf16 kernels read x as bf16): K is the
+      // layer's input width (a whole number of blocks); the parts' rows follow one another
+      L.kind = kinds[i].size() > 1 ? KIND_MIXED : kinds[i][0];
+      L.K = n_in[i];
+      TORCH_CHECK(dt_ == torch::kBFloat16 && L.K <= width_ && L.K % 16 == 0, "block linear ", i, ": bf16 activations");
+      int64_t n = 0;
+      for (size_t j = 0; j < kinds[i].size(); ++j) {
+        const int64_t k = kinds[i][j];
+        const auto& t = ws[i][j];
+        TORCH_CHECK(is_block_kind(k) && t.scalar_type() == torch::kUInt8 && L.K % (k <= KIND_Q4_1 ? 32 : 256) == 0 &&
+                    t.size(1) == block_row_bytes(k, L.K), "block linear ", i, ": row bytes do not match K");
+        L.parts.push_back({k, n, n + t.size(0), t.data_ptr()});
+        n += t.size(0);
+      }
+      L.N = n;
+      L.w = ws[i][0].data_ptr();
+      TORCH_CHECK(L.N == n_out[i], "linear ", i, ": bad shape");
+    } else {
+      const torch::Tensor& w = ws[i][0];
+      L.kind = kinds[i][0];
+      L.N = w.size(0);
+      L.K = L.kind == KIND_INT4 ? w.size(1) * 2 : w.size(1);
+      TORCH_CHECK(L.N == n_out[i] && L.K >= n_in[i] && L.K <= width_ && L.K % 16 == 0, "linear ", i, ": bad shape");
+      const auto wt = w.scalar_type();
+      switch (L.kind) {
+        case KIND_F32: TORCH_CHECK(wt == torch::kFloat32 && dt_ == torch::kFloat32 && L.K == n_in[i], "fp32 linear"); break;
+        case KIND_BF16: TORCH_CHECK(wt == torch::kBFloat16 && dt_ == torch::kBFloat16 && L.K == n_in[i], "bf16 linear"); break;
+        case KIND_INT8:
+          TORCH_CHECK(wt == torch::kInt8 && dt_ == torch::kBFloat16 && s[i].scalar_type() == torch::kFloat32 &&
+                      s[i].numel() == L.N && s[i].is_contiguous(), "int8 linear");
+          break;
+        case KIND_INT4:
+          TORCH_CHECK(wt == torch::kUInt8 && dt_ == torch::kBFloat16 && L.K % 32 == 0 &&
+                      s[i].scalar_type() == torch::kBFloat16 && s[i].numel() == L.N * (L.K / 32) * 2 &&
+                      s[i].is_contiguous(), "int4 linear");
+          break;
+        default: TORCH_CHECK(false, "unknown linear kind ", L.kind);
+      }
+      L.w = w.data_ptr();
+      L.s = s[i].numel() ? s[i].data_ptr() : nullptr;
     }
-    L.w = w[i].data_ptr();
-    L.s = s[i].numel() ? s[i].data_ptr() : nullptr;
     if (b[i].numel()) {
       TORCH_CHECK(b[i].scalar_type() == dt_ && b[i].numel() == L.N && b[i].is_contiguous(), "bias: [N] in act dtype");
       L.bias = b[i].data_ptr();
@@ -142,7 +200,8 @@ void DecodeStack::add_layer(std::vector<int64_t> kinds, std::vector<torch::Tenso
   ly.mlp_norm = mlp_norm.data_ptr<float>();
   layers_.push_back(ly);
   // The stack reads these by pointer: it holds them so they live as long as it does.
-  for (auto* v : {&w, &s, &b}) keep_.insert(keep_.end(), v->begin(), v->end());
+  for (const auto& v : ws) keep_.insert(keep_.end(), v.begin(), v.end());
+  for (auto* v : {&s, &b}) keep_.insert(keep_.end(), v->begin(), v->end());
   keep_.push_back(attn_norm);
   keep_.push_back(mlp_norm);
 }
@@ -160,13 +219,13 @@ void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std:
     // Per thread: the normed input (zero beyond E), group sums, one head's q, scores, GEMV rows.
     std::vector<float> h(width_, 0.f), xs(width_ / 32), xs8(width_ / 4), q(D), p(pos + 1),
         y(2 * round_up(std::max({E, I, (H + 2 * K) * D}), ROWS));
-    std::vector<uint16_t> xb(width_);
-    Input in{nullptr, xs.data(), xb.data(), xs8.data()};
+    std::vector<uint16_t> xb(width_), xp(width_);
+    Input in{nullptr, xs.data(), xb.data(), xs8.data(), xp.data()};
     int64_t n0, n1;
     // this thread's share of lin's rows over src, added into the residual stream x
     auto rows_into_residual = [&](const Lin& lin, const float* src) {
       prepare(lin, src, in);
-      share(lin.N, tid, nth, n0, n1);
+      share_lin(lin, tid, nth, n0, n1);
       lin_rows(lin, in, n0, n1, y.data());
       for (int64_t n = n0; n < n1; ++n) x[n] = static_cast<T>(static_cast<float>(x[n]) + out_value<T>(lin, n, y[n - n0]));
     };
@@ -177,7 +236,7 @@ void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std:
       // norm (each thread its own copy: cheaper than a barrier) -> qkv rows
       rmsnorm_row<T, float>(x, ly.attn_norm, h.data(), E, eps_);
       prepare(ly.qkv, h.data(), in);
-      share(ly.qkv.N, tid, nth, n0, n1);
+      share_lin(ly.qkv, tid, nth, n0, n1);
       lin_rows(ly.qkv, in, n0, n1, y.data());
       for (int64_t n = n0; n < n1; ++n) qkv[n] = out_value<T>(ly.qkv, n, y[n - n0]);
 #pragma omp barrier

@@ -10,7 +10,7 @@ torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64
   TORCH_CHECK(data.size(1) == block_row_bytes(kind, K), "gemv_gguf: row bytes do not match K");
   const int64_t N = data.size(0);
   const uint8_t* w = data.data_ptr<uint8_t>();
-  // bf16 activations take the BF16 dot-product kernel where there is one (Q4_0, Q4_1, Q4_K, Q6_K)
+  // bf16 activations take the BF16 dot-product kernel where there is one (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)
   const bool dot_bf16 = x.scalar_type() == torch::kBFloat16 && bf16_kind(kind, K);
   return with_act(x, K, N, [&](const float* xp, float* yp) {
     std::vector<float> xs(K / 32);

@@ -8,7 +8,8 @@
 // Kinds of linear layer the whole-stack decode step reads (Python asks the module for them: kinds()).
 // KIND_Q8_0 .. KIND_Q6_K: GGUF blocks as stored, [N, row bytes] uint8 (hetero/ops/blocks.py).
 enum Kind : int64_t { KIND_F32 = 0, KIND_BF16 = 1, KIND_INT8 = 2, KIND_INT4 = 3,
-                      KIND_Q8_0 = 4, KIND_Q4_0 = 5, KIND_Q4_1 = 6, KIND_Q4_K = 7, KIND_Q5_K = 8, KIND_Q6_K = 9 };
+                      KIND_Q8_0 = 4, KIND_Q4_0 = 5, KIND_Q4_1 = 6, KIND_Q4_K = 7, KIND_Q5_K = 8, KIND_Q6_K = 9,
+                      KIND_MIXED = 100 /* stack-internal: row parts of several block kinds */ };
 
 // ---- GEMVs, one token (gemv.cpp) ----------------------------------------------------------------
 torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w);
@@ -32,9 +33,16 @@ torch::Tensor silu_mul(torch::Tensor gu);
 // ---- The whole decoder stack for one decode step (decode_stack.cpp) -----------------------------
 namespace stack {
 
-// A linear layer as the stack reads it; kind: a Kind.
+// Rows [n0, n1) of a block linear held in one GGUF kind (a Q4_K_M QKV: Q4_K Q/K rows, Q6_K V rows).
+struct Part {
+  int64_t kind = -1, n0 = 0, n1 = 0;
+  const void* w = nullptr;          // [n1 - n0, row bytes] blocks
+};
+
+// A linear layer as the stack reads it; kind: a Kind (KIND_MIXED: block parts of several kinds).
 struct Lin {
   int64_t kind = -1, N = 0, K = 0;  // K: the weight's input width (int8/int4: padded with zero columns)
+  std::vector<Part> parts;          // block kinds: the row segments in output order (one for one kind)
   const void* w = nullptr;          // [N, K] f32 / bf16 / int8, int4 packed [N, K/2], or blocks [N, row bytes]
   const void* s = nullptr;          // int8: scale [N] fp32; int4: (scale, zero) [N, K/32, 2] bf16
   const void* bias = nullptr;       // [N] in the activation dtype, or none
@@ -53,8 +61,11 @@ class DecodeStack {
   // H query heads, K kv heads, D head dim, E hidden size, I MLP width; bf16: activation dtype.
   DecodeStack(int64_t H, int64_t K, int64_t D, int64_t E, int64_t I, double eps, double scale, bool bf16);
 
-  // One layer: each linear as (kind, weight, scales, bias), empty tensors for none; norms fp32 [E].
-  void add_layer(std::vector<int64_t> kinds, std::vector<torch::Tensor> w, std::vector<torch::Tensor> s,
+  // One layer: each linear as (kinds, weights, scales, bias), empty tensors for none; norms fp32 [E].
+  // A linear is one (kind, weight), or for GGUF blocks several: row segments in output order, each
+  // in its own kind (module.cpp takes an int or a list per linear).
+  void add_layer(std::vector<std::vector<int64_t>> kinds, std::vector<std::vector<torch::Tensor>> w,
+                 std::vector<torch::Tensor> s,
                  std::vector<torch::Tensor> b, torch::Tensor attn_norm, torch::Tensor mlp_norm);
 
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }

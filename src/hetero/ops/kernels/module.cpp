@@ -31,7 +31,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_bf16_dot", &has_bf16_dot);
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool>())
-      .def("add_layer", &DecodeStack::add_layer)
+      // per linear: a kind and a weight, or lists of them (a block linear's row segments)
+      .def("add_layer", [](DecodeStack& st, py::list kinds, py::list w, std::vector<torch::Tensor> s,
+                           std::vector<torch::Tensor> b, torch::Tensor attn_norm, torch::Tensor mlp_norm) {
+        TORCH_CHECK(kinds.size() == w.size(), "one weight (or list) per kind (or list)");
+        std::vector<std::vector<int64_t>> ks;
+        std::vector<std::vector<torch::Tensor>> ws;
+        for (size_t i = 0; i < kinds.size(); ++i) {
+          if (py::isinstance<py::int_>(kinds[i])) {
+            ks.push_back({kinds[i].cast<int64_t>()});
+            ws.push_back({w[i].cast<torch::Tensor>()});
+          } else {
+            ks.push_back(kinds[i].cast<std::vector<int64_t>>());
+            ws.push_back(w[i].cast<std::vector<torch::Tensor>>());
+          }
+        }
+        st.add_layer(ks, ws, s, b, attn_norm, mlp_norm);
+      })
       .def("n_layers", &DecodeStack::n_layers)
       .def("step", &DecodeStack::step);
 }

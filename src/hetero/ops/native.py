@@ -155,6 +155,10 @@ class NativeEmbedding(torch.nn.Module):
     def device(self) -> torch.device:
         return self.table.data.device
 
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Block rows [n, row_bytes] uint8 read from disk (runtime.stream.DiskEmbedding) -> values [n, dim]."""
+        return dequantize_rows(self.table.ggml_type, rows, self.dim).to(self.dtype)
+
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).to(self.table.data.device)
         rows = dequantize_rows(self.table.ggml_type, self.table.data[flat], self.dim).to(self.dtype)

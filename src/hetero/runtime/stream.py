@@ -291,7 +291,8 @@ class DiskEmbedding:
     """
 
     def __init__(self, entry: Entry, device: str = "cpu", spec=None):
-        s = next(x for x in entry.slots if x.attr == "weight")
+        # the table: a dense or packed `weight`, or a GGUF block table's bytes (NativeEmbedding.table.data)
+        s = next(x for x in entry.slots if x.attr == "weight" or (x.module == "table" and x.attr == "data"))
         # A quantised table (runtime.embedding.QuantEmbedding) stores packed rows; its decode turns
         # the bytes read back into values. A dense table's rows are the values themselves.
         self.decode = None

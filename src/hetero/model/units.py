@@ -51,10 +51,10 @@ def block_weights(weights: Weights, precision: str) -> Weights:
     if precision != NATIVE and precision not in BLOCK_PRECISIONS:
         return weights
     try:
-        takes_blocks = "blocks" in inspect.signature(weights).parameters or any(
-            p.kind is p.VAR_KEYWORD for p in inspect.signature(weights).parameters.values())
+        params = inspect.signature(weights).parameters
     except (TypeError, ValueError):
-        takes_blocks = False
+        params = {}
+    takes_blocks = "blocks" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     if not takes_blocks:  # a plain lookup (a dict of floats): the linear layers convert
         return weights
     return functools.partial(weights, blocks=True)

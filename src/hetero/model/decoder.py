@@ -143,10 +143,11 @@ class Decoder(torch.nn.Module):
         if last_only:
             x = x[:, -1:]
         x = x.to(self.head_device)
-        if getattr(self.head, "computes_in_input_dtype", False):
-            x = x.float()  # a head that honours its input's dtype gives fp32 logits: no bf16 ties
+        fp32_head = hasattr(self.head, "logits")   # GGUF blocks: unrounded fp32 logits, no bf16 ties
+        if fp32_head and x.shape[0] * x.shape[1] > 1:
+            x = x.float()   # several tokens (perplexity, a prompt): the norm and the GEMM in fp32
         x = rms_norm(x, self.norm, self.spec.norm_eps)
-        logits = self.head(x).float()
+        logits = self.head.logits(x) if fp32_head else self.head(x).float()
         return logits[:, -1] if last_only else logits
 
 

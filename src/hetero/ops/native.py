@@ -55,8 +55,6 @@ class Segment(torch.nn.Module):
 
 
 class NativeLinear(torch.nn.Module):
-    # fp32 in, fp32 out (exact weights, fp32 accumulation): the decoder gives a native head fp32 input
-    computes_in_input_dtype = True
 
     def __init__(self, segments: list[BlockTensor] | BlockTensor, bias: torch.Tensor | None = None,
                  device: str = "cpu"):
@@ -107,6 +105,18 @@ class NativeLinear(torch.nn.Module):
             return self._add_bias(y).view(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, k).to(dt)
         return self._add_bias(self.matmul(x2)).reshape(*shape[:-1], self.out_features)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 outputs of a head: one token's GEMV reads x in its own dtype (bf16 takes the bf16 and
+        int16 dot-product kernels, ~2x the fp32 one's rate) and returns the fp32 sums unrounded, so
+        no bf16 rounding makes ties; several tokens (perplexity, a prompt's logits) run in fp32."""
+        k = self.in_features
+        if self._k is not None and x.numel() == k and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            xv = x.reshape(k).contiguous()
+            ys = [self._k.gemv_gguf(xv, s.data, kind, k, True) for s, kind in zip(self.segments, self._kinds)]
+            y = ys[0] if len(ys) == 1 else torch.cat(ys)
+            return self._add_bias(y).view(*x.shape[:-1], self.out_features)
+        return self(x.float())
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [M, K] @ W.T in x2's dtype, dequantising DEQUANT_ELEMENTS weights at a time."""

@@ -41,6 +41,14 @@ bool cpu_has_bf16() {
 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+// Whether the CPU has AVX512-VNNI (vpdpwssd: int16 pairs into int32, the Q8_0 GEMV's dot product).
+bool cpu_has_vnni() {
+  static const bool has = __builtin_cpu_supports("avx512vnni");
+  return has;
+}
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
 // Prefetch distance (bytes ahead in the rows' packed bytes / in their scales): a decode GEMV's share
 // of rows is ~100-300 KB, short enough that the hardware prefetcher ramps up too late on its own.
 constexpr int64_t PF_W = 4096, PF_S = 1024;
@@ -70,21 +78,29 @@ inline void share(int64_t N, int tid, int nth, int64_t& n0, int64_t& n1) {
 // Activations may come as fp32 or bf16 (any shape holding K values, contiguous): a bf16 x is widened
 // here and the result rounded back to bf16, saving the two conversion ops per call at decode.
 template <typename Run>
-torch::Tensor with_act(const torch::Tensor& x, int64_t K, int64_t N, Run run) {
+torch::Tensor with_act(const torch::Tensor& x, int64_t K, int64_t N, bool fp32_out, Run run) {
   TORCH_CHECK(x.numel() == K && x.is_contiguous() && x.device().is_cpu(), "x: K contiguous values expected");
-  auto y = torch::empty({N}, x.options());
+  auto y = torch::empty({N}, x.options().dtype(fp32_out ? torch::kFloat32 : x.scalar_type()));
   if (x.scalar_type() == torch::kFloat32) {
     run(x.data_ptr<float>(), y.data_ptr<float>());
     return y;
   }
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "x: fp32 or bf16 expected");
-  std::vector<float> xf(K), yf(N);
+  std::vector<float> xf(K);
   const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
   for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xb[k]);
+  if (fp32_out) {
+    run(xf.data(), y.data_ptr<float>());
+    return y;
+  }
+  std::vector<float> yf(N);
   run(xf.data(), yf.data());
   at::BFloat16* yb = y.data_ptr<at::BFloat16>();
   for (int64_t n = 0; n < N; ++n) yb[n] = static_cast<at::BFloat16>(yf[n]);
   return y;
 }
+
+template <typename Run>
+torch::Tensor with_act(const torch::Tensor& x, int64_t K, int64_t N, Run run) { return with_act(x, K, N, false, run); }
 
 }  // namespace

@@ -20,7 +20,7 @@ torch::Tensor dequant_int4(torch::Tensor packed, torch::Tensor sm);
 bool has_bf16_dot();
 
 // ---- GEMV over GGUF blocks, one token (gemv_blocks.cpp) -----------------------------------------
-torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K);
+torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out);
 torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);
 
 // ---- Fused decode-step ops (decode_ops.cpp) -----------------------------------------------------

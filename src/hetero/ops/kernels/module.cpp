@@ -21,7 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
   m.def("dequant_int4", &dequant_int4);
-  m.def("gemv_gguf", &gemv_gguf);
+  m.def("gemv_gguf", &gemv_gguf, py::arg("x"), py::arg("data"), py::arg("kind"), py::arg("K"), py::arg("fp32_out") = false);
   m.def("dequant_gguf", &dequant_gguf);
   m.def("rmsnorm", &rmsnorm);
   m.def("add_rmsnorm", &add_rmsnorm);

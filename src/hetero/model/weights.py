@@ -52,7 +52,7 @@ class WeightStore:
 
         f = self._files.get(name)
         if f is None:
-            return None
+            return self._stacked(name)
         with safe_open(str(f), framework="pt") as fh:
             t = fh.get_tensor(name)
         from hetero.model.arch import architecture
@@ -60,6 +60,22 @@ class WeightStore:
         # a family whose HF tensors differ from hetero's canonical form converts them here (Gemma's norms)
         from_hf = architecture(self.spec).from_hf
         return t if from_hf is None else from_hf(name, t)
+
+    def _stacked(self, name: str) -> torch.Tensor | None:
+        """A canonical MoE tensor an HF checkpoint holds per expert: its experts stacked [E, ...]
+        (or the router under Mixtral's name)."""
+        from safetensors import safe_open
+
+        from hetero.model.moe_names import hf_parts
+
+        parts = hf_parts(name, self._files, self.spec.n_experts) if self.spec.is_moe else None
+        if parts is None:
+            return None
+        out = []
+        for part in parts:
+            with safe_open(str(self._files[part]), framework="pt") as fh:
+                out.append(fh.get_tensor(part))
+        return out[0] if len(out) == 1 and not self.spec.is_expert_tensor(name) else torch.stack(out)
 
     def _read_gguf(self, name: str, blocks: bool = False):
         # One tensor at a time, on first use, through the light tensor table (gguf_index: no

@@ -1,0 +1,46 @@
+"""A MoE layer's routed experts, run with tokens grouped by expert.
+
+One step gathers the tokens routed to each active expert (index_select), runs that expert's fused
+gate/up and down linears on them as one matmul each, scales by the routing weight and adds the
+result back (index_add): E_active x 2 matmuls per step, never one per token. Each expert's
+linears are hetero.ops linears, so every precision the dense layers run (fp32/bf16/int8/int4/GGUF
+blocks) runs here too. Shapes: N tokens, k experts per token, E experts, h hidden, f expert FFN.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hetero.ops.linear import cat_rows, make_linear
+
+
+class ExpertBank(torch.nn.Module):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, precision: str, device: str):
+        """gate, up: [E, f, h]; down: [E, h, f] (float tensors, one expert per leading index)."""
+        super().__init__()
+        self.n_experts = gate.shape[0]
+        self.gate_up = torch.nn.ModuleList(make_linear(cat_rows([gate[e], up[e]]), None, precision, device)
+                                           for e in range(self.n_experts))
+        self.down = torch.nn.ModuleList(make_linear(down[e], None, precision, device)
+                                        for e in range(self.n_experts))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N, h]; index [N, k] the experts each token is routed to; weight [N, k] their weights.
+        Returns sum_j weight[n, j] * expert_{index[n, j]}(x[n]) as [N, h] in x's dtype."""
+        k = index.shape[1]
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)             # slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        rows = order // k                                     # the token of each grouped slot
+        w = weight.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        pos = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            r = rows[pos:pos + c]
+            gate, up = self.gate_up[e](x.index_select(0, r)).chunk(2, dim=-1)
+            y = self.down[e](F.silu(gate) * up)
+            out.index_add_(0, r, (y * w[pos:pos + c, None].to(y.dtype)).to(out.dtype))
+            pos += c
+        return out

@@ -55,7 +55,8 @@ class MoELayer(DecoderLayer):
             self.shared = make_linear(cat_rows([weights(s + "gate_proj.weight"), weights(s + "up_proj.weight")]),
                                       None, prec, dev)
             self.shared_down = make_linear(weights(s + "down_proj.weight"), None, prec, dev)
-            self.shared_gate = weights(p + "mlp.shared_expert_gate.weight").float().to(dev)  # [1, h]
+            # [1, h] (a GGUF holds it as a vector [h])
+            self.shared_gate = weights(p + "mlp.shared_expert_gate.weight").float().reshape(1, -1).to(dev)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         B, T, H = h.shape

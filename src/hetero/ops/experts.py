@@ -2,7 +2,7 @@
 
 One step gathers the tokens routed to each active expert (index_select), runs that expert's fused
 gate/up and down linears on them as one matmul each, scales by the routing weight and adds the
-result back (index_add): E_active x 2 matmuls per step, never one per token. Each expert's
+result back (an accumulating index_put): E_active x 2 matmuls per step, never one per token. Each expert's
 linears are hetero.ops linears, so every precision the dense layers run (fp32/bf16/int8/int4/GGUF
 blocks) runs here too. Shapes: N tokens, k experts per token, E experts, h hidden, f expert FFN.
 """
@@ -41,6 +41,8 @@ class ExpertBank(torch.nn.Module):
             r = rows[pos:pos + c]
             gate, up = self.gate_up[e](x.index_select(0, r)).chunk(2, dim=-1)
             y = self.down[e](F.silu(gate) * up)
-            out.index_add_(0, r, (y * w[pos:pos + c, None].to(y.dtype)).to(out.dtype))
+            # rows are distinct within one expert (top-k picks distinct experts); index_put_ over
+            # index_add_, whose parallel loop costs milliseconds per call on a busy CPU
+            out.index_put_((r,), (y * w[pos:pos + c, None].to(y.dtype)).to(out.dtype), accumulate=True)
             pos += c
         return out

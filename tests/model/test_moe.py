@@ -4,6 +4,8 @@ GGUF (merged [E, ...] expert tensors, written here with the gguf package) give t
 the spec's view of experts (bytes apart, top-k FLOPs) and the other precisions on the same executor."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -264,3 +266,52 @@ def test_tiny_synthetic_moe_runs_and_caches():
     cache = net.new_cache(1, 7)
     net(ids[:, :6], 0, cache)
     torch.testing.assert_close(net(ids[:, 6:], 6, cache), whole, atol=1e-5, rtol=0)
+
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+def _llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_reads_the_gguf_layout_as_transformers_computes(tiny, tmp_path, family):
+    """The test's GGUF layout is llama.cpp's: llama.cpp's logits on it are transformers' (F32 file)."""
+    hf_dir, ref = tiny(family)
+    write_gguf(hf_dir, family, tmp_path / "m.gguf")
+    ids = [3 + b for b in b"the same"]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0]
+    theirs = _llama_cpp_logits(tmp_path / "m.gguf", ids)
+    assert float((want - theirs).abs().max()) < 0.005 * float(want.abs().max())
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed")
+def test_compress_writes_a_moe_gguf_llama_cpp_runs(tmp_path):
+    """`hetero compress synthetic:tiny-moe --format gguf`: merged Q8_0 expert tensors that hetero reads
+    back as the same shape and llama.cpp runs with hetero's logits (Q8_0 activations on its side)."""
+    from hetero.cli import main
+    from hetero.model.sources import resolve_spec
+
+    out = tmp_path / "tiny-moe.gguf"
+    try:
+        main(["compress", "synthetic:tiny-moe", "--format", "gguf", "--type", "Q8_0", "-o", str(out), "--no-progress"])
+    except SystemExit as e:
+        assert not e.code
+    spec, want = resolve_spec(str(out)), resolve_spec("synthetic:tiny-moe")
+    assert (spec.architecture, spec.n_experts, spec.experts_per_token, spec.expert_ffn, spec.norm_topk_prob) == \
+           (want.architecture, want.n_experts, want.experts_per_token, want.expert_ffn, want.norm_topk_prob)
+    exps = next(t for t in spec.tensors if t.name == "model.layers.0.mlp.experts.gate_proj.weight")
+    assert exps.dtype == "Q8_0" and exps.shape == (8, 32, 64)
+    net = hetero.load(str(out), dtype="fp32").net
+    ids = [3 + b for b in b"the same text"]
+    ours = net(torch.tensor([ids]), 0, net.new_cache(1, len(ids)), last_only=False)[0]
+    theirs = _llama_cpp_logits(out, ids)
+    assert float((ours - theirs).abs().max()) < 0.03 * float(ours.abs().max())
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))

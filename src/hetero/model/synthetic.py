@@ -60,8 +60,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # A tiny Qwen3-MoE for tests: 8 experts of FFN 32, top 2.
     "tiny-moe": dict(**_QWEN3_MOE, hidden_size=64, intermediate_size=176, moe_intermediate_size=32,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
-                     num_experts_per_tok=2, vocab_size=512, max_position_embeddings=512, rope_theta=10000.0,
-                     rms_norm_eps=1e-6),
+                     num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512, max_position_embeddings=512,
+                     rope_theta=10000.0, rms_norm_eps=1e-6),
     # Mixtral-8x7B-v0.1: 8 experts of FFN 14336, top 2, 46.7B parameters (12.9B per token).
     "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
                          intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -74,10 +74,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
                           max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6),
     # OLMoE-1B-7B's shape (16 layers, 64 experts of FFN 1024, top 8; 6.9B, 1.3B per token) run as a
-    # Qwen3-MoE layer (per-head q/k norms where OLMoE norms the whole q/k), on the built-in vocabulary.
+    # Qwen3-MoE layer (per-head q/k norms where OLMoE norms the whole q/k; top-k renormalised, as
+    # llama.cpp's qwen3moe always does), on the built-in vocabulary.
     "olmoe-1b-7b": dict(**_QWEN3_MOE, hidden_size=2048, intermediate_size=1024, moe_intermediate_size=1024,
                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
-                        num_experts_per_tok=8, norm_topk_prob=False, vocab_size=49152,
+                        num_experts_per_tok=8, norm_topk_prob=True, vocab_size=49152,
                         max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5),
 }
 

@@ -221,7 +221,7 @@ def test_expert_bank_groups_tokens_as_a_loop_per_token_would():
     g = torch.Generator().manual_seed(0)
     E, f, h, N, k = 5, 12, 16, 9, 2
     gate, up, down = torch.randn(E, f, h, generator=g), torch.randn(E, f, h, generator=g), torch.randn(E, h, f, generator=g)
-    bank = ExpertBank(gate, up, down, "fp32", "cpu")
+    bank = ExpertBank(gate, up, down, E, "fp32", "cpu")
     x = torch.randn(N, h, generator=g)
     index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
     weight = torch.rand(N, k, generator=g)
@@ -315,3 +315,38 @@ def test_compress_writes_a_moe_gguf_llama_cpp_runs(tmp_path):
     theirs = _llama_cpp_logits(out, ids)
     assert float((ours - theirs).abs().max()) < 0.03 * float(ours.abs().max())
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    # `native` runs the file's own Q8_0 expert blocks (no float copy) with the same logits
+    from hetero.ops.linear import NativeLinear
+
+    nat = hetero.load(str(out), dtype="native").net
+    assert isinstance(nat.layers[0].experts.gate_up0, NativeLinear)
+    got = nat(torch.tensor([ids]), 0, nat.new_cache(1, len(ids)), last_only=False)[0]
+    assert float((got - ours).abs().max()) < 0.03 * float(ours.abs().max())
+
+
+def test_run_plans_and_restores_a_moe_from_the_tensor_cache(capsys):
+    """`hetero run synthetic:tiny-moe` end to end (plan, tensor cache, engine); the second run builds
+    its units from the cache entries the first wrote, with the same greedy tokens."""
+    import json
+
+    from tests.cli import run_cli
+
+    args = ["run", "synthetic:tiny-moe", "--no-chat", "-p", "hello", "-n", "5", "--temperature", "0", "--json"]
+    runs = []
+    for _ in range(2):
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+        runs.append(json.loads(out))
+    assert runs[0]["generated_tokens"] == 5 and runs[0]["token_ids"] == runs[1]["token_ids"]
+
+
+def test_info_shows_the_experts(capsys):
+    import json
+
+    from tests.cli import run_cli
+
+    code, out, _ = run_cli(["info", "synthetic:qwen3-30b-a3b", "--json"], capsys)
+    d = json.loads(out)
+    assert (d["experts"], d["experts_per_token"], d["expert_ffn"]) == (128, 8, 768)
+    layer = next(u for u in d["units"] if u["unit"] == "layers.0")
+    assert 0.9 * layer["bf16_bytes"] < layer["expert_bf16_bytes"] < layer["bf16_bytes"]

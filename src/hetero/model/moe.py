@@ -23,6 +23,11 @@ from hetero.ops.experts import ExpertBank
 from hetero.ops.linear import cat_rows, make_linear
 
 
+def _floats(w) -> torch.Tensor:
+    """An fp32 matrix (a router stored in blocks is dequantised: llama.cpp keeps them F32, not all do)."""
+    return w.float() if isinstance(w, torch.Tensor) else w.dequantize().float()
+
+
 def route(logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, E] -> (weights [N, k] fp32, expert ids [N, k]), as transformers routes."""
     probs = torch.softmax(logits.float(), dim=-1)
@@ -42,13 +47,12 @@ class MoELayer(DecoderLayer):
         if spec.architecture == "qwen3_moe":
             self.q_norm = weights(p + "self_attn.q_norm.weight").float().to(dev)
             self.k_norm = weights(p + "self_attn.k_norm.weight").float().to(dev)
-        self.router = weights(p + "mlp.gate.weight").float().to(dev)                       # [E, h]
+        self.router = _floats(weights(p + "mlp.gate.weight")).to(dev)                      # [E, h]
         self.k = spec.experts_per_token
         self.renormalise = spec.architecture == "mixtral" or spec.norm_topk_prob
-        # the stacked experts come as floats (a GGUF [E, ...] tensor dequantised); each expert's
-        # linears then hold it at the unit's precision
-        self.experts = ExpertBank(weights(p + "mlp.experts.gate_proj.weight"), weights(p + "mlp.experts.up_proj.weight"),
-                                  weights(p + "mlp.experts.down_proj.weight"), prec, dev)
+        # the stacked experts: floats, or a GGUF file's blocks (run as stored at `native`)
+        self.experts = ExpertBank(*(weights(p + f"mlp.experts.{n}_proj.weight") for n in ("gate", "up", "down")),
+                                  spec.n_experts, prec, dev)
         self.shared = None
         if spec.shared_expert_ffn:
             s = p + "mlp.shared_expert."
@@ -56,7 +60,7 @@ class MoELayer(DecoderLayer):
                                       None, prec, dev)
             self.shared_down = make_linear(weights(s + "down_proj.weight"), None, prec, dev)
             # [1, h] (a GGUF holds it as a vector [h])
-            self.shared_gate = weights(p + "mlp.shared_expert_gate.weight").float().reshape(1, -1).to(dev)
+            self.shared_gate = _floats(weights(p + "mlp.shared_expert_gate.weight")).reshape(1, -1).to(dev)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         B, T, H = h.shape

@@ -4,6 +4,7 @@ Never unpickles: safetensors and GGUF are plain data formats.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -89,7 +90,8 @@ class WeightStore:
         info = self._gguf_table.get(name)
         if info is None:
             return None
-        if blocks and len(info.shape) == 2 and (bt := self._blocks(name, info)) is not None:
+        # a MoE layer's stacked experts [E, rows, K] come as the blocks of all E*rows rows
+        if blocks and len(info.shape) in (2, 3) and (bt := self._blocks(name, info)) is not None:
             return bt
         try:
             arr = read_tensor(self.source.path, info)
@@ -111,7 +113,7 @@ class WeightStore:
             return None
         if qtype not in NATIVE_TYPES:
             return None
-        n, k = info.shape
+        n, k = math.prod(info.shape[:-1]), info.shape[-1]
         if info.nbytes % n:
             raise HeteroError(f"{self.source.path}: tensor {info.name} holds {info.nbytes} bytes, not {n} rows")
         mm = np.memmap(self.source.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))

@@ -2,9 +2,10 @@
 
 One step gathers the tokens routed to each active expert (index_select), runs that expert's fused
 gate/up and down linears on them as one matmul each, scales by the routing weight and adds the
-result back (an accumulating index_put): E_active x 2 matmuls per step, never one per token. Each expert's
-linears are hetero.ops linears, so every precision the dense layers run (fp32/bf16/int8/int4/GGUF
-blocks, a GGUF file's own blocks at `native`) runs here too. Shapes: N tokens, k experts per token, E experts, h hidden, f expert FFN.
+result back (an accumulating index_put): E_active x 2 matmuls per step, never one per token. Each
+expert's linears are hetero.ops linears, so every precision the dense layers run (fp32/bf16/int8/
+int4/GGUF blocks, a GGUF file's own blocks at `native`) runs here too.
+Shapes: N tokens, k experts per token, E experts, h hidden, f expert FFN.
 """
 from __future__ import annotations
 

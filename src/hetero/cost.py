@@ -269,9 +269,12 @@ def unit_bytes_table(spec: ModelSpec, precisions) -> dict[tuple[str, str], int]:
 
 def read_bytes(spec: ModelSpec, unit: str, full: int, tokens: int) -> float:
     """Weight bytes one pass over `tokens` tokens reads (`full`: the unit's bytes at its precision).
-    The embedding reads only the rows it looks up."""
+    The embedding reads only the rows it looks up; a MoE layer only the experts its tokens are routed to."""
     if unit == "embed":
         return min(full, tokens * full / max(1, spec.vocab_size))
+    frac = spec.unit_expert_fraction(unit)
+    if frac:  # a MoE layer: its dense part, and the routed experts the tokens touch (k of E for one)
+        return full * (1.0 - frac + frac * spec.experts_touched(tokens) / spec.n_experts)
     return full
 
 

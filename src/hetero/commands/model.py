@@ -99,7 +99,9 @@ def info(
     per_precision = {p: spec.total_bytes(p) for p in spec.runnable_precisions()}
     units = [
         {"unit": u, "params": spec.unit_params(u), "stored_bytes": spec.unit_stored_bytes(u),
-         "bf16_bytes": spec.unit_bytes(u, "bf16"), "decode_flops": spec.unit_flops_per_token(u, 1)}
+         "bf16_bytes": spec.unit_bytes(u, "bf16"), "decode_flops": spec.unit_flops_per_token(u, 1),
+         # a MoE layer's routed experts (the rest of bf16_bytes is its dense part)
+         **({"expert_bf16_bytes": spec.unit_expert_bytes(u, "bf16")} if spec.is_moe else {})}
         for u in spec.unit_names()
     ]
     if as_json:
@@ -125,6 +127,14 @@ def info(
     if spec.layer_types:
         c.print(f"attention: {s['local_layers']} local layers (window {spec.sliding_window}, rope θ "
                 f"{spec.rope_local_theta:g}), {spec.n_layers - s['local_layers']} global")
+    if spec.is_moe:
+        experts = spec.unit_expert_bytes("layers.0", "bf16")
+        active = spec.n_layers * spec.layer_matmul_params() + spec.hidden_size * spec.vocab_size
+        c.print(f"experts: {spec.n_experts} routed per layer (FFN {spec.expert_ffn}), {spec.experts_per_token} per token"
+                f"{', renormalised' if spec.norm_topk_prob or spec.architecture == 'mixtral' else ''}"
+                + (f", a shared expert (FFN {spec.shared_expert_ffn})" if spec.shared_expert_ffn else "")
+                + f"; {active / 1e9:,.2f}B matrix parameters per token; layer 0 (bf16): routed experts "
+                f"{_fmt_bytes(experts)}, dense part {_fmt_bytes(spec.unit_bytes('layers.0', 'bf16') - experts)}")
     t = Table("unit", "params", "stored", "bf16", "decode FLOPs/token")
     rows = units if len(units) <= 12 else units[:5] + [None] + units[-4:]
     for u in rows:

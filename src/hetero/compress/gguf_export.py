@@ -31,7 +31,20 @@ _LAYER = {
     "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.weight": "attn_output.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    # mixtures of experts: llama.cpp's merged [E, ...] expert tensors, router and shared expert
+    "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.experts.gate_proj.weight": "ffn_gate_exps.weight",
+    "mlp.experts.up_proj.weight": "ffn_up_exps.weight", "mlp.experts.down_proj.weight": "ffn_down_exps.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
+# spec.architecture -> the GGUF arch llama.cpp runs it as (Mixtral is `llama` with experts)
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe"}
+# Q/K rows in llama.cpp's interleaved-RoPE order: the `llama` arch only (the Qwen arches rotate halves)
+_PERMUTED = ("llama", "mistral", "mixtral")
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
 
@@ -131,8 +144,8 @@ def check_target(out: str | Path, spec: ModelSpec, force: bool) -> None:
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise HeteroError(f"{out} already exists; choose another -o or pass --force")
-    if spec.architecture not in ("llama", "mistral"):
-        raise HeteroError(f"GGUF export supports llama and mistral models (got {spec.architecture})")
+    if spec.architecture not in GGUF_ARCH:
+        raise HeteroError(f"GGUF export supports {', '.join(GGUF_ARCH)} models (got {spec.architecture})")
     if out.exists() and not _is_gguf(out):
         raise HeteroError(f"{out} is not a GGUF file; --force replaces only those (remove it yourself)")
     if not out.parent.is_dir():
@@ -180,12 +193,22 @@ def _block_bytes(qtype: str) -> tuple[int, int]:
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
 
 
-def _quantised(shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and shape[1] % 32 == 0
+def _quantised(name: str, shape: tuple[int, ...]) -> bool:
+    # routers stay F32 as llama.cpp's quantiser keeps them: tiny, and the top-k choice is sensitive
+    if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+        return False
+    return len(shape) in (2, 3) and shape[-1] % 32 == 0
+
+
+def _file_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A tensor's shape in the file: llama.cpp's shared-expert gate is a vector [h] (canonical [1, h])."""
+    return shape[1:] if name.endswith("shared_expert_gate.weight") else shape
 
 
 def _prepare(name: str, t, spec: ModelSpec):
-    """A canonical tensor in llama.cpp's row order (Q/K permuted), as torch."""
+    """A canonical tensor in llama.cpp's row order (Q/K permuted for the llama arch), as torch."""
+    if spec.architecture not in _PERMUTED:
+        return t
     if name.endswith(("q_proj.weight", "q_proj.bias")):
         return _permute(t, spec.n_heads)
     if name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -194,8 +217,9 @@ def _prepare(name: str, t, spec: ModelSpec):
 
 
 def _encode(t, qtype: str, search: bool) -> np.ndarray:
-    """A [rows, K] tensor (any float dtype) as GGUF block bytes, ~4M values at a time so the float32
-    temporaries stay small next to the tensor itself."""
+    """A [rows, K] tensor (any float dtype; [E, rows, K] stacked experts as E*rows rows) as GGUF block
+    bytes, ~4M values at a time so the float32 temporaries stay small next to the tensor itself."""
+    t = t.reshape(-1, t.shape[-1])
     rows, k = t.shape
     blk, size = _block_bytes(qtype)
     out = np.empty((rows, k // blk * size), dtype=np.uint8)
@@ -204,6 +228,20 @@ def _encode(t, qtype: str, search: bool) -> np.ndarray:
         arr = np.ascontiguousarray(t[r0:r0 + step].float().numpy(), dtype=np.float32)
         out[r0:r0 + step] = quantize(arr, qtype, search)
     return out
+
+
+def _add_experts(w, spec: ModelSpec) -> None:
+    """The experts' metadata as llama.cpp reads it (each expert's FFN, the shared one's, top-k norm)."""
+    w.add_expert_count(spec.n_experts)
+    w.add_expert_used_count(spec.experts_per_token)
+    if spec.architecture != "mixtral":
+        w.add_expert_feed_forward_length(spec.expert_ffn)
+        w.add_bool(f"{w.arch}.expert_weights_norm", spec.norm_topk_prob)
+    if spec.shared_expert_ffn:
+        w.add_expert_shared_feed_forward_length(spec.shared_expert_ffn)
+    if spec.head_dim * spec.n_heads != spec.hidden_size:
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
 
 
 def write_stream(out: str | Path, spec: ModelSpec, get, qtype: str, kv: KV, search: bool = True,
@@ -231,7 +269,7 @@ def write_stream(out: str | Path, spec: ModelSpec, get, qtype: str, kv: KV, sear
     names = expected_tensors(spec)
     total = 0
     try:
-        w = gguf.GGUFWriter(tmp, "llama")
+        w = gguf.GGUFWriter(tmp, GGUF_ARCH[spec.architecture])
         w.add_name(spec.name)
         w.add_block_count(spec.n_layers)
         w.add_context_length(spec.max_context)
@@ -243,16 +281,19 @@ def write_stream(out: str | Path, spec: ModelSpec, get, qtype: str, kv: KV, sear
         w.add_layer_norm_rms_eps(spec.norm_eps)
         w.add_rope_dimension_count(spec.head_dim)
         w.add_vocab_size(spec.vocab_size)
+        if spec.is_moe:
+            _add_experts(w, spec)
         w.add_file_type({"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}[qtype])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value, vtype, sub in kv:
             w.add_key_value(key, value, vtype, sub)
         for name, shape in names:
-            if _quantised(shape):
-                nbytes = shape[0] * (shape[1] // blk) * size
+            if _quantised(name, shape):
+                nbytes = math.prod(shape[:-1]) * (shape[-1] // blk) * size
                 w.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
             else:
-                w.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32), 4 * math.prod(shape))
+                w.add_tensor_info(gguf_name(name), _file_shape(name, shape), np.dtype(np.float32),
+                                  4 * math.prod(shape))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -262,10 +303,10 @@ def write_stream(out: str | Path, spec: ModelSpec, get, qtype: str, kv: KV, sear
                 t = _prepare(name, get(name, shape), spec)
                 if tuple(t.shape) != tuple(shape):
                     raise HeteroError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
-                if _quantised(shape):
+                if _quantised(name, shape):
                     data = _encode(t, qtype, search)
                 else:
-                    data = np.ascontiguousarray(t.to(torch.float32).numpy())
+                    data = np.ascontiguousarray(t.to(torch.float32).numpy()).reshape(_file_shape(name, shape))
                 w.write_tensor_data(data)
                 total += data.nbytes
                 del t, data

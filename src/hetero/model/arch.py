@@ -16,7 +16,8 @@ from hetero.errors import HeteroError
 # spec.architecture -> the module that defines it (imported on first use: torch stays unloaded
 # for header-only commands)
 MODULES = {"llama": "hetero.model.llama", "mistral": "hetero.model.llama", "qwen2": "hetero.model.llama",
-           "gemma3": "hetero.model.gemma3"}
+           "gemma3": "hetero.model.gemma3", "mixtral": "hetero.model.moe", "qwen2_moe": "hetero.model.moe",
+           "qwen3_moe": "hetero.model.moe"}
 
 
 @dataclass(frozen=True)

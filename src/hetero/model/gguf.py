@@ -18,7 +18,24 @@ from hetero.errors import HeteroError
 from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo
 from hetero.model.validate import NORM_EPS_MAX, ROPE_THETA_RANGE, check_float, check_int, check_spec
 
-_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3"}
+_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3",
+              "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# llama.cpp writes Mixtral as arch `llama` with {arch}.expert_count set; its expert matrices are
+# merged [E, ...] tensors (hetero's canonical form), its router ffn_gate_inp
+_MOE_NAMES = {
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj.weight",
+    "ffn_up_exps.weight": "mlp.experts.up_proj.weight",
+    "ffn_down_exps.weight": "mlp.experts.down_proj.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+# whether llama.cpp renormalises the top-k weights where the file has no {arch}.expert_weights_norm
+_MOE_NORM_DEFAULT = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -43,7 +60,8 @@ _GEMMA3_LAYER_NAMES = {
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
-_LAYER_NAMES_BY_ARCH = {"gemma3": _GEMMA3_LAYER_NAMES}
+_LAYER_NAMES_BY_ARCH = {"gemma3": _GEMMA3_LAYER_NAMES,
+                        **{a: {**_LAYER_NAMES, **_MOE_NAMES} for a in ("mixtral", "qwen2_moe", "qwen3_moe")}}
 # llama.cpp's fixed Gemma 3 layout where the file does not say: every 6th layer global, local RoPE base 1e4
 GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0
 _GLOBAL_NAMES = {
@@ -143,15 +161,21 @@ def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
     hidden = count("embedding_length", "hidden_size")
     heads = count("attention.head_count", "n_heads")
     n_layers = count("block_count", "n_layers")
-    ffn = count("feed_forward_length", "intermediate_size")
+    moe = _moe_fields(path, arch, key, count) if key("expert_count") or arch in ("qwen2moe", "qwen3moe") else {}
+    sarch = "mixtral" if moe and arch == "llama" else _GGUF_ARCH[arch]
+    if moe and arch not in ("llama", "qwen2moe", "qwen3moe"):
+        raise HeteroError(f"{path}: experts in a {arch} model are not supported (Mixtral-style llama, qwen2moe, qwen3moe)")
+    ffn = moe.pop("intermediate_size", None) or count("feed_forward_length", "intermediate_size")
     kv_heads = count("attention.head_count_kv", "n_kv_heads", heads)
     head_dim = count("attention.key_length", "head_dim", hidden // heads)
     tensors = []
     for t in r.tensors:
-        cname = canonical_name(t.name, _GGUF_ARCH[arch])
+        cname = canonical_name(t.name, sarch)
         if cname is None:
             continue
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+        if cname.endswith("shared_expert_gate.weight") and len(shape) == 1:
+            shape = (1, *shape)   # llama.cpp's shared-expert gate is a vector; canonical [1, h]
         tensors.append(TensorInfo(cname, shape, t.tensor_type.name, int(t.n_bytes)))
     names = {t.name for t in tensors}
     vocab = key("vocab_size")
@@ -174,7 +198,7 @@ def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
     general_name = _field(r, "general.name")
     spec = ModelSpec(
         name=name or (general_name if isinstance(general_name, str) else None) or path.stem,
-        architecture=_GGUF_ARCH[arch], source=str(path), format="gguf",
+        architecture=sarch, source=str(path), format="gguf",
         n_layers=n_layers, hidden_size=hidden, intermediate_size=ffn, n_heads=heads,
         n_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
         max_context=count("context_length", "max_context", 2048),
@@ -183,10 +207,29 @@ def spec_from_gguf(path: Path, name: str | None = None) -> ModelSpec:
                              0.0, NORM_EPS_MAX),
         tie_embeddings="lm_head.weight" not in names,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in names,
-        rope_scaling=scaling, tensors=tuple(tensors), **local,
+        rope_scaling=scaling, tensors=tuple(tensors), **local, **moe,
     )
     check_spec(spec, where)
     return spec
+
+
+def _moe_fields(path: Path, arch: str, key, count) -> dict[str, Any]:
+    """A MoE file's experts: count, used per token, each expert's FFN (expert_feed_forward_length,
+    else feed_forward_length: Mixtral's), the shared expert's, and whether the top-k is renormalised."""
+    e = count("expert_count", "n_experts")
+    k = count("expert_used_count", "experts_per_token")
+    if k > e:
+        raise HeteroError(f"{path}: {arch}.expert_used_count {k} exceeds expert_count {e}")
+    out: dict[str, Any] = {"n_experts": e, "experts_per_token": k}
+    if key("expert_feed_forward_length") is not None:
+        out["intermediate_size"] = count("expert_feed_forward_length", "intermediate_size")
+    if arch == "qwen2moe":
+        out["shared_expert_ffn"] = count("expert_shared_feed_forward_length", "intermediate_size")
+    norm = key("expert_weights_norm", _MOE_NORM_DEFAULT["mixtral" if arch == "llama" else _GGUF_ARCH[arch]])
+    if not isinstance(norm, bool):
+        raise HeteroError(f"{path}: {arch}.expert_weights_norm must be a boolean (got {norm!r})")
+    out["norm_topk_prob"] = norm
+    return out
 
 
 def _local_layers(path: Path, arch: str, n_layers: int, key) -> dict[str, Any]:
@@ -249,7 +292,7 @@ def iter_tensors(path: Path, spec: ModelSpec, names: set[str] | None = None) -> 
 
 def unpermute(cname: str, arr: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """llama.cpp stores Llama/Mistral Q and K rows permuted for its RoPE layout: undo it."""
-    if spec.architecture not in ("llama", "mistral"):
+    if spec.architecture not in ("llama", "mistral", "mixtral"):
         return arr
     if cname.endswith(("q_proj.weight", "q_proj.bias")):
         return _unpermute(arr, spec.n_heads)

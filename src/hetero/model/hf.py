@@ -13,11 +13,13 @@ from typing import Any
 
 from hetero.dtypes import storage_bytes
 from hetero.errors import HeteroError
-from hetero.model.spec import SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo, expected_tensors
+from hetero.model.spec import (MOE_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelSpec, RopeScaling, TensorInfo,
+                               expected_tensors)
 from hetero.model.validate import NORM_EPS_MAX, ROPE_THETA_RANGE, check_float, check_int, check_shape, check_tensors
 
 _ARCH_BY_CLASS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                  "Gemma3ForCausalLM": "gemma3"}
+                  "Gemma3ForCausalLM": "gemma3", "MixtralForCausalLM": "mixtral",
+                  "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe"}
 _MODEL_TYPES = {"gemma3_text": "gemma3"}
 
 
@@ -94,6 +96,9 @@ def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
             raise HeteroError(f"{where}: {key} must be true or false (got {cfg[key]!r})")
     name = name or cfg.get("_name_or_path") or source
     gemma = _gemma3_fields(cfg, where) if arch == "gemma3" else {}
+    moe = _moe_fields(cfg, arch, where) if arch in MOE_ARCHITECTURES else {}
+    bias = moe.pop("attention_bias", None)
+    ffn = moe.pop("intermediate_size", None)   # a MoE layer's FFN is each routed expert's
     theta = gemma.pop("rope_theta", None)   # the global layers' base: nested in rope_parameters
     try:
         spec = ModelSpec(
@@ -101,7 +106,7 @@ def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
             architecture=arch, source=source, format=fmt,
             n_layers=check_int(cfg["num_hidden_layers"], "n_layers", f"{where} num_hidden_layers"),
             hidden_size=hidden,
-            intermediate_size=check_int(cfg["intermediate_size"], "intermediate_size", f"{where} intermediate_size"),
+            intermediate_size=ffn or check_int(cfg["intermediate_size"], "intermediate_size", f"{where} intermediate_size"),
             n_heads=heads,
             n_kv_heads=check_int(_opt(cfg, "num_key_value_heads", heads), "n_kv_heads", f"{where} num_key_value_heads"),
             head_dim=check_int(_opt(cfg, "head_dim", 256 if gemma else hidden // heads), "head_dim",
@@ -113,8 +118,8 @@ def spec_from_config(cfg: dict[str, Any], source: str, fmt: str,
                                     *ROPE_THETA_RANGE),
             norm_eps=check_float(_opt(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where, 0.0, NORM_EPS_MAX),
             tie_embeddings=bool(_opt(cfg, "tie_word_embeddings", arch == "gemma3")),
-            attention_bias=bool(_opt(cfg, "attention_bias", arch == "qwen2")),
-            rope_scaling=_rope_scaling(cfg), **gemma,
+            attention_bias=bias if bias is not None else bool(_opt(cfg, "attention_bias", arch == "qwen2")),
+            rope_scaling=_rope_scaling(cfg), **gemma, **moe,
         )
     except (TypeError, ValueError) as e:  # e.g. a RoPE factor that is a list
         raise HeteroError(f"{where}: a field has the wrong type ({e})") from None
@@ -160,6 +165,35 @@ def _gemma3_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         "query_pre_attn_scalar": check_float(_opt(cfg, "query_pre_attn_scalar", 256), "query_pre_attn_scalar",
                                              where, 0.0, 1e6),
     }
+
+
+def _moe_fields(cfg: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
+    """The experts of a Mixtral / Qwen2-MoE / Qwen3-MoE config (transformers' defaults where absent);
+    layouts hetero does not run (dense layers between sparse ones, sliding windows) are refused."""
+    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+        raise HeteroError(f"{where}: dense MLP layers between MoE layers (decoder_sparse_step / mlp_only_layers) "
+                          "are not supported")
+    if cfg.get("use_sliding_window") or (arch == "mixtral" and cfg.get("sliding_window") is not None):
+        raise HeteroError(f"{where}: sliding-window attention is not supported for {arch}")
+    n = cfg.get("num_local_experts") if arch == "mixtral" else _opt(cfg, "num_experts", cfg.get("num_local_experts"))
+    e = check_int(8 if n is None else n, "n_experts", f"{where} num_experts")
+    k = check_int(_opt(cfg, "num_experts_per_tok", 2), "experts_per_token", f"{where} num_experts_per_tok")
+    if k > e:
+        raise HeteroError(f"{where}: num_experts_per_tok {k} exceeds the {e} experts")
+    out: dict[str, Any] = {"n_experts": e, "experts_per_token": k}
+    for key in ("norm_topk_prob", "qkv_bias"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise HeteroError(f"{where}: {key} must be true or false (got {cfg[key]!r})")
+    if arch == "mixtral":  # softmax over the top-k logits: renormalised by construction
+        return out
+    out["intermediate_size"] = check_int(cfg.get("moe_intermediate_size"), "intermediate_size",
+                                         f"{where} moe_intermediate_size")
+    out["norm_topk_prob"] = bool(cfg.get("norm_topk_prob", False))
+    if arch == "qwen2_moe":
+        out["shared_expert_ffn"] = check_int(cfg.get("shared_expert_intermediate_size"), "intermediate_size",
+                                             f"{where} shared_expert_intermediate_size")
+        out["attention_bias"] = bool(_opt(cfg, "qkv_bias", True))
+    return out
 
 
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -279,6 +313,10 @@ def spec_from_hf_dir(d: Path, source: str | None = None, fmt: str = "safetensors
                 continue
             a, b = meta["data_offsets"]
             tensors.append(TensorInfo(tname, tuple(meta["shape"]), meta["dtype"], b - a))
+    if _architecture(cfg) in MOE_ARCHITECTURES:  # per-expert matrices -> one stacked tensor each
+        from hetero.model.moe_names import fold
+
+        tensors = fold(tensors)
     name = cfg.get("_name_or_path") or d.name
     return spec_from_config(cfg, source=source or str(d), fmt=fmt, tensors=tuple(tensors),
                             name=name if isinstance(name, str) else d.name)

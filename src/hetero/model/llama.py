@@ -93,6 +93,19 @@ class DecoderLayer(torch.nn.Module):
     def __init__(self, spec: ModelSpec, weights: Callable[[str], torch.Tensor | None], i: int, unit: UnitConfig):
         super().__init__()
         p = f"model.layers.{i}."
+        self._init_attention(spec, weights, p, unit)
+        gate_up = cat_rows([weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight")])
+        self.gate_up = make_linear(gate_up, None, unit.precision, unit.device)
+        self.down = make_linear(weights(p + "mlp.down_proj.weight"), None, unit.precision, unit.device)
+        # Decode (one token) runs its small ops fused in the compiled kernels when they exist.
+        self._fused = kernels.get() if (torch.device(unit.device).type == "cpu" and spec.head_dim % 16 == 0
+                                        and self.dtype in (torch.float32, torch.bfloat16)) else None
+
+    # Per-head RMSNorm weights of q and k (Qwen3-MoE sets them; model/moe.py), None: no q/k norm.
+    q_norm = k_norm = None
+
+    def _init_attention(self, spec: ModelSpec, weights: Callable, p: str, unit: UnitConfig) -> None:
+        """The attention half of a layer (shared with model/moe.py): fused QKV, output, the two norms."""
         self.spec, self.device, self.dtype = spec, unit.device, activation_dtype(unit.precision)
         self.n_q, self.n_kv = spec.n_heads * spec.head_dim, spec.kv_dim
         qkv_w = cat_rows([weights(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
@@ -101,38 +114,43 @@ class DecoderLayer(torch.nn.Module):
             qkv_b = torch.cat([weights(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
         self.qkv = make_linear(qkv_w, qkv_b, unit.precision, unit.device)
         self.o = make_linear(weights(p + "self_attn.o_proj.weight"), None, unit.precision, unit.device)
-        gate_up = cat_rows([weights(p + "mlp.gate_proj.weight"), weights(p + "mlp.up_proj.weight")])
-        self.gate_up = make_linear(gate_up, None, unit.precision, unit.device)
-        self.down = make_linear(weights(p + "mlp.down_proj.weight"), None, unit.precision, unit.device)
         self.attn_norm = weights(p + "input_layernorm.weight").float().to(unit.device)
         self.mlp_norm = weights(p + "post_attention_layernorm.weight").float().to(unit.device)
         self.scale = 1.0 / math.sqrt(spec.head_dim)
-        # Decode (one token) runs its small ops fused in the compiled kernels when they exist.
-        self._fused = kernels.get() if (torch.device(unit.device).type == "cpu" and spec.head_dim % 16 == 0
-                                        and self.dtype in (torch.float32, torch.bfloat16)) else None
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
         B, T, _ = x.shape
         if T == 1 and B == 1 and self._fused is not None and x.dtype == self.dtype == k_cache.dtype \
                 and x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous():
             return self._decode_fused(x, start, cos, sin, k_cache, v_cache)
+        x = self._attend(x, start, cos, sin, k_cache, v_cache)
+        return x + self._mlp(rms_norm(x, self.mlp_norm, self.spec.norm_eps)).to(x.dtype)
+
+    def _attend(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """x + attention(norm(x)), the new K/V written to the cache."""
+        spec = self.spec
+        B, T, _ = x.shape
         h = rms_norm(x, self.attn_norm, spec.norm_eps)
         qkv = self.qkv(h)
         q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=-1)
-        q = q.view(B, T, spec.n_heads, spec.head_dim).transpose(1, 2)       # [B, H, T, D]
-        k = k.view(B, T, spec.n_kv_heads, spec.head_dim).transpose(1, 2)    # [B, K, T, D]
+        q = q.view(B, T, spec.n_heads, spec.head_dim)
+        k = k.view(B, T, spec.n_kv_heads, spec.head_dim)
+        if self.q_norm is not None:
+            q, k = rms_norm(q, self.q_norm, spec.norm_eps), rms_norm(k, self.k_norm, spec.norm_eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                            # [B, H, T, D], [B, K, T, D]
         v = v.view(B, T, spec.n_kv_heads, spec.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         end = start + T
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
         attn = self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], start)
-        x = x + self.o(attn.transpose(1, 2).reshape(B, T, self.n_q)).to(x.dtype)
-        h = rms_norm(x, self.mlp_norm, spec.norm_eps)
+        return x + self.o(attn.transpose(1, 2).reshape(B, T, self.n_q)).to(x.dtype)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up).to(x.dtype)
+        return self.down(F.silu(gate) * up)
 
     def _decode_fused(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

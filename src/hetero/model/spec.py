@@ -15,11 +15,16 @@ from typing import Any
 
 from hetero.dtypes import is_block_type, kv_bytes_per_element, native_format, weight_bytes
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
+# Families whose MLP is a router over routed experts (model/moe.py); the rest are dense.
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 SLIDING, FULL = "sliding_attention", "full_attention"   # layer_types values (HF names)
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# A routed expert's tensor ([E, ...]: every expert of the layer stacked); the router, the shared
+# expert and attention are the layer's dense part.
+_EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.")
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    architecture: str          # llama | mistral | qwen2 | gemma3
+    architecture: str          # llama | mistral | qwen2 | gemma3 | mixtral | qwen2_moe | qwen3_moe
     source: str                # where it came from (path, built-in name or synthetic:NAME)
     format: str                # gguf | safetensors | synthetic
     n_layers: int
@@ -65,6 +70,13 @@ class ModelSpec:
     layer_types: tuple[str, ...] = ()
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None   # attention scale is its -1/2 power (None: head_dim)
+    # Mixture of experts (MOE_ARCHITECTURES): each token runs `experts_per_token` of `n_experts`
+    # routed experts of intermediate size `intermediate_size`, plus a shared expert of
+    # `shared_expert_ffn` (0: none) scaled by a sigmoid gate. 0 experts: a dense MLP.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    shared_expert_ffn: int = 0
+    norm_topk_prob: bool = True    # the top-k routing weights renormalised to sum 1 (Mixtral: always)
 
     # ---- units: the granularity at which the planner places work --------------------------------
     def unit_names(self) -> list[str]:
@@ -131,6 +143,42 @@ class ModelSpec:
         """True when some matrix is stored block-quantised (a GGUF file): `native` then means something."""
         return any(is_block_type(t.dtype) for t in self.tensors if len(t.shape) >= 2)
 
+    # ---- experts: a MoE layer's routed experts apart from its dense part --------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def expert_ffn(self) -> int:
+        """Each routed expert's intermediate size (0 for a dense model)."""
+        return self.intermediate_size if self.is_moe else 0
+
+    @staticmethod
+    def is_expert_tensor(name: str) -> bool:
+        return bool(_EXPERT_RE.match(name))
+
+    def unit_expert_bytes(self, unit: str, precision: str) -> int:
+        """Bytes of a unit's routed experts at `precision` (all of them; 0 for a dense unit): the part
+        a planner may place apart from the unit's dense part (unit_bytes - this)."""
+        return sum(weight_bytes(precision, t.shape, stored=t.dtype) for t in self.unit_tensors(unit)
+                   if self.is_expert_tensor(t.name))
+
+    def unit_expert_fraction(self, unit: str) -> float:
+        """The routed experts' share of a unit's parameters (0 for a dense unit)."""
+        if not self.is_moe or not unit.startswith("layers."):
+            return 0.0
+        ts = self.unit_tensors(unit)
+        total = sum(math.prod(t.shape) for t in ts)
+        return sum(math.prod(t.shape) for t in ts if self.is_expert_tensor(t.name)) / max(1, total)
+
+    def experts_touched(self, tokens: int) -> float:
+        """Expected distinct experts one layer reads for `tokens` tokens routed uniformly at random
+        (k of E each): k for one token, ~E for a long prompt."""
+        if not self.is_moe:
+            return 0.0
+        e, k = self.n_experts, self.experts_per_token
+        return e * (1.0 - (1.0 - k / e) ** max(1, tokens))
+
     def unit_stored_bytes(self, unit: str) -> int:
         return sum(t.nbytes for t in self.unit_tensors(unit))
 
@@ -171,9 +219,15 @@ class ModelSpec:
 
     # ---- FLOPs ----------------------------------------------------------------------------------
     def layer_matmul_params(self) -> int:
+        """Matrix weights one token multiplies by in a decoder layer (a MoE layer: the router, the
+        shared expert and its top-k routed experts only)."""
         h, kv, f = self.hidden_size, self.kv_dim, self.intermediate_size
         q = self.n_heads * self.head_dim
-        return h * q + 2 * h * kv + q * h + 3 * h * f
+        attn = h * q + 2 * h * kv + q * h
+        if not self.is_moe:
+            return attn + 3 * h * f
+        shared = 3 * h * self.shared_expert_ffn + h if self.shared_expert_ffn else 0
+        return attn + h * self.n_experts + shared + self.experts_per_token * 3 * h * f
 
     def unit_flops_per_token(self, unit: str, context: int) -> float:
         """FLOPs to process one token at `context` tokens of attention history (multiply-add = 2)."""
@@ -203,7 +257,9 @@ class ModelSpec:
              [(t.name, list(t.shape), t.dtype) for t in self.tensors]]
             # only where set, so the ids of families without local layers stay what they were
             + ([self.sliding_window, list(self.layer_types), self.rope_local_theta, self.query_pre_attn_scalar]
-               if self.layer_types or self.query_pre_attn_scalar is not None else []),
+               if self.layer_types or self.query_pre_attn_scalar is not None else [])
+            + ([self.n_experts, self.experts_per_token, self.shared_expert_ffn, self.norm_topk_prob]
+               if self.is_moe else []),
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -237,12 +293,16 @@ class ModelSpec:
             **({"sliding_window": self.sliding_window, "rope_local_theta": self.rope_local_theta,
                 "local_layers": sum(self.is_sliding(i) for i in range(self.n_layers))}
                if self.layer_types else {}),
+            **({"experts": self.n_experts, "experts_per_token": self.experts_per_token,
+                "expert_ffn": self.expert_ffn, "shared_expert_ffn": self.shared_expert_ffn,
+                "norm_topk_prob": self.norm_topk_prob} if self.is_moe else {}),
         }
 
 
 def expected_tensors(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     """Canonical names and shapes a checkpoint of this shape and family holds (Gemma 3 adds q/k norms
-    and norms after attention and around the MLP)."""
+    and norms after attention and around the MLP; a MoE layer holds a router and its experts stacked
+    [E, ...] instead of the MLP, and Qwen3-MoE q/k norms)."""
     h, f, v = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     q, kv = spec.n_heads * spec.head_dim, spec.kv_dim
     out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (v, h))]
@@ -255,10 +315,14 @@ def expected_tensors(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
             (p + "self_attn.v_proj.weight", (kv, h)),
             (p + "self_attn.o_proj.weight", (h, q)),
             (p + "post_attention_layernorm.weight", (h,)),
+        ]
+        out += _moe_tensors(spec, p) if spec.is_moe else [
             (p + "mlp.gate_proj.weight", (f, h)),
             (p + "mlp.up_proj.weight", (f, h)),
             (p + "mlp.down_proj.weight", (h, f)),
         ]
+        if spec.architecture == "qwen3_moe":
+            out += [(p + "self_attn.q_norm.weight", (spec.head_dim,)), (p + "self_attn.k_norm.weight", (spec.head_dim,))]
         if spec.architecture == "gemma3":
             out += [(p + "self_attn.q_norm.weight", (spec.head_dim,)), (p + "self_attn.k_norm.weight", (spec.head_dim,)),
                     (p + "pre_feedforward_layernorm.weight", (h,)), (p + "post_feedforward_layernorm.weight", (h,))]
@@ -268,4 +332,20 @@ def expected_tensors(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     out.append(("model.norm.weight", (h,)))
     if not spec.tie_embeddings:
         out.append(("lm_head.weight", (v, h)))
+    return out
+
+
+def _moe_tensors(spec: ModelSpec, p: str) -> list[tuple[str, tuple[int, ...]]]:
+    """A MoE layer's MLP: the router [E, h], the routed experts stacked [E, f, h] / [E, h, f], and the
+    shared expert with its gate [1, h] where the family has one."""
+    h, f, e, fs = spec.hidden_size, spec.intermediate_size, spec.n_experts, spec.shared_expert_ffn
+    out = [(p + "mlp.gate.weight", (e, h)),
+           (p + "mlp.experts.gate_proj.weight", (e, f, h)),
+           (p + "mlp.experts.up_proj.weight", (e, f, h)),
+           (p + "mlp.experts.down_proj.weight", (e, h, f))]
+    if fs:
+        out += [(p + "mlp.shared_expert.gate_proj.weight", (fs, h)),
+                (p + "mlp.shared_expert.up_proj.weight", (fs, h)),
+                (p + "mlp.shared_expert.down_proj.weight", (h, fs)),
+                (p + "mlp.shared_expert_gate.weight", (1, h))]
     return out

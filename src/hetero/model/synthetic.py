@@ -1,4 +1,4 @@
-"""Synthetic Llama-family models: named configs with seeded random weights.
+"""Synthetic models (Llama family, and mixtures of experts): named configs with seeded random weights.
 
 Speed does not depend on trained weights, so big models are synthetic. The spec comes from the
 config alone (planning a 70B costs nothing); the weights are written once, as an HF-style
@@ -21,6 +21,9 @@ from typing import Any
 
 from hetero.errors import HeteroError
 from hetero.paths import cache_dir
+
+_QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", tie_word_embeddings=False,
+                  decoder_sparse_step=1, mlp_only_layers=[])
 
 # HF config.json dicts. Shapes follow the public model cards they are named after.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -53,11 +56,36 @@ CONFIGS: dict[str, dict[str, Any]] = {
                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                         high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    # ---- mixtures of experts (model/moe.py) ----
+    # A tiny Qwen3-MoE for tests: 8 experts of FFN 32, top 2.
+    "tiny-moe": dict(**_QWEN3_MOE, hidden_size=64, intermediate_size=176, moe_intermediate_size=32,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                     num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512, max_position_embeddings=512,
+                     rope_theta=10000.0, rms_norm_eps=1e-6),
+    # Mixtral-8x7B-v0.1: 8 experts of FFN 14336, top 2, 46.7B parameters (12.9B per token).
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False),
+    # Qwen3-30B-A3B: 128 experts of FFN 768, top 8 renormalised, head_dim 128, 30.5B (3.3B per token).
+    "qwen3-30b-a3b": dict(**_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                          max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6),
+    # OLMoE-1B-7B's shape (16 layers, 64 experts of FFN 1024, top 8; 6.9B, 1.3B per token) run as a
+    # Qwen3-MoE layer (per-head q/k norms where OLMoE norms the whole q/k; top-k renormalised, as
+    # llama.cpp's qwen3moe always does), on the built-in vocabulary.
+    "olmoe-1b-7b": dict(**_QWEN3_MOE, hidden_size=2048, intermediate_size=1024, moe_intermediate_size=1024,
+                        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                        num_experts_per_tok=8, norm_topk_prob=True, vocab_size=49152,
+                        max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5),
 }
 
 
 # Shapes whose tokenizer is a built-in model's (hetero.model.sources.BUILTINS); their vocab_size is its.
-BUILTIN_TOKENIZER: dict[str, str] = {"tinyllama-1.1b": "smollm2-135m", "llama2-7b-smol": "smollm2-135m"}
+BUILTIN_TOKENIZER: dict[str, str] = {"tinyllama-1.1b": "smollm2-135m", "llama2-7b-smol": "smollm2-135m",
+                                     "olmoe-1b-7b": "smollm2-135m"}
 
 # Bumped whenever tensor() would give other values, so no cached weights of an older rule are reused.
 GENERATOR = 2
@@ -69,7 +97,7 @@ def config(name: str) -> dict[str, Any]:
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
            "hidden_act": "silu", "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
            **CONFIGS[name]}
-    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     return cfg
 
 

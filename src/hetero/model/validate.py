@@ -23,6 +23,8 @@ LIMITS: dict[str, tuple[int, int]] = {
     "head_dim": (1, 1024),
     "vocab_size": (1, 1 << 22),
     "max_context": (1, 1 << 24),
+    "n_experts": (1, 1 << 12),
+    "experts_per_token": (1, 1 << 12),
 }
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -57,7 +59,11 @@ ROPE_THETA_RANGE = (1.0, 1e10)
 def check_shape(spec, where: str) -> None:
     """The shape fields of `spec` are in range and consistent with each other."""
     for f in LIMITS:
+        if f in ("n_experts", "experts_per_token") and not spec.n_experts:
+            continue  # a dense model
         check_int(getattr(spec, f), f, where)
+    if spec.n_experts and spec.experts_per_token > spec.n_experts:
+        raise HeteroError(f"{where}: {spec.experts_per_token} experts per token exceeds the {spec.n_experts} experts")
     if spec.n_heads % spec.n_kv_heads:
         raise HeteroError(f"{where}: n_heads {spec.n_heads} is not a multiple of n_kv_heads {spec.n_kv_heads}")
     if spec.head_dim % 2:

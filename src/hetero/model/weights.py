@@ -4,6 +4,7 @@ Never unpickles: safetensors and GGUF are plain data formats.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +53,7 @@ class WeightStore:
 
         f = self._files.get(name)
         if f is None:
-            return None
+            return self._stacked(name)
         with safe_open(str(f), framework="pt") as fh:
             t = fh.get_tensor(name)
         from hetero.model.arch import architecture
@@ -60,6 +61,22 @@ class WeightStore:
         # a family whose HF tensors differ from hetero's canonical form converts them here (Gemma's norms)
         from_hf = architecture(self.spec).from_hf
         return t if from_hf is None else from_hf(name, t)
+
+    def _stacked(self, name: str) -> torch.Tensor | None:
+        """A canonical MoE tensor an HF checkpoint holds per expert: its experts stacked [E, ...]
+        (or the router under Mixtral's name)."""
+        from safetensors import safe_open
+
+        from hetero.model.moe_names import hf_parts
+
+        parts = hf_parts(name, self._files, self.spec.n_experts) if self.spec.is_moe else None
+        if parts is None:
+            return None
+        out = []
+        for part in parts:
+            with safe_open(str(self._files[part]), framework="pt") as fh:
+                out.append(fh.get_tensor(part))
+        return out[0] if len(out) == 1 and not self.spec.is_expert_tensor(name) else torch.stack(out)
 
     def _read_gguf(self, name: str, blocks: bool = False):
         # One tensor at a time, on first use, through the light tensor table (gguf_index: no
@@ -73,7 +90,8 @@ class WeightStore:
         info = self._gguf_table.get(name)
         if info is None:
             return None
-        if blocks and len(info.shape) == 2 and (bt := self._blocks(name, info)) is not None:
+        # a MoE layer's stacked experts [E, rows, K] come as the blocks of all E*rows rows
+        if blocks and len(info.shape) in (2, 3) and (bt := self._blocks(name, info)) is not None:
             return bt
         try:
             arr = read_tensor(self.source.path, info)
@@ -95,7 +113,7 @@ class WeightStore:
             return None
         if qtype not in NATIVE_TYPES:
             return None
-        n, k = info.shape
+        n, k = math.prod(info.shape[:-1]), info.shape[-1]
         if info.nbytes % n:
             raise HeteroError(f"{self.source.path}: tensor {info.name} holds {info.nbytes} bytes, not {n} rows")
         mm = np.memmap(self.source.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))

@@ -190,6 +190,7 @@ def code_version() -> str:
     if "code" not in _CODE:
         import hetero.ops.blocks as blocks
         import hetero.ops.embedding as embedding
+        import hetero.ops.experts as experts
         import hetero.ops.linear as linear
         import hetero.ops.native as native
         from hetero.model.arch import MODULES
@@ -197,7 +198,7 @@ def code_version() -> str:
         h = hashlib.sha256()
         # every architecture file (model/llama.py, model/gemma3.py, ...) and the kernels they build on
         for m in [*(importlib.import_module(n) for n in sorted(set(MODULES.values()))), linear, embedding,
-                  native, blocks]:
+                  native, blocks, experts]:
             h.update(Path(m.__file__).read_bytes())
         _CODE["code"] = h.hexdigest()[:16]
     return _CODE["code"]

@@ -1,0 +1,81 @@
+"""Mixture-of-experts decoder layers: Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+The attention half is the Llama layer's (Qwen3-MoE adds RMSNorm on each head's q and k); the MLP is
+a router over routed experts: softmax over all experts' logits, the top k kept (Mixtral and
+`norm_topk_prob` renormalise them to sum 1, which is a softmax over the top-k logits), and the
+tokens run grouped by expert (hetero.ops.experts). Qwen2-MoE adds a shared expert every token runs,
+scaled by sigmoid(shared_expert_gate . h). The router runs in fp32 whatever the unit's precision:
+it is tiny and the top-k choice is sensitive to rounding.
+Shapes: B batch, T new tokens, N = B*T tokens, E experts, k experts per token, h hidden.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hetero.model.arch import Architecture
+from hetero.model.llama import DecoderLayer, rms_norm
+from hetero.model.spec import ModelSpec
+from hetero.model.units import UnitConfig
+from hetero.ops.experts import ExpertBank
+from hetero.ops.linear import cat_rows, make_linear
+
+
+def _floats(w) -> torch.Tensor:
+    """An fp32 matrix (a router stored in blocks is dequantised: llama.cpp keeps them F32, not all do)."""
+    return w.float() if isinstance(w, torch.Tensor) else w.dequantize().float()
+
+
+def route(logits: torch.Tensor, k: int, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, E] -> (weights [N, k] fp32, expert ids [N, k]), as transformers routes."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, idx = torch.topk(probs, k, dim=-1)
+    if renormalise:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return top, idx
+
+
+class MoELayer(DecoderLayer):
+    def __init__(self, spec: ModelSpec, weights: Callable[[str], torch.Tensor], i: int, unit: UnitConfig):
+        torch.nn.Module.__init__(self)
+        p = f"model.layers.{i}."
+        self._init_attention(spec, weights, p, unit)
+        self._fused = None   # the compiled decode ops fuse a dense MLP: a MoE layer steps in torch
+        dev, prec = unit.device, unit.precision
+        if spec.architecture == "qwen3_moe":
+            self.q_norm = weights(p + "self_attn.q_norm.weight").float().to(dev)
+            self.k_norm = weights(p + "self_attn.k_norm.weight").float().to(dev)
+        self.router = _floats(weights(p + "mlp.gate.weight")).to(dev)                      # [E, h]
+        self.k = spec.experts_per_token
+        self.renormalise = spec.architecture == "mixtral" or spec.norm_topk_prob
+        # the stacked experts: floats, or a GGUF file's blocks (run as stored at `native`)
+        self.experts = ExpertBank(*(weights(p + f"mlp.experts.{n}_proj.weight") for n in ("gate", "up", "down")),
+                                  spec.n_experts, prec, dev)
+        self.shared = None
+        if spec.shared_expert_ffn:
+            s = p + "mlp.shared_expert."
+            self.shared = make_linear(cat_rows([weights(s + "gate_proj.weight"), weights(s + "up_proj.weight")]),
+                                      None, prec, dev)
+            self.shared_down = make_linear(weights(s + "down_proj.weight"), None, prec, dev)
+            # [1, h] (a GGUF holds it as a vector [h])
+            self.shared_gate = _floats(weights(p + "mlp.shared_expert_gate.weight")).reshape(1, -1).to(dev)
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, H = h.shape
+        x = h.reshape(B * T, H)
+        weight, index = route(F.linear(x.float(), self.router), self.k, self.renormalise)
+        out = self.experts(x, index, weight)
+        if self.shared is not None:
+            gate, up = self.shared(x).chunk(2, dim=-1)
+            y = self.shared_down(F.silu(gate) * up)
+            out = out + (torch.sigmoid(F.linear(x.float(), self.shared_gate)) * y.float()).to(out.dtype)
+        return out.view(B, T, H)
+
+
+def build_layer(spec: ModelSpec, weights: Callable[[str], torch.Tensor], i: int, unit: UnitConfig) -> MoELayer:
+    return MoELayer(spec, weights, i, unit)
+
+
+ARCH = Architecture(name="moe", spec_names=("mixtral", "qwen2_moe", "qwen3_moe"), build_layer=build_layer)

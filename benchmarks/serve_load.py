@@ -89,7 +89,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
 
 
 async def run_phase(url: str, model: str, clients: int, duration: float | None, requests: int | None,
-                    max_tokens: int, temperature: float, api_key: str | None) -> dict:
+                    max_tokens: int, temperature: float, api_key: str | None, prompts: list[str] = PROMPTS) -> dict:
     out = {"requests": 0, "failed": 0, "tokens": 0, "ttft": [], "itl": [], "rates": [], "errors": []}
     t0 = time.perf_counter()
     deadline = t0 + duration if duration else None
@@ -102,7 +102,7 @@ async def run_phase(url: str, model: str, clients: int, duration: float | None, 
         while (deadline is None or time.perf_counter() < deadline) and (requests is None or started < requests):
             started += 1
             n += clients
-            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}],
+            body = {"model": model, "messages": [{"role": "user", "content": prompts[n % len(prompts)]}],
                     "max_tokens": max_tokens, "temperature": temperature, "seed": n, "stream": True,
                     "stream_options": {"include_usage": True}}
             try:
@@ -163,13 +163,15 @@ def main() -> None:
     ap.add_argument("--duration", type=float, help="seconds during which requests start (default 120)")
     ap.add_argument("--requests", type=int, help="stop after this many requests (instead of a duration)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    ap.add_argument("--prompt", help="send this one prompt (default: a round of eight short questions)")
     ap.add_argument("--baseline", type=float, default=0.0,
                     help="first run ONE client this many seconds on the same server, for a side-by-side reference")
     ap.add_argument("--json", dest="json_out", help="also write the results here")
     a = ap.parse_args()
     if a.clients < 1:
         sys.exit("--clients must be ≥ 1")
+    prompts = [a.prompt] if a.prompt else PROMPTS
     duration = a.duration if a.duration is not None else (None if a.requests else 120.0)
 
     server = None
@@ -185,9 +187,10 @@ def main() -> None:
         wait_up(url, server)
         base = None
         if a.baseline > 0:
-            base = asyncio.run(run_phase(url, model, 1, a.baseline, None, a.max_tokens, a.temperature, a.api_key))
+            base = asyncio.run(run_phase(url, model, 1, a.baseline, None, a.max_tokens, a.temperature, a.api_key,
+                                         prompts))
         res = asyncio.run(run_phase(url, model, a.clients, duration, a.requests, a.max_tokens, a.temperature,
-                                    a.api_key))
+                                    a.api_key, prompts))
         try:
             res["health_after"] = httpx.get(url + "/health", timeout=60).json().get("status")
         except (httpx.HTTPError, ValueError):

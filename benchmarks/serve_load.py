@@ -89,7 +89,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
 
 
 async def run_phase(url: str, model: str, clients: int, duration: float | None, requests: int | None,
-                    max_tokens: int, temperature: float, api_key: str | None, prompts: list[str] = PROMPTS) -> dict:
+                    max_tokens: int, temperature: float, api_key: str | None, prompts: list[str] = PROMPTS,
+                    top_p: float = 1.0) -> dict:
     out = {"requests": 0, "failed": 0, "tokens": 0, "ttft": [], "itl": [], "rates": [], "errors": []}
     t0 = time.perf_counter()
     deadline = t0 + duration if duration else None
@@ -103,7 +104,7 @@ async def run_phase(url: str, model: str, clients: int, duration: float | None, 
             started += 1
             n += clients
             body = {"model": model, "messages": [{"role": "user", "content": prompts[n % len(prompts)]}],
-                    "max_tokens": max_tokens, "temperature": temperature, "seed": n, "stream": True,
+                    "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": n, "stream": True,
                     "stream_options": {"include_usage": True}}
             try:
                 res = await one_request(client, url, body)
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, help="stop after this many requests (instead of a duration)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--prompt", help="send this one prompt (default: a round of eight short questions)")
     ap.add_argument("--baseline", type=float, default=0.0,
                     help="first run ONE client this many seconds on the same server, for a side-by-side reference")
@@ -188,9 +190,9 @@ def main() -> None:
         base = None
         if a.baseline > 0:
             base = asyncio.run(run_phase(url, model, 1, a.baseline, None, a.max_tokens, a.temperature, a.api_key,
-                                         prompts))
+                                         prompts, a.top_p))
         res = asyncio.run(run_phase(url, model, a.clients, duration, a.requests, a.max_tokens, a.temperature,
-                                    a.api_key, prompts))
+                                    a.api_key, prompts, a.top_p))
         try:
             res["health_after"] = httpx.get(url + "/health", timeout=60).json().get("status")
         except (httpx.HTTPError, ValueError):

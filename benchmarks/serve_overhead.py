@@ -150,7 +150,10 @@ def main() -> None:
     server, thread, url = serve_in_thread(create_app(engine, model_id=a.model))
     rounds = []
     try:
-        direct_rate(engine, 8)  # warm: first-call allocations and kernel set-up are nobody's per-token cost
+        # warm both sides at full length: the first long generation runs several times slower (first-call
+        # allocations and set-up), which is nobody's per-token cost
+        direct_rate(engine, a.tokens)
+        served(url, a.model, a.tokens, 1)
         for r in range(a.rounds):
             d, n = direct_rate(engine, a.tokens)
             s = served(url, a.model, a.tokens, a.requests)

@@ -33,6 +33,9 @@ test: $(STAMP)
 # Peers for side-by-side benchmarks (llama-cpp-python builds llama.cpp from source: ~10 min here).
 bench-peers: $(STAMP)
 	$(PIP) install -q accelerate llama-cpp-python
+	# llama.cpp's own server from the same llama.cpp source (the sdist's vendor/llama.cpp), for
+	# benchmarks/serve_load.py --url; builds once into ~/.cache/hetero/peers/ (long on few cores).
+	nice -n 19 benchmarks/build_llama_server.sh $(PY)
 
 clean:
 	rm -rf .venv build dist src/*.egg-info .pytest_cache

@@ -60,18 +60,27 @@ def generate_step(model: Decoder, prompt_ids: list[int], max_new_tokens: int, sa
 
 
 class _Detok:
-    """Incremental detokenisation: emit only text that is stable (no half UTF-8 sequence)."""
+    """Incremental detokenisation: emit only text that is stable (no half UTF-8 sequence).
+
+    O(1) a token: only the tokens since the last emission (plus those of the one before, for the
+    context a tokenizer needs to place spaces) are decoded, never the whole reply: the new text is
+    what the window decodes to past what its already emitted part does. A window starts where an
+    emission ended, on a character boundary, so the deltas join to the whole reply's decode.
+    """
 
     def __init__(self, tok: Tokenizer):
-        self.tok, self.ids, self.emitted = tok, [], ""
+        self.tok, self.ids = tok, []
+        self.start = 0  # window start: the first token of the emission before the last one
+        self.read = 0   # tokens up to here are emitted
 
     def add(self, tid: int) -> str:
         self.ids.append(tid)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
+        done = self.tok.decode(self.ids[self.start:self.read]) if self.read > self.start else ""
+        text = self.tok.decode(self.ids[self.start:])
+        if text.endswith("\ufffd") or len(text) <= len(done):  # half a character, or nothing new
             return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
+        self.start, self.read = self.read, len(self.ids)
+        return text[len(done):]
 
 
 def stream_generate(model: Decoder, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int = 128,

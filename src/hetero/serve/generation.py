@@ -3,7 +3,6 @@ collect the records into one response or stream them as server-sent events."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -13,8 +12,9 @@ from hetero.errors import HeteroError
 from hetero.serve import schemas
 from hetero.serve.scheduler import END, Busy, Job
 from hetero.serve.schemas import APIError
+from hetero.serve.sse import Frames, sse
 from hetero.serve.state import ServeState
-from hetero.serve.waiting import next_item
+from hetero.serve.waiting import next_item, next_items
 
 
 class DisconnectAwareStream(StreamingResponse):
@@ -40,10 +40,6 @@ async def read_body(request: Request, limit: int) -> bytes:
                            code="body_too_large")
         chunks.append(part)
     return b"".join(chunks)
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def _generation_error(e: Exception) -> APIError:
@@ -90,38 +86,54 @@ async def generate(request: Request, kind: str, state: ServeState):
 
 
 async def _collect(req: schemas.GenRequest, job: Job, item: Any, request: Request):
-    text, finish, tokens = [], None, 0
+    text, finish, tokens, items = [], None, 0, [item]
     try:
-        while item is not END:
-            if isinstance(item, Exception):
-                raise _generation_error(item)
-            text.append(item.text)
-            finish, tokens = item.finish_reason or finish, item.generated_tokens
-            item = await next_item(job, request)
+        while True:
+            for item in items:
+                if item is END:
+                    return schemas.full_response(req, "".join(text), finish, tokens)
+                if isinstance(item, Exception):
+                    raise _generation_error(item)
+                text.append(item.text)
+                finish, tokens = item.finish_reason or finish, item.generated_tokens
+            items = await next_items(job, request)
     except BaseException:
         job.cancel()
         raise
-    return schemas.full_response(req, "".join(text), finish, tokens)
 
 
-async def _events(req: schemas.GenRequest, job: Job, item: Any) -> AsyncIterator[str]:
-    finish, tokens = None, 0
+async def _events(req: schemas.GenRequest, job: Job, first: Any) -> AsyncIterator[str]:
+    """The event stream. Each write carries every record there is by then: one token when the client
+    keeps up, several in one write when the engine is ahead of the socket."""
+    frames = Frames(req)
+    finish, tokens, ended = None, 0, False
+    out = [sse(schemas.chunk(req, "", role=True))] if req.kind == "chat" else []
+    items = [first]
     try:
-        if req.kind == "chat":
-            yield _sse(schemas.chunk(req, "", role=True))
-        while item is not END:
-            if isinstance(item, Exception):
-                yield _sse(_generation_error(item).body())
+        while True:
+            for item in items:
+                if item is END:
+                    ended = True
+                    break
+                if isinstance(item, Exception):
+                    out.append(sse(_generation_error(item).body()))
+                    yield "".join(out)
+                    return
+                if item.text:
+                    out.append(frames.delta(item.text))
+                finish, tokens = item.finish_reason or finish, item.generated_tokens
+            if ended:
+                out.append(sse(schemas.chunk(req, None, finish or "stop")))
+                if req.include_usage:
+                    out.append(sse(schemas.usage_chunk(req, tokens)))
+                out.append("data: [DONE]\n\n")
+                yield "".join(out)
                 return
-            if item.text:
-                yield _sse(schemas.chunk(req, item.text))
-            finish, tokens = item.finish_reason or finish, item.generated_tokens
-            item = await next_item(job, None)  # the response watches for disconnects itself
-        yield _sse(schemas.chunk(req, None, finish or "stop"))
-        if req.include_usage:
-            yield _sse(schemas.usage_chunk(req, tokens))
-        yield "data: [DONE]\n\n"
+            if out:
+                yield "".join(out)
+                out = []
+            items = await next_items(job, None)  # the response watches for disconnects itself
     finally:
         # Runs on normal end and when the response task is cancelled by a disconnect.
-        if item is not END:
+        if not ended:
             job.cancel()

@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any, Callable
 
 from hetero.runtime.stops import apply_stops
+from hetero.serve.mailbox import Mailbox
 
 END = object()  # sentinel pushed after the last record of a job
 
@@ -27,14 +28,14 @@ class Busy(Exception):
 
 
 class Job:
-    """One generation: `kwargs` go to Engine.stream; records come back on an asyncio queue."""
+    """One generation: `kwargs` go to Engine.stream; records come back in `out` (serve.mailbox)."""
 
     def __init__(self, kwargs: dict, loop: asyncio.AbstractEventLoop, priority: bool = False,
                  stop: list[str] | None = None):
         self.kwargs, self.loop, self.priority, self.stop = kwargs, loop, priority, stop or []
         self.prompt_tokens = 0
         self.checked_at = 0.0  # when the server last checked that this job's client is still connected
-        self.out: asyncio.Queue = asyncio.Queue()
+        self.out = Mailbox(loop)
         self.cancelled = threading.Event()
         self.gen = None
         self.t_submit = time.perf_counter()
@@ -51,10 +52,7 @@ class Job:
                 self.scheduler.wake()
 
     def _emit(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
-            pass
+        self.out.put(item)
 
 
 class Scheduler:

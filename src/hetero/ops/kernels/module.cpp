@@ -16,17 +16,22 @@ std::map<std::string, int64_t> kinds() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv_f32", &gemv_f32);
-  m.def("gemv_bf16", &gemv_bf16);
-  m.def("gemv_int8", &gemv_int8);
-  m.def("gemv_int4", &gemv_int4);
-  m.def("dequant_int4", &dequant_int4);
-  m.def("gemv_gguf", &gemv_gguf, py::arg("x"), py::arg("data"), py::arg("kind"), py::arg("K"), py::arg("fp32_out") = false);
-  m.def("dequant_gguf", &dequant_gguf);
-  m.def("rmsnorm", &rmsnorm);
-  m.def("add_rmsnorm", &add_rmsnorm);
-  m.def("decode_attention", &decode_attention);
-  m.def("silu_mul", &silu_mul);
+  // The compute entry points touch only tensors: they let go of the interpreter lock while they run,
+  // so the server's event loop (and any other Python thread) runs during a decode step instead of
+  // queueing behind it, and never makes the step wait for the lock back.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("gemv_f32", &gemv_f32, nogil);
+  m.def("gemv_bf16", &gemv_bf16, nogil);
+  m.def("gemv_int8", &gemv_int8, nogil);
+  m.def("gemv_int4", &gemv_int4, nogil);
+  m.def("dequant_int4", &dequant_int4, nogil);
+  m.def("gemv_gguf", &gemv_gguf, py::arg("x"), py::arg("data"), py::arg("kind"), py::arg("K"),
+        py::arg("fp32_out") = false, nogil);
+  m.def("dequant_gguf", &dequant_gguf, nogil);
+  m.def("rmsnorm", &rmsnorm, nogil);
+  m.def("add_rmsnorm", &add_rmsnorm, nogil);
+  m.def("decode_attention", &decode_attention, nogil);
+  m.def("silu_mul", &silu_mul, nogil);
   m.def("kinds", &kinds);
   m.def("has_bf16_dot", &has_bf16_dot);
   py::class_<DecodeStack>(m, "DecodeStack")
@@ -49,5 +54,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         st.add_layer(ks, ws, s, b, attn_norm, mlp_norm);
       })
       .def("n_layers", &DecodeStack::n_layers)
-      .def("step", &DecodeStack::step);
+      .def("step", &DecodeStack::step, nogil);
 }

@@ -32,6 +32,26 @@ ROLE: dict[str, float] = {"embed": 0.25, "head": 2.0, "edge_layer": 1.5, "layer"
 # A measured table: (unit, precision) -> cost. Pairs it lacks fall back to the default.
 Sensitivity = dict[tuple[str, str], float]
 
+# What `hetero run`, `serve` and `bench` keep quality within when no bound is given: +1% perplexity
+# (summed unit costs), so a sensitive unit (a tied head) stays wider when a narrow format costs too much.
+DEFAULT_MAX_QUALITY_LOSS = 0.01
+SHIPPED = Path(__file__).resolve().parent.parent / "compress" / "tables"
+
+
+def shipped_sensitivity(spec: ModelSpec) -> Sensitivity | None:
+    """The measured table shipped for this model (built-in models), when it was measured on these very
+    shapes (its fingerprint); None otherwise."""
+    p = SHIPPED / f"{spec.name}.json"
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if d.get("meta", {}).get("fingerprint") not in (None, spec.fingerprint()):
+        return None
+    return sensitivity_from_dict(d)
+
 
 def unit_weights(spec: ModelSpec) -> dict[str, float]:
     """Each unit's share of the model's sensitivity (sums to 1)."""

@@ -359,10 +359,15 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
 
 def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: str | None = None,
                  hardware: str | None = None, objective: str = "decode", precisions: list[str] | None = None,
-                 prompt_tokens: int = 512, context: int | None = None, replan: bool = True
-                 ) -> tuple[Plan, list[str]]:
+                 prompt_tokens: int = 512, context: int | None = None, replan: bool = True,
+                 max_quality_loss: float | None = None) -> tuple[Plan, list[str]]:
     """The plan a run executes, and notes to print: the one given (checked against this model and
     machine, re-planned when it no longer fits), or a fresh one for the budgets given.
+
+    Quality: a quantised file runs as stored when it fits; otherwise, without --precisions or a
+    bound, the plan keeps quality within plan.sensitivity.DEFAULT_MAX_QUALITY_LOSS, priced by the
+    model's shipped sensitivity table where it has one, and drops the bound (with a note) only when
+    memory leaves no plan within it.
 
     The budget covers the whole process: this process's measured baseline is the plan's reserve.
     """
@@ -398,10 +403,16 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
                           max_quality_loss=plan.max_quality_loss)
         notes.append(f"re-planned: {why}; new cpu budget {fmt_bytes(budgets['cpu'])}")
         return fresh, notes
+    from hetero.plan.sensitivity import DEFAULT_MAX_QUALITY_LOSS, shipped_sensitivity
+
     hw, prof = _machine(hardware)
     kw = dict(memory=parse_memory(memory_text, spec), objective=objective, prompt_tokens=prompt_tokens,
-              context=context, precisions=precisions, reserve=reserve)
-    if precisions is None and spec.has_block_tensors:
+              context=context, precisions=precisions, reserve=reserve, sensitivity=shipped_sensitivity(spec))
+    if max_quality_loss is not None:
+        return make_plan(spec, hw, prof, max_quality_loss=max_quality_loss, **kw), notes
+    if precisions is not None:
+        return make_plan(spec, hw, prof, **kw), notes
+    if spec.has_block_tensors:
         # A quantised file runs as it is stored (or wider) unless the budget forces a conversion:
         # re-rounding its weights to another grid costs quality the user did not ask to trade.
         try:
@@ -409,6 +420,11 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
         except HeteroError:
             notes.append("the file's own formats do not fit this budget: some units are converted to "
                          "smaller ones (pass --precisions to choose)")
+    try:
+        return make_plan(spec, hw, prof, max_quality_loss=DEFAULT_MAX_QUALITY_LOSS, **kw), notes
+    except HeteroError:
+        notes.append(f"no plan keeps quality within the default +{DEFAULT_MAX_QUALITY_LOSS:.0%} under these "
+                     "budgets: planned without that bound (--max-quality-loss sets it)")
     return make_plan(spec, hw, prof, **kw), notes
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.model.arch import Architecture
+from hetero.model.paged import Ragged
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig
 from hetero.ops import kernels
@@ -56,6 +57,11 @@ class RotaryTable:
             self._by_kind[key] = (self.cos.to(device=device, dtype=dtype), self.sin.to(device=device, dtype=dtype))
         c, s = self._by_kind[key]
         return c[start:start + length], s[start:start + length]
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [N, D] for arbitrary positions (a ragged step: each row its own position)."""
+        c, s = self.get(0, self.cos.shape[0], dtype, device)
+        return c[positions], s[positions]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,11 @@ class DecoderLayer(torch.nn.Module):
                                         and self.dtype in (torch.float32, torch.bfloat16)) else None
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, ragged: Ragged | None = None) -> torch.Tensor:
+        """One contiguous cache ([B, K, L, D], all rows at `start`), or with `ragged` a packed step
+        of several sequences over paged KV (`k_cache`/`v_cache` are the pool's [n, block, K, D])."""
+        if ragged is not None:
+            return self._forward_ragged(x, ragged, cos, sin, k_cache, v_cache)
         spec = self.spec
         B, T, _ = x.shape
         if T == 1 and B == 1 and self._fused is not None and x.dtype == self.dtype == k_cache.dtype \
@@ -130,6 +140,37 @@ class DecoderLayer(torch.nn.Module):
         v_cache[:, :, start:end] = v
         attn = self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], start)
         x = x + self.o(attn.transpose(1, 2).reshape(B, T, self.n_q)).to(x.dtype)
+        h = rms_norm(x, self.mlp_norm, spec.norm_eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up).to(x.dtype)
+
+    def _forward_ragged(self, x: torch.Tensor, r: Ragged, cos: torch.Tensor, sin: torch.Tensor,
+                        k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        # x: [1, N, h] the step's tokens packed; cos/sin: [N, D] each row at its own position.
+        # Every linear runs once with M = N rows; only attention is per sequence.
+        spec, H, K, D = self.spec, self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
+        N = x.shape[1]
+        h = rms_norm(x, self.attn_norm, spec.norm_eps)
+        q, k, v = self.qkv(h)[0].split([self.n_q, self.n_kv, self.n_kv], dim=-1)
+        q = apply_rope(q.reshape(N, H, D), cos[:, None], sin[:, None])                 # [N, H, D]
+        k = apply_rope(k.reshape(N, K, D), cos[:, None], sin[:, None])                 # [N, K, D]
+        kf, vf = k_pool.view(-1, K, D), v_pool.view(-1, K, D)                           # [slots, K, D]
+        kf.index_copy_(0, r.slots, k.to(kf.dtype))
+        vf.index_copy_(0, r.slots, v.reshape(N, K, D).to(vf.dtype))
+        out = torch.empty(N, H, D, dtype=vf.dtype, device=x.device)
+        if r.decode_slots is not None:  # every one-token row together, padding masked
+            Bd, G = r.decode_rows.numel(), H // K
+            qd = q[r.decode_rows].to(kf.dtype).view(Bd, K, G, D)
+            kd = kf[r.decode_slots].permute(0, 2, 3, 1)                                 # [Bd, K, D, S]
+            vd = vf[r.decode_slots].transpose(1, 2)                                     # [Bd, K, S, D]
+            scores = torch.matmul(qd, kd) * self.scale                                  # [Bd, K, G, S]
+            probs = torch.softmax(scores.float() + r.decode_bias, dim=-1).to(vd.dtype)
+            out[r.decode_rows] = torch.matmul(probs, vd).view(Bd, H, D)
+        for row, T, start, sl in r.chunks:  # a prefill chunk attends alone, causally, over its own KV
+            qs = q[row:row + T].to(kf.dtype).transpose(0, 1)[None]                      # [1, H, T, D]
+            ks, vs = kf[sl].transpose(0, 1)[None], vf[sl].transpose(0, 1)[None]         # [1, K, S, D]
+            out[row:row + T] = self._attention(qs, ks, vs, start)[0].transpose(0, 1)
+        x = x + self.o(out.view(1, N, self.n_q)).to(x.dtype)
         h = rms_norm(x, self.mlp_norm, spec.norm_eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up).to(x.dtype)
@@ -199,4 +240,4 @@ def build_layer(spec: ModelSpec, weights: Callable[[str], torch.Tensor], i: int,
 
 
 ARCH = Architecture(name="llama", spec_names=("llama", "mistral", "qwen2"), build_layer=build_layer,
-                    compile_decode=compile_decode_stack)
+                    compile_decode=compile_decode_stack, ragged=True)

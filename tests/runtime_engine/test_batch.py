@@ -143,3 +143,33 @@ def test_gemma3_batched_is_refused_clearly(tmp_path):
     net = hetero.load(str(tmp_path), dtype="fp32").net
     with pytest.raises(HeteroError, match="batched decode does not run gemma3"):
         BatchRunner(net, kv_bytes=1 << 20)
+
+
+def test_run_batch_cli_gives_each_prompt_its_own_greedy_text(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    prompts = ["Hello there", "The capital of France is", "Once upon a time, far away"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    out = subprocess.run([sys.executable, "-m", "hetero.cli", "run", "synthetic:tiny", "--dtype", "int8", "--no-chat",
+                          "--prompts", str(tmp_path / "p.txt"), "--batch", "2", "-n", "6", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    m = hetero.load("synthetic:tiny", dtype="int8")
+    stops = m.tokenizer.stop_ids
+    for p, c in zip(prompts, d["completions"]):
+        alone = [t for t in _alone(m.net, m.prompt_ids(p, chat=False), 6, stop_ids=stops) if t not in stops]
+        assert c["prompt"] == p and c["token_ids"] == alone
+    assert d["batch"] == 2 and d["requests"] == 3 and d["decode_tok_s"] > 0
+
+
+def test_bench_batches_reports_a_rate_per_size(nets):
+    from hetero.bench.batched import measure_batches
+
+    rows = measure_batches(nets["int8"], [1, 3], prompt_tokens=8, new_tokens=4)
+    assert [(r["batch"], r["path"]) for r in rows] == [(1, "single"), (1, "batched"), (3, "batched")]
+    assert all(r["decode_tok_s"] > 0 for r in rows)
+    assert rows[2]["decode_tok_s"] == pytest.approx(3 * rows[2]["per_seq_tok_s"], rel=0.01)
+    assert rows[2]["kv_blocks"] == 3 * rows[1]["kv_blocks"]

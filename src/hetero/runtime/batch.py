@@ -73,6 +73,7 @@ class BatchRunner:
         self._next = 0
         self.steps = 0
         self.tokens = 0                     # tokens sampled so far
+        self.last_decode_rows = self.last_prefill_tokens = 0   # what the latest step ran (metrics)
 
     @property
     def idle(self) -> bool:
@@ -132,7 +133,7 @@ class BatchRunner:
                 segs.append(Segment(len(s.history) - 1, 1, s.blocks))
                 ids.append(s.history[-1])
                 sampled.append(s)
-        budget = self.prefill_tokens
+        n_decode, budget = len(segs), self.prefill_tokens
         for s in self.running:
             n = len(s.prompt)
             if s.prefilled < n and budget > 0:
@@ -147,6 +148,7 @@ class BatchRunner:
         logits = self.model.forward_ragged(torch.tensor(ids, dtype=torch.long), Ragged(segs, self.pool.block),
                                            self.pool.kv, torch.tensor(want, dtype=torch.long))
         self.steps += 1
+        self.last_decode_rows, self.last_prefill_tokens = n_decode, self.prefill_tokens - budget
         events = []
         for s, lg in zip(sampled, logits):
             tok = s.sampler(lg, s.history)

@@ -18,7 +18,7 @@ LENGTHS = (5, 17, 40, 1, 70, 9)
 
 @pytest.fixture(scope="module")
 def nets():
-    return {p: hetero.load("synthetic:tiny", dtype=p).net for p in ("fp32", "int8")}
+    return {p: hetero.load("synthetic:tiny", dtype=p).net for p in ("fp32", "int8", "int4")}
 
 
 def _prompts(lengths=LENGTHS, seed=0):
@@ -39,11 +39,11 @@ def _collect(runner, out, steps=None):
     return out
 
 
-@pytest.mark.parametrize("precision,prefill", [("fp32", 16), ("fp32", 512), ("int8", 512)])
+@pytest.mark.parametrize("precision,prefill", [("fp32", 16), ("fp32", 512), ("int8", 512), ("int4", 512)])
 def test_batched_greedy_equals_each_request_alone(nets, precision, prefill):
-    # Mixed lengths; half join after a few steps, while the first half decode. A bf16 run agrees
-    # with the single path only when the prompt is prefilled in the same chunks (rounding), hence
-    # the int8 case prefills whole prompts; fp32 also with the prompts cut into 16-token pieces.
+    # Mixed lengths; half join after a few steps, while the first half decode. Quantised layers
+    # (bf16 activations) give the single path's bits only for a prompt cut into the same chunks
+    # (the single path's 512); fp32 also with the prompts cut into 16-token pieces.
     net = nets[precision]
     prompts, n_new = _prompts(), [12, 7, 10, 15, 6, 11]
     ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
@@ -145,24 +145,25 @@ def test_gemma3_batched_is_refused_clearly(tmp_path):
         BatchRunner(net, kv_bytes=1 << 20)
 
 
-def test_run_batch_cli_gives_each_prompt_its_own_greedy_text(tmp_path):
+def test_run_batch_gives_each_prompt_its_own_greedy_text(tmp_path, capsys):
     import json
-    import subprocess
-    import sys
+
+    from hetero.commands.run_batch import read_prompts, run_batch
 
     prompts = ["Hello there", "The capital of France is", "Once upon a time, far away"]
-    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
-    out = subprocess.run([sys.executable, "-m", "hetero.cli", "run", "synthetic:tiny", "--dtype", "int8", "--no-chat",
-                          "--prompts", str(tmp_path / "p.txt"), "--batch", "2", "-n", "6", "--json"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    d = json.loads(out.stdout)
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == prompts
     m = hetero.load("synthetic:tiny", dtype="int8")
+    run_batch(m.engine, prompts, 2, 6, SamplingParams(), False, as_json=True)
+    d = json.loads(capsys.readouterr().out)
     stops = m.tokenizer.stop_ids
     for p, c in zip(prompts, d["completions"]):
         alone = [t for t in _alone(m.net, m.prompt_ids(p, chat=False), 6, stop_ids=stops) if t not in stops]
-        assert c["prompt"] == p and c["token_ids"] == alone
+        assert c["prompt"] == p and c["token_ids"] == alone and c["text"] == m.tokenizer.decode(alone)
     assert d["batch"] == 2 and d["requests"] == 3 and d["decode_tok_s"] > 0
+    with pytest.raises(HeteroError, match="no prompt"):
+        (tmp_path / "e.txt").write_text("\n \n")
+        read_prompts(str(tmp_path / "e.txt"))
 
 
 def test_bench_batches_reports_a_rate_per_size(nets):

@@ -151,7 +151,7 @@ class DecoderLayer(torch.nn.Module):
         spec, H, K, D = self.spec, self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
         N = x.shape[1]
         h = rms_norm(x, self.attn_norm, spec.norm_eps)
-        q, k, v = self.qkv(h)[0].split([self.n_q, self.n_kv, self.n_kv], dim=-1)
+        q, k, v = self._grouped(self.qkv, h, r)[0].split([self.n_q, self.n_kv, self.n_kv], dim=-1)
         q = apply_rope(q.reshape(N, H, D), cos[:, None], sin[:, None])                 # [N, H, D]
         k = apply_rope(k.reshape(N, K, D), cos[:, None], sin[:, None])                 # [N, K, D]
         kf, vf = k_pool.view(-1, K, D), v_pool.view(-1, K, D)                           # [slots, K, D]
@@ -170,10 +170,18 @@ class DecoderLayer(torch.nn.Module):
             qs = q[row:row + T].to(kf.dtype).transpose(0, 1)[None]                      # [1, H, T, D]
             ks, vs = kf[sl].transpose(0, 1)[None], vf[sl].transpose(0, 1)[None]         # [1, K, S, D]
             out[row:row + T] = self._attention(qs, ks, vs, start)[0].transpose(0, 1)
-        x = x + self.o(out.view(1, N, self.n_q)).to(x.dtype)
+        x = x + self._grouped(self.o, out.view(1, N, self.n_q), r).to(x.dtype)
         h = rms_norm(x, self.mlp_norm, spec.norm_eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up).to(x.dtype)
+        gate, up = self._grouped(self.gate_up, h, r).chunk(2, dim=-1)
+        return x + self._grouped(self.down, F.silu(gate) * up, r).to(x.dtype)
+
+    @staticmethod
+    def _grouped(linear, x: torch.Tensor, r: Ragged) -> torch.Tensor:
+        # x: [1, N, in]: the decode rows in one call (M = B: the weight read once for all), each
+        # prefill chunk in its own (as alone: a compute-bound GEMM gains nothing from sharing)
+        if len(r.groups) == 1:
+            return linear(x)
+        return torch.cat([linear(x[:, a:b]) for a, b in r.groups], dim=1)
 
     def _decode_fused(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

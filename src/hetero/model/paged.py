@@ -90,6 +90,15 @@ class Ragged:
         # (first row, tokens, start, slots of 0..end-1) for each longer segment
         self.chunks = [(rows[i], s.length, s.start, gather(s))
                        for i, s in enumerate(segments) if s.length > 1]
+        # Row ranges the linears run on apart: each run of decode rows, each prefill chunk. A row's
+        # result then depends only on its own group's size, as alone (the same kernel, the same bits).
+        self.groups: list[tuple[int, int]] = []
+        for r0, s in zip(rows, segments):
+            if s.length == 1 and self.groups and self.groups[-1][2] and self.groups[-1][1] == r0:
+                self.groups[-1] = (self.groups[-1][0], r0 + 1, True)
+            else:
+                self.groups.append((r0, r0 + s.length, s.length == 1))
+        self.groups = [(a, b) for a, b, _ in self.groups]
         self._on: dict[str, "Ragged"] = {"cpu": self}
 
     def on(self, device) -> "Ragged":

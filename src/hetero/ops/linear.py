@@ -58,6 +58,18 @@ def _gemv_input(x: torch.Tensor, k: int, out: torch.dtype = torch.bfloat16) -> t
     return x.reshape(k).to(torch.float32).contiguous()
 
 
+SMALL_M = 32  # up to this many rows (a batched decode step) the compiled row kernels read W once for all
+
+
+def _rows_input(x: torch.Tensor, k: int, pad: int) -> torch.Tensor | None:
+    """x as the compiled small-M kernels take it: [M, K (+pad)] fp32 for 2 <= M <= SMALL_M on the CPU,
+    else None (M = 1 is the GEMV's; a prefill chunk is a GEMM's)."""
+    if x.device.type != "cpu" or not 2 <= x.numel() // k <= SMALL_M:
+        return None
+    x2 = x.reshape(-1, k).to(torch.float32)
+    return (F.pad(x2, (0, pad)) if pad else x2).contiguous()
+
+
 def _as(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y if y.dtype == dtype else y.to(dtype)
 
@@ -125,6 +137,11 @@ class Int8Linear(torch.nn.Module):
             if self.pad:
                 xv = F.pad(xv.reshape(-1), (0, self.pad))
             y = _as(self._gemv.gemv_int8(xv, self.qweight, self._scales_f32), torch.bfloat16)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*shape[:-1], self.out_features)
+        if self._gemv is not None and (xr := _rows_input(x, self.in_features, self.pad)) is not None:
+            y = self._gemv.gemm_rows_int8(xr, self.qweight, self._scales_f32).to(torch.bfloat16)
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*shape[:-1], self.out_features)
@@ -205,6 +222,8 @@ class Int4Linear(torch.nn.Module):
             if self.pad:
                 xv = F.pad(xv.reshape(-1), (0, self.pad))
             y = _as(self._k.gemv_int4(xv, self.packed, self.scales_zeros), torch.bfloat16)
+        elif self._k is not None and (xr := _rows_input(x, self.in_features, self.pad)) is not None:
+            y = self._k.gemm_rows_int4(xr, self.packed, self.scales_zeros, x.dtype == torch.bfloat16).to(torch.bfloat16)
         else:
             x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
             if self.pad:

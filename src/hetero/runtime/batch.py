@@ -13,7 +13,8 @@ The contract a server builds on:
   HeteroError; otherwise it waits in FIFO order until there are blocks and a batch slot for it.
 - `step` admits what fits, then runs ONE forward pass for every running sequence: one token each
   for those decoding, plus up to `prefill_tokens` prompt tokens of those still prefilling (chunked
-  prefill: a long prompt is taken in pieces, so a step's time stays bounded). It returns an Event
+  prefill: a long prompt is taken in pieces of `prefill_tokens`, so a step's time stays bounded;
+  prompts shorter than the rest of a step's budget prefill in the same step). It returns an Event
   for every token sampled in that step: one per decoding sequence, one for each prompt that
   finished prefilling. A sequence that finishes ("stop": a stop id was sampled, which is
   reported too; "length": max_new_tokens or the context reached) leaves the batch and its blocks
@@ -136,8 +137,9 @@ class BatchRunner:
         n_decode, budget = len(segs), self.prefill_tokens
         for s in self.running:
             n = len(s.prompt)
-            if s.prefilled < n and budget > 0:
-                t = min(n - s.prefilled, budget)
+            t = min(n - s.prefilled, self.prefill_tokens)
+            # whole chunks only (the first of a step always): a prompt is cut where it would be alone
+            if t > 0 and (t <= budget or budget == self.prefill_tokens):
                 segs.append(Segment(s.prefilled, t, s.blocks))
                 ids += s.prompt[s.prefilled:s.prefilled + t]
                 s.prefilled += t

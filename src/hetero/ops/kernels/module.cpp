@@ -21,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8);
   m.def("gemv_int4", &gemv_int4);
   m.def("dequant_int4", &dequant_int4);
+  m.def("gemm_rows_int8", &gemm_rows_int8);
+  m.def("gemm_rows_int4", &gemm_rows_int4);
   m.def("gemv_gguf", &gemv_gguf);
   m.def("dequant_gguf", &dequant_gguf);
   m.def("rmsnorm", &rmsnorm);

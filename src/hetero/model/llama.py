@@ -150,30 +150,42 @@ class DecoderLayer(torch.nn.Module):
         # Every linear runs once with M = N rows; only attention is per sequence.
         spec, H, K, D = self.spec, self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
         N = x.shape[1]
-        h = rms_norm(x, self.attn_norm, spec.norm_eps)
+        # the fused row ops where the one-token path uses them: fewer ops, and its rounding points
+        f = self._fused if self._fused is not None and x.dtype == self.dtype and x.is_contiguous() else None
+        h = f.rmsnorm(x, self.attn_norm, spec.norm_eps) if f else rms_norm(x, self.attn_norm, spec.norm_eps)
         q, k, v = self._grouped(self.qkv, h, r)[0].split([self.n_q, self.n_kv, self.n_kv], dim=-1)
         q = apply_rope(q.reshape(N, H, D), cos[:, None], sin[:, None])                 # [N, H, D]
         k = apply_rope(k.reshape(N, K, D), cos[:, None], sin[:, None])                 # [N, K, D]
-        kf, vf = k_pool.view(-1, K, D), v_pool.view(-1, K, D)                           # [slots, K, D]
-        kf.index_copy_(0, r.slots, k.to(kf.dtype))
-        vf.index_copy_(0, r.slots, v.reshape(N, K, D).to(vf.dtype))
-        out = torch.empty(N, H, D, dtype=vf.dtype, device=x.device)
-        if r.decode_slots is not None:  # every one-token row together, padding masked
-            Bd, G = r.decode_rows.numel(), H // K
-            qd = q[r.decode_rows].to(kf.dtype).view(Bd, K, G, D)
-            kd = kf[r.decode_slots].permute(0, 2, 3, 1)                                 # [Bd, K, D, S]
-            vd = vf[r.decode_slots].transpose(1, 2)                                     # [Bd, K, S, D]
-            scores = torch.matmul(qd, kd) * self.scale                                  # [Bd, K, G, S]
+        # k_pool/v_pool: [n_blocks, K, block, D]; each new token to (its block, its offset)
+        k_pool[r.write_blocks, :, r.write_offsets] = k.to(k_pool.dtype)
+        v_pool[r.write_blocks, :, r.write_offsets] = v.reshape(N, K, D).to(v_pool.dtype)
+        out = torch.empty(N, H, D, dtype=v_pool.dtype, device=x.device)
+        if r.decode_blocks is not None:  # every one-token row together, padding masked
+            Bd, nb = r.decode_blocks.shape
+            G, bs = H // K, r.block
+            qd = q[r.decode_rows].to(k_pool.dtype).view(Bd, 1, K, G, D)
+            kd, vd = k_pool[r.decode_blocks], v_pool[r.decode_blocks]                   # [Bd, nb, K, bs, D]
+            scores = torch.matmul(qd, kd.transpose(-1, -2)) * self.scale                # [Bd, nb, K, G, bs]
+            scores = scores.permute(0, 2, 3, 1, 4).reshape(Bd, K, G, nb * bs)
             probs = torch.softmax(scores.float() + r.decode_bias, dim=-1).to(vd.dtype)
-            out[r.decode_rows] = torch.matmul(probs, vd).view(Bd, H, D)
-        for row, T, start, sl in r.chunks:  # a prefill chunk attends alone, causally, over its own KV
-            qs = q[row:row + T].to(kf.dtype).transpose(0, 1)[None]                      # [1, H, T, D]
-            ks, vs = kf[sl].transpose(0, 1)[None], vf[sl].transpose(0, 1)[None]         # [1, K, S, D]
+            probs = probs.view(Bd, K, G, nb, bs).permute(0, 3, 1, 2, 4)                 # [Bd, nb, K, G, bs]
+            out[r.decode_rows] = torch.matmul(probs, vd).sum(1, dtype=torch.float32).to(out.dtype).view(Bd, H, D)
+        for row, T, start, blocks in r.chunks:  # a prefill chunk attends alone, causally, over its own KV
+            end = start + T
+            qs = q[row:row + T].to(k_pool.dtype).transpose(0, 1)[None]                  # [1, H, T, D]
+            ks = k_pool[blocks].transpose(0, 1).reshape(K, -1, D)[None, :, :end]        # [1, K, S, D]
+            vs = v_pool[blocks].transpose(0, 1).reshape(K, -1, D)[None, :, :end]
             out[row:row + T] = self._attention(qs, ks, vs, start)[0].transpose(0, 1)
-        x = x + self._grouped(self.o, out.view(1, N, self.n_q), r).to(x.dtype)
-        h = rms_norm(x, self.mlp_norm, spec.norm_eps)
-        gate, up = self._grouped(self.gate_up, h, r).chunk(2, dim=-1)
-        return x + self._grouped(self.down, F.silu(gate) * up, r).to(x.dtype)
+        y = self._grouped(self.o, out.view(1, N, self.n_q), r).to(x.dtype)
+        if f:
+            x, h = f.add_rmsnorm(x, y.contiguous(), self.mlp_norm, spec.norm_eps)
+            act = f.silu_mul(self._grouped(self.gate_up, h, r).contiguous())
+        else:
+            x = x + y
+            h = rms_norm(x, self.mlp_norm, spec.norm_eps)
+            gate, up = self._grouped(self.gate_up, h, r).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return x + self._grouped(self.down, act, r).to(x.dtype)
 
     @staticmethod
     def _grouped(linear, x: torch.Tensor, r: Ragged) -> torch.Tensor:

@@ -15,11 +15,13 @@ from hetero.model.spec import ModelSpec
 
 
 class PagedKV:
-    """Per-layer K and V: [n_blocks, block, K, D] each, allocated once (the pool's whole budget)."""
+    """Per-layer K and V: [n_blocks, K, block, D] each, allocated once (the pool's whole budget).
+    Head-major inside a block, so a gather of whole blocks is a batch of [block, D] matrices per
+    head that attention multiplies in place (no second copy to reorder it)."""
 
     def __init__(self, spec: ModelSpec, n_blocks: int, block: int, dtypes: list[torch.dtype], devices: list[str]):
         self.n_blocks, self.block = n_blocks, block
-        shape = (n_blocks, block, spec.n_kv_heads, spec.head_dim)
+        shape = (n_blocks, spec.n_kv_heads, block, spec.head_dim)
         self.k = [torch.zeros(shape, dtype=dt, device=dev) for dt, dev in zip(dtypes, devices)]
         self.v = [torch.zeros(shape, dtype=dt, device=dev) for dt, dev in zip(dtypes, devices)]
 
@@ -44,61 +46,60 @@ class Segment:
 class Ragged:
     """The index tensors of one step, built once and shared by every layer.
 
-    Decode rows (segments of one token) attend together: their KV gathered to [Bd, S, K, D] with the
-    padding masked. A longer segment (a prefill chunk) attends alone over its own gathered KV.
+    Each new token is written at (its block, its offset in the block). Decode rows (segments of one
+    token) attend together over their blocks gathered to [Bd, nb, K, block, D], the padding past
+    each one's length masked. A longer segment (a prefill chunk) attends alone over its own blocks.
     """
 
     def __init__(self, segments: list[Segment], block: int):
-        self.segments = segments
-        pos, slots, rows = [], [], []
+        self.segments, self.block = segments, block
+        pos, wblk, rows = [], [], []
         row = 0
         for s in segments:
             if not s.length:
                 raise ValueError("a segment of no tokens")
             if s.start + s.length > len(s.blocks) * block:
                 raise ValueError(f"segment ends at {s.start + s.length} past its {len(s.blocks)} blocks")
-            p = list(range(s.start, s.start + s.length))
+            p = range(s.start, s.start + s.length)
             pos += p
-            slots += [s.blocks[q // block] * block + q % block for q in p]
+            wblk += [s.blocks[q // block] for q in p]
             rows.append(row)
             row += s.length
         self.n_tokens = row
         self.positions = torch.tensor(pos, dtype=torch.long)                     # [N]
-        self.slots = torch.tensor(slots, dtype=torch.long)                       # [N]
+        self.write_blocks = torch.tensor(wblk, dtype=torch.long)                 # [N]
+        self.write_offsets = self.positions % block                              # [N]
         self.last_rows = torch.tensor([r + s.length - 1 for r, s in zip(rows, segments)], dtype=torch.long)
 
-        within = torch.arange(block)
-
-        def gather(s: Segment) -> torch.Tensor:  # the slots of positions 0..end-1
-            bt = torch.tensor(s.blocks, dtype=torch.long)
-            return (bt[:, None] * block + within).reshape(-1)[:s.start + s.length]
+        def used(s: Segment) -> int:  # blocks holding positions 0..end-1
+            return -(-(s.start + s.length) // block)
 
         dec = [i for i, s in enumerate(segments) if s.length == 1]
         self.decode_rows = torch.tensor([rows[i] for i in dec], dtype=torch.long)  # [Bd]
-        self.decode_slots = self.decode_bias = None
+        self.decode_blocks = self.decode_bias = None
         if dec:
-            S = max(segments[i].start + 1 for i in dec)
-            idx = torch.zeros(len(dec), S, dtype=torch.long)
-            valid = torch.zeros(len(dec), S, dtype=torch.bool)
+            nb = max(used(segments[i]) for i in dec)
+            idx = torch.zeros(len(dec), nb, dtype=torch.long)        # padding reads block 0, masked
+            ends = torch.tensor([segments[i].start + 1 for i in dec])
             for j, i in enumerate(dec):
-                g = gather(segments[i])
-                idx[j, :len(g)] = g
-                valid[j, :len(g)] = True
-            self.decode_slots = idx                                              # [Bd, S]
-            # additive: 0 where a key exists, -inf on the padding; [Bd, 1, 1, S] against [Bd, K, G, S]
-            self.decode_bias = torch.zeros(len(dec), S).masked_fill(~valid, float("-inf"))[:, None, None, :]
-        # (first row, tokens, start, slots of 0..end-1) for each longer segment
-        self.chunks = [(rows[i], s.length, s.start, gather(s))
+                u = used(segments[i])
+                idx[j, :u] = torch.tensor(segments[i].blocks[:u])
+            self.decode_blocks = idx                                             # [Bd, nb]
+            # additive: 0 where a key exists, -inf past the end; [Bd, 1, 1, nb * block]
+            valid = torch.arange(nb * block)[None, :] < ends[:, None]
+            self.decode_bias = torch.zeros(len(dec), nb * block).masked_fill(~valid, float("-inf"))[:, None, None, :]
+        # (first row, tokens, start, its used blocks) for each longer segment
+        self.chunks = [(rows[i], s.length, s.start, torch.tensor(s.blocks[:used(s)], dtype=torch.long))
                        for i, s in enumerate(segments) if s.length > 1]
         # Row ranges the linears run on apart: each run of decode rows, each prefill chunk. A row's
         # result then depends only on its own group's size, as alone (the same kernel, the same bits).
-        self.groups: list[tuple[int, int]] = []
+        groups: list[list] = []
         for r0, s in zip(rows, segments):
-            if s.length == 1 and self.groups and self.groups[-1][2] and self.groups[-1][1] == r0:
-                self.groups[-1] = (self.groups[-1][0], r0 + 1, True)
+            if s.length == 1 and groups and groups[-1][2] and groups[-1][1] == r0:
+                groups[-1][1] = r0 + 1
             else:
-                self.groups.append((r0, r0 + s.length, s.length == 1))
-        self.groups = [(a, b) for a, b, _ in self.groups]
+                groups.append([r0, r0 + s.length, s.length == 1])
+        self.groups = [(a, b) for a, b, _ in groups]
         self._on: dict[str, "Ragged"] = {"cpu": self}
 
     def on(self, device) -> "Ragged":
@@ -108,7 +109,8 @@ class Ragged:
             r = object.__new__(Ragged)
             r.__dict__.update(self.__dict__)
             mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-            for name in ("positions", "slots", "last_rows", "decode_rows", "decode_slots", "decode_bias"):
+            for name in ("positions", "write_blocks", "write_offsets", "last_rows", "decode_rows",
+                         "decode_blocks", "decode_bias"):
                 setattr(r, name, mv(getattr(self, name)))
             r.chunks = [(a, b, c, t.to(device)) for a, b, c, t in self.chunks]
             self._on[key] = r

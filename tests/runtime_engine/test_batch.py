@@ -174,3 +174,19 @@ def test_bench_batches_reports_a_rate_per_size(nets):
     assert all(r["decode_tok_s"] > 0 for r in rows)
     assert rows[2]["decode_tok_s"] == pytest.approx(3 * rows[2]["per_seq_tok_s"], rel=0.01)
     assert rows[2]["kv_blocks"] == 3 * rows[1]["kv_blocks"]
+
+
+def test_layers_streamed_from_disk_batch_too():
+    from hetero.runtime.engine import Engine
+    from tests.runtime_engine.helpers import half, uniform_plan
+
+    spec = hetero.spec("synthetic:tiny")
+    with Engine.load(uniform_plan(spec, "int8", half(spec)), "synthetic:tiny") as eng:
+        net = eng.model.net
+        assert type(net.layers[-1]).__name__ == "StreamedUnit"
+        prompts = _prompts((4, 30), seed=2)
+        ref = [_alone(net, p, 8) for p in prompts]
+        runner = BatchRunner(net, kv_bytes=1 << 20)
+        ids = [runner.add(p, 8) for p in prompts]
+        out = runner.run()
+        assert [out[i] for i in ids] == ref

@@ -189,11 +189,12 @@ class DecoderLayer(torch.nn.Module):
 
     @staticmethod
     def _grouped(linear, x: torch.Tensor, r: Ragged) -> torch.Tensor:
-        # x: [1, N, in]: the decode rows in one call (M = B: the weight read once for all), each
-        # prefill chunk in its own (as alone: a compute-bound GEMM gains nothing from sharing)
-        if len(r.groups) == 1:
-            return linear(x)
-        return torch.cat([linear(x[:, a:b]) for a, b in r.groups], dim=1)
+        # x: [1, N, in]: the decode rows in one call (M = B: the weight read once for all; `rows`
+        # where the linear has a small-M kernel), each prefill chunk in its own forward (as alone:
+        # a compute-bound GEMM gains nothing from sharing)
+        rows = getattr(linear, "rows", linear)
+        parts = [(rows if dec and b - a > 1 else linear)(x[:, a:b]) for a, b, dec in r.groups]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _decode_fused(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

@@ -91,15 +91,16 @@ class Ragged:
         # (first row, tokens, start, its used blocks) for each longer segment
         self.chunks = [(rows[i], s.length, s.start, torch.tensor(s.blocks[:used(s)], dtype=torch.long))
                        for i, s in enumerate(segments) if s.length > 1]
-        # Row ranges the linears run on apart: each run of decode rows, each prefill chunk. A row's
-        # result then depends only on its own group's size, as alone (the same kernel, the same bits).
+        # Row ranges the linears run on apart: each run of decode rows (a linear's `rows` kernel: each
+        # row the GEMV's bits), each prefill chunk (its forward, as alone): every row gets the kernel,
+        # hence the bits, it gets in a single-sequence run.
         groups: list[list] = []
         for r0, s in zip(rows, segments):
             if s.length == 1 and groups and groups[-1][2] and groups[-1][1] == r0:
                 groups[-1][1] = r0 + 1
             else:
                 groups.append([r0, r0 + s.length, s.length == 1])
-        self.groups = [(a, b) for a, b, _ in groups]
+        self.groups = [tuple(g) for g in groups]                                # (first, end, decode)
         self._on: dict[str, "Ragged"] = {"cpu": self}
 
     def on(self, device) -> "Ragged":

@@ -24,6 +24,41 @@ def _ints(text: str, flag: str) -> list[int]:
     return out
 
 
+def _batches(text: str) -> list[int]:
+    from hetero.errors import HeteroError
+
+    try:
+        out = [int(x) for x in _list(text)]
+    except ValueError:
+        raise HeteroError(f"--batch takes sizes separated by commas, got {text!r}") from None
+    if not out or min(out) < 1 or max(out) > 256:
+        raise HeteroError(f"--batch takes sizes from 1 to 256, got {text!r}")
+    return out
+
+
+def _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_json) -> None:
+    """--batch: aggregate decode tok/s per batch size (bench/batched.py), B=1 also on the single path."""
+    from hetero.bench.batched import measure_batches
+    from hetero.runtime.engine import Engine
+
+    with Engine.load(plan, model, progress=not as_json) as eng:
+        rows = measure_batches(eng.model.net, batches, prompt_tokens, new_tokens, repeats)
+    if as_json:
+        print(json.dumps({"model": model, "plan": plan.to_dict(), "prompt_tokens": prompt_tokens,
+                          "new_tokens": new_tokens, "batches": rows}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("batch", "path", "decode tok/s (all)", "tok/s per sequence", "prefill s", "KV pool",
+              title=f"hetero bench {model} --batch (P={prompt_tokens}, N={new_tokens})")
+    for r in rows:
+        t.add_row(str(r["batch"]), r["path"], f"{r['decode_tok_s']:.1f}", f"{r['per_seq_tok_s']:.1f}",
+                  f"{r['prefill_s']:.3f}" if "prefill_s" in r else "—",
+                  f"{r['kv_blocks']} blocks, {r['kv_bytes'] / 1e6:.1f} MB" if "kv_blocks" in r else "—")
+    Console().print(t)
+
+
 def _grid(model, precisions, residencies, contexts, P, N, repeats):
     from hetero.bench.run import Config
 
@@ -131,6 +166,7 @@ def register(app: typer.Typer) -> None:
         grid_precisions: str = typer.Option("fp32,bf16,int8,int4", "--grid-precisions", help="grid for --calibrate/--sweep"),
         grid_residencies: str = typer.Option("resident,disk", "--grid-residencies", help="grid for --calibrate/--sweep"),
         grid_contexts: str = typer.Option("128,1024", "--grid-contexts", help="grid for --calibrate/--sweep"),
+        batch: Optional[str] = typer.Option(None, "--batch", help="aggregate decode tok/s with B sequences per forward, e.g. 1,4,8,16"),
     ):
         """Measure MODEL under a plan: TTFT, prefill and decode tok/s (median and spread), per-unit times
         and peak footprint, against the plan's predictions; peers side by side; --calibrate closes the loop."""
@@ -165,6 +201,9 @@ def register(app: typer.Typer) -> None:
         if bad:
             raise HeteroError(f"--grid-residencies takes resident,disk; got {bad[0]!r}")
         ctxs = _ints(grid_contexts, "--grid-contexts")
+        batches = _batches(batch) if batch is not None else None
+        if batches and (calibrate or sweep or peer_list or report):
+            raise HeteroError("--batch measures on its own: leave out --calibrate, --sweep, --peers and --report")
         if sweep and not memory:
             raise HeteroError("--sweep compares plans under one budget: give --memory, e.g. cpu=50%")
         if context is not None and context < prompt_tokens + 1:
@@ -197,6 +236,9 @@ def register(app: typer.Typer) -> None:
             print(eng.summary(plan), file=sys.stderr)
             for n in notes:
                 print(f"note: {n}", file=sys.stderr)
+        if batches:
+            _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_json)
+            return
         result = measure_plan(plan, model, prompt_tokens, new_tokens, ctx, repeats, monitor=mon, progress=progress)
         hw, prof = machine(hardware or "this")
         precs_used = {u.precision for u in plan.units}

@@ -61,6 +61,8 @@ def run(
     context: Optional[int] = typer.Option(None, "--context", help="Context length to plan the KV cache for (default: prompt + max new tokens)."),
     prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Overlap streamed units' reads with compute (default: as the plan says)."),
     replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan a --plan that no longer fits free RAM (else fail)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Decode B sequences per forward: the prompt repeated B times, or at most B of --prompts at once."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts, one per line, run as one batch (with --batch B: B at a time)."),
 ) -> None:
     """Generate text from PROMPT, streaming it to stdout, and end with predicted vs measured speed.
 
@@ -83,9 +85,19 @@ def run(
         if dtype not in ("fp32", "bf16", "fp16", "int8", "int4"):
             raise HeteroError(f"unknown --dtype {dtype!r}; known: fp32, bf16, fp16, int8, int4")
         precisions = dtype
+    many = None
+    if batch is not None or prompts_file is not None:
+        from hetero.commands.run_batch import read_prompts
+
+        if batch is not None and not 1 <= batch <= 256:
+            raise HeteroError(f"--batch must be between 1 and 256 (got {batch})")
+        if max_new_tokens < 1:
+            raise HeteroError("--batch and --prompts generate at least 1 token: give --max-new-tokens >= 1")
+        prompts = read_prompts(prompts_file) if prompts_file else [prompt] * batch
+        many = (prompts, batch or len(prompts))
     _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,
-                 prefetch, replan)
+                 prefetch, replan, many)
 
 
 def info(
@@ -148,7 +160,7 @@ def info(
 
 def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective, precisions, context, prefetch,
-                 replan) -> None:
+                 replan, many=None) -> None:
     """`run` under a Plan: plan (or load and check one), build, generate, predicted vs measured."""
     from hetero.runtime import firstuse
 
@@ -172,6 +184,18 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     e = eng.Engine.load(plan, model, prefetch=prefetch, progress=not as_json, monitor=mon)
+    if many is not None:  # several sequences per forward (commands/run_batch.py)
+        from hetero.commands.run_batch import run_batch
+        from hetero.runtime.sampling import SamplingParams
+
+        try:
+            if not as_json:
+                print(eng.summary(plan), file=sys.stderr)
+            run_batch(e, many[0], many[1], max_new_tokens,
+                      SamplingParams(temperature, top_k, top_p, repetition_penalty, seed), chat, as_json)
+        finally:
+            e.close()
+        return
     try:
         records = e.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, chat=chat)

@@ -33,6 +33,8 @@ class Architecture:
     embed_scale: Callable | None = None
     # from_hf(name, tensor) -> the canonical form of a tensor read from an HF checkpoint (None: as is)
     from_hf: Callable | None = None
+    # whether its layers take a ragged batched step over paged KV (model/paged.py; runtime/batch.py)
+    ragged: bool = False
 
 
 def architecture(spec) -> Architecture:

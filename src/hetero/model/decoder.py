@@ -15,8 +15,10 @@ from typing import Callable
 
 import torch
 
+from hetero.errors import HeteroError
 from hetero.model.arch import architecture
 from hetero.model.llama import KVCache, RotaryTable, rms_norm
+from hetero.model.paged import PagedKV, Ragged
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig, build_unit, final_norm, tie_embedding
 from hetero.ops.linear import activation_dtype
@@ -92,18 +94,62 @@ class Decoder(torch.nn.Module):
             return None
         return self._stack[1]
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def _ensure_rope(self, max_len: int) -> None:
         spec = self.spec
         if self.rope is None or self.rope.cos.shape[0] < max_len:
             self.rope = RotaryTable(spec, max_len)
             if spec.rope_local_theta is not None:
                 local = dataclasses.replace(spec, rope_theta=spec.rope_local_theta, rope_scaling=None)
                 self.rope_local = RotaryTable(local, max_len)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        spec = self.spec
+        self._ensure_rope(max_len)
         dtypes = [layer.dtype for layer in self.layers]
         devices = [layer.device for layer in self.layers]
         # a local layer's cache holds its window only (a ring: model/gemma3.py)
         lengths = [spec.layer_kv_tokens(i, max_len) for i in self.layer_ids]
         return KVCache(spec, batch, max_len, dtypes, devices, lengths)
+
+    def new_paged(self, n_blocks: int, block: int) -> PagedKV:
+        """Paged KV for ragged steps (forward_ragged); runtime/kvcache.KVPool sizes and hands it out."""
+        if not architecture(self.spec).ragged:
+            raise HeteroError(f"batched decode does not run {self.spec.architecture} models yet; "
+                              "run one sequence at a time")
+        if not (self.has_embed and self.has_head):
+            raise HeteroError("batched decode runs a whole model, not a pipeline stage")
+        self._ensure_rope(min(n_blocks * block, self.spec.max_context))  # no sequence goes past either
+        return PagedKV(self.spec, n_blocks, block, [layer.dtype for layer in self.layers],
+                       [layer.device for layer in self.layers])
+
+    @torch.inference_mode()
+    def forward_ragged(self, ids: torch.Tensor, r: Ragged, kv: PagedKV, want: torch.Tensor | None = None) -> torch.Tensor:
+        """One step of several sequences: ids [N] the step's tokens packed segment after segment
+        (r: their positions and blocks). Returns fp32 logits [n, V] at the last token of each
+        segment, or of the segments indexed by `want` (a prefill chunk that is not a prompt's last
+        has nothing to sample)."""
+        if ids.numel() != r.n_tokens:
+            raise ValueError(f"{ids.numel()} ids for a step of {r.n_tokens} tokens")
+        self._ensure_rope(int(r.positions.max()) + 1)
+        x = self.embed[ids.reshape(1, -1).to(self.embed.device)]                     # [1, N, h]
+        if self.embed_scale is not None:
+            x = x.to(self.embed_dtype)
+            x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+        tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, layer in enumerate(self.layers):
+            if x.device != torch.device(layer.device) or x.dtype != layer.dtype:
+                x = x.to(device=layer.device, dtype=layer.dtype)
+            rd = r.on(layer.device)
+            key = (layer.dtype, layer.device)
+            if key not in tables:
+                tables[key] = self.rope.at(rd.positions, layer.dtype, layer.device)
+            x = layer(x, 0, *tables[key], kv.k[i], kv.v[i], ragged=rd)
+        rows = r.last_rows if want is None else r.last_rows[want]
+        x = x[:, rows.to(x.device)].to(self.head_device)                              # [1, n, h]
+        if getattr(self.head, "computes_in_input_dtype", False):
+            x = x.float()
+        x = rms_norm(x, self.norm, self.spec.norm_eps)
+        return self.head(x).float()[0]
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, start: int, cache: KVCache, last_only: bool = True,

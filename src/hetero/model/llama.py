@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.model.arch import Architecture
+from hetero.model.paged import Ragged
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig
 from hetero.ops import kernels
@@ -56,6 +57,11 @@ class RotaryTable:
             self._by_kind[key] = (self.cos.to(device=device, dtype=dtype), self.sin.to(device=device, dtype=dtype))
         c, s = self._by_kind[key]
         return c[start:start + length], s[start:start + length]
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [N, D] for arbitrary positions (a ragged step: each row its own position)."""
+        c, s = self.get(0, self.cos.shape[0], dtype, device)
+        return c[positions], s[positions]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -119,7 +125,11 @@ class DecoderLayer(torch.nn.Module):
         self.scale = 1.0 / math.sqrt(spec.head_dim)
 
     def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor, ragged: Ragged | None = None) -> torch.Tensor:
+        """One contiguous cache ([B, K, L, D], all rows at `start`), or with `ragged` a packed step
+        of several sequences over paged KV (`k_cache`/`v_cache` are the pool's [n, block, K, D])."""
+        if ragged is not None:
+            return self._forward_ragged(x, ragged, cos, sin, k_cache, v_cache)
         B, T, _ = x.shape
         if T == 1 and B == 1 and self._fused is not None and x.dtype == self.dtype == k_cache.dtype \
                 and x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous():
@@ -151,6 +161,58 @@ class DecoderLayer(torch.nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+    def _forward_ragged(self, x: torch.Tensor, r: Ragged, cos: torch.Tensor, sin: torch.Tensor,
+                        k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        # x: [1, N, h] the step's tokens packed; cos/sin: [N, D] each row at its own position.
+        # Every linear runs once with M = N rows; only attention is per sequence.
+        spec, H, K, D = self.spec, self.spec.n_heads, self.spec.n_kv_heads, self.spec.head_dim
+        N = x.shape[1]
+        # the fused row ops where the one-token path uses them: fewer ops, and its rounding points
+        f = self._fused if self._fused is not None and x.dtype == self.dtype and x.is_contiguous() else None
+        h = f.rmsnorm(x, self.attn_norm, spec.norm_eps) if f else rms_norm(x, self.attn_norm, spec.norm_eps)
+        q, k, v = self._grouped(self.qkv, h, r)[0].split([self.n_q, self.n_kv, self.n_kv], dim=-1)
+        q = apply_rope(q.reshape(N, H, D), cos[:, None], sin[:, None])                 # [N, H, D]
+        k = apply_rope(k.reshape(N, K, D), cos[:, None], sin[:, None])                 # [N, K, D]
+        # k_pool/v_pool: [n_blocks, K, block, D]; each new token to (its block, its offset)
+        k_pool[r.write_blocks, :, r.write_offsets] = k.to(k_pool.dtype)
+        v_pool[r.write_blocks, :, r.write_offsets] = v.reshape(N, K, D).to(v_pool.dtype)
+        out = torch.empty(N, H, D, dtype=v_pool.dtype, device=x.device)
+        if r.decode_blocks is not None:  # every one-token row together, padding masked
+            Bd, nb = r.decode_blocks.shape
+            G, bs = H // K, r.block
+            qd = q[r.decode_rows].to(k_pool.dtype).view(Bd, 1, K, G, D)
+            kd, vd = k_pool[r.decode_blocks], v_pool[r.decode_blocks]                   # [Bd, nb, K, bs, D]
+            scores = torch.matmul(qd, kd.transpose(-1, -2)) * self.scale                # [Bd, nb, K, G, bs]
+            scores = scores.permute(0, 2, 3, 1, 4).reshape(Bd, K, G, nb * bs)
+            probs = torch.softmax(scores.float() + r.decode_bias, dim=-1).to(vd.dtype)
+            probs = probs.view(Bd, K, G, nb, bs).permute(0, 3, 1, 2, 4)                 # [Bd, nb, K, G, bs]
+            out[r.decode_rows] = torch.matmul(probs, vd).sum(1, dtype=torch.float32).to(out.dtype).view(Bd, H, D)
+        for row, T, start, blocks in r.chunks:  # a prefill chunk attends alone, causally, over its own KV
+            end = start + T
+            qs = q[row:row + T].to(k_pool.dtype).transpose(0, 1)[None]                  # [1, H, T, D]
+            ks = k_pool[blocks].transpose(0, 1).reshape(K, -1, D)[None, :, :end]        # [1, K, S, D]
+            vs = v_pool[blocks].transpose(0, 1).reshape(K, -1, D)[None, :, :end]
+            out[row:row + T] = self._attention(qs, ks, vs, start)[0].transpose(0, 1)
+        y = self._grouped(self.o, out.view(1, N, self.n_q), r).to(x.dtype)
+        if f:
+            x, h = f.add_rmsnorm(x, y.contiguous(), self.mlp_norm, spec.norm_eps)
+            act = f.silu_mul(self._grouped(self.gate_up, h, r).contiguous())
+        else:
+            x = x + y
+            h = rms_norm(x, self.mlp_norm, spec.norm_eps)
+            gate, up = self._grouped(self.gate_up, h, r).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return x + self._grouped(self.down, act, r).to(x.dtype)
+
+    @staticmethod
+    def _grouped(linear, x: torch.Tensor, r: Ragged) -> torch.Tensor:
+        # x: [1, N, in]: the decode rows in one call (M = B: the weight read once for all; `rows`
+        # where the linear has a small-M kernel), each prefill chunk in its own forward (as alone:
+        # a compute-bound GEMM gains nothing from sharing)
+        rows = getattr(linear, "rows", linear)
+        parts = [(rows if dec and b - a > 1 else linear)(x[:, a:b]) for a, b, dec in r.groups]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _decode_fused(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -217,4 +279,4 @@ def build_layer(spec: ModelSpec, weights: Callable[[str], torch.Tensor], i: int,
 
 
 ARCH = Architecture(name="llama", spec_names=("llama", "mistral", "qwen2"), build_layer=build_layer,
-                    compile_decode=compile_decode_stack)
+                    compile_decode=compile_decode_stack, ragged=True)

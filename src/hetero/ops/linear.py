@@ -58,6 +58,18 @@ def _gemv_input(x: torch.Tensor, k: int, out: torch.dtype = torch.bfloat16) -> t
     return x.reshape(k).to(torch.float32).contiguous()
 
 
+SMALL_M = 32  # up to this many decode rows (a batched step) the compiled row kernels read W once for all
+
+
+def _rows_input(x: torch.Tensor, k: int, pad: int) -> torch.Tensor | None:
+    """x as the compiled small-M kernels take it: [M, K (+pad)] fp32 for 2 <= M <= SMALL_M on the CPU,
+    else None (M = 1 is the GEMV's; more rows take forward's GEMM)."""
+    if x.device.type != "cpu" or not 2 <= x.numel() // k <= SMALL_M:
+        return None
+    x2 = x.reshape(-1, k).to(torch.float32)
+    return (F.pad(x2, (0, pad)) if pad else x2).contiguous()
+
+
 def _as(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y if y.dtype == dtype else y.to(dtype)
 
@@ -140,6 +152,17 @@ class Int8Linear(torch.nn.Module):
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The decode rows of a batched step ([.., M, K], M <= SMALL_M): each row exactly as forward
+        gives it alone (the GEMV's bits), the weight read once for all (gemm_rows.cpp)."""
+        xr = _rows_input(x, self.in_features, self.pad) if self._gemv is not None else None
+        if xr is None:
+            return self.forward(x)
+        y = self._gemv.gemm_rows_int8(xr, self.qweight, self._scales_f32).to(torch.bfloat16)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
 
 def quantize_int4_groupwise(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4 along the input dim: w ≈ (q - 8) * scale + zero_point_offset.
@@ -221,6 +244,17 @@ class Int4Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """As Int8Linear.rows: each row's bits as forward gives it alone (bf16 activations take the
+        GEMV's bf16 dot-product kernel, as forward's GEMV does)."""
+        xr = _rows_input(x, self.in_features, self.pad) if self._k is not None else None
+        if xr is None:
+            return self.forward(x)
+        y = self._k.gemm_rows_int4(xr, self.packed, self.scales_zeros, x.dtype == torch.bfloat16).to(torch.bfloat16)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def dequant_int4_rows(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

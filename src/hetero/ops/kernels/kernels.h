@@ -19,6 +19,10 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sm)
 torch::Tensor dequant_int4(torch::Tensor packed, torch::Tensor sm);
 bool has_bf16_dot();
 
+// ---- A few rows (batched decode, small M), each row as its GEMV gives it (gemm_rows.cpp) -------
+torch::Tensor gemm_rows_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
+torch::Tensor gemm_rows_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sm, bool bf16_values);
+
 // ---- GEMV over GGUF blocks, one token (gemv_blocks.cpp) -----------------------------------------
 torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out);
 torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);

@@ -25,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_int8", &gemv_int8, nogil);
   m.def("gemv_int4", &gemv_int4, nogil);
   m.def("dequant_int4", &dequant_int4, nogil);
+  m.def("gemm_rows_int8", &gemm_rows_int8, nogil);
+  m.def("gemm_rows_int4", &gemm_rows_int4, nogil);
   m.def("gemv_gguf", &gemv_gguf, py::arg("x"), py::arg("data"), py::arg("kind"), py::arg("K"),
         py::arg("fp32_out") = false, nogil);
   m.def("dequant_gguf", &dequant_gguf, nogil);

@@ -1,0 +1,192 @@
+"""Batched decode (runtime/batch.py over runtime/kvcache.py): every request in a batch gets what it
+would get alone through the single-sequence path, and the KV pool queues what does not fit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hetero
+from hetero.errors import HeteroError
+from hetero.runtime.batch import BatchRunner
+from hetero.runtime.generate import generate_step
+from hetero.runtime.kvcache import KVPool
+from hetero.runtime.sampling import Sampler, SamplingParams
+from tests.model.helpers import write_tiny_checkpoint
+
+LENGTHS = (5, 17, 40, 1, 70, 9)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return {p: hetero.load("synthetic:tiny", dtype=p).net for p in ("fp32", "int8", "int4")}
+
+
+def _prompts(lengths=LENGTHS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def _alone(net, prompt, n, params=SamplingParams(), stop_ids=frozenset()):
+    return [t for t, _ in generate_step(net, prompt, n, Sampler(params), set(stop_ids))]
+
+
+def _collect(runner, out, steps=None):
+    i = 0
+    while not runner.idle and (steps is None or i < steps):
+        for ev in runner.step():
+            out.setdefault(ev.request, []).append(ev.token)
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("precision,prefill", [("fp32", 16), ("fp32", 512), ("int8", 512), ("int4", 512)])
+def test_batched_greedy_equals_each_request_alone(nets, precision, prefill):
+    # Mixed lengths; half join after a few steps, while the first half decode. Quantised layers
+    # (bf16 activations) give the single path's bits only for a prompt cut into the same chunks
+    # (the single path's 512); fp32 also with the prompts cut into 16-token pieces.
+    net = nets[precision]
+    prompts, n_new = _prompts(), [12, 7, 10, 15, 6, 11]
+    ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
+    runner = BatchRunner(net, kv_bytes=4 << 20, max_batch=8, prefill_tokens=prefill)
+    ids = [runner.add(p, n) for p, n in zip(prompts[:3], n_new[:3])]
+    out = _collect(runner, {}, steps=4)
+    assert runner.running and not runner.queue  # the late ones really join a running batch
+    ids += [runner.add(p, n) for p, n in zip(prompts[3:], n_new[3:])]
+    _collect(runner, out)
+    assert [out[i] for i in ids] == ref
+    # every decode step after the first joins ran several sequences in one forward
+    assert runner.steps < sum(n_new)
+
+
+def test_a_load_beyond_the_pool_queues_and_completes(nets):
+    net = nets["fp32"]
+    prompts = _prompts((20, 30, 12, 25, 8), seed=3)
+    ref = [_alone(net, p, 10) for p in prompts]
+    pool = KVPool(net, n_blocks=6, block=16)   # 96 tokens: two or three of these at a time
+    runner = BatchRunner(net, pool=pool, max_batch=8)
+    ids = [runner.add(p, 10) for p in prompts]
+    out, peak_running, waited = {}, 0, False
+    while not runner.idle:
+        for ev in runner.step():
+            out.setdefault(ev.request, []).append(ev.token)
+        peak_running = max(peak_running, len(runner.running))
+        waited |= bool(runner.queue) and bool(runner.running)
+        assert pool.used_blocks <= pool.n_blocks
+        assert pool.used_blocks == sum(pool.blocks_for(s.total) for s in runner.running)
+    assert waited and 1 < peak_running < len(prompts)
+    assert [out[i] for i in ids] == ref
+    assert pool.free_blocks == pool.n_blocks and not pool.tables
+
+
+def test_requests_that_can_never_run_are_refused_at_once(nets):
+    net = nets["fp32"]
+    runner = BatchRunner(net, pool=KVPool(net, n_blocks=2, block=16))
+    with pytest.raises(HeteroError, match="KV blocks"):
+        runner.add(list(range(20)), 20)            # 40 tokens > 32 in the whole pool
+    with pytest.raises(HeteroError, match="empty prompt"):
+        runner.add([], 4)
+    with pytest.raises(HeteroError, match="max_new_tokens"):
+        runner.add([1, 2], 0)
+    with pytest.raises(HeteroError, match="holds no block"):
+        KVPool(net, budget_bytes=100)
+    assert runner.idle
+
+
+def test_per_request_sampling_and_stops_inside_one_batch(nets):
+    net = nets["fp32"]
+    p = _prompts((11, 6, 23), seed=5)
+    hot = SamplingParams(temperature=0.9, top_k=40, seed=7)
+    greedy = _alone(net, p[2], 12)
+    stop = {greedy[4]}
+    ref = [_alone(net, p[0], 12), _alone(net, p[1], 12, hot), _alone(net, p[2], 12, stop_ids=stop)]
+    assert ref[1] != _alone(net, p[1], 12)          # the sampled one really differs from greedy
+    runner = BatchRunner(net, kv_bytes=1 << 20)
+    ids = [runner.add(p[0], 12), runner.add(p[1], 12, hot), runner.add(p[2], 12, stop_ids=stop)]
+    events = []
+    while not runner.idle:
+        events += runner.step()
+    by = {i: [e for e in events if e.request == i] for i in ids}
+    assert [[e.token for e in by[i]] for i in ids] == ref
+    assert by[ids[2]][-1].finish_reason == "stop" and len(by[ids[2]]) == ref[2].index(greedy[4]) + 1
+    assert by[ids[0]][-1].finish_reason == "length"
+    assert [e.finish_reason for e in events].count(None) == len(events) - 3
+
+
+def test_cancel_returns_the_blocks(nets):
+    net = nets["fp32"]
+    runner = BatchRunner(net, pool=KVPool(net, n_blocks=4, block=16))
+    a, b = runner.add([1, 2, 3], 40), runner.add([4, 5], 40)   # b waits: a holds 3 of 4 blocks
+    runner.step()
+    assert runner.pool.free_blocks == 1 and len(runner.queue) == 1
+    assert runner.cancel(a) and runner.pool.free_blocks == 4
+    runner.step()
+    assert [s.id for s in runner.running] == [b] and runner.cancel(b) and runner.idle
+    assert runner.pool.free_blocks == 4 and not runner.cancel(a)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_bias"])  # tiny itself has grouped heads
+def test_qkv_bias_batches_too(variant, tmp_path):
+    write_tiny_checkpoint(variant, tmp_path)
+    net = hetero.load(str(tmp_path), dtype="fp32").net
+    prompts = _prompts((4, 13, 7), seed=1)
+    ref = [_alone(net, p, 8) for p in prompts]
+    runner = BatchRunner(net, kv_bytes=1 << 20)
+    ids = [runner.add(p, 8) for p in prompts]
+    out = runner.run()
+    assert [out[i] for i in ids] == ref
+
+
+def test_gemma3_batched_is_refused_clearly(tmp_path):
+    from tests.model.test_gemma3 import write_tiny_gemma3
+
+    write_tiny_gemma3(tmp_path)
+    net = hetero.load(str(tmp_path), dtype="fp32").net
+    with pytest.raises(HeteroError, match="batched decode does not run gemma3"):
+        BatchRunner(net, kv_bytes=1 << 20)
+
+
+def test_run_batch_gives_each_prompt_its_own_greedy_text(tmp_path, capsys):
+    import json
+
+    from hetero.commands.run_batch import read_prompts, run_batch
+
+    prompts = ["Hello there", "The capital of France is", "Once upon a time, far away"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n\n")
+    assert read_prompts(str(tmp_path / "p.txt")) == prompts
+    m = hetero.load("synthetic:tiny", dtype="int8")
+    run_batch(m.engine, prompts, 2, 6, SamplingParams(), False, as_json=True)
+    d = json.loads(capsys.readouterr().out)
+    stops = m.tokenizer.stop_ids
+    for p, c in zip(prompts, d["completions"]):
+        alone = [t for t in _alone(m.net, m.prompt_ids(p, chat=False), 6, stop_ids=stops) if t not in stops]
+        assert c["prompt"] == p and c["token_ids"] == alone and c["text"] == m.tokenizer.decode(alone)
+    assert d["batch"] == 2 and d["requests"] == 3 and d["decode_tok_s"] > 0
+    with pytest.raises(HeteroError, match="no prompt"):
+        (tmp_path / "e.txt").write_text("\n \n")
+        read_prompts(str(tmp_path / "e.txt"))
+
+
+def test_bench_batches_reports_a_rate_per_size(nets):
+    from hetero.bench.batched import measure_batches
+
+    rows = measure_batches(nets["int8"], [1, 3], prompt_tokens=8, new_tokens=4)
+    assert [(r["batch"], r["path"]) for r in rows] == [(1, "single"), (1, "batched"), (3, "batched")]
+    assert all(r["decode_tok_s"] > 0 for r in rows)
+    assert rows[2]["decode_tok_s"] == pytest.approx(3 * rows[2]["per_seq_tok_s"], rel=0.01)
+    assert rows[2]["kv_blocks"] == 3 * rows[1]["kv_blocks"]
+
+
+def test_layers_streamed_from_disk_batch_too():
+    from hetero.runtime.engine import Engine
+    from tests.runtime_engine.helpers import half, uniform_plan
+
+    spec = hetero.spec("synthetic:tiny")
+    with Engine.load(uniform_plan(spec, "int8", half(spec)), "synthetic:tiny") as eng:
+        net = eng.model.net
+        assert type(net.layers[-1]).__name__ == "StreamedUnit"
+        prompts = _prompts((4, 30), seed=2)
+        ref = [_alone(net, p, 8) for p in prompts]
+        runner = BatchRunner(net, kv_bytes=1 << 20)
+        ids = [runner.add(p, 8) for p in prompts]
+        out = runner.run()
+        assert [out[i] for i in ids] == ref

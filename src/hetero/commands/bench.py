@@ -154,6 +154,7 @@ def register(app: typer.Typer) -> None:
         hardware: Optional[str] = typer.Option(None, "--hardware", help="plan with this hardware (default: this)"),
         objective: str = typer.Option("decode", "--objective", help="decode | ttft | throughput"),
         precisions: Optional[str] = typer.Option(None, "--precisions", help="precisions the planner may use"),
+        max_quality_loss: Optional[float] = typer.Option(None, "--max-quality-loss", help="keep the summed quality cost within q (relative perplexity increase; default 0.01 = +1% unless --precisions or --dtype is given; a quantised file runs as stored)."),
         context: Optional[int] = typer.Option(None, "--context", help="context at the decode steps timed (default P+N)"),
         prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="prompt length P (seeded random ids)"),
         new_tokens: int = typer.Option(128, "--new-tokens", help="decode steps timed per repeat"),
@@ -179,6 +180,8 @@ def register(app: typer.Typer) -> None:
             raise HeteroError("--prompt-tokens, --new-tokens and --repeats must be at least 1")
         if repeats > 1000 or max(prompt_tokens, new_tokens) > 1 << 24:
             raise HeteroError("--repeats is at most 1000, --prompt-tokens and --new-tokens at most 16M")
+        if max_quality_loss is not None and not max_quality_loss >= 0:
+            raise HeteroError(f"--max-quality-loss must be >= 0 (got {max_quality_loss})")
         if plan_file and (memory or precisions):
             raise HeteroError("give either --plan or planning flags (--memory, --precisions), not both")
         if report:
@@ -231,7 +234,7 @@ def register(app: typer.Typer) -> None:
         mon = Footprint().start()
         ctx = context or prompt_tokens + new_tokens
         plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, _list(precisions) or None,
-                                       prompt_tokens=prompt_tokens, context=ctx)
+                                       prompt_tokens=prompt_tokens, context=ctx, max_quality_loss=max_quality_loss)
         if not as_json:
             print(eng.summary(plan), file=sys.stderr)
             for n in notes:

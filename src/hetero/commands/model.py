@@ -58,6 +58,7 @@ def run(
     hardware: Optional[str] = typer.Option(None, "--hardware", help="Plan with this hardware: this (default) | catalog:SPEC | FILE."),
     objective: Optional[str] = typer.Option(None, "--objective", help="decode (default) | ttft | throughput."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="Precisions the planner may use, e.g. bf16,int8."),
+    max_quality_loss: Optional[float] = typer.Option(None, "--max-quality-loss", help="Keep the summed quality cost within Q (relative perplexity increase; default 0.01 = +1% unless --precisions or --dtype is given; a quantised file runs as stored)."),
     context: Optional[int] = typer.Option(None, "--context", help="Context length to plan the KV cache for (default: prompt + max new tokens)."),
     prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Overlap streamed units' reads with compute (default: as the plan says)."),
     replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan a --plan that no longer fits free RAM (else fail)."),
@@ -79,6 +80,8 @@ def run(
         raise HeteroError("the prompt is not valid UTF-8 text") from None
     if max_new_tokens < 0:
         raise HeteroError(f"--max-new-tokens must be >= 0 (got {max_new_tokens})")
+    if max_quality_loss is not None and not max_quality_loss >= 0:
+        raise HeteroError(f"--max-quality-loss must be >= 0 (got {max_quality_loss})")
     if dtype is not None:
         if precisions:
             raise HeteroError("give --dtype or --precisions, not both (--dtype D is --precisions D)")
@@ -97,7 +100,7 @@ def run(
         many = (prompts, batch or len(prompts))
     _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,
-                 prefetch, replan, many)
+                 prefetch, replan, many, max_quality_loss)
 
 
 def info(
@@ -160,7 +163,7 @@ def info(
 
 def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective, precisions, context, prefetch,
-                 replan, many=None) -> None:
+                 replan, many=None, max_quality_loss=None) -> None:
     """`run` under a Plan: plan (or load and check one), build, generate, predicted vs measured."""
     from hetero.runtime import firstuse
 
@@ -180,7 +183,8 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
     if context is not None and context < 2:
         raise HeteroError(f"--context must be at least 2, got {context}")
     plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, precs,
-                                   prompt_tokens=64, context=context or (64 + max_new_tokens), replan=replan)
+                                   prompt_tokens=64, context=context or (64 + max_new_tokens), replan=replan,
+                                   max_quality_loss=max_quality_loss)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     e = eng.Engine.load(plan, model, prefetch=prefetch, progress=not as_json, monitor=mon)

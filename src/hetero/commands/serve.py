@@ -12,7 +12,8 @@ from hetero.errors import HeteroError
 def load_engine(model: Optional[str], plan_file: Optional[str] = None, memory: Optional[str] = None,
                 hardware: Optional[str] = None, objective: str = "decode", precisions: Optional[str] = None,
                 context: Optional[int] = None, prefetch: Optional[bool] = None, replan: bool = True,
-                threads: Optional[int] = None, progress: bool = True) -> tuple[Any, list[str]]:
+                threads: Optional[int] = None, progress: bool = True,
+                max_quality_loss: Optional[float] = None) -> tuple[Any, list[str]]:
     """Plan MODEL (or check --plan FILE) as `hetero run` does, then load the runtime Engine for it.
 
     The server's own modules are imported first, so the runtime baseline the planner reserves
@@ -37,7 +38,7 @@ def load_engine(model: Optional[str], plan_file: Optional[str] = None, memory: O
     precs = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None
     ctx = context or resolve_spec(model).max_context
     plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, precs, prompt_tokens=64,
-                                   context=ctx, replan=replan)
+                                   context=ctx, replan=replan, max_quality_loss=max_quality_loss)
     return eng.Engine.load(plan, model, prefetch=prefetch, progress=progress, monitor=mon), notes
 
 
@@ -49,6 +50,7 @@ def serve(
     objective: Optional[str] = typer.Option(None, "--objective", help="decode (default) | ttft | throughput."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="Precisions the planner may use, e.g. bf16,int8."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Shorthand for --precisions DTYPE: every unit at DTYPE."),
+    max_quality_loss: Optional[float] = typer.Option(None, "--max-quality-loss", help="Keep the summed quality cost within Q (relative perplexity increase; default 0.01 = +1% unless --precisions or --dtype is given; a quantised file runs as stored)."),
     context: Optional[int] = typer.Option(None, "--context", help="Tokens per request (prompt + reply) to plan the KV cache for (default: the model's context)."),
     prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Overlap streamed units' reads with compute (default: as the plan says)."),
     replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan a --plan that no longer fits free RAM (else fail)."),
@@ -76,6 +78,8 @@ def serve(
         raise HeteroError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
     if dtype and precisions:
         raise HeteroError("give --dtype or --precisions, not both (--dtype D is --precisions D)")
+    if max_quality_loss is not None and not max_quality_loss >= 0:
+        raise HeteroError(f"--max-quality-loss must be >= 0 (got {max_quality_loss})")
     _check_port(host, port)
     import uvicorn
 
@@ -83,7 +87,7 @@ def serve(
     from hetero.serve.app import create_app
 
     e, notes = load_engine(model, plan_file, memory, hardware, objective or "decode", precisions or dtype,
-                           context, prefetch, replan, threads)
+                           context, prefetch, replan, threads, max_quality_loss=max_quality_loss)
     try:
         for n in notes:
             print(f"note: {n}", file=sys.stderr)

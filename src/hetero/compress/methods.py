@@ -66,7 +66,7 @@ def _load_all() -> None:
     # Handlers live beside their algorithms; importing registers them.
     import importlib
 
-    for mod in ("prune", "share", "distill"):
+    for mod in ("prune", "share", "distill", "awq"):
         try:
             importlib.import_module(f"hetero.compress.{mod}")
         except ModuleNotFoundError as e:  # a method family not built yet

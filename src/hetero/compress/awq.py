@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from hetero.compress.core import Loaded, head_name, linear_names, model_bytes
+from hetero.compress.core import Loaded, head_name
 from hetero.compress.grid import quantize
-from hetero.compress.methods import Options, _check_group, _grid_record, _quantized, calibration, register
+from hetero.compress.methods import (Options, _check_group, _grid_record, _quantized, calibration, int4_record,
+                                     register)
 from hetero.errors import HeteroError
 
 
@@ -33,7 +34,7 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def search(ws: list[torch.Tensor], mean_abs: torch.Tensor, h: torch.Tensor, group: int, sym: bool,
-           alphas: int = 20, tie=None) -> tuple[torch.Tensor, float, float, float]:
+           alphas: int = 20, tie=None, zp: bool = False) -> tuple[torch.Tensor, float, float, float]:
     """Best scale s [K] for the matrices `ws` ([N_i, K]) sharing one input with mean |x| `mean_abs`
     [K] and H = XᵀX/n [K, K]; `tie` maps a [K] vector to one constant where scales must be shared.
     Returns (s, alpha, error at s, error of plain RTN)."""
@@ -47,7 +48,7 @@ def search(ws: list[torch.Tensor], mean_abs: torch.Tensor, h: torch.Tensor, grou
         a = i / alphas
         s = xm ** a
         s = s / torch.sqrt(s.max() * s.min())
-        err = output_error(w, quantize(w * s, group, sym).dequantize() / s, h)
+        err = output_error(w, quantize(w * s, group, sym, zp=zp).dequantize() / s, h)
         if i == 0:
             rtn_err = err
         if err < best[2]:
@@ -67,8 +68,8 @@ def _kv_tie(n_heads: int, n_kv: int, head_dim: int):
     return tie
 
 
-def scale_model(loaded: Loaded, grams: dict, group: int, sym: bool, alphas: int = 20
-                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+def scale_model(loaded: Loaded, grams: dict, group: int, sym: bool, alphas: int = 20, zp: bool = False,
+                head: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """The float tensors with each group's searched scale applied and folded; the scale applied to
     each linear's input columns (for the Hessian of GPTQ on top); a summary of the search."""
     spec = loaded.spec
@@ -81,7 +82,7 @@ def scale_model(loaded: Loaded, grams: dict, group: int, sym: bool, alphas: int 
         nonlocal err_awq, err_rtn
         g = grams[names[0]]
         h = (g.xtx / max(g.n, 1)).float()
-        s, a, e, e0 = search([t[n] for n in names], g.mean_abs(), h, group, sym, alphas, tie)
+        s, a, e, e0 = search([t[n] for n in names], g.mean_abs(), h, group, sym, alphas, tie, zp)
         chosen.append(a)
         err_awq, err_rtn = err_awq + e, err_rtn + e0
         for n in names:
@@ -106,7 +107,7 @@ def scale_model(loaded: Loaded, grams: dict, group: int, sym: bool, alphas: int 
             tie=_kv_tie(spec.n_heads, spec.n_kv_heads, spec.head_dim))
         run([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], p + "post_attention_layernorm.weight")
         run([p + "mlp.down_proj.weight"], p + "mlp.up_proj.weight")
-    if not spec.tie_embeddings and head_name(spec) in grams:
+    if not spec.tie_embeddings and head_name(spec) in grams and head:
         run([head_name(spec)], "model.norm.weight")
     summary = {"mean_alpha": round(sum(chosen) / len(chosen), 4),
                "calib_output_error_vs_rtn": round(err_awq / err_rtn, 4) if err_rtn else None}
@@ -122,7 +123,7 @@ def scaled_hessian(gram, s: torch.Tensor | None) -> torch.Tensor:
 @register("awq", "int4 group-wise after AWQ activation-aware channel scaling (--group, --sym, --awq-grid rtn|gptq)")
 def _awq(loaded: Loaded, opts: Options):
     from hetero.compress.core import one_thread
-    from hetero.compress.quant import gptq_grid, int4_bytes
+    from hetero.compress.quant import gptq_grid
 
     _check_group(opts)
     if opts.awq_grid not in ("rtn", "gptq"):
@@ -131,18 +132,16 @@ def _awq(loaded: Loaded, opts: Options):
         raise HeteroError("awq needs the query heads to be a multiple of the kv heads")
     grams = calibration(loaded, opts)
     with one_thread():
-        scaled, col, summary = scale_model(loaded, grams, opts.group, opts.sym, opts.awq_alphas)
+        scaled, col, summary = scale_model(loaded, grams, opts.group, opts.sym, opts.awq_alphas, opts.zero_point,
+                                           opts.head)
     if opts.awq_grid == "gptq":
         def fn(n, w):
-            return gptq_grid(w, scaled_hessian(grams[n], col.get(n)), opts.group, opts.sym, act_order=opts.act_order)
+            return gptq_grid(w, scaled_hessian(grams[n], col.get(n)), opts.group, opts.sym,
+                             act_order=opts.act_order, zp=opts.zero_point)
     else:
         def fn(n, w):
-            return quantize(w, opts.group, opts.sym)
-    out = _quantized(loaded, fn, f"awq+{opts.awq_grid}", tensors=scaled)
-    names = linear_names(loaded.spec)
-    return _grid_record(out, {
-        "format": f"int4-g{opts.group}-{'sym' if opts.sym else 'asym'}", "group": opts.group, "sym": opts.sym,
-        "grid": opts.awq_grid, "alphas": opts.awq_alphas, "calib_tokens": opts.calib_tokens, **summary,
-        "matrices": "all linear incl. head" + ("; the tied head is not scaled (it is the embedding)"
-                                              if loaded.spec.tie_embeddings else ""),
-        "bytes": model_bytes(loaded.spec, lambda n, s: int4_bytes(s, opts.group, opts.sym), names)})
+            return quantize(w, opts.group, opts.sym, zp=opts.zero_point)
+    out = _quantized(loaded, fn, f"awq+{opts.awq_grid}", tensors=scaled, include_head=opts.head)
+    return _grid_record(out, int4_record(loaded, opts, grid=opts.awq_grid, alphas=opts.awq_alphas,
+                                         calib_tokens=opts.calib_tokens, **summary,
+                                         head_scaled=not loaded.spec.tie_embeddings and opts.head))

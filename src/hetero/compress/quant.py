@@ -28,22 +28,23 @@ def int8_bytes(shape: tuple[int, ...]) -> int:
     return math.prod(shape) + shape[0] * 2  # int8 values + one bf16 scale per row
 
 
-def grid(wg: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, lo) of a 16-level grid per row of `wg` [N, g], fp16 values (lo None when sym)."""
-    return group_grid(wg, sym)
+def grid(wg: torch.Tensor, sym: bool, zp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, lo) of a 16-level grid per row of `wg` [N, g], fp16 values (lo None when sym; the
+    integer zero point with `zp`)."""
+    return group_grid(wg, sym, zp=zp)
 
 
-def on_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
+def on_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, zp: bool = False) -> torch.Tensor:
     """Round w ([N] or [N, g]) to the grid (scale, lo) given per row."""
-    q = codes_of(w, scale, lo)
+    q = codes_of(w, scale, lo, zp=zp)
     if w.dim() == 2:
         scale = scale[:, None]
         lo = lo[:, None] if lo is not None else None
-    return values_of(q, scale, lo)
+    return values_of(q, scale, lo, zp=zp)
 
 
-def int4_rtn_grid(w: torch.Tensor, group: int = 64, sym: bool = False) -> Grid:
-    return quantize(w, group, sym)
+def int4_rtn_grid(w: torch.Tensor, group: int = 64, sym: bool = False, zp: bool = False) -> Grid:
+    return quantize(w, group, sym, zp=zp)
 
 
 def int4_rtn(w: torch.Tensor, group: int = 64, sym: bool = False) -> torch.Tensor:
@@ -64,7 +65,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = False, b
 
 
 def gptq_grid(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = False, block: int = 128,
-              damp: float = 0.01, act_order: bool = True) -> Grid:
+              damp: float = 0.01, act_order: bool = True, zp: bool = False) -> Grid:
     """GPTQ int4 of w [N, K] given the input Hessian h [K, K], as the stored grid.
 
     Group grids are fixed from the original weights before the sweep ("static groups"), so the
@@ -77,7 +78,8 @@ def gptq_grid(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = Fal
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     sp = spans(k, group)
-    grids = [grid(w[:, a:b], sym) for a, b in sp]  # fp16 scales: the sweep sees the stored grid
+    zp = zp and not sym
+    grids = [grid(w[:, a:b], sym, zp) for a, b in sp]  # fp16 scales: the sweep sees the stored grid
     col_group = torch.tensor([gi for gi, (a, b) in enumerate(sp) for _ in range(a, b)])
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
@@ -95,10 +97,10 @@ def gptq_grid(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = Fal
         for i in range(b - a):
             g = int(gperm[a + i])
             col = w1[:, i]
-            qc = on_grid(col, scales[:, g], los[:, g] if los is not None else None)
+            qc = on_grid(col, scales[:, g], los[:, g] if los is not None else None, zp)
             q[:, a + i] = qc
             e = (col - qc) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, b:] -= err1 @ hinv[a:b, b:]
-    return from_values(q[:, torch.argsort(perm)].contiguous(), scales, los, group)
+    return from_values(q[:, torch.argsort(perm)].contiguous(), scales, los, group, zp=zp)

@@ -86,6 +86,11 @@ def compress(
     methods._load_all()
     if fmt not in ("hf", "gguf", "ct"):
         raise HeteroError(f"unknown --format {fmt!r}; known: hf, gguf, ct")
+    if fmt == "ct" and not sym:
+        # compressed-tensors' asymmetric grid has integer zero points; transformers with
+        # compressed-tensors 0.20.1 expects them unpacked where its compressor packs them, so the
+        # checkpoint does not load there: write the symmetric grid, which loads exactly.
+        raise HeteroError("--format ct writes symmetric int4: pass --sym")
     if eval_tokens < 0:
         raise HeteroError(f"--eval-tokens must be ≥ 0 (got {eval_tokens})")
     if method is None and fmt == "hf":
@@ -118,6 +123,8 @@ def compress(
     opts = methods.Options(group=group, sym=sym, sparsity=sparsity, nm=nm, values=values,
                            calib_tokens=calib_tokens, act_order=act_order, layers=layers, steps=steps,
                            progress=progress, awq_grid=awq_grid)
+    if fmt == "ct":  # a tied head is the embedding, which pack-quantized does not hold: kept dense (bf16)
+        opts.head = not loaded.spec.tie_embeddings
     target = Path(out).expanduser()
     if method == "distill":  # checkpoints beside the output; a rerun resumes, success removes them
         opts.checkpoint_dir = str(target.with_name(f".{target.name}.checkpoints"))
@@ -135,6 +142,10 @@ def compress(
             from hetero.compress.gguf_export import stored_values
 
             measured = stored_values(spec, tensors, gguf_type, grids)
+        elif fmt == "ct":
+            from hetero.compress import ct_export
+
+            measured = ct_export.stored_values(spec, tensors, grids)
         record["perplexity"] = _measure(spec, measured, loaded.tokenizer, eval_tokens, progress)
     if fmt == "gguf":
         from hetero.compress.gguf_export import write_gguf

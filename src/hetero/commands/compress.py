@@ -69,6 +69,8 @@ def compress(
     calib_tokens: int = typer.Option(2048, "--calib-tokens", help="Calibration tokens (gptq, wanda)."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="gptq: columns by input energy."),
     awq_grid: str = typer.Option("rtn", "--awq-grid", help="awq: the grid after scaling, rtn | gptq."),
+    int4_head: bool = typer.Option(True, "--int4-head/--keep-head", help="rtn/gptq/awq: put the head (a tied "
+                                   "head is the embedding) on the int4 grid too, or keep it (GGUF: at --type)."),
     eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Measure the result's perplexity on the first N "
                                     "tokens of the built-in corpus (context 512, stride 256, as `hetero eval`); 0 skips."),
     layers: Optional[int] = typer.Option(None, "--layers", help="distill: student layers (default 2/3)."),
@@ -122,7 +124,7 @@ def compress(
     loaded = load_model(model)
     opts = methods.Options(group=group, sym=sym, sparsity=sparsity, nm=nm, values=values,
                            calib_tokens=calib_tokens, act_order=act_order, layers=layers, steps=steps,
-                           progress=progress, awq_grid=awq_grid)
+                           progress=progress, awq_grid=awq_grid, head=int4_head)
     if fmt == "ct":  # a tied head is the embedding, which pack-quantized does not hold: kept dense (bf16)
         opts.head = not loaded.spec.tie_embeddings
     target = Path(out).expanduser()

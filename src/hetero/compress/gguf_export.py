@@ -122,7 +122,7 @@ def write_gguf(out: str | Path, loaded: Loaded, spec: ModelSpec, tensors: dict, 
 
     write_stream(out, spec, get, qtype, kv, progress=progress, types=types)
     rec = dict(record or {"method": "convert", "source": loaded.model, "baseline_fp32_bytes": fp32_bytes(loaded.spec)})
-    stored = sorted(set(types.values())) or [qtype]
+    stored = sorted({types.get(n, qtype) for n, shape in expected_tensors(spec) if n in types or _quantised(shape)})
     rec.update({"format": f"gguf-{'+'.join(stored)}", "bytes": Path(out).expanduser().stat().st_size})
     if grids:
         rec["grid_exact"] = True  # the file holds the method's grid, not a re-rounding of it

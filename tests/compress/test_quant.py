@@ -21,12 +21,17 @@ def test_int8_matches_the_runtime_kernel():
     assert (int8_rtn(w) - w).abs().max() <= w.abs().max() / 127 / 2 + 1e-6
 
 
-def test_int4_asym_matches_the_runtime_kernel():
+@pytest.mark.parametrize("sym", [False, True])
+def test_int4_grid_is_what_the_native_kernel_runs(sym):
+    from hetero.compress.quant import int4_rtn_grid
+    from hetero.ops.native import NativeLinear
+
     w, x = _w(16, 128), torch.randn(5, 128)
-    ref = Int4Linear(w, None, group=32)(x).float()
-    fake = x.bfloat16().float() @ int4_rtn(w, 32).T
-    # The kernel keeps scales in bf16: agreement far within the quantisation error itself.
-    assert (fake - ref).abs().max() < 0.15 * (x @ w.T - ref).abs().max()
+    g = int4_rtn_grid(w, 32, sym)
+    blocks = g.blocks()
+    assert blocks.ggml_type == ("Q4_0" if sym else "Q4_1")
+    assert torch.equal(blocks.dequantize(), int4_rtn(w, 32, sym))  # stored == measured, bit for bit
+    torch.testing.assert_close(NativeLinear(blocks)(x), x @ int4_rtn(w, 32, sym).T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sym", [False, True])
@@ -41,8 +46,8 @@ def test_int4_groups_hold_16_levels_including_a_short_tail(group, sym):
         scale, lo = grid(g, sym)
         assert ((qg - g).abs() <= scale[:, None] / 2 + 1e-5).all() or sym  # asym grids cover [min, max]
         assert not torch.equal(qg, g)  # the tail is quantised, not skipped
-    if sym:  # symmetric levels are integer multiples of the scale
-        scale = w[:, :group].abs().amax(1) / 7
+    if sym:  # symmetric levels are integer multiples of the (fp16) scale
+        scale = (w[:, :group].abs().amax(1) / 7).half().float()
         ratio = q[:, :group] / scale[:, None]
         torch.testing.assert_close(ratio, ratio.round(), atol=1e-4, rtol=0)
 

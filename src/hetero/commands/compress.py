@@ -17,7 +17,8 @@ def eval_cmd(
     context: int = typer.Option(512, "--context", help="Tokens per window."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between window ends (≤ context; default context/2)."),
     tokens: int = typer.Option(4096, "--tokens", help="Evaluate the first N tokens of the text (0 = all)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | int8 | int4 (runtime kernels)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | int8 | int4 | native (runtime "
+                                        "kernels; default: native for a quantised GGUF, which runs as stored, else fp32)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
@@ -33,6 +34,10 @@ def eval_cmd(
         raise HeteroError(f"--tokens must be ≥ 0 (got {tokens})")
     stride = stride if stride is not None else max(1, context // 2)
     body = read_text(text)  # a bad file fails before the model loads
+    if dtype is None:
+        from hetero.model.sources import resolve_spec
+
+        dtype = "native" if resolve_spec(model).has_block_tensors else "fp32"
     m = hetero.load(model, dtype=dtype, threads=threads)
     ids = eval_ids(m.tokenizer, body, tokens or None)
     check_settings(len(ids), context, stride, m.spec.max_context)
@@ -51,10 +56,11 @@ def eval_cmd(
 
 def compress(
     model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="int8 | int4 | gptq | magnitude | wanda | nm | kmeans | distill."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="int8 | int4 (= rtn) | rtn | gptq | awq | magnitude | wanda | nm | kmeans | distill."),
     out: str = typer.Option(..., "-o", "--output", help="Output dir (HF format) or .gguf file (--format gguf)."),
-    fmt: str = typer.Option("hf", "--format", help="hf (safetensors dir) | gguf."),
-    gguf_type: str = typer.Option("Q8_0", "--type", help="GGUF block type for --format gguf: Q8_0 | Q4_0 | Q4_1."),
+    fmt: str = typer.Option("hf", "--format", help="hf (safetensors dir, dequantised) | gguf (rtn/gptq/awq: "
+                            "their grid as Q4_1, or Q4_0 with --sym) | ct (compressed-tensors pack-quantized dir)."),
+    gguf_type: str = typer.Option("Q8_0", "--type", help="GGUF block type of matrices without a method grid: Q8_0 | Q4_0 | Q4_1."),
     group: int = typer.Option(64, "--group", help="int4/gptq group size along the input dim."),
     sym: bool = typer.Option(False, "--sym/--asym", help="int4/gptq: symmetric grid (scale only)."),
     sparsity: float = typer.Option(0.5, "--sparsity", help="magnitude/wanda: share of weights removed."),
@@ -62,6 +68,11 @@ def compress(
     values: int = typer.Option(16, "--values", help="kmeans: shared values per row."),
     calib_tokens: int = typer.Option(2048, "--calib-tokens", help="Calibration tokens (gptq, wanda)."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="gptq: columns by input energy."),
+    awq_grid: str = typer.Option("rtn", "--awq-grid", help="awq: the grid after scaling, rtn | gptq."),
+    int4_head: bool = typer.Option(True, "--int4-head/--keep-head", help="rtn/gptq/awq: put the head (a tied "
+                                   "head is the embedding) on the int4 grid too, or keep it (GGUF: at --type)."),
+    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Measure the result's perplexity on the first N "
+                                    "tokens of the built-in corpus (context 512, stride 256, as `hetero eval`); 0 skips."),
     layers: Optional[int] = typer.Option(None, "--layers", help="distill: student layers (default 2/3)."),
     steps: int = typer.Option(200, "--steps", help="distill: training steps."),
     store: str = typer.Option("fp32", "--store-dtype", help="hf: fp32 | bf16 for the stored (dequantised) weights."),
@@ -75,8 +86,15 @@ def compress(
     from hetero.errors import HeteroError
 
     methods._load_all()
-    if fmt not in ("hf", "gguf"):
-        raise HeteroError(f"unknown --format {fmt!r}; known: hf, gguf")
+    if fmt not in ("hf", "gguf", "ct"):
+        raise HeteroError(f"unknown --format {fmt!r}; known: hf, gguf, ct")
+    if fmt == "ct" and not sym:
+        # compressed-tensors' asymmetric grid has integer zero points; transformers with
+        # compressed-tensors 0.20.1 expects them unpacked where its compressor packs them, so the
+        # checkpoint does not load there: write the symmetric grid, which loads exactly.
+        raise HeteroError("--format ct writes symmetric int4: pass --sym")
+    if eval_tokens < 0:
+        raise HeteroError(f"--eval-tokens must be ≥ 0 (got {eval_tokens})")
     if method is None and fmt == "hf":
         raise HeteroError(f"--method is required; known: {methods.known()}")
     if method is not None and method not in methods.METHODS:
@@ -108,18 +126,40 @@ def compress(
     loaded = load_model(model)
     opts = methods.Options(group=group, sym=sym, sparsity=sparsity, nm=nm, values=values,
                            calib_tokens=calib_tokens, act_order=act_order, layers=layers, steps=steps,
-                           progress=progress)
+                           progress=progress, awq_grid=awq_grid, head=int4_head)
+    if fmt == "ct":  # a tied head is the embedding, which pack-quantized does not hold: kept dense (bf16)
+        opts.head = not loaded.spec.tie_embeddings
     target = Path(out).expanduser()
     if method == "distill":  # checkpoints beside the output; a rerun resumes, success removes them
         opts.checkpoint_dir = str(target.with_name(f".{target.name}.checkpoints"))
-    spec, tensors, record = loaded.spec, loaded.tensors, None
+    spec, tensors, record, grids = loaded.spec, loaded.tensors, None, {}
     if method is not None:
         tensors, record = methods.apply(method, loaded, opts)
         spec = record.pop("_spec", spec)
+        grids = record.pop("_grids", {})
+        record["logical_bytes"] = record.pop("bytes", None)
+    if fmt == "ct" and not grids:
+        raise HeteroError("--format ct stores a quantiser's grid: use --method rtn, gptq or awq")
+    if eval_tokens and record is not None:
+        measured = tensors
+        if fmt == "gguf":  # matrices without a grid are stored at --type: measure what the file holds
+            from hetero.compress.gguf_export import stored_values
+
+            measured = stored_values(spec, tensors, gguf_type, grids)
+        elif fmt == "ct":
+            from hetero.compress import ct_export
+
+            measured = ct_export.stored_values(spec, tensors, grids)
+        record["perplexity"] = _measure(spec, measured, loaded.tokenizer, eval_tokens, progress)
     if fmt == "gguf":
         from hetero.compress.gguf_export import write_gguf
 
-        record = write_gguf(out, loaded, spec, tensors, gguf_type, record, force=force, progress=progress)
+        record = write_gguf(out, loaded, spec, tensors, gguf_type, record, force=force, progress=progress,
+                            grids=grids)
+    elif fmt == "ct":
+        from hetero.compress.ct_export import write_ct_dir
+
+        record = write_ct_dir(out, spec, tensors, grids, record, loaded.tokenizer, force=force)
     else:
         from hetero.compress.artifact import write_hf_dir
 
@@ -131,12 +171,30 @@ def compress(
     _report(out, record, as_json)
 
 
+def _measure(spec, tensors, tokenizer, tokens: int, progress: bool) -> dict:
+    """Perplexity of the compressed tensors as `hetero eval ARTIFACT` measures it by default."""
+    from hetero.compress.core import build_net
+    from hetero.eval.corpus import BUILTIN_NAME, eval_ids
+    from hetero.eval.perplexity import check_settings, perplexity
+
+    ids = eval_ids(tokenizer, None, tokens)
+    context = min(512, spec.max_context)
+    check_settings(len(ids), context, context // 2, spec.max_context)
+    r = perplexity(build_net(spec, tensors), ids, context, context // 2, progress=progress)
+    return {"value": round(r.perplexity, 6), "tokens": r.tokens, "text": BUILTIN_NAME,
+            "context": context, "stride": context // 2}
+
+
 def _report(out: str, record: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(record))
-    else:
-        print(f"wrote {out}  ({record.get('method', 'convert')}, {record.get('bytes', 0) / 1e6:.1f} MB logical"
-              f" vs {record.get('baseline_fp32_bytes', 0) / 1e6:.1f} MB fp32)", file=sys.stderr)
+        return
+    print(f"wrote {out}  ({record.get('method', 'convert')}, {record.get('bytes', 0) / 1e6:.1f} MB on disk"
+          f" vs {record.get('baseline_fp32_bytes', 0) / 1e6:.1f} MB fp32)", file=sys.stderr)
+    ppl = record.get("perplexity")
+    if ppl:
+        print(f"perplexity {ppl['value']:.4f}  ({ppl['tokens']} tokens of {ppl['text']}, context "
+              f"{ppl['context']}, stride {ppl['stride']})", file=sys.stderr)
 
 
 def sensitivity(

@@ -2,7 +2,9 @@
 tokenizer files) that `hetero run/eval/info` load like any HF checkpoint.
 
 Weights are stored dequantised (fp32 by default, or bf16): every loader reads them, and quality is
-measured on exactly what is stored; the record holds the format's logical size in `bytes`.
+measured on exactly what is stored; the record's `bytes` are the weights file's bytes (measured) and
+`logical_bytes` the quantised format's size. A quantiser's grid itself is stored by the GGUF and
+compressed-tensors writers (gguf_export.py, ct_export.py).
 Output is written to a temporary dir beside the target and renamed into place, so an interrupted
 run leaves no partial artifact.
 """
@@ -134,6 +136,8 @@ def write_hf_dir(out: str | Path, spec: ModelSpec, tensors: dict[str, torch.Tens
             for n in names}
     with staged_output(out, force) as tmp:
         save_file(data, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if record is not None:  # the weights file's bytes, measured (config and tokenizer aside)
+            record["bytes"] = (tmp / "model.safetensors").stat().st_size  # in place: the caller reports it
         cfg = hf_config(spec, record, dtype, tokenizer)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         hf = getattr(tokenizer, "hf", None)

@@ -2,7 +2,8 @@
 
 Collected in one fp32 pass over calibration text with forward hooks on the decoder's linear
 modules. Fused modules (q|k|v, gate|up) see one input, so their parts share one matrix.
-GPTQ uses H = 2 XᵀX / n; Wanda uses the column norms ‖X_j‖ = sqrt(diag XᵀX).
+GPTQ uses H = 2 XᵀX / n; Wanda uses the column norms ‖X_j‖ = sqrt(diag XᵀX); AWQ mean |x_j| and
+XᵀX / n (the layer-output error of a weight change dW is tr(dW XᵀX dWᵀ) / n).
 """
 from __future__ import annotations
 
@@ -17,16 +18,22 @@ _FUSED = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "
 
 
 class Gram:
-    """Running XᵀX (fp64, so thousands of tokens add up exactly enough) and the token count."""
+    """Running XᵀX (fp64, so thousands of tokens add up exactly enough), Σ|x| per channel (AWQ's
+    activation scale) and the token count."""
 
     def __init__(self, k: int):
         self.xtx = torch.zeros(k, k, dtype=torch.float64)
+        self.abs_sum = torch.zeros(k, dtype=torch.float64)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
         self.xtx += x.T @ x
+        self.abs_sum += x.abs().sum(dim=0)
         self.n += x.shape[0]
+
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.n, 1)).float()
 
     def hessian(self) -> torch.Tensor:
         return 2.0 * self.xtx / max(self.n, 1)

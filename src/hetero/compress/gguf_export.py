@@ -101,6 +101,12 @@ def _tokenizer_gguf(loaded: Loaded) -> Path:
     raise HeteroError("GGUF export copies the tokenizer from a GGUF source; this model has none in its history")
 
 
+def _synthetic_tokenizer(loaded: Loaded):
+    from hetero.model.synthetic import tokenizer_gguf
+
+    return tokenizer_gguf(loaded.source.name)
+
+
 def _is_gguf(p: Path) -> bool:
     try:
         with open(p, "rb") as f:
@@ -110,15 +116,46 @@ def _is_gguf(p: Path) -> bool:
 
 
 def write_gguf(out: str | Path, loaded: Loaded, spec: ModelSpec, tensors: dict, qtype: str,
-               record: dict | None, force: bool = False, progress: bool = False) -> dict:
-    """Write `tensors` as a GGUF file of block type `qtype`; returns the record (with bytes)."""
+               record: dict | None, force: bool = False, progress: bool = False, grids: dict | None = None) -> dict:
+    """Write `tensors` as a GGUF file; returns the record, whose `bytes` are the file's.
+
+    A matrix with a Grid in `grids` (what a quantiser chose) is written as that grid's blocks, no
+    second rounding; every other matrix is quantised to `qtype`."""
     check_type(qtype)
     check_target(out, spec, force)
-    kv = tokenizer_kv(_tokenizer_gguf(loaded))
-    total = write_stream(out, spec, lambda name, shape: tensors[name], qtype, kv, progress=progress)
+    grids = grids or {}
+    if loaded.source.kind == "synthetic" and _synthetic_tokenizer(loaded) is None:
+        kv = byte_vocab_kv(spec.vocab_size)  # a synthetic model without a trained vocabulary
+    else:
+        kv = tokenizer_kv(_tokenizer_gguf(loaded))
+    types = {n: g.ggml_type for n, g in grids.items()}
+
+    def get(name, shape):
+        return grids[name].blocks() if name in grids else tensors[name]
+
+    write_stream(out, spec, get, qtype, kv, progress=progress, types=types)
     rec = dict(record or {"method": "convert", "source": loaded.model, "baseline_fp32_bytes": fp32_bytes(loaded.spec)})
-    rec.update({"format": f"gguf-{qtype}", "bytes": total})
+    stored = sorted({types.get(n, qtype) for n, shape in expected_tensors(spec) if n in types or _quantised(n, shape)})
+    rec.update({"format": f"gguf-{'+'.join(stored)}", "bytes": Path(out).expanduser().stat().st_size})
+    if grids:
+        rec["grid_exact"] = True  # the file holds the method's grid, not a re-rounding of it
     return rec
+
+
+def stored_values(spec: ModelSpec, tensors: dict, qtype: str, grids: dict | None = None) -> dict:
+    """`tensors` as write_gguf stores them: grid matrices as their grids' values (already so), other
+    block-divisible matrices through a `qtype` round trip, the rest unchanged (F32)."""
+    import torch
+
+    from hetero.ops.blocks import BlockTensor
+
+    out = dict(tensors)
+    for name, shape in expected_tensors(spec):
+        if name in (grids or {}) or not _quantised(name, shape):
+            continue
+        data = torch.from_numpy(_encode(tensors[name], qtype, True))
+        out[name] = BlockTensor(qtype, data, tuple(shape)).dequantize()
+    return out
 
 
 def write_synthetic_gguf(out: str | Path, name: str, qtype: str, force: bool = False,
@@ -245,21 +282,23 @@ def _add_experts(w, spec: ModelSpec) -> None:
 
 
 def write_stream(out: str | Path, spec: ModelSpec, get, qtype: str, kv: KV, search: bool = True,
-                 progress: bool = False) -> int:
+                 progress: bool = False, types: dict[str, str] | None = None) -> int:
     """Write spec's tensors (`get(name, shape)` -> torch tensor, called once each, in file order) as
     GGUF `qtype` to a temp file renamed to `out` at the end; returns the bytes of tensor data.
 
     The tensor infos go first (their sizes follow from the shapes), then each tensor is made,
-    encoded and written before the next is asked for."""
+    encoded and written before the next is asked for. `types` gives some matrices their own block
+    type; `get` returns those as BlockTensors of that type, written as they are."""
     import gguf
     import torch
 
     from hetero.compress.artifact import remove_stale_partials
     from hetero.progress import progress_bar
 
+    from hetero.ops.blocks import BlockTensor
+
     out = Path(out).expanduser()
-    qt = gguf.GGMLQuantizationType[qtype]
-    blk, size = _block_bytes(qtype)
+    types = types or {}
     remove_stale_partials(out)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent)
@@ -283,14 +322,18 @@ def write_stream(out: str | Path, spec: ModelSpec, get, qtype: str, kv: KV, sear
         w.add_vocab_size(spec.vocab_size)
         if spec.is_moe:
             _add_experts(w, spec)
-        w.add_file_type({"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}[qtype])
+        main = max(set(types.values()), key=list(types.values()).count) if types else qtype
+        w.add_file_type({"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}[main])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value, vtype, sub in kv:
             w.add_key_value(key, value, vtype, sub)
         for name, shape in names:
-            if _quantised(name, shape):
+            if _quantised(name, shape) or name in types:
+                t_name = types.get(name, qtype)
+                blk, size = _block_bytes(t_name)
                 nbytes = math.prod(shape[:-1]) * (shape[-1] // blk) * size
-                w.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32), nbytes, raw_dtype=qt)
+                w.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32), nbytes,
+                                  raw_dtype=gguf.GGMLQuantizationType[t_name])
             else:
                 w.add_tensor_info(gguf_name(name), _file_shape(name, shape), np.dtype(np.float32),
                                   4 * math.prod(shape))
@@ -300,7 +343,17 @@ def write_stream(out: str | Path, spec: ModelSpec, get, qtype: str, kv: KV, sear
         with progress_bar(f"writing {out.name}", total=sum(math.prod(s) for _, s in names),
                           enabled=progress) as advance:
             for name, shape in names:
-                t = _prepare(name, get(name, shape), spec)
+                t = get(name, shape)
+                if isinstance(t, BlockTensor):  # already blocks: only rows move (Q/K order)
+                    if t.ggml_type != types.get(name) or tuple(t.shape) != tuple(shape):
+                        raise HeteroError(f"{name}: {t.ggml_type} {t.shape}, expected {types.get(name)} {shape}")
+                    data = np.ascontiguousarray(_prepare(name, t.data, spec).numpy())
+                    w.write_tensor_data(data)
+                    total += data.nbytes
+                    del t, data
+                    advance(math.prod(shape))
+                    continue
+                t = _prepare(name, t, spec)
                 if tuple(t.shape) != tuple(shape):
                     raise HeteroError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
                 if _quantised(name, shape):

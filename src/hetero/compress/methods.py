@@ -29,6 +29,10 @@ class Options:
     steps: int = 200              # distill: optimiser steps
     checkpoint_dir: str | None = None  # distill: where resumable checkpoints go
     progress: bool = True
+    zero_point: bool = False     # int4 asym: integer zero points (compressed-tensors) instead of a free min (GGUF)
+    head: bool = True             # quantise the head too (a tied head is the embedding)
+    awq_grid: str = "rtn"         # awq: the grid after scaling (rtn | gptq)
+    awq_alphas: int = 20          # awq: grid points of alpha in [0, 1)
 
 
 Handler = Callable[[Loaded, Options], tuple[dict[str, torch.Tensor], dict]]
@@ -64,7 +68,7 @@ def _load_all() -> None:
     # Handlers live beside their algorithms; importing registers them.
     import importlib
 
-    for mod in ("prune", "share", "distill"):
+    for mod in ("prune", "share", "distill", "awq"):
         try:
             importlib.import_module(f"hetero.compress.{mod}")
         except ModuleNotFoundError as e:  # a method family not built yet
@@ -85,17 +89,45 @@ def _check_group(opts: Options) -> None:
         raise HeteroError(f"--group must be at least 2 (got {opts.group})")
 
 
-def _quantized(loaded: Loaded, fn: Callable[[str, torch.Tensor], torch.Tensor], desc: str) -> dict[str, torch.Tensor]:
+def _quantized(loaded: Loaded, fn: Callable[[str, torch.Tensor], torch.Tensor], desc: str,
+               tensors: dict[str, torch.Tensor] | None = None, include_head: bool = True) -> dict[str, torch.Tensor]:
+    """Each linear weight through `fn`; a Grid result is kept in out["_grids"] and its values stored."""
     from hetero.compress.core import one_thread
+    from hetero.compress.grid import Grid
     from hetero.progress import progress_bar
 
-    out = dict(loaded.tensors)
-    names = linear_names(loaded.spec)
+    src = tensors if tensors is not None else loaded.tensors
+    out, grids = dict(src), {}
+    names = linear_names(loaded.spec, include_head=include_head)
     with progress_bar(desc, len(names)) as advance, one_thread():
         for n in names:
-            out[n] = fn(n, loaded.tensors[n])
+            r = fn(n, src[n])
+            if isinstance(r, Grid):
+                grids[n], r = r, r.dequantize()
+            out[n] = r
             advance()
+    if grids:
+        out["_grids"] = grids
     return out
+
+
+def _grid_record(out: dict, record: dict) -> tuple[dict, dict]:
+    """Move the grids from the tensors into the record (as `_grids`, popped by the writer)."""
+    if "_grids" in out:
+        record["_grids"] = out.pop("_grids")
+    return out, record
+
+
+def int4_record(loaded: Loaded, opts: Options, **extra) -> dict:
+    """The record fields every int4 grid method shares (format, grid, which matrices, logical bytes)."""
+    from hetero.compress.quant import int4_bytes
+
+    names = linear_names(loaded.spec, include_head=opts.head)
+    kind = "sym" if opts.sym else ("asym-zp" if opts.zero_point else "asym")
+    head = "incl. head" if opts.head else "except the head (kept as stored)"
+    return {"format": f"int4-g{opts.group}-{kind}", "group": opts.group, "sym": opts.sym,
+            "zero_point": opts.zero_point and not opts.sym, **extra, "matrices": f"all linear {head}",
+            "bytes": model_bytes(loaded.spec, lambda n, s: int4_bytes(s, opts.group, opts.sym), names)}
 
 
 @register("int8", "int8 per output channel, round to nearest")
@@ -108,28 +140,26 @@ def _int8(loaded: Loaded, opts: Options):
                  "bytes": model_bytes(loaded.spec, lambda n, s: int8_bytes(s), names)}
 
 
-@register("int4", "int4 group-wise round to nearest (--group, --sym)")
+@register("int4", "int4 group-wise round to nearest (--group, --sym); same as rtn")
 def _int4(loaded: Loaded, opts: Options):
-    from hetero.compress.quant import int4_bytes, int4_rtn
+    from hetero.compress.quant import int4_rtn_grid
 
     _check_group(opts)
-    names = linear_names(loaded.spec)
-    out = _quantized(loaded, lambda n, w: int4_rtn(w, opts.group, opts.sym), "int4")
-    return out, {"format": f"int4-g{opts.group}-{'sym' if opts.sym else 'asym'}", "group": opts.group,
-                 "sym": opts.sym, "matrices": "all linear incl. head",
-                 "bytes": model_bytes(loaded.spec, lambda n, s: int4_bytes(s, opts.group, opts.sym), names)}
+    out = _quantized(loaded, lambda n, w: int4_rtn_grid(w, opts.group, opts.sym, opts.zero_point), "int4",
+                     include_head=opts.head)
+    return _grid_record(out, int4_record(loaded, opts))
+
+
+register("rtn", "int4 group-wise round to nearest (--group, --sym)")(_int4)
 
 
 @register("gptq", "int4 group-wise with GPTQ error compensation (--group, --sym, --calib-tokens)")
 def _gptq(loaded: Loaded, opts: Options):
-    from hetero.compress.quant import gptq, int4_bytes
+    from hetero.compress.quant import gptq_grid
 
     _check_group(opts)
-    grams = calibration(loaded, opts)
-    names = linear_names(loaded.spec)
-    out = _quantized(loaded, lambda n, w: gptq(w, grams[n].hessian(), opts.group, opts.sym,
-                                               act_order=opts.act_order), "gptq")
-    return out, {"format": f"int4-g{opts.group}-{'sym' if opts.sym else 'asym'}", "group": opts.group,
-                 "sym": opts.sym, "act_order": opts.act_order, "calib_tokens": opts.calib_tokens,
-                 "matrices": "all linear incl. head",
-                 "bytes": model_bytes(loaded.spec, lambda n, s: int4_bytes(s, opts.group, opts.sym), names)}
+    grams = calibration(loaded, opts, include_head=opts.head)
+    out = _quantized(loaded, lambda n, w: gptq_grid(w, grams[n].hessian(), opts.group, opts.sym,
+                                                    act_order=opts.act_order, zp=opts.zero_point), "gptq",
+                     include_head=opts.head)
+    return _grid_record(out, int4_record(loaded, opts, act_order=opts.act_order, calib_tokens=opts.calib_tokens))

@@ -2,9 +2,9 @@
 any runtime can load the result and quality is measured on exactly the grid the format stores.
 
 - int8: symmetric per output channel (the runtime's own quantiser, hetero.ops.linear).
-- int4: group-wise along the input dim, asymmetric (scale + min, the runtime's quantiser) or
-  symmetric (scale only, levels -8..7). A last group the size does not divide is its own, shorter
-  group: it is quantised, never skipped.
+- int4: group-wise along the input dim, asymmetric (fp16 scale + min: GGUF Q4_1's grid) or
+  symmetric (fp16 scale only, levels -8..7: Q4_0's). A last group the size does not divide is its
+  own, shorter group: it is quantised, never skipped. `*_grid` variants return the stored Grid.
 - GPTQ (Frantar et al. 2022): quantise one input column at a time and push each column's rounding
   error onto the columns not yet quantised, weighted by the inverse Hessian of the layer's inputs
   (H = 2 XᵀX over calibration tokens). Same storage format as int4 RTN.
@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from hetero.ops.linear import quantize_int4_groupwise, quantize_int8_per_channel
+from hetero.compress.grid import Grid, codes_of, from_values, group_grid, quantize, spans, values_of
+from hetero.ops.linear import quantize_int8_per_channel
 
 
 def int8_rtn(w: torch.Tensor) -> torch.Tensor:
@@ -27,45 +28,28 @@ def int8_bytes(shape: tuple[int, ...]) -> int:
     return math.prod(shape) + shape[0] * 2  # int8 values + one bf16 scale per row
 
 
-def _group_spans(k: int, group: int) -> list[tuple[int, int]]:
-    return [(a, min(a + group, k)) for a in range(0, k, group)]
+def grid(wg: torch.Tensor, sym: bool, zp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, lo) of a 16-level grid per row of `wg` [N, g], fp16 values (lo None when sym; the
+    integer zero point with `zp`)."""
+    return group_grid(wg, sym, zp=zp)
 
 
-def grid(wg: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, lo) of a 16-level grid per row of `wg` [N, g]: w ≈ clamp(round((w-lo)/scale), 0, 15)*scale + lo."""
-    if sym:
-        scale = (wg.abs().amax(dim=1) / 7.0).clamp(min=1e-8)
-        return scale, -8.0 * scale
-    lo, hi = wg.amin(dim=1), wg.amax(dim=1)
-    return ((hi - lo) / 15.0).clamp(min=1e-8), lo
-
-
-def on_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+def on_grid(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None, zp: bool = False) -> torch.Tensor:
     """Round w ([N] or [N, g]) to the grid (scale, lo) given per row."""
+    q = codes_of(w, scale, lo, zp=zp)
     if w.dim() == 2:
-        scale, lo = scale[:, None], lo[:, None]
-    return torch.clamp(torch.round((w - lo) / scale), 0, 15) * scale + lo
+        scale = scale[:, None]
+        lo = lo[:, None] if lo is not None else None
+    return values_of(q, scale, lo, zp=zp)
+
+
+def int4_rtn_grid(w: torch.Tensor, group: int = 64, sym: bool = False, zp: bool = False) -> Grid:
+    return quantize(w, group, sym, zp=zp)
 
 
 def int4_rtn(w: torch.Tensor, group: int = 64, sym: bool = False) -> torch.Tensor:
     """Round-to-nearest group-wise int4, dequantised. [N, K] -> [N, K]."""
-    w = w.float()
-    n, k = w.shape
-    out = torch.empty_like(w)
-    main = k - k % group
-    if main and not sym:
-        # The runtime's quantiser, so a stored artifact and the int4 kernel agree on the grid.
-        q, scale, zero = quantize_int4_groupwise(w[:, :main], group)
-        qg = q.float().reshape(n, main // group, group)
-        out[:, :main] = ((qg - 8.0) * scale[..., None] + zero[..., None]).reshape(n, main)
-    elif main:
-        wg = w[:, :main].reshape(n, main // group, group)
-        scale = (wg.abs().amax(dim=2, keepdim=True) / 7.0).clamp(min=1e-8)
-        out[:, :main] = (torch.clamp(torch.round(wg / scale), -8, 7) * scale).reshape(n, main)
-    if main < k:  # the shorter tail group
-        scale, lo = grid(w[:, main:], sym)
-        out[:, main:] = on_grid(w[:, main:], scale, lo)
-    return out
+    return quantize(w, group, sym).dequantize()
 
 
 def int4_bytes(shape: tuple[int, ...], group: int, sym: bool) -> int:
@@ -76,7 +60,13 @@ def int4_bytes(shape: tuple[int, ...], group: int, sym: bool) -> int:
 
 def gptq(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = False, block: int = 128,
          damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
-    """GPTQ int4 of w [N, K] given the input Hessian h [K, K]; returns the dequantised weight.
+    """GPTQ int4 of w [N, K] given the input Hessian h [K, K]; returns the dequantised weight."""
+    return gptq_grid(w, h, group, sym, block, damp, act_order).dequantize()
+
+
+def gptq_grid(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = False, block: int = 128,
+              damp: float = 0.01, act_order: bool = True, zp: bool = False) -> Grid:
+    """GPTQ int4 of w [N, K] given the input Hessian h [K, K], as the stored grid.
 
     Group grids are fixed from the original weights before the sweep ("static groups"), so the
     result is in exactly the int4 RTN format even when columns are visited in activation order.
@@ -87,16 +77,17 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = False, b
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    spans = _group_spans(k, group)
-    grids = [grid(w[:, a:b], sym) for a, b in spans]
-    col_group = torch.tensor([gi for gi, (a, b) in enumerate(spans) for _ in range(a, b)])
+    sp = spans(k, group)
+    zp = zp and not sym
+    grids = [grid(w[:, a:b], sym, zp) for a, b in sp]  # fp16 scales: the sweep sees the stored grid
+    col_group = torch.tensor([gi for gi, (a, b) in enumerate(sp) for _ in range(a, b)])
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
     # Upper Cholesky factor of H^-1: row i holds the update weights for columns after i.
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     scales = torch.stack([g[0] for g in grids], dim=1)   # [N, groups]
-    los = torch.stack([g[1] for g in grids], dim=1)
+    los = None if sym else torch.stack([g[1] for g in grids], dim=1)
     gperm = col_group[perm]
     q = torch.zeros_like(w)
     for a in range(0, k, block):
@@ -106,10 +97,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, group: int = 64, sym: bool = False, b
         for i in range(b - a):
             g = int(gperm[a + i])
             col = w1[:, i]
-            qc = on_grid(col, scales[:, g], los[:, g])
+            qc = on_grid(col, scales[:, g], los[:, g] if los is not None else None, zp)
             q[:, a + i] = qc
             e = (col - qc) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, b:] -= err1 @ hinv[a:b, b:]
-    return q[:, torch.argsort(perm)]
+    return from_values(q[:, torch.argsort(perm)].contiguous(), scales, los, group, zp=zp)

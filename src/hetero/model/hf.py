@@ -303,6 +303,27 @@ def read_config(d: Path) -> dict[str, Any]:
     return cfg
 
 
+def _fold_packed(tensors: list[TensorInfo]) -> list[TensorInfo]:
+    """compressed-tensors pack-quantized parts (hetero.model.ct) as the one weight they stand for,
+    typed as what a read returns: F32 (hetero.model.weights dequantises them on read)."""
+    from hetero.model import ct
+
+    parts = [t for t in tensors if ct.is_part(t.name)]
+    if not parts:
+        return tensors
+    out = [t for t in tensors if not ct.is_part(t.name)]
+    by_prefix: dict[str, list[TensorInfo]] = {}
+    for t in parts:
+        by_prefix.setdefault(t.name.rsplit(".", 1)[0] + ".", []).append(t)
+    for prefix, ps in by_prefix.items():
+        packed = next((t for t in ps if t.name.endswith("weight_packed")), None)
+        if packed is None:
+            raise HeteroError(f"{prefix}: compressed-tensors parts without weight_packed")
+        shape = ct.dense_shape(packed.shape)
+        out.append(TensorInfo(prefix + "weight", shape, "F32", 4 * shape[0] * shape[1]))
+    return out
+
+
 def spec_from_hf_dir(d: Path, source: str | None = None, fmt: str = "safetensors") -> ModelSpec:
     cfg = read_config(d)
     _architecture(cfg)  # an unsupported model is named before anything else is looked at
@@ -313,6 +334,7 @@ def spec_from_hf_dir(d: Path, source: str | None = None, fmt: str = "safetensors
                 continue
             a, b = meta["data_offsets"]
             tensors.append(TensorInfo(tname, tuple(meta["shape"]), meta["dtype"], b - a))
+    tensors = _fold_packed(tensors)
     if _architecture(cfg) in MOE_ARCHITECTURES:  # per-expert matrices -> one stacked tensor each
         from hetero.model.moe_names import fold
 

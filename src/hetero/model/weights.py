@@ -48,14 +48,25 @@ class WeightStore:
             return self._read_gguf(name, blocks=True)
         return self._read(name)
 
-    def _read_safetensors(self, name: str) -> torch.Tensor | None:
+    def _raw(self, name: str) -> torch.Tensor | None:
         from safetensors import safe_open
 
         f = self._files.get(name)
         if f is None:
             return self._stacked(name)
         with safe_open(str(f), framework="pt") as fh:
-            t = fh.get_tensor(name)
+            return fh.get_tensor(name)
+
+    def _read_safetensors(self, name: str) -> torch.Tensor | None:
+        f = self._files.get(name)
+        if f is None:
+            prefix = name[:-len("weight")]
+            if name.endswith(".weight") and prefix + "weight_packed" in self._files:
+                from hetero.model import ct
+
+                return ct.dequantize(self._raw, prefix)  # compressed-tensors pack-quantized
+            return None
+        t = self._raw(name)
         from hetero.model.arch import architecture
 
         # a family whose HF tensors differ from hetero's canonical form converts them here (Gemma's norms)

@@ -219,6 +219,30 @@ def quantize_blocks(weight: torch.Tensor, ggml_type: str) -> BlockTensor:
     return BlockTensor(ggml_type, out, (n, k))
 
 
+def pack_blocks(ggml_type: str, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> BlockTensor:
+    """Integer codes already on a block grid as GGUF blocks, with no second rounding.
+
+    codes uint8 [N, K] (Q4_0/Q4_1: 0..15; Q8_0: int8 values -127..127 in an int8 tensor); d and m
+    [N, K/32] per-block scale and min (fp32 values fp16 holds exactly: they are stored as fp16).
+    Q8_0: w = d*q; Q4_0: w = d*(q-8); Q4_1: w = d*q + m.
+    """
+    if ggml_type not in _QUANT:
+        raise HeteroError(f"cannot pack {ggml_type} blocks here (only {', '.join(QUANTIZABLE)})")
+    n, k = codes.shape
+    if k % 32 or tuple(d.shape) != (n, k // 32) or (ggml_type == "Q4_1") != (m is not None):
+        raise HeteroError(f"{ggml_type} packing needs codes [N, K] with K a multiple of 32 and "
+                          f"scales [N, K/32]{' and mins' if ggml_type == 'Q4_1' else ''}")
+    if not torch.equal(d.half().float(), d.float()) or (m is not None and not torch.equal(m.half().float(), m.float())):
+        raise HeteroError(f"{ggml_type} scales must be fp16 values (round them inside the quantiser)")
+    c = codes.reshape(-1, 32)
+    parts = [_fp16_bytes(d.reshape(-1, 1))]
+    if m is not None:
+        parts.append(_fp16_bytes(m.reshape(-1, 1)))
+    parts.append(c.to(torch.int8).view(torch.uint8) if ggml_type == "Q8_0" else _pack_nibbles(c))
+    data = torch.cat(parts, dim=1).reshape(n, row_bytes(ggml_type, k))
+    return BlockTensor(ggml_type, data.contiguous(), (n, k))
+
+
 def cat_rows(parts: list[BlockTensor]) -> BlockTensor:
     """Row segments of one type and width stacked into one BlockTensor (a fused QKV or gate_up)."""
     t, k = parts[0].ggml_type, parts[0].shape[1]

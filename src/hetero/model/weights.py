@@ -65,7 +65,7 @@ class WeightStore:
                 from hetero.model import ct
 
                 return ct.dequantize(self._raw, prefix)  # compressed-tensors pack-quantized
-            return None
+            return self._stacked(name)
         t = self._raw(name)
         from hetero.model.arch import architecture
 

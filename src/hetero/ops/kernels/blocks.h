@@ -230,55 +230,44 @@ BF16_TARGET inline __m256i pair_index(int w, int B) {
                           w, w, w, w, w, w, w, w);
 }
 
-// Q4_0 (M1 = false) / Q4_1 (true): NR consecutive rows from n0, two blocks per step. A step's two
-// blocks (36 or 40 bytes) come in one masked 64-byte load (it never reads past them); one word
-// permute gathers their 32 nibble bytes (then widened to words), another their fp16 scales (and mins). Two 16-byte loads, an insert, a widening and two scale loads and permutes
-// per step before were ~50% slower than the int4 layout's kernel at SmolLM2's shapes.
-template <bool M1>
-struct Q4PairConsts {
-  __m512i nib, scl;
-  BF16_TARGET Q4PairConsts() {
-    constexpr int B = M1 ? 20 : 18, OFF = M1 ? 4 : 2;
-    alignas(64) uint16_t nb[32];   // words 0-7: block 0's nibble bytes, 8-15: block 1's (both start on a word)
-    for (int i = 0; i < 32; ++i) nb[i] = static_cast<uint16_t>(i < 8 ? OFF / 2 + i : i < 16 ? (B + OFF) / 2 + i - 8 : 0);
-    alignas(64) uint16_t sw[32];
-    for (int i = 0; i < 32; ++i) sw[i] = static_cast<uint16_t>((i % 16 < 8 ? 0 : B / 2) + (i < 16 ? 0 : 1));  // d | m
-    nib = _mm512_load_si512(nb);
-    scl = _mm512_load_si512(sw);
-  }
-};
-
+// Q4_0 (M1 = false) / Q4_1 (true): NR consecutive rows from n0, two blocks per step.
 template <bool M1, int NR>
-BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const Q4PairConsts<M1>& pc, const uint16_t* xb,
-                                     const float* xs8, const uint8_t* w, int64_t K, int64_t n0, float* y,
-                                     const uint8_t* end) {
-  constexpr int64_t B = M1 ? 20 : 18;
-  constexpr __mmask64 pair = (1ULL << (2 * B)) - 1;
+BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb, const float* xs8, const uint8_t* w,
+                                     int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = M1 ? 20 : 18, OFF = M1 ? 4 : 2;
   const int64_t rb = K / 32 * B, P = K / 64;
   const uint8_t* wb = w + n0 * rb;
   const RowPrefetch<NR> pf(wb, rb);
+  const bool short_rows = rb * NR <= 2 * PF_W;
   const __m512 eight = _mm512_set1_ps(8.f);
+  const __m256i idx_d = pair_index(0, B), idx_m = pair_index(1, B);
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
-    pf.at(p * 2 * B, 2 * B);
+    // short rows (SmolLM2's 576 wide: 360 bytes) make the NR rows one short run, read best as one
+    // stream PF_W ahead (the built-in model's decode step: 3.0 -> 2.1 ms); long rows as NR streams
+    if (short_rows) {
+      const char* q = reinterpret_cast<const char*>(wb) + PF_W + p * 2 * B * NR;
+      for (int64_t l = 0; l < 2 * B * NR; l += 64) _mm_prefetch(q + l, _MM_HINT_T0);
+    } else {
+      pf.at(p * 2 * B, 2 * B);
+    }
     const __m512i xl = _mm512_loadu_si512(xb + 64 * p), xh = _mm512_loadu_si512(xb + 64 * p + 32);
     const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p), s64 = _mm512_mul_ps(eight, s8);
     for (int r = 0; r < NR; ++r) {
       const uint8_t* b0 = wb + r * rb + 2 * p * B;
-      // the masked form only where 64 bytes would pass the matrix's end (a masked load every step
-      // ran 2-4x slower: the hardware prefetcher lost the stream)
-      const __m512i raw = b0 + 64 <= end ? _mm512_loadu_si512(b0) : _mm512_maskz_loadu_epi8(pair, b0);
-      const __m512i v = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(_mm512_permutexvar_epi16(pc.nib, raw)));
+      const uint8_t* b1 = b0 + B;
+      const __m256i raw = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + OFF)),
+                                           _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + OFF)));
+      const __m512i v = _mm512_cvtepu8_epi16(raw);
       const __m512i wl = _mm512_permutexvar_epi16(v, c.table);
       const __m512i wh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), c.table);
       __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
       d = _mm512_dpbf16_ps(d, (__m512bh)wh, (__m512bh)xh);
-      const __m512i sm = _mm512_permutexvar_epi16(pc.scl, raw);   // words 0-15: d pair, 16-31: m pair
-      const __m512 sc = _mm512_cvtph_ps(_mm512_castsi512_si256(sm));
+      const __m512 sc = f16_pair(b0, idx_d);
       if (M1) {
         acc[r] = _mm512_fmadd_ps(d, sc, acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(sm, 1)), s8, acc[r]);   // m * sum
+        acc[r] = _mm512_fmadd_ps(f16_pair(b0, idx_m), s8, acc[r]);   // m * sum
       } else {
         acc[r] = _mm512_fmadd_ps(_mm512_sub_ps(d, s64), sc, acc[r]);    // d (dot - 8 sum)
       }
@@ -509,9 +498,6 @@ BF16_TARGET void q_blocks_bf16(int64_t kind, const uint16_t* xb, const float* xs
   static const Int4Bf16Consts c;
   static const Q6Bf16Consts c6;
   static const Q5Bf16Consts c5;
-  static const Q4PairConsts<true> p41;
-  static const Q4PairConsts<false> p40;
-  const uint8_t* end = w + N * block_row_bytes(kind, K);   // Q4 pairs' loads stop here
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * ROWS;
     const bool full = N - n0 >= ROWS;
@@ -519,8 +505,8 @@ BF16_TARGET void q_blocks_bf16(int64_t kind, const uint16_t* xb, const float* xs
       if (kind == KIND_Q6_K) { if (full) q6k_rows_bf16<ROWS>(c6, xb, w, K, n, y); else q6k_rows_bf16<1>(c6, xb, w, K, n, y); }
       else if (kind == KIND_Q4_K) { if (full) qk_rows_bf16<false, ROWS>(c.table, xb, xs, w, K, n, y); else qk_rows_bf16<false, 1>(c.table, xb, xs, w, K, n, y); }
       else if (kind == KIND_Q5_K) { if (full) qk_rows_bf16<true, ROWS>(c5.table, xb, xs, w, K, n, y); else qk_rows_bf16<true, 1>(c5.table, xb, xs, w, K, n, y); }
-      else if (kind == KIND_Q4_1) { if (full) q4_rows_bf16<true, ROWS>(c, p41, xb, xs8, w, K, n, y, end); else q4_rows_bf16<true, 1>(c, p41, xb, xs8, w, K, n, y, end); }
-      else { if (full) q4_rows_bf16<false, ROWS>(c, p40, xb, xs8, w, K, n, y, end); else q4_rows_bf16<false, 1>(c, p40, xb, xs8, w, K, n, y, end); }
+      else if (kind == KIND_Q4_1) { if (full) q4_rows_bf16<true, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<true, 1>(c, xb, xs8, w, K, n, y); }
+      else { if (full) q4_rows_bf16<false, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<false, 1>(c, xb, xs8, w, K, n, y); }
     }
   }
 }

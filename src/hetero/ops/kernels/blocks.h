@@ -126,34 +126,25 @@ struct BQ6_K {
 // `off` of the row: each row's bytes PF_R ahead are prefetched, past the row's end in the same row
 // of the next NR rows (read after these). One stream over the NR rows' bytes PF_W ahead, as
 // before, ran behind rows 1..NR-1 of a long row: Q6_K [2048, 5632] streamed at 7 GB/s, 19 at K 2048.
-// The division is done once per group of rows: a short row (SmolLM2's 576 wide Q4_1: 360 bytes) put
-// ~11 rounds of a subtract loop into every step, and its GEMV ran 50% behind the int4 layout's.
 template <int NR>
-struct RowPrefetch {
-  const char* wb;
-  int64_t rb, g0, o0;
-  RowPrefetch(const uint8_t* w, int64_t row_bytes)
-      : wb(reinterpret_cast<const char*>(w)), rb(row_bytes), g0(PF_R / row_bytes), o0(PF_R % row_bytes) {}
-  inline void at(int64_t off, int64_t len) const {   // off < rb
-    int64_t o = o0 + off, g = g0;
-    if (o >= rb) { o -= rb; ++g; }
-    const char* p = wb + g * NR * rb + o;
-    for (int r = 0; r < NR; ++r)
-      for (int64_t l = 0; l < len; l += 64) _mm_prefetch(p + r * rb + l, _MM_HINT_T0);
-  }
-};
+inline void prefetch_rows(const uint8_t* wb, int64_t rb, int64_t off, int64_t len) {
+  int64_t o = off + PF_R, g = 0;
+  while (o >= rb) { o -= rb; ++g; }   // PF_R is a few rows at most
+  const char* p = reinterpret_cast<const char*>(wb) + g * NR * rb + o;
+  for (int r = 0; r < NR; ++r)
+    for (int64_t l = 0; l < len; l += 64) _mm_prefetch(p + r * rb + l, _MM_HINT_T0);
+}
 
 // NR consecutive rows from n0 (row stride rb bytes).
 template <class T, int NR>
 inline void q_rows(const float* x, const float* xs, const uint8_t* w, int64_t rb, int64_t K, int64_t n0, float* y) {
   const uint8_t* wb = w + n0 * rb;
-  const RowPrefetch<NR> pf(wb, rb);
   __m512 acc[NR];
   float off[NR];
   for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = 0.f; }
   const int64_t nb = K / T::W;
   for (int64_t i = 0; i < nb; ++i) {
-    pf.at(i * T::B, T::B);
+    prefetch_rows<NR>(wb, rb, i * T::B, T::B);
     for (int r = 0; r < NR; ++r) T::dot(wb + r * rb + i * T::B, x + i * T::W, xs + i * (T::W / 32), acc[r], off[r]);
   }
   for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]) + off[r];
@@ -237,7 +228,6 @@ BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb
   constexpr int64_t B = M1 ? 20 : 18, OFF = M1 ? 4 : 2;
   const int64_t rb = K / 32 * B, P = K / 64;
   const uint8_t* wb = w + n0 * rb;
-  const RowPrefetch<NR> pf(wb, rb);
   const bool short_rows = rb * NR <= 2 * PF_W;
   const __m512 eight = _mm512_set1_ps(8.f);
   const __m256i idx_d = pair_index(0, B), idx_m = pair_index(1, B);
@@ -245,12 +235,12 @@ BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
     // short rows (SmolLM2's 576 wide: 360 bytes) make the NR rows one short run, read best as one
-    // stream PF_W ahead (the built-in model's decode step: 3.0 -> 2.1 ms); long rows as NR streams
+    // stream PF_W ahead (the built-in model's decode stack: 3.0 -> 2.0 ms a step); long rows as NR streams
     if (short_rows) {
       const char* q = reinterpret_cast<const char*>(wb) + PF_W + p * 2 * B * NR;
       for (int64_t l = 0; l < 2 * B * NR; l += 64) _mm_prefetch(q + l, _MM_HINT_T0);
     } else {
-      pf.at(p * 2 * B, 2 * B);
+      prefetch_rows<NR>(wb, rb, p * 2 * B, 2 * B);
     }
     const __m512i xl = _mm512_loadu_si512(xb + 64 * p), xh = _mm512_loadu_si512(xb + 64 * p + 32);
     const __m512 s8 = _mm512_loadu_ps(xs8 + 16 * p), s64 = _mm512_mul_ps(eight, s8);
@@ -316,13 +306,12 @@ BF16_TARGET inline void qk_rows_bf16(__m512i table, const uint16_t* xb, const fl
   constexpr int64_t B = FIFTH ? 176 : 144, QS = FIFTH ? 48 : 16;
   const int64_t rb = K / 256 * B, nb = K / 256;
   const uint8_t* wb = w + n0 * rb;
-  const RowPrefetch<NR> pf(wb, rb);
   __m512 acc[NR];
   __m256 off[NR];   // dmin * mn * (sum of the sub-block's x), 8 sub-blocks in 8 lanes
   for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = _mm256_setzero_ps(); }
   alignas(32) float sc[NR][8];
   for (int64_t i = 0; i < nb; ++i) {
-    pf.at(i * B, B);
+    prefetch_rows<NR>(wb, rb, i * B, B);
     const __m256 xs8 = _mm256_loadu_ps(xs + 8 * i);
     for (int r = 0; r < NR; ++r) {  // the rows' scales first, so x is loaded once for all rows
       const uint8_t* b = wb + r * rb + i * B;
@@ -380,12 +369,11 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
   constexpr int64_t B = 210;
   const int64_t rb = K / 256 * B, nb = K / 256;
   const uint8_t* wb = w + n0 * rb;
-  const RowPrefetch<NR> pf(wb, rb);
   const __m512i m15 = _mm512_set1_epi16(0xF);
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < nb; ++i) {
-    pf.at(i * B, B);
+    prefetch_rows<NR>(wb, rb, i * B, B);
     for (int r = 0; r < NR; ++r) {
       const uint8_t* b = wb + r * rb + i * B;
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
@@ -417,79 +405,6 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
     }
   }
   for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-// ---- Q8_0 against x held as int16 per 32-block (AVX512-VNNI) ----------------------------------
-// The fp32 kernel widens every int8 weight to fp32 (three ops per 16 weights) and is bound by that,
-// not by memory: a 30 MB Q8_0 head ran at ~12 GB/s. For bf16 activations, x's block j is held as
-// int16 codes with one power-of-two step: every bf16 value above 1/128 of the block's largest is
-// its code exactly, smaller ones are within 2^-16 of that largest (fp32 activations keep the fp32
-// kernel: those codes would round them). The weights
-// stay exact: int8 * int16 products summed exactly in int32 by vpdpwssd (|sum| < 32 * 128 * 32767 <
-// 2^31), then scaled once per block by d_w * dx. Two blocks a step, as the Q4 bf16 kernels.
-
-inline bool q8_int16(int64_t kind, int64_t K) { return kind == KIND_Q8_0 && K % 64 == 0 && cpu_has_vnni(); }
-
-// x (K fp32, K % 64 == 0) -> xq (K int16 codes), dx16 (K / 4: per block pair p, lanes 0-7 the step
-// of block 2p, 8-15 of block 2p + 1).
-VNNI_TARGET inline void q8_prep_int16(const float* x, int64_t K, int16_t* xq, float* dx16) {
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  for (int64_t j = 0; j < K / 32; ++j) {
-    const __m512 a = _mm512_loadu_ps(x + 32 * j), b = _mm512_loadu_ps(x + 32 * j + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, absmask), _mm512_and_ps(b, absmask)));
-    // a power-of-two step 2^(e - 14) for amax in [2^e, 2^(e+1)): a bf16 value >= amax / 256 is then
-    // an integer code exactly, and the largest code stays below 2^15
-    int e = 0;
-    std::frexp(amax, &e);   // amax = f * 2^e, f in [0.5, 1)
-    const float d = amax > 0.f ? std::ldexp(1.f, e - 15) : 0.f, inv = amax > 0.f ? std::ldexp(1.f, 15 - e) : 0.f;
-    const __m512 iv = _mm512_set1_ps(inv);
-    // round to nearest (the MXCSR default), saturating: |code| <= 32767 up to the division's rounding
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * j), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, iv))));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * j + 16), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, iv))));
-    for (int i = 0; i < 8; ++i) dx16[16 * (j / 2) + 8 * (j % 2) + i] = d;
-  }
-}
-
-template <int NR>
-VNNI_TARGET inline void q8_rows_int16(const int16_t* xq, const float* dx16, const uint8_t* w, int64_t K, int64_t n0,
-                                      float* y) {
-  constexpr int64_t B = 34;
-  const int64_t rb = K / 32 * B, P = K / 64;
-  const uint8_t* wb = w + n0 * rb;
-  const RowPrefetch<NR> pf(wb, rb);
-  // f16 words 0 and B/2 (the two blocks' d) of the 64 bytes at a pair -> lanes 0-7 / 8-15
-  const __m512i idx_d = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                         17, 17, 17, 17, 17, 17, 17, 17, 0, 0, 0, 0, 0, 0, 0, 0);
-  __m512 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
-    pf.at(p * 2 * B, 2 * B);
-    const __m512i x0 = _mm512_loadu_si512(xq + 64 * p), x1 = _mm512_loadu_si512(xq + 64 * p + 32);
-    const __m512 dx = _mm512_loadu_ps(dx16 + 16 * p);
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* b0 = wb + r * rb + 2 * p * B;   // a pair is 68 bytes: the 64-byte load stays inside it
-      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2)));
-      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + B + 2)));
-      const __m512i s0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, x0);
-      const __m512i s1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w1, x1);
-      // lanes 0-7: block 2p's partial sums, 8-15: block 2p + 1's
-      const __m512i s = _mm512_add_epi32(_mm512_shuffle_i64x2(s0, s1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                         _mm512_shuffle_i64x2(s0, s1, _MM_SHUFFLE(3, 2, 3, 2)));
-      const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(idx_d, _mm512_loadu_si512(b0))));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dx), acc[r]);
-    }
-  }
-  for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-// Rows [b0 * ROWS, b1 * ROWS) of y for a Q8_0 matrix, from q8_prep_int16's inputs.
-VNNI_TARGET void q8_blocks_int16(const int16_t* xq, const float* dx16, const uint8_t* w, int64_t N, int64_t K,
-                                 float* y, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * ROWS;
-    if (N - n0 >= ROWS) q8_rows_int16<ROWS>(xq, dx16, w, K, n0, y);
-    else for (int64_t n = n0; n < N; ++n) q8_rows_int16<1>(xq, dx16, w, K, n, y);
-  }
 }
 
 // Rows [b0 * ROWS, b1 * ROWS) of y for a bf16_kind, from block_prep_bf16's inputs.

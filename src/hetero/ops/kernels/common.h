@@ -41,14 +41,6 @@ bool cpu_has_bf16() {
 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// Whether the CPU has AVX512-VNNI (vpdpwssd: int16 pairs into int32, the Q8_0 GEMV's dot product).
-bool cpu_has_vnni() {
-  static const bool has = __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-
-#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
 // Prefetch distance (bytes ahead in the rows' packed bytes / in their scales): a decode GEMV's share
 // of rows is ~100-300 KB, short enough that the hardware prefetcher ramps up too late on its own.
 constexpr int64_t PF_W = 4096, PF_S = 1024;
@@ -89,7 +81,7 @@ torch::Tensor with_act(const torch::Tensor& x, int64_t K, int64_t N, bool fp32_o
   std::vector<float> xf(K);
   const at::BFloat16* xb = x.data_ptr<at::BFloat16>();
   for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xb[k]);
-  if (fp32_out) {
+  if (fp32_out) {   // unrounded fp32 sums (a head's logits)
     run(xf.data(), y.data_ptr<float>());
     return y;
   }

@@ -26,9 +26,6 @@ struct Input {
   uint16_t* xb;
   float* xs8;
   uint16_t* xp;
-  int16_t* xq;   // Q8_0's int16 codes and steps (q8_prep_int16), for bf16 activations only
-  float* dx16;
-  bool q8;
 };
 
 inline bool int4_order(int64_t kind) { return kind == KIND_Q4_0 || kind == KIND_Q4_1; }
@@ -36,15 +33,12 @@ inline bool int4_order(int64_t kind) { return kind == KIND_Q4_0 || kind == KIND_
 void prepare(const Lin& L, const float* x, Input& in) {
   in.x = x;
   if (!L.parts.empty()) {  // block kinds: the layouts its parts read (a mixed linear may need both)
-    bool i4 = false, plain = false, q8 = false;
-    for (const auto& p : L.parts) {
+    bool i4 = false, plain = false;
+    for (const auto& p : L.parts)
       if (bf16_kind(p.kind, L.K)) (int4_order(p.kind) ? i4 : plain) = true;
-      q8 = q8 || (in.q8 && q8_int16(p.kind, L.K));
-    }
     if (i4) int4_prep_bf16(x, L.K, in.xb, in.xs8, in.xs);
     else group_sums(x, L.K / 32, in.xs);
     if (plain) bf16_bits(x, L.K, in.xp);
-    if (q8) q8_prep_int16(x, L.K, in.xq, in.dx16);
     return;
   }
   if (L.kind != KIND_INT4) return;
@@ -59,9 +53,7 @@ void block_rows(const Lin& L, const Input& in, int64_t n0, int64_t n1, float* y)
     if (a >= b) continue;
     const uint8_t* wp = static_cast<const uint8_t*>(p.w) + (a - p.n0) * block_row_bytes(p.kind, L.K);
     const int64_t N = b - a, blocks = (N + ROWS - 1) / ROWS;
-    if (in.q8 && q8_int16(p.kind, L.K))
-      q8_blocks_int16(in.xq, in.dx16, wp, N, L.K, y + (a - n0), 0, blocks);
-    else if (bf16_kind(p.kind, L.K))
+    if (bf16_kind(p.kind, L.K))
       q_blocks_bf16(p.kind, int4_order(p.kind) ? in.xb : in.xp, in.xs8, in.xs, wp, N, L.K, y + (a - n0), 0, blocks);
     else
       q_blocks(p.kind, in.x, in.xs, wp, N, L.K, y + (a - n0), 0, blocks);
@@ -228,10 +220,7 @@ void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std:
     std::vector<float> h(width_, 0.f), xs(width_ / 32), xs8(width_ / 4), q(D), p(pos + 1),
         y(2 * round_up(std::max({E, I, (H + 2 * K) * D}), ROWS));
     std::vector<uint16_t> xb(width_), xp(width_);
-    std::vector<int16_t> xq(width_);
-    std::vector<float> dx16(width_ / 4);
-    Input in{nullptr, xs.data(), xb.data(), xs8.data(), xp.data(), xq.data(), dx16.data(),
-             std::is_same<T, at::BFloat16>::value};
+    Input in{nullptr, xs.data(), xb.data(), xs8.data(), xp.data()};
     int64_t n0, n1;
     // this thread's share of lin's rows over src, added into the residual stream x
     auto rows_into_residual = [&](const Lin& lin, const float* src) {

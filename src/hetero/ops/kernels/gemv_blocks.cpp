@@ -12,17 +12,7 @@ torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64
   const uint8_t* w = data.data_ptr<uint8_t>();
   // bf16 activations take the BF16 dot-product kernel where there is one (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)
   const bool dot_bf16 = x.scalar_type() == torch::kBFloat16 && bf16_kind(kind, K);
-  const bool bf16_x = x.scalar_type() == torch::kBFloat16;
   return with_act(x, K, N, fp32_out, [&](const float* xp, float* yp) {
-    if (bf16_x && q8_int16(kind, K)) {
-      std::vector<int16_t> xq(K);
-      std::vector<float> dx16(K / 4);
-      q8_prep_int16(xp, K, xq.data(), dx16.data());
-      at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t b0, int64_t b1) {
-        q8_blocks_int16(xq.data(), dx16.data(), w, N, K, yp, b0, b1);
-      });
-      return;
-    }
     std::vector<float> xs(K / 32);
     if (dot_bf16) {
       std::vector<uint16_t> xb(K);

@@ -68,12 +68,41 @@ def make_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None =
         raise HeteroError(f"the runtime itself needs {fmt_bytes(reserve[bad])} of {bad}, more than its "
                           f"budget of {fmt_bytes(budgets[bad])}")
     sol = solve(table, eff, max_quality_loss, time_limit, reserve)
+    sol.assign = contiguous_experts(table, sol.assign)
     why = explain_choice(table, sol.assign, eff, max_quality_loss) if explain else Why()
     return assemble(table, sol.assign, budgets, reserve, kind="hetero", prefetch=True,
                     max_quality_loss=max_quality_loss, precisions=precisions, why=why,
                     solver={"status": sol.status, "seconds": round(sol.seconds, 4),
                             "variables": sol.variables, "constraints": sol.constraints,
                             "backend": "scipy.optimize.milp (HiGHS)"})
+
+
+def contiguous_experts(table: Table, assign: list[int]) -> list[int]:
+    """The same plan with interchangeable MoE experts units' choices gathered into runs (llama.cpp's
+    `--n-cpu-moe N` shape: the experts of N consecutive layers on the CPU) instead of the solver's
+    arbitrary scatter. Experts units with identical cost rows take their choices in sorted order; kept
+    only when the exact evaluation is unchanged (same time and memory)."""
+    spec = table.spec
+    if not spec.is_moe:
+        return assign
+    ex = [u for u, name in enumerate(table.units) if spec.is_experts_unit(name)]
+    groups: dict[bytes, list[int]] = {}
+    arrays = [table.decode, table.prefill, *table.weights.values(), *table.pools.values()]
+    for u in ex:
+        groups.setdefault(b"".join(a[u].tobytes() for a in arrays), []).append(u)
+    out = list(assign)
+    for us in groups.values():
+        # devices in a fixed order (the host's first), then precision and residency
+        ks = sorted((assign[u] for u in us), key=lambda k: (table.choices[k].device != table.host, k))
+        for u, k in zip(us, ks):
+            out[u] = k
+    try:
+        a, b = table.evaluate(assign), table.evaluate(out)
+    except HeteroError:
+        return assign
+    same = (abs(a.objective_s - b.objective_s) <= 1e-9 * max(1.0, a.objective_s)
+            and all(b.memory.get(m, 0) <= a.memory.get(m, 0) for m in a.memory))
+    return out if same else assign
 
 
 def assemble(table: Table, assign: list[int], budgets: dict[str, int], reserve: dict[str, int],

@@ -326,8 +326,9 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
     cfg = unit_configs(plan, names)
     # streamed units in execution order, one prefetcher per compute device
     by_dev: dict[str, list[StreamItem]] = {}
+    experts = _disk_experts(spec, plan, entries, cfg)
     for u in plan.units:
-        if u.name in cfg and u.name != "embed" and _streams(u):
+        if u.name in cfg and u.name != "embed" and _streams(u) and u.name not in experts:
             e = entries[u.name]
             host = _pinned_copy(e) if u.residency == "ram" else None
             by_dev.setdefault(u.device, []).append(StreamItem(u.name, e.data_bytes, None if host is not None else e, host))
@@ -335,6 +336,8 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
 
     def unit_module(u) -> torch.nn.Module:
         e = entries[u.name]
+        if u.name in experts:  # routed experts on disk: one expert at a time through the expert cache
+            return experts[u.name].template
         if not _streams(u):
             return _load_resident(e, spec, u.device)
         template, tree = e.template(spec, u.device)
@@ -352,7 +355,32 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
             modules["embed"] = table.weight if isinstance(table, Holder) else table  # tensor or QuantEmbedding
     norm = final_norm(weights, cfg["head"].device) if "head" in cfg else None
     net = Decoder.from_units(spec, modules, cfg, norm)
-    return net, list(pfs.values()), disk_embed
+    streams = list(pfs.values())
+    if experts:
+        streams.append(next(iter(experts.values())).cache)
+    return net, streams, disk_embed
+
+
+def _disk_experts(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], cfg: dict) -> dict:
+    """unit -> DiskExperts for every experts unit the plan leaves on disk, sharing one ExpertCache
+    sized to the plan's spare RAM: at least the planned pool (depth x k experts), at most every
+    streamed expert."""
+    from hetero.cost import Coefficients, expert_cache_min
+    from hetero.runtime.experts import DiskExperts, ExpertCache, expert_bytes, expert_slots
+
+    units = [u for u in plan.units if u.name in cfg and spec.is_experts_unit(u.name) and u.residency == "disk"]
+    if not units:
+        return {}
+    per = max(expert_bytes(ss) for u in units for ss in expert_slots(entries[u.name]).values())
+    floor = max(plan.prefetch_depth, 1) * expert_cache_min(spec)
+    cap = floor
+    budget = plan.budgets.get("cpu")
+    if budget:
+        spare = budget - plan.memory.get("cpu", 0) - plan.reserve.get("cpu", 0)
+        cap += max(0, int(0.9 * spare)) // per   # 10% of the headroom left for allocator slack
+    cache = ExpertCache(min(cap, len(units) * spec.n_experts), per)
+    return {u.name: DiskExperts(entries[u.name], spec, u.device, cache, DirectReader(entries[u.name].path))
+            for u in units}
 
 
 # ---- plans for a run -----------------------------------------------------------------------------

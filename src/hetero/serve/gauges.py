@@ -30,3 +30,9 @@ def register_gauges(metrics: Metrics, scheduler: Scheduler, engine: Any, watch: 
                   lambda: {(("device", d),): float(v) for d, v in engine.footprint().items()})
     metrics.gauge("hetero_over_budget",
                   lambda: {(("device", d),): float(d in watch.over) for d in engine.plan.budgets})
+    caches = [pf for pf in getattr(engine, "prefetchers", []) if hasattr(pf, "hit_rate")]
+    if caches:  # routed experts streamed from disk (runtime/experts.py)
+        metrics.gauge("hetero_expert_cache_hit_ratio", lambda: {(): caches[0].hit_rate})
+        metrics.gauge("hetero_expert_cache_lookups",
+                      lambda: {(("result", "hit"),): float(caches[0].hits), (("result", "miss"),): float(caches[0].misses)})
+        metrics.gauge("hetero_expert_cache_read_bytes", lambda: {(): float(caches[0].read_bytes)})

@@ -87,3 +87,19 @@ def test_a_cpu_only_server_computes_experts_where_they_lie(qwen):
     # decode reads k/E of the experts: far faster than reading every expert would allow
     whole = p.memory["cpu"] / (resolve("catalog:server+ram128g").device("cpu").bandwidth or 1)
     assert 1.0 / p.predicted.decode_tok_s < whole
+
+
+def test_pipeline_stages_keep_a_moe_layer_with_its_experts():
+    from hetero.dist.split import rank_speeds, split_model
+    from hetero.dist.hosts import catalog_hosts
+
+    spec = resolve_spec("synthetic:olmoe-1b-7b")
+    h = catalog_hosts(["desktop", "desktop", "desktop"], "10gbe")
+    for layers in (None, [5, 6, 5]):
+        s = split_model(spec, h, rank_speeds(h), "bf16", layers=layers)
+        for st in s.stages:
+            dense = [u for u in st.units if u.startswith("layers.") and not spec.is_experts_unit(u)]
+            assert [f"{u}.experts" for u in dense] == [u for u in st.units if spec.is_experts_unit(u)]
+        assert sum(st.layers for st in s.stages) == spec.n_layers
+        if layers:
+            assert [st.layers for st in s.stages] == layers

@@ -102,3 +102,22 @@ def test_a_planned_budget_that_forces_experts_to_disk_runs_with_the_in_ram_token
     want, _, _ = _run(free)
     got, rep, _ = _run(tight)
     assert got == want and any(s.get("kind") == "expert_cache" and s["misses"] > 0 for s in rep["streaming"])
+
+
+def test_experts_in_ram_for_a_gpu_copy_only_the_experts_a_pass_uses(spec):
+    """cuda:0 layers with experts kept in pinned RAM (CUDA paths on CPU tensors when no GPU is here):
+    the CPU run's tokens, and a pass moves experts, not whole units."""
+    import contextlib
+
+    from hetero.runtime import devices
+
+    want, _, _ = _run(uniform_plan(spec, "fp32"))
+    gpu = _with(uniform_plan(spec, "fp32", device="cuda:0"), spec, residency="ram")
+    with devices.simulated_cuda() if not torch.cuda.is_available() else contextlib.nullcontext():
+        got, rep, eng = _run(gpu)
+    assert got == want
+    cache = next(s for s in rep["streaming"] if s.get("kind") == "expert_cache")
+    assert cache["tier"] == "ram" and cache["misses"] > 0 and cache["hits"] > 0
+    per = spec.unit_bytes("layers.0.experts", "fp32") // spec.n_experts
+    assert cache["read_bytes"] == cache["misses"] * per    # expert by expert, never a whole unit
+    assert not [s for s in rep["streaming"] if s.get("kind") != "expert_cache"]   # no unit prefetcher

@@ -1,13 +1,17 @@
-"""Routed experts left on disk: read one expert at a time, on first use, into an LRU cache in RAM.
+"""Streamed routed experts: brought in one expert at a time, on first use, through an LRU cache.
 
-A MoE layer's experts unit (`layers.i.experts`) with residency "disk" keeps its tensor-cache entry on
-disk. Its ExpertBank is the entry's module template; before running expert e it asks the shared
-ExpertCache for (unit, e): a hit rebinds nothing, a miss reads that expert's slots (its fused
-gate/up and down linears, the rows of the merged tensors) with O_DIRECT into a free buffer, or into
-the least recently used one, whose expert is unbound first. One token touches k experts per layer,
-a long prompt all of them, one at a time: the cache needs room for one expert, and holds as many as
-its budget allows (Engine sizes it from the plan's spare RAM). Hits, misses and bytes read are
-reported in Engine.report()["streaming"] (hetero run / bench, /metrics).
+A MoE layer's experts unit (`layers.i.experts`) that is not resident keeps its tensor-cache entry
+where the plan put it. Its ExpertBank is the entry's module template; before running expert e it
+asks the shared ExpertCache for (unit, e): a hit rebinds nothing, a miss brings that expert's slots
+(its fused gate/up and down linears, the rows of the merged tensors) in and evicts the least
+recently used expert, unbinding it. Two tiers:
+  disk: O_DIRECT reads into page-aligned host buffers (the cache is in RAM);
+  ram:  a GPU computes experts kept in pinned host memory; only the experts used are copied to
+        the device (the cache is device memory) — never the whole unit per pass.
+One token touches k experts per layer, a long prompt all of them, one at a time: the cache needs
+room for one expert, holds at least the planned depth x k, and as many as its device's spare budget
+allows (Engine sizes it). Hits, misses and bytes moved are in Engine.report()["streaming"]
+(hetero run / bench) and on /metrics.
 """
 from __future__ import annotations
 
@@ -27,8 +31,11 @@ _EXPERT = re.compile(r"^(?:gate_up|down)(\d+)(?:\.|$)")
 class ExpertCache:
     """LRU of experts in host RAM, shared by every streamed experts unit: key -> buffer."""
 
-    def __init__(self, capacity: int, slot_bytes: int):
+    def __init__(self, capacity: int, slot_bytes: int, tier: str = "disk"):
+        """slot_bytes: one expert's host buffer (tier "disk"); tier "ram" copies to the device and
+        keeps no host buffers."""
         self.capacity = max(1, int(capacity))
+        self.tier = tier
         self.slot_bytes = max(ALIGN, align(slot_bytes))
         self.held: OrderedDict = OrderedDict()          # key -> (HostBuffer, on_evict), oldest first
         self.hits = self.misses = self.evictions = 0
@@ -50,7 +57,7 @@ class ExpertCache:
             evict()
             self.evictions += 1
         else:
-            buf = HostBuffer(self.slot_bytes)
+            buf = HostBuffer(self.slot_bytes) if self.tier == "disk" else None
             self.allocated += 1
         t0 = time.perf_counter()
         self.read_bytes += load(buf)
@@ -69,7 +76,8 @@ class ExpertCache:
         self.held.clear()
 
     def stats(self) -> dict:
-        return {"kind": "expert_cache", "capacity_experts": self.capacity, "held_experts": len(self.held),
+        return {"kind": "expert_cache", "tier": self.tier, "capacity_experts": self.capacity,
+                "held_experts": len(self.held),
                 "pool_bytes": self.capacity * self.slot_bytes, "hits": self.hits, "misses": self.misses,
                 "evictions": self.evictions, "hit_rate": round(self.hit_rate, 4),
                 "read_bytes": self.read_bytes, "read_s": round(self.read_s, 4)}
@@ -90,12 +98,15 @@ def expert_bytes(slots: tuple[TensorSlot, ...]) -> int:
     return sum(align(s.nbytes) for s in slots)
 
 
-class DiskExperts:
-    """Binds an on-disk experts unit's template (an ExpertBank) to cached experts as it runs them."""
+class StreamedExperts:
+    """Binds a streamed experts unit's template (an ExpertBank) to cached experts as it runs them:
+    from disk (`reader`) or from a pinned host copy of the entry's data (`host`, to a GPU)."""
 
-    def __init__(self, entry: Entry, spec, device: str, cache: ExpertCache, reader: DirectReader):
-        self.entry, self.cache, self.reader = entry, cache, reader
-        cache.readers.append(reader)
+    def __init__(self, entry: Entry, spec, device: str, cache: ExpertCache, reader: DirectReader | None = None,
+                 host: torch.Tensor | None = None):
+        self.entry, self.cache, self.reader, self.host = entry, cache, reader, host
+        if reader is not None:
+            cache.readers.append(reader)
         self.device = torch.device(device)
         self.template, self.tree = entry.template(spec, "cpu")
         self.slots = expert_slots(entry)
@@ -117,7 +128,12 @@ class DiskExperts:
 
     def fetch(self, e: int) -> None:
         """Make expert e's tensors live (a cache hit keeps the binding it already has)."""
-        def load(buf: HostBuffer) -> int:
+        def load(buf: HostBuffer | None) -> int:
+            if self.host is not None:  # pinned host copy -> the device, this expert's slots only
+                for s in self.slots[e]:
+                    t = self.host[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+                    object.__setattr__(self.tree[s.module], s.attr, t.to(self.device, non_blocking=True))
+                return sum(s.nbytes for s in self.slots[e])
             n = 0
             for s, loc in zip(self.slots[e], self.local[e]):
                 size = align(s.nbytes)

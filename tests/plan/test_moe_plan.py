@@ -103,3 +103,20 @@ def test_pipeline_stages_keep_a_moe_layer_with_its_experts():
         assert sum(st.layers for st in s.stages) == spec.n_layers
         if layers:
             assert [st.layers for st in s.stages] == layers
+
+
+def test_a_prefill_objective_moves_experts_to_the_gpu_where_decode_computes_them_in_ram(qwen):
+    """4 GB of GPU: for decode the experts that do not fit are computed on the CPU where they lie; for
+    time to first token a 512-token prefill touches every expert, and copying them over PCIe to the
+    GPU beats CPU GEMMs, so they stream from RAM to the GPU. The notes say where and why."""
+    hw = resolve("catalog:rtx4090+ram64g+nvme")
+    budget, precs = {"cuda:0": 4 * GB}, ["q4_0", "int4"]
+    dec = make_plan(qwen, hw, None, budget, precisions=precs)
+    ttft = make_plan(qwen, hw, None, budget, precisions=precs, objective="ttft", explain=False)
+    _, dx = _split(dec)
+    _, tx = _split(ttft)
+    assert sum(u.device == "cpu" for u in dx) > len(dx) // 2
+    assert all(u.device == "cuda:0" for u in tx) and sum(u.residency == "ram" for u in tx) > len(tx) // 2
+    assert ttft.predicted.ttft_s < dec.predicted.ttft_s and dec.predicted.decode_tok_s > ttft.predicted.decode_tok_s
+    notes = " ".join(dec.why.notes)
+    assert "routed experts (48 layers" in notes and "on cuda:0 from RAM" in notes and "resident on cuda:0" in notes

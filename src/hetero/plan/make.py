@@ -14,6 +14,7 @@ from hetero.errors import HeteroError
 from hetero.hardware.types import HardwareSpec, Profile
 from hetero.model.spec import ModelSpec
 from hetero.plan.plan import Plan, Prediction, UnitPlan, Why
+from hetero.plan.experts import contiguous_experts, expert_notes
 from hetero.plan.solve import solve
 from hetero.plan.table import Choice, Evaluation, Table, Workload, build_table
 from hetero.plan.units import fmt_bytes
@@ -77,34 +78,6 @@ def make_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None =
                             "backend": "scipy.optimize.milp (HiGHS)"})
 
 
-def contiguous_experts(table: Table, assign: list[int]) -> list[int]:
-    """The same plan with interchangeable MoE experts units' choices gathered into runs (llama.cpp's
-    `--n-cpu-moe N` shape: the experts of N consecutive layers on the CPU) instead of the solver's
-    arbitrary scatter. Experts units with identical cost rows take their choices in sorted order; kept
-    only when the exact evaluation is unchanged (same time and memory)."""
-    spec = table.spec
-    if not spec.is_moe:
-        return assign
-    ex = [u for u, name in enumerate(table.units) if spec.is_experts_unit(name)]
-    groups: dict[bytes, list[int]] = {}
-    arrays = [table.decode, table.prefill, *table.weights.values(), *table.pools.values()]
-    for u in ex:
-        groups.setdefault(b"".join(a[u].tobytes() for a in arrays), []).append(u)
-    out = list(assign)
-    for us in groups.values():
-        # devices in a fixed order (the host's first), then precision and residency
-        ks = sorted((assign[u] for u in us), key=lambda k: (table.choices[k].device != table.host, k))
-        for u, k in zip(us, ks):
-            out[u] = k
-    try:
-        a, b = table.evaluate(assign), table.evaluate(out)
-    except HeteroError:
-        return assign
-    same = (abs(a.objective_s - b.objective_s) <= 1e-9 * max(1.0, a.objective_s)
-            and all(b.memory.get(m, 0) <= a.memory.get(m, 0) for m in a.memory))
-    return out if same else assign
-
-
 def assemble(table: Table, assign: list[int], budgets: dict[str, int], reserve: dict[str, int],
              kind: str, prefetch: bool, max_quality_loss: float | None = None,
              precisions: list[str] | None = None, why: Why | None = None,
@@ -165,6 +138,7 @@ def explain_choice(table: Table, assign: list[int], budgets: dict[str, int],
         notes.append("embed and head share one matrix (tied embeddings), so they share one choice")
     if not binding:
         notes.append("no budget binds: every unit has its fastest choice")
+    notes += expert_notes(table, assign)
     used = [table.choices[k] for k in assign]
     for label, drop in ([(f"without {d}", lambda c, d=d: c.device == d) for d in dict.fromkeys(c.device for c in used)]
                         + [(f"without {p}", lambda c, p=p: c.precision == p)

@@ -61,6 +61,7 @@ class Coefficients:
     prefetch_depth: int = 2           # streamed units held at once per pool (one computing, one loading)
     ops_layer: int = 14               # norm, q/k/v/o, rope, attention, residual, norm, gate/up/act/down, residual
     ops_embed: int = 1
+    ops_experts: int = 12             # sort/count + k x (gather, gate/up, act, down, scatter) at k=2..8
     ops_head: int = 3                 # norm, projection, sampling
     act_bytes: int = 4                # hidden states cross device boundaries in fp32
 
@@ -280,15 +281,19 @@ def read_bytes(spec: ModelSpec, unit: str, full: int, tokens: int) -> float:
 
 def kv_bytes(spec: ModelSpec, unit: str, precision: str, context: int, batch: int) -> int:
     """KV cache of one decoder layer for `batch` sequences of `context` tokens (on its compute device)."""
-    if not unit.startswith("layers."):
+    if not unit.startswith("layers.") or spec.is_experts_unit(unit):
         return 0
-    held = spec.layer_kv_tokens(int(unit.split(".")[1]), context)  # a local layer keeps its window only
+    held = spec.layer_kv_tokens(spec.layer_index(unit), context)  # a local layer keeps its window only
     return batch * held * spec.kv_bytes_per_token(precision, layers=1)
 
 
 def buffer_bytes(spec: ModelSpec, unit: str, full: int, prompt_tokens: int, batch: int,
                  coeffs: Coefficients) -> int:
-    """Room one streamed unit takes in a prefetch pool: depth x what one pass reads."""
+    """Room one streamed unit takes in a prefetch pool: depth x what one pass reads. Routed experts
+    streamed from disk go through the expert cache (runtime/experts.py), one expert at a time: its
+    least room is depth x k experts (one token's working set in a layer)."""
+    if spec.is_experts_unit(unit):
+        return int(coeffs.prefetch_depth * expert_cache_min(spec) * full / max(1, spec.n_experts))
     return int(coeffs.prefetch_depth * read_bytes(spec, unit, full, batch * max(1, prompt_tokens)))
 
 
@@ -310,9 +315,16 @@ def workspace_bytes(spec: ModelSpec, prompt_tokens: int, batch: int, dequant: bo
 
 # ---- per-unit times ------------------------------------------------------------------------------
 
+def expert_cache_min(spec: ModelSpec) -> int:
+    """Experts the expert cache holds at least, per prefetch slot: one token's k."""
+    return max(1, spec.experts_per_token)
+
+
 def unit_ops(unit: str, coeffs: Coefficients) -> int:
     if unit == "embed":
         return coeffs.ops_embed
+    if unit.endswith(".experts"):  # routing bookkeeping, then gate/up, act, down, scatter per expert
+        return coeffs.ops_experts
     return coeffs.ops_head if unit == "head" else coeffs.ops_layer
 
 
@@ -326,6 +338,11 @@ def unit_matrices(spec: ModelSpec, unit: str) -> list[int]:
         return []
     q = spec.n_heads * spec.head_dim
     f = spec.intermediate_size
+    if spec.is_experts_unit(unit):  # each expert's fused gate/up and its down
+        return [2 * f * h, f * h]
+    if spec.is_moe:
+        fs = spec.shared_expert_ffn
+        return [(q + 2 * spec.kv_dim) * h, h * q, *([2 * fs * h, fs * h] if fs else [])]
     return [(q + 2 * spec.kv_dim) * h, h * q, 2 * f * h, f * h]
 
 

@@ -185,12 +185,16 @@ def test_spec_sees_experts_apart(tiny):
     assert (spec.n_experts, spec.experts_per_token, spec.expert_ffn, spec.shared_expert_ffn) == (E, k, f, fs)
     gate = next(t for t in spec.tensors if t.name == "model.layers.0.mlp.experts.gate_proj.weight")
     assert gate.shape == (E, f, h) and gate.nbytes == E * f * h * 4   # 8 per-expert tensors folded into one
-    assert spec.unit_expert_bytes("layers.0", "fp32") == 3 * E * f * h * 4
-    assert spec.unit_expert_bytes("layers.0", "bf16") == 3 * E * f * h * 2
-    assert spec.unit_expert_bytes("embed", "fp32") == 0
-    dense = spec.unit_bytes("layers.0", "fp32") - spec.unit_expert_bytes("layers.0", "fp32")
-    assert dense > 0 and dense == 4 * sum(np.prod(t.shape) for t in spec.unit_tensors("layers.0")
-                                          if ".experts." not in t.name)
+    # layer 0 is two units: its dense part, then its routed experts
+    assert spec.unit_names()[1:5] == ["layers.0", "layers.0.experts", "layers.1", "layers.1.experts"]
+    assert len(spec.unit_names()) == 2 * spec.n_layers + 2
+    assert spec.unit_expert_bytes("layers.0.experts", "fp32") == 3 * E * f * h * 4
+    assert spec.unit_bytes("layers.0.experts", "bf16") == 3 * E * f * h * 2
+    assert spec.unit_expert_bytes("layers.0", "fp32") == spec.unit_expert_bytes("embed", "fp32") == 0
+    dense = spec.unit_bytes("layers.0", "fp32")
+    assert dense > 0 and dense == 4 * sum(np.prod(t.shape) for t in spec.tensors
+                                          if t.name.startswith("model.layers.0.") and ".experts." not in t.name)
+    assert spec.unit_expert_fraction("layers.0.experts") == 1.0 and spec.unit_expert_fraction("layers.0") == 0.0
     # one token runs k experts; a long prompt touches ~all of them
     assert spec.experts_touched(1) == pytest.approx(k)
     assert E - 0.01 < spec.experts_touched(512) <= E
@@ -199,10 +203,15 @@ def test_spec_sees_experts_apart(tiny):
     # decode reads the dense part and k of E experts; a 512-token pass nearly all of them
     from hetero import cost
 
-    full = spec.unit_bytes("layers.0", "fp32")
-    frac = spec.unit_expert_fraction("layers.0")
-    assert cost.read_bytes(spec, "layers.0", full, 1) == pytest.approx(full * (1 - frac + frac * k / E))
-    assert cost.read_bytes(spec, "layers.0", full, 512) == pytest.approx(full, rel=1e-3)
+    full = spec.unit_bytes("layers.0.experts", "fp32")
+    assert cost.read_bytes(spec, "layers.0.experts", full, 1) == pytest.approx(full * k / E)
+    assert cost.read_bytes(spec, "layers.0.experts", full, 512) == pytest.approx(full, rel=1e-3)
+    dense = spec.unit_bytes("layers.0", "fp32")
+    assert cost.read_bytes(spec, "layers.0", dense, 1) == dense   # the dense part is read whole
+    # the FLOPs split the same way: the experts unit's are k routed experts
+    assert spec.unit_flops_per_token("layers.0.experts", 10) == 2 * k * 3 * h * f
+    assert (spec.unit_flops_per_token("layers.0", 10) + spec.unit_flops_per_token("layers.0.experts", 10)
+            == pytest.approx(2 * spec.layer_matmul_params() + 4 * spec.n_heads * spec.head_dim * 10))
 
 
 @pytest.mark.parametrize("precision,rel", [("bf16", 0.05), ("int8", 0.05), ("int4", 0.35)])
@@ -254,7 +263,7 @@ def test_qwen3_30b_a3b_plans_on_a_catalog_machine():
     spec = resolve_spec("synthetic:qwen3-30b-a3b")
     p = make_plan(spec, resolve("catalog:rtx4090+ram64g+nvme"), None, {"cuda:0": 24 * 10**9}, explain=False)
     assert p.solver["status"] == "optimal" and p.predicted.decode_tok_s > 0
-    assert len(p.units) == spec.n_layers + 2
+    assert len(p.units) == 2 * spec.n_layers + 2
 
 
 def test_tiny_synthetic_moe_runs_and_caches():
@@ -349,4 +358,6 @@ def test_info_shows_the_experts(capsys):
     d = json.loads(out)
     assert (d["experts"], d["experts_per_token"], d["expert_ffn"]) == (128, 8, 768)
     layer = next(u for u in d["units"] if u["unit"] == "layers.0")
-    assert 0.9 * layer["bf16_bytes"] < layer["expert_bf16_bytes"] < layer["bf16_bytes"]
+    experts = next(u for u in d["units"] if u["unit"] == "layers.0.experts")
+    assert layer["expert_bf16_bytes"] == 0 and experts["expert_bf16_bytes"] == experts["bf16_bytes"]
+    assert experts["bf16_bytes"] > 9 * layer["bf16_bytes"]   # the experts hold >90% of a layer's bytes

@@ -102,11 +102,30 @@ class UnitClock:
         self.start = [0.0] * self.n
         self.end = [0.0] * self.n
         self.handles = []
+        # a MoE layer's experts unit runs inside its layer: timed apart, taken off the layer's span
+        self.banks = [getattr(getattr(layer, "template", layer), "experts", None) for layer in net.layers]
+        self.moe = any(b is not None for b in self.banks)
+        self.bank_s = [0.0] * self.n
         for i, layer in enumerate(net.layers):
             dev = str(getattr(layer, "device", "cpu"))
             self.handles.append(layer.register_forward_pre_hook(self._pre(i, dev)))
             self.handles.append(layer.register_forward_hook(self._post(i, dev)))
+            if self.banks[i] is not None:
+                self.handles += self._bank_hooks(i, self.banks[i])
         self.devices = net_devices(net)
+
+    def _bank_hooks(self, i, bank):
+        dev = str(getattr(bank, "device", "cpu"))
+        began = [0.0]
+
+        def pre(_m, _args):
+            device_sync(dev)
+            began[0] = time.perf_counter()
+
+        def post(_m, _args, _out):
+            device_sync(dev)
+            self.bank_s[i] = time.perf_counter() - began[0]
+        return [bank.register_forward_pre_hook(pre), bank.register_forward_hook(post)]
 
     def _pre(self, i, dev):
         def hook(_m, _args):
@@ -124,12 +143,15 @@ class UnitClock:
         sync_all(self.devices)
 
     def split(self, t0: float, t1: float) -> list[float]:
-        """[embed, layers.0 .. layers.n-1, head] seconds; gaps between layers go to the next layer."""
+        """Seconds per unit in spec.unit_names() order ([embed, layers.0 .. layers.n-1, head]; a MoE
+        model's layers.i then layers.i.experts); gaps between layers go to the next layer."""
         s, e = self.start, self.end
+        spans = [s[i + 1] - s[i] for i in range(self.n - 1)] + [e[-1] - s[-1]]
         out = [s[0] - t0]
-        out += [s[i + 1] - s[i] for i in range(self.n - 1)]
-        out += [e[-1] - s[-1], t1 - e[-1]]
-        return out
+        for i, span in enumerate(spans):
+            out += [span - self.bank_s[i], self.bank_s[i]] if self.moe else [span]
+            self.bank_s[i] = 0.0
+        return out + [t1 - e[-1]]
 
     def remove(self) -> None:
         for h in self.handles:

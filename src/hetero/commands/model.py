@@ -115,7 +115,7 @@ def info(
     units = [
         {"unit": u, "params": spec.unit_params(u), "stored_bytes": spec.unit_stored_bytes(u),
          "bf16_bytes": spec.unit_bytes(u, "bf16"), "decode_flops": spec.unit_flops_per_token(u, 1),
-         # a MoE layer's routed experts (the rest of bf16_bytes is its dense part)
+         # a MoE layer's routed experts are the unit layers.i.experts (all of its bf16_bytes)
          **({"expert_bf16_bytes": spec.unit_expert_bytes(u, "bf16")} if spec.is_moe else {})}
         for u in spec.unit_names()
     ]

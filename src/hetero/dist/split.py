@@ -51,7 +51,7 @@ class StageSplit:
 
     @property
     def layers(self) -> int:
-        return sum(u.startswith("layers.") for u in self.units)
+        return sum(u.startswith("layers.") and not u.endswith(".experts") for u in self.units)
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,8 @@ def split_model(spec: ModelSpec, hosts: Hosts, speeds: list[RankSpeed], precisio
     send_pre = [link(r).time(act_pre if r < R - 1 else 8 * micro_batch) for r in range(R)]
 
     def stage_cost(r: int, i: int, j: int) -> tuple[float, int]:
+        if (0 < i < U and spec.is_experts_unit(units[i])) or (j < U and spec.is_experts_unit(units[j])):
+            return float("inf"), 1 << 62   # a MoE layer and its experts unit run on one rank
         return sum(step[r][i:j]) + send[r], sum(wbytes[i:j]) + sum(kv[i:j]) + work
 
     if layers is not None:
@@ -204,7 +206,8 @@ def _fixed_bounds(spec: ModelSpec, layers: list[int], R: int) -> list[tuple[int,
                           f"got {','.join(map(str, layers))}")
     bounds, i = [], 0
     for r, n in enumerate(layers):
-        j = i + n + (1 if r == 0 else 0) + (1 if r == R - 1 else 0)  # + embed on the first, + head on the last
+        per = 2 if spec.is_moe else 1   # a MoE layer is two units: layers.i and layers.i.experts
+        j = i + per * n + (1 if r == 0 else 0) + (1 if r == R - 1 else 0)  # + embed on the first, + head on the last
         bounds.append((i, j))
         i = j
     return bounds

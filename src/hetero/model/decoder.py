@@ -39,7 +39,7 @@ class Decoder(torch.nn.Module):
         self.rope: RotaryTable | None = None
         # Families with local layers (Gemma 3) rotate those with their own base: a second table.
         self.rope_local: RotaryTable | None = None
-        self.layer_ids = [int(u.split(".")[1]) for u in units if u.startswith("layers.")]
+        self.layer_ids = [spec.layer_index(u) for u in units if _is_layer(spec, u)]
         scale = architecture(spec).embed_scale
         self.embed_scale = scale(spec) if scale is not None and self.has_embed else None
         # The compiled decode stack and the layers it was built from (rebuilt when `layers` change).
@@ -60,7 +60,12 @@ class Decoder(torch.nn.Module):
             embed = tie_embedding(spec, units["embed"], units["head"], modules["head"])
         if "embed" in units and embed is None:
             raise ValueError("the embedding unit has no table: build one where tie_embedding() gives None")
-        layers = [modules[u] for u in names if u.startswith("layers.")]
+        layers = [modules[u] for u in names if _is_layer(spec, u)]
+        for u in names:
+            if spec.is_experts_unit(u):  # a MoE layer's routed experts: its own unit, run inside it
+                from hetero.model.moe import attach_experts
+
+                attach_experts(modules[u.rsplit(".", 1)[0]], modules[u])
         return cls(spec, {u: units[u] for u in names}, embed, layers, norm, modules.get("head"))
 
     @classmethod
@@ -197,8 +202,16 @@ class Decoder(torch.nn.Module):
         return logits[:, -1] if last_only else logits
 
 
+def _is_layer(spec: ModelSpec, unit: str) -> bool:
+    """A decoder layer's unit (`layers.i`), not a MoE layer's experts unit."""
+    return unit.startswith("layers.") and not spec.is_experts_unit(unit)
+
+
 def _check_contiguous(spec: ModelSpec, names: list[str]) -> None:
     order = spec.unit_names()
     idx = [order.index(u) for u in names]
     if not idx or idx != list(range(idx[0], idx[0] + len(idx))):
         raise ValueError(f"units must be a contiguous run of {spec.name}'s units, got {names}")
+    # a MoE layer and its experts unit run as one: a stage holds both or neither
+    if spec.is_experts_unit(names[0]) or (spec.is_moe and _is_layer(spec, names[-1])):
+        raise ValueError(f"a MoE layer and its experts go together; got {names[0]}..{names[-1]}")

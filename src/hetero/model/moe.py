@@ -50,9 +50,9 @@ class MoELayer(DecoderLayer):
         self.router = _floats(weights(p + "mlp.gate.weight")).to(dev)                      # [E, h]
         self.k = spec.experts_per_token
         self.renormalise = spec.architecture == "mixtral" or spec.norm_topk_prob
-        # the stacked experts: floats, or a GGUF file's blocks (run as stored at `native`)
-        self.experts = ExpertBank(*(weights(p + f"mlp.experts.{n}_proj.weight") for n in ("gate", "up", "down")),
-                                  spec.n_experts, prec, dev)
+        # the routed experts are a unit of their own (`layers.i.experts`, build_experts): the
+        # assembler attaches them (attach_experts), on their own device and precision
+        self.experts = None
         self.shared = None
         if spec.shared_expert_ffn:
             s = p + "mlp.shared_expert."
@@ -66,7 +66,14 @@ class MoELayer(DecoderLayer):
         B, T, H = h.shape
         x = h.reshape(B * T, H)
         weight, index = route(F.linear(x.float(), self.router), self.k, self.renormalise)
-        out = self.experts(x, index, weight)
+        bank = self.experts
+        if bank is None:
+            raise RuntimeError("a MoE layer runs with its experts unit attached (model.moe.attach_experts)")
+        dev = torch.device(bank.device)
+        if x.device != dev or x.dtype != bank.dtype:  # the experts sit elsewhere: hidden states go there and back
+            out = bank(x.to(device=dev, dtype=bank.dtype), index.to(dev), weight.to(dev)).to(device=x.device, dtype=x.dtype)
+        else:
+            out = bank(x, index, weight)
         if self.shared is not None:
             gate, up = self.shared(x).chunk(2, dim=-1)
             y = self.shared_down(F.silu(gate) * up)
@@ -76,6 +83,19 @@ class MoELayer(DecoderLayer):
 
 def build_layer(spec: ModelSpec, weights: Callable[[str], torch.Tensor], i: int, unit: UnitConfig) -> MoELayer:
     return MoELayer(spec, weights, i, unit)
+
+
+def build_experts(spec: ModelSpec, weights: Callable[[str], torch.Tensor], i: int, unit: UnitConfig) -> ExpertBank:
+    """Unit `layers.i.experts`: layer i's stacked experts (floats, or a GGUF file's blocks, run as
+    stored at `native`) at the unit's own device and precision."""
+    p = f"model.layers.{i}.mlp.experts."
+    return ExpertBank(*(weights(p + f"{n}_proj.weight") for n in ("gate", "up", "down")),
+                      spec.n_experts, unit.precision, unit.device)
+
+
+def attach_experts(layer: torch.nn.Module, bank: torch.nn.Module) -> None:
+    """Give a MoE layer (built, or a streamed unit's template) its experts unit."""
+    getattr(layer, "template", layer).experts = bank
 
 
 ARCH = Architecture(name="moe", spec_names=("mixtral", "qwen2_moe", "qwen3_moe"), build_layer=build_layer)

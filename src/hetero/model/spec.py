@@ -22,6 +22,7 @@ MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SLIDING, FULL = "sliding_attention", "full_attention"   # layer_types values (HF names)
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+EXPERTS = "experts"  # a MoE layer's routed experts: the unit `layers.i.experts` beside `layers.i`
 # A routed expert's tensor ([E, ...]: every expert of the layer stacked); the router, the shared
 # expert and attention are the layer's dense part.
 _EXPERT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.")
@@ -80,12 +81,27 @@ class ModelSpec:
 
     # ---- units: the granularity at which the planner places work --------------------------------
     def unit_names(self) -> list[str]:
-        """`embed`, `layers.0` … `layers.{n-1}`, `head` (final norm + output projection)."""
-        return ["embed", *(f"layers.{i}" for i in range(self.n_layers)), "head"]
+        """`embed`, `layers.0` … `layers.{n-1}`, `head` (final norm + output projection); a MoE
+        model's layer i is two units, `layers.i` (attention, router, shared expert) then
+        `layers.i.experts` (its routed experts), each placed on its own."""
+        layers = ([f"layers.{i}", f"layers.{i}.{EXPERTS}"] if self.is_moe else [f"layers.{i}"]
+                  for i in range(self.n_layers))
+        return ["embed", *(u for pair in layers for u in pair), "head"]
+
+    @staticmethod
+    def is_experts_unit(unit: str) -> bool:
+        return unit.endswith("." + EXPERTS)
+
+    @staticmethod
+    def layer_index(unit: str) -> int:
+        """i of `layers.i` or `layers.i.experts`."""
+        return int(unit.split(".")[1])
 
     def unit_of(self, tensor_name: str) -> str:
         m = _LAYER_RE.match(tensor_name)
         if m:
+            if self.is_moe and self.is_expert_tensor(tensor_name):
+                return f"layers.{m.group(1)}.{EXPERTS}"
             return f"layers.{m.group(1)}"
         if tensor_name.startswith("model.embed_tokens"):
             return "embed"
@@ -164,12 +180,12 @@ class ModelSpec:
                    if self.is_expert_tensor(t.name))
 
     def unit_expert_fraction(self, unit: str) -> float:
-        """The routed experts' share of a unit's parameters (0 for a dense unit)."""
-        if not self.is_moe or not unit.startswith("layers."):
-            return 0.0
-        ts = self.unit_tensors(unit)
-        total = sum(math.prod(t.shape) for t in ts)
-        return sum(math.prod(t.shape) for t in ts if self.is_expert_tensor(t.name)) / max(1, total)
+        """The routed experts' share of a unit's parameters: 1 for `layers.i.experts`, else 0."""
+        return 1.0 if self.is_moe and self.is_experts_unit(unit) else 0.0
+
+    def expert_bytes(self, unit: str, precision: str) -> float:
+        """Bytes of one routed expert (its gate, up and down rows) of an experts unit at `precision`."""
+        return self.unit_expert_bytes(unit, precision) / max(1, self.n_experts)
 
     def experts_touched(self, tokens: int) -> float:
         """Expected distinct experts one layer reads for `tokens` tokens routed uniformly at random
@@ -221,13 +237,21 @@ class ModelSpec:
     def layer_matmul_params(self) -> int:
         """Matrix weights one token multiplies by in a decoder layer (a MoE layer: the router, the
         shared expert and its top-k routed experts only)."""
+        return self.dense_matmul_params() + self.routed_matmul_params()
+
+    def dense_matmul_params(self) -> int:
+        """Those of unit `layers.i`: attention and the MLP (a MoE layer: the router, the shared expert)."""
         h, kv, f = self.hidden_size, self.kv_dim, self.intermediate_size
         q = self.n_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h
         if not self.is_moe:
             return attn + 3 * h * f
         shared = 3 * h * self.shared_expert_ffn + h if self.shared_expert_ffn else 0
-        return attn + h * self.n_experts + shared + self.experts_per_token * 3 * h * f
+        return attn + h * self.n_experts + shared
+
+    def routed_matmul_params(self) -> int:
+        """Those of unit `layers.i.experts`: the top-k routed experts one token runs (0: dense)."""
+        return self.experts_per_token * 3 * self.hidden_size * self.intermediate_size if self.is_moe else 0
 
     def unit_flops_per_token(self, unit: str, context: int) -> float:
         """FLOPs to process one token at `context` tokens of attention history (multiply-add = 2)."""
@@ -235,9 +259,12 @@ class ModelSpec:
             return 0.0
         if unit == "head":
             return 2.0 * self.hidden_size * self.vocab_size
-        seen = self.layer_kv_tokens(int(unit.split(".")[1]), context)  # a local layer: its window
+        if self.is_experts_unit(unit):
+            return 2.0 * self.routed_matmul_params()
+        seen = self.layer_kv_tokens(self.layer_index(unit), context)  # a local layer: its window
         attn = 2.0 * 2.0 * self.n_heads * self.head_dim * seen  # QK^T and AV
-        return 2.0 * self.layer_matmul_params() + attn
+        matmul = self.dense_matmul_params() if self.is_moe else self.layer_matmul_params()
+        return 2.0 * matmul + attn
 
     def flops_per_token(self, context: int) -> float:
         return sum(self.unit_flops_per_token(u, context) for u in self.unit_names())

@@ -68,7 +68,11 @@ def build_unit(spec: ModelSpec, weights: Weights, unit: str, cfg: UnitConfig):
         return make_embedding(weights("model.embed_tokens.weight"), cfg.precision, cfg.device)
     if unit == "head":
         return make_linear(weights(head_weight_name(spec)), None, cfg.precision, cfg.device)
-    return architecture(spec).build_layer(spec, weights, int(unit.split(".")[1]), cfg)
+    if spec.is_experts_unit(unit):
+        from hetero.model.moe import build_experts
+
+        return build_experts(spec, weights, spec.layer_index(unit), cfg)
+    return architecture(spec).build_layer(spec, weights, spec.layer_index(unit), cfg)
 
 
 def final_norm(weights: Weights, device: str) -> torch.Tensor:

@@ -25,10 +25,16 @@ def expert(w, e: int, n_experts: int):
 
 
 class ExpertBank(torch.nn.Module):
+    # A bank left on disk sets this (runtime/experts.py): fetch(e) binds expert e's tensors before use.
+    fetch = None
+
     def __init__(self, gate, up, down, n_experts: int, precision: str, device: str):
         """gate, up: [E, f, h]; down: [E, h, f] (floats, or a GGUF file's blocks of E*f / E*h rows)."""
         super().__init__()
+        from hetero.ops.linear import activation_dtype
+
         self.n_experts = n_experts
+        self.device, self.dtype = device, activation_dtype(precision)  # where hidden states must come
         # plain children gate_up{e} / down{e} (not a ModuleList: the tensor cache snapshots hetero
         # classes only)
         for e in range(self.n_experts):
@@ -52,6 +58,8 @@ class ExpertBank(torch.nn.Module):
             if c == 0:
                 continue
             r = rows[pos:pos + c]
+            if self.fetch is not None:
+                self.fetch(e)
             gate, up = mods[f"gate_up{e}"](x.index_select(0, r)).chunk(2, dim=-1)
             y = mods[f"down{e}"](F.silu(gate) * up)
             # rows are distinct within one expert (top-k picks distinct experts); index_put_ over

@@ -13,16 +13,29 @@ if TYPE_CHECKING:
     from hetero.plan.plan import Plan, UnitPlan
 
 
+def _kind(name: str) -> str:
+    """Which sequence of like units a unit belongs to: decoder layers, a MoE layer's routed experts, or
+    itself (embed, head)."""
+    if name.startswith("layers."):
+        return "experts" if name.endswith(".experts") else "layers"
+    return name
+
+
 def _runs(units: tuple["UnitPlan", ...]) -> list[list["UnitPlan"]]:
-    """Consecutive units with the same device, precision and residency, as one row each."""
+    """Consecutive units of one kind with the same device, precision and residency, as one row each.
+    A MoE model's layers and experts alternate: each kind folds over its own sequence (layers.0-47,
+    layers.0-21.experts, ...), rows in order of their first unit."""
     out: list[list] = []
+    open_run: dict[str, list] = {}
     for u in units:
+        kind = _kind(u.name)
         key = (u.device, u.precision, u.residency)
-        if out and (out[-1][0].device, out[-1][0].precision, out[-1][0].residency) == key \
-                and u.name.startswith("layers.") and out[-1][-1].name.startswith("layers."):
-            out[-1].append(u)
-        else:
-            out.append([u])
+        run = open_run.get(kind)
+        if run is not None and kind in ("layers", "experts") and (run[0].device, run[0].precision, run[0].residency) == key:
+            run.append(u)
+            continue
+        out.append([u])
+        open_run[kind] = out[-1]
     return out
 
 
@@ -30,7 +43,8 @@ def _name(run: list["UnitPlan"]) -> str:
     if len(run) == 1:
         return run[0].name
     a, b = run[0].name.split(".")[1], run[-1].name.split(".")[1]
-    return f"layers.{a}-{b} (x{len(run)})"
+    tail = ".experts" if run[0].name.endswith(".experts") else ""
+    return f"layers.{a}-{b}{tail} (x{len(run)})"
 
 
 def unit_table(plan: "Plan") -> Table:

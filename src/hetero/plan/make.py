@@ -14,6 +14,7 @@ from hetero.errors import HeteroError
 from hetero.hardware.types import HardwareSpec, Profile
 from hetero.model.spec import ModelSpec
 from hetero.plan.plan import Plan, Prediction, UnitPlan, Why
+from hetero.plan.experts import contiguous_experts, expert_notes
 from hetero.plan.solve import solve
 from hetero.plan.table import Choice, Evaluation, Table, Workload, build_table
 from hetero.plan.units import fmt_bytes
@@ -68,6 +69,7 @@ def make_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None =
         raise HeteroError(f"the runtime itself needs {fmt_bytes(reserve[bad])} of {bad}, more than its "
                           f"budget of {fmt_bytes(budgets[bad])}")
     sol = solve(table, eff, max_quality_loss, time_limit, reserve)
+    sol.assign = contiguous_experts(table, sol.assign)
     why = explain_choice(table, sol.assign, eff, max_quality_loss) if explain else Why()
     return assemble(table, sol.assign, budgets, reserve, kind="hetero", prefetch=True,
                     max_quality_loss=max_quality_loss, precisions=precisions, why=why,
@@ -136,6 +138,7 @@ def explain_choice(table: Table, assign: list[int], budgets: dict[str, int],
         notes.append("embed and head share one matrix (tied embeddings), so they share one choice")
     if not binding:
         notes.append("no budget binds: every unit has its fastest choice")
+    notes += expert_notes(table, assign)
     used = [table.choices[k] for k in assign]
     for label, drop in ([(f"without {d}", lambda c, d=d: c.device == d) for d in dict.fromkeys(c.device for c in used)]
                         + [(f"without {p}", lambda c, p=p: c.precision == p)

@@ -64,7 +64,8 @@ def unit_weights(spec: ModelSpec) -> dict[str, float]:
             params, role = spec.vocab_size * spec.hidden_size, ROLE["head"]
         else:
             i = int(u.split(".")[1])
-            params = spec.layer_matmul_params()
+            # a MoE layer's two units: what one token multiplies by in each
+            params = spec.routed_matmul_params() if spec.is_experts_unit(u) else spec.dense_matmul_params()
             role = ROLE["edge_layer"] if i in (0, n - 1) else ROLE["layer"]
         raw[u] = params * role
     total = sum(raw.values()) or 1.0

@@ -326,8 +326,9 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
     cfg = unit_configs(plan, names)
     # streamed units in execution order, one prefetcher per compute device
     by_dev: dict[str, list[StreamItem]] = {}
+    experts = _streamed_experts(spec, plan, entries, cfg)
     for u in plan.units:
-        if u.name in cfg and u.name != "embed" and _streams(u):
+        if u.name in cfg and u.name != "embed" and _streams(u) and u.name not in experts:
             e = entries[u.name]
             host = _pinned_copy(e) if u.residency == "ram" else None
             by_dev.setdefault(u.device, []).append(StreamItem(u.name, e.data_bytes, None if host is not None else e, host))
@@ -335,6 +336,8 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
 
     def unit_module(u) -> torch.nn.Module:
         e = entries[u.name]
+        if u.name in experts:  # streamed routed experts: one expert at a time through an expert cache
+            return experts[u.name].template
         if not _streams(u):
             return _load_resident(e, spec, u.device)
         template, tree = e.template(spec, u.device)
@@ -352,7 +355,37 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
             modules["embed"] = table.weight if isinstance(table, Holder) else table  # tensor or QuantEmbedding
     norm = final_norm(weights, cfg["head"].device) if "head" in cfg else None
     net = Decoder.from_units(spec, modules, cfg, norm)
-    return net, list(pfs.values()), disk_embed
+    streams = list(pfs.values())
+    streams += list({id(x.cache): x.cache for x in experts.values()}.values())
+    return net, streams, disk_embed
+
+
+def _streamed_experts(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], cfg: dict) -> dict:
+    """unit -> StreamedExperts for every experts unit the plan streams: from disk through one
+    ExpertCache in RAM, or from pinned RAM to a GPU through one per GPU (only the experts a pass
+    uses cross). Each cache holds at least the planned pool (depth x k experts), more where its
+    memory device's budget has room, at most every expert it streams."""
+    from hetero.cost import expert_cache_min
+    from hetero.runtime.experts import ExpertCache, StreamedExperts, expert_bytes, expert_slots
+
+    groups: dict[tuple[str, str], list] = {}   # (tier, memory device) -> units
+    for u in plan.units:
+        if u.name in cfg and spec.is_experts_unit(u.name) and _streams(u):
+            groups.setdefault(("disk", "cpu") if u.residency == "disk" else ("ram", u.device), []).append(u)
+    out = {}
+    for (tier, mem), units in groups.items():
+        per = max(expert_bytes(ss) for u in units for ss in expert_slots(entries[u.name]).values())
+        cap = max(plan.prefetch_depth, 1) * expert_cache_min(spec)
+        budget = plan.budgets.get(mem)
+        if budget:
+            spare = budget - plan.memory.get(mem, 0) - plan.reserve.get(mem, 0)
+            cap += max(0, int(0.9 * spare)) // per   # 10% of the headroom left for allocator slack
+        cache = ExpertCache(min(cap, len(units) * spec.n_experts), per, tier)
+        for u in units:
+            e = entries[u.name]
+            src = dict(reader=DirectReader(e.path)) if tier == "disk" else dict(host=_pinned_copy(e))
+            out[u.name] = StreamedExperts(e, spec, u.device, cache, **src)
+    return out
 
 
 # ---- plans for a run -----------------------------------------------------------------------------

@@ -30,3 +30,17 @@ def register_gauges(metrics: Metrics, scheduler: Scheduler, engine: Any, watch: 
                   lambda: {(("device", d),): float(v) for d, v in engine.footprint().items()})
     metrics.gauge("hetero_over_budget",
                   lambda: {(("device", d),): float(d in watch.over) for d in engine.plan.budgets})
+    caches = [pf for pf in getattr(engine, "prefetchers", []) if hasattr(pf, "hit_rate")]
+    if caches:  # streamed routed experts (runtime/experts.py), every tier together
+        def lookups() -> dict[tuple, float]:
+            return {(("result", "hit"),): float(sum(c.hits for c in caches)),
+                    (("result", "miss"),): float(sum(c.misses for c in caches))}
+
+        def ratio() -> dict[tuple, float]:
+            n = lookups()
+            total = sum(n.values())
+            return {(): n[(("result", "hit"),)] / total if total else 0.0}
+
+        metrics.gauge("hetero_expert_cache_hit_ratio", ratio)
+        metrics.gauge("hetero_expert_cache_lookups", lookups)
+        metrics.gauge("hetero_expert_cache_read_bytes", lambda: {(): float(sum(c.read_bytes for c in caches))})

@@ -66,6 +66,9 @@ class Metrics:
         "hetero_budget_bytes": ("gauge", "The plan's memory budget, by device."),
         "hetero_footprint_peak_bytes": ("gauge", "Measured peak footprint since start, by device."),
         "hetero_over_budget": ("gauge", "1 where the measured peak is over the device's budget."),
+        "hetero_expert_cache_hit_ratio": ("gauge", "Routed experts found in the expert cache / experts looked up."),
+        "hetero_expert_cache_lookups": ("gauge", "Expert-cache lookups since start, by result (hit, miss)."),
+        "hetero_expert_cache_read_bytes": ("gauge", "Bytes of routed experts read from disk since start."),
     }
 
     def __init__(self):

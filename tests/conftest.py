@@ -14,6 +14,19 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # An in-process CLI call with --threads N sets torch's thread count for the whole process; left
+    # set, every later test runs at N threads and finds the cached hardware profile (measured at the
+    # default count) stale, so it is measured again (~40 s each time).
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -86,6 +86,8 @@ def test_machine_entry_points(tmp_path, monkeypatch, tiny):
     real = profile.measure
     monkeypatch.setattr(profile, "measure", lambda s, quick=True, progress=True, sizes=None:
                         real(s, quick=quick, progress=False, sizes=tiny))
+    # the isolated measurement's child would measure at full size (~40 s): measure here, tiny
+    monkeypatch.setattr(profile, "get_profile_isolated", lambda: profile.get_profile(progress=False))
     spec, prof = machine("this")
     assert spec.source == "this" and prof is not None and "cpu" in prof.devices
 

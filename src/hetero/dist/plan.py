@@ -4,6 +4,7 @@ unit's device, precision and residency within that rank's budgets, with `hetero 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from hetero.dist.split import RankSpeed, Split
 from hetero.errors import HeteroError
@@ -38,7 +39,7 @@ def this_machine():
 
     prof = None
     try:
-        d = json.loads(profile_path(host_name()).read_text())
+        d = json.loads(profile_path(host_name(), os.cpu_count()).read_text())  # the whole machine's
         if d.get("version") == PROFILE_VERSION:
             prof = Profile.from_dict(d)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

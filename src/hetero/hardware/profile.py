@@ -1,5 +1,6 @@
 """The measured profile of this machine: runs the micro-benchmarks once and caches the result per host
-under cache_dir()/profiles/<host>.json, so planning never waits on a benchmark twice.
+under cache_dir()/profiles/<host>.json (<host>.t<N>.json at a thread count N other than the CPU count),
+so planning never waits on a benchmark twice.
 
 A cached file that is corrupt, of an older schema version, measured with another thread count, or
 quick when a full one is asked for, is ignored with a warning and re-measured.
@@ -26,8 +27,16 @@ class ProfileCacheWarning(UserWarning):
     """A cached profile could not be used and is being re-measured."""
 
 
-def profile_path(host: str) -> Path:
-    return cache_dir() / "profiles" / f"{host}.json"
+def profile_path(host: str, threads: int | None = None) -> Path:
+    """The cached profile of `host` measured at `threads` (default: torch's thread count now). Rates
+    depend on the thread count, so each count keeps its own file: a `--threads 1` run does not
+    overwrite (and so re-measure) the machine's default one. At os.cpu_count() threads: <host>.json."""
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    name = host if threads == os.cpu_count() else f"{host}.t{threads}"
+    return cache_dir() / "profiles" / f"{name}.json"
 
 
 def versions() -> dict[str, str]:
@@ -157,7 +166,8 @@ def load_cached(host: str, quick: bool = True) -> Profile | None:
 
 def save(prof: Profile) -> Path:
     """Write atomically (temp file + rename): a reader never sees half a profile."""
-    path = profile_path(prof.host)
+    threads = prof.versions.get("threads")
+    path = profile_path(prof.host, int(threads) if threads and threads.isdigit() else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

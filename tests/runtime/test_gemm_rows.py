@@ -40,7 +40,8 @@ def test_dense_rows_equal_their_gemv(precision):
     x = torch.randn(1, 9, 192, generator=g).to(dt)
     y, alone = lin.rows(x), torch.cat([lin(x[:, i:i + 1]) for i in range(9)], dim=1)
     assert y.dtype == dt and torch.equal(y, alone)
-    assert (y.float() - torch.nn.functional.linear(x.float(), w, b)).abs().max() < (1e-4 if dt == torch.float32 else 0.1)
+    ref = torch.nn.functional.linear(x.float(), w, b)
+    assert (y.float() - ref).norm() / ref.norm() < (1e-5 if dt == torch.float32 else 1e-2)
 
 
 @needs_kernels

@@ -58,6 +58,30 @@ def test_batched_greedy_equals_each_request_alone(nets, precision, prefill):
     assert runner.steps < sum(n_new)
 
 
+@pytest.mark.parametrize("precision,batch", [("native", 8), ("int4", 16), ("int8", 8), ("fp32", 16)])
+def test_full_batches_equal_each_request_alone(nets, precision, batch):
+    # B = 8 and 16 running at once (the batched decode stack's steps), GGUF blocks included
+    if precision == "native":
+        from tests.ops.test_native_model import SPEC, tiny_weights
+        from hetero.model.decoder import Decoder
+        from hetero.model.units import UnitConfig
+
+        net = Decoder.build(SPEC, tiny_weights("mixed3").get, default=UnitConfig(precision="native"))
+    else:
+        net = nets[precision]
+    lengths = [(7 * i) % 23 + 1 for i in range(batch)]
+    prompts, n_new = _prompts(lengths, seed=batch), [6 + i % 5 for i in range(batch)]
+    ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
+    runner = BatchRunner(net, kv_bytes=4 << 20, max_batch=batch)
+    ids = [runner.add(p, n) for p, n in zip(prompts, n_new)]
+    out, widest = {}, 0
+    while not runner.idle:
+        for ev in runner.step():
+            out.setdefault(ev.request, []).append(ev.token)
+        widest = max(widest, runner.last_decode_rows)
+    assert widest == batch and [out[i] for i in ids] == ref
+
+
 def test_a_load_beyond_the_pool_queues_and_completes(nets):
     net = nets["fp32"]
     prompts = _prompts((20, 30, 12, 25, 8), seed=3)

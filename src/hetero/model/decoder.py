@@ -140,21 +140,32 @@ class Decoder(torch.nn.Module):
         if self.embed_scale is not None:
             x = x.to(self.embed_dtype)
             x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-        tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, layer in enumerate(self.layers):
-            if x.device != torch.device(layer.device) or x.dtype != layer.dtype:
-                x = x.to(device=layer.device, dtype=layer.dtype)
-            rd = r.on(layer.device)
-            key = (layer.dtype, layer.device)
-            if key not in tables:
-                tables[key] = self.rope.at(rd.positions, layer.dtype, layer.device)
-            x = layer(x, 0, *tables[key], kv.k[i], kv.v[i], ragged=rd)
+        # decode rows only: every layer in one compiled call over the paged KV (each row the bits
+        # the one-token stack gives it); a step with a prefill chunk runs layer by layer
+        stack = self._decode_stack() if self.stack_decode and not r.chunks and self.layers else None
+        if stack is not None:
+            first = self.layers[0]
+            x = x.to(device=first.device, dtype=first.dtype)
+            cos, sin = self.rope.at(r.positions, first.dtype, first.device)
+            x = stack.step_rows(x[0].contiguous(), r.positions, cos.contiguous(), sin.contiguous(), kv.k, kv.v,
+                                r.decode_blocks)[None]
+        else:
+            tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+            for i, layer in enumerate(self.layers):
+                if x.device != torch.device(layer.device) or x.dtype != layer.dtype:
+                    x = x.to(device=layer.device, dtype=layer.dtype)
+                rd = r.on(layer.device)
+                key = (layer.dtype, layer.device)
+                if key not in tables:
+                    tables[key] = self.rope.at(rd.positions, layer.dtype, layer.device)
+                x = layer(x, 0, *tables[key], kv.k[i], kv.v[i], ragged=rd)
         rows = r.last_rows if want is None else r.last_rows[want]
         x = x[:, rows.to(x.device)].to(self.head_device)                              # [1, n, h]
-        if getattr(self.head, "computes_in_input_dtype", False):
-            x = x.float()
         x = rms_norm(x, self.norm, self.spec.norm_eps)
-        return self.head(x).float()[0]
+        # each row as the single path's head gives it one token (its GEMV's bits), the weight read once
+        if hasattr(self.head, "logits"):   # GGUF blocks: fp32 logits, unrounded
+            return self.head.logits(x)[0].float()
+        return getattr(self.head, "rows", self.head)(x).float()[0]
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, start: int, cache: KVCache, last_only: bool = True,

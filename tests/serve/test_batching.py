@@ -17,11 +17,9 @@ from .helpers import Server, slow_steps, wait_until
 
 MODEL = "synthetic:tiny"
 STEP_S = 0.004  # a slowed step: concurrent clients really share steps
-# (prompt, max_tokens, sampling): mixed lengths, one longer than the prefill chunk, one seeded sample
-CASES = [("Once upon a time", 24, {}),
-         ("The quick brown fox jumps over the lazy dog " * 4, 16, {}),
-         ("a", 30, {}),
-         ("Tell me a story about a dragon", 20, {"temperature": 0.9, "seed": 7})]
+# (prompt, max_tokens): mixed lengths, one longer than the prefill chunk
+CASES = [("Once upon a time", 24), ("The quick brown fox jumps over the lazy dog " * 4, 16), ("a", 30),
+         ("Tell me a story about a dragon", 20)]
 
 
 @pytest.fixture(scope="module")
@@ -65,26 +63,33 @@ def _concurrently(fns):
 
 
 def test_concurrent_streams_each_get_their_text_alone_and_metrics_show_the_batch(tiny_engine, alone):
-    want = [alone(p, n, **kw) for p, n, kw in CASES]
-    # a stop string from inside one reply: cut per request while the others run on
-    text0 = want[0][0]
-    stop = text0[len(text0) // 2:len(text0) // 2 + 2]
-    want_stop = alone(CASES[0][0], CASES[0][1], stop=[stop])
-    assert want_stop[1] == "stop" and len(want_stop[0]) < len(text0)
     app = create_app(tiny_engine, max_concurrency=8, max_queue=8, prefill_chunk=8)
     assert isinstance(app.state.scheduler, BatchScheduler)
     slow_steps(app.state.scheduler, STEP_S)
     with Server(app) as srv:
         c = srv.client()
-        got = _concurrently([lambda p=p, n=n, kw=kw: _stream(c, p, n, **kw) for p, n, kw in CASES]
-                            + [lambda: _stream(c, CASES[0][0], CASES[0][1], stop=[stop])])
+        # alone: one request at a time (each prompt prefilled in the same chunks as in the batch)
+        want = [_stream(c, p, n) for p, n in CASES]
+        assert want[2] == alone(*CASES[2])  # a one-step prefill: what Engine.stream gives
+        # a stop string from inside one reply: cut per request while the others run on
+        text0 = want[0][0]
+        stop = text0[len(text0) // 2:len(text0) // 2 + 2]
+        want_stop = _stream(c, CASES[0][0], CASES[0][1], stop=[stop])
+        assert want_stop[1] == "stop" and len(want_stop[0]) < len(text0)
+        steps0, rows0 = _metric(srv, "hetero_batch_steps_total"), _metric(srv, "hetero_batch_decode_rows_total")
+        # one request samples (its own temperature and seed) in the same steps as the greedy ones
+        sampled = CASES[3][0], CASES[3][1], {"temperature": 1.5, "seed": 7}
+        got = _concurrently([lambda p=p, n=n: _stream(c, p, n) for p, n in CASES]
+                            + [lambda: _stream(c, CASES[0][0], CASES[0][1], stop=[stop]),
+                               lambda: _stream(c, sampled[0], sampled[1], **sampled[2])])
         assert got[:len(CASES)] == want
-        assert got[-1] == want_stop
-        steps = _metric(srv, "hetero_batch_steps_total")
-        rows = _metric(srv, "hetero_batch_decode_rows_total")
+        assert got[len(CASES)] == want_stop
+        assert got[-1][0] != want[3][0]  # sampled, not greedy: parameters are per request
+        steps = _metric(srv, "hetero_batch_steps_total") - steps0
+        rows = _metric(srv, "hetero_batch_decode_rows_total") - rows0
         assert steps > 0 and rows / steps > 1.5  # the streams shared steps
-        assert _metric(srv, "hetero_batch_prefill_tokens_total") >= sum(
-            len(tiny_engine.model.prompt_ids(p, chat=False)) for p, _, _ in CASES)
+        assert _metric(srv, "hetero_batch_prefill_tokens_total") >= 2 * sum(
+            len(tiny_engine.model.prompt_ids(p, chat=False)) for p, _ in CASES)
         runner = srv.scheduler.runner
         assert _metric(srv, "hetero_kv_blocks_total") == runner.pool.n_blocks > 0
         assert _metric(srv, "hetero_kv_blocks_used") == 0  # every finished request gave its blocks back
@@ -92,13 +97,15 @@ def test_concurrent_streams_each_get_their_text_alone_and_metrics_show_the_batch
             _metric(srv, name)
 
 
-def test_a_request_joins_while_another_streams(tiny_engine, alone):
+def test_a_request_joins_while_another_streams(tiny_engine):
     long_p, short_p = "Long running story:", "The quick brown fox jumps over the lazy dog " * 6
-    want_long, want_short = alone(long_p, 120), alone(short_p, 10)
     app = create_app(tiny_engine, max_concurrency=4, max_queue=4, prefill_chunk=16)
     slow_steps(app.state.scheduler, STEP_S)
+    runner = app.state.scheduler.runner
     with Server(app) as srv:
         c = srv.client()
+        want_long, want_short = _stream(c, long_p, 120), _stream(c, short_p, 10)  # each alone
+        steps0 = runner.steps
         first = c.completions.create(model=MODEL, prompt=long_p, max_tokens=120, temperature=0, stream=True)
         it = iter(first)
         head = [next(it).choices[0].text for _ in range(5)]
@@ -110,7 +117,7 @@ def test_a_request_joins_while_another_streams(tiny_engine, alone):
                 rest.append(ch.choices[0].text or "")
                 finish = ch.choices[0].finish_reason or finish
         assert ("".join(head + rest), finish) == want_long
-        assert srv.scheduler.runner.steps < 120 + 10  # the short one's tokens rode on the long one's steps
+        assert runner.steps - steps0 < 120 + 10  # the short one's tokens rode on the long one's steps
 
 
 def test_a_pool_too_small_for_all_queues_them_and_all_complete(tiny_engine, alone):

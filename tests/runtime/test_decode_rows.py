@@ -67,16 +67,36 @@ def test_batched_rows_equal_each_sequence_alone(net):
 
 
 @needs_kernels
-def test_only_steps_of_decode_rows_take_the_batched_stack(monkeypatch):
+def test_decode_rows_take_the_batched_stack_beside_a_prefill_chunk_too(monkeypatch):
     net = hetero.load("synthetic:tiny", dtype="int8").net
     stack, calls = net._decode_stack(), []
     monkeypatch.setattr(net, "_decode_stack", lambda: _Counting(stack, calls))
     kv = net.new_paged(8, BS)
     net.forward_ragged(torch.tensor([1, 2, 3]), Ragged([Segment(0, 3, (0,))], BS), kv)        # a prefill chunk
-    net.forward_ragged(torch.tensor([4, 7, 8]), Ragged([Segment(3, 1, (0,)), Segment(0, 2, (1,))], BS), kv)
     assert calls == []
+    # a decode row beside a chunk: the row through the stack, the chunk layer by layer
+    net.forward_ragged(torch.tensor([4, 7, 8]), Ragged([Segment(3, 1, (0,)), Segment(0, 2, (1,))], BS), kv)
+    assert calls == [1]
     net.forward_ragged(torch.tensor([5, 9]), Ragged([Segment(4, 1, (0, 2)), Segment(2, 1, (1,))], BS), kv)
-    assert calls == [2]
+    assert calls == [1, 2]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_a_decode_row_gets_the_same_logits_with_or_without_a_prefill_chunk_beside_it(dtype):
+    # the same sequence stepped twice from the same KV: once alone, once with a prompt's chunk in
+    # the step (the chunk's own logits are those it gets alone as well)
+    net = hetero.load("synthetic:tiny", dtype=dtype).net
+    kv = net.new_paged(12, BS)
+    g = torch.Generator().manual_seed(3)
+    p, q = torch.randint(0, net.spec.vocab_size, (9,), generator=g), torch.randint(0, net.spec.vocab_size, (7,), generator=g)
+    a, b = (0, 1, 2), (3, 4)
+    net.forward_ragged(p, Ragged([Segment(0, 9, a)], BS), kv)
+    tok = torch.tensor([5])
+    alone = net.forward_ragged(tok, Ragged([Segment(9, 1, a)], BS), kv)
+    chunk_alone = net.forward_ragged(q, Ragged([Segment(0, 7, b)], BS), kv)
+    both = net.forward_ragged(torch.cat([tok, q]), Ragged([Segment(9, 1, a), Segment(0, 7, b)], BS), kv)
+    assert torch.equal(both[0], alone[0]) and torch.equal(both[1], chunk_alone[0])
 
 
 class _Counting:

@@ -109,8 +109,8 @@ class NativeLinear(torch.nn.Module):
         return self._add_bias(self.matmul(x2)).reshape(*shape[:-1], self.out_features)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 outputs of a head: one token's GEMV reads x in its own dtype (bf16 takes the bf16 and
-        int16 dot-product kernels, ~2x the fp32 one's rate) and returns the fp32 sums unrounded, so
+        """fp32 outputs of a head: one token's GEMV reads x in its own dtype (bf16 takes the bf16
+        dot-product kernels where the block kind has one; Q8_0 the fp32 one) and returns the fp32 sums unrounded, so
         no bf16 rounding makes ties; several tokens (perplexity, a prompt's logits) run in fp32."""
         k = self.in_features
         if self._k is not None and x.numel() == k and x.device.type == "cpu" and x.dtype == torch.bfloat16:

@@ -28,3 +28,38 @@ def test_rows_equal_their_gemv(precision, n, k, bias):
     ref = torch.nn.functional.linear(x.float(), w, b)
     err = (lin.rows(x).float() - ref).norm() / ref.norm()
     assert err < (0.02 if precision == "int8" else 0.15), err
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dense_rows_equal_their_gemv(precision):
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(300, 192, generator=g), torch.randn(300, generator=g)
+    lin = make_linear(w, b, precision)
+    dt = torch.float32 if precision == "fp32" else torch.bfloat16
+    x = torch.randn(1, 9, 192, generator=g).to(dt)
+    y, alone = lin.rows(x), torch.cat([lin(x[:, i:i + 1]) for i in range(9)], dim=1)
+    assert y.dtype == dt and torch.equal(y, alone)
+    ref = torch.nn.functional.linear(x.float(), w, b)
+    assert (y.float() - ref).norm() / ref.norm() < (1e-5 if dt == torch.float32 else 1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("types", [("Q8_0",), ("Q4_0",), ("Q4_1",), ("Q4_K",), ("Q5_K",), ("Q6_K",), ("Q4_K", "Q6_K", "Q8_0")])
+def test_gguf_rows_equal_their_gemv(types):
+    # each block kind, and a linear of row segments in several kinds (a Q4_K_M QKV); bf16 rows take
+    # the bf16 dot-product kernels as the GEMV does (Q8_0 and fp32 rows the fp32 one); logits unrounded
+    from tests.ops.blocks_helpers import random_blocks
+
+    segs = [random_blocks(t, 40 + 8 * i, 512, 11 + i, scale=1 / 512 ** 0.5) for i, t in enumerate(types)]
+    lin = make_linear(segs, None, "native")
+    g = torch.Generator().manual_seed(len(types))
+    for dt in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, 6, 512, generator=g).to(dt)
+        y, alone = lin.rows(x), torch.cat([lin(x[:, i:i + 1]) for i in range(6)], dim=1)
+        assert y.dtype == dt and torch.equal(y, alone), (dt, (y.float() - alone.float()).abs().max())
+    x = torch.randn(1, 5, 512, generator=g).to(torch.bfloat16)
+    logits, alone = lin.logits(x), torch.cat([lin.logits(x[:, i:i + 1]) for i in range(5)], dim=1)
+    assert logits.dtype == torch.float32 and torch.equal(logits, alone)
+    w = torch.cat([s.dequantize() for s in segs])
+    assert (logits - x.float() @ w.T).abs().max() < 1e-3 * (x.float() @ w.T).abs().max()

@@ -39,13 +39,24 @@ def _collect(runner, out, steps=None):
     return out
 
 
-@pytest.mark.parametrize("precision,prefill", [("fp32", 16), ("fp32", 512), ("int8", 512), ("int4", 512)])
+def _native_net():
+    from tests.ops.test_native_model import SPEC, tiny_weights
+    from hetero.model.decoder import Decoder
+    from hetero.model.units import UnitConfig
+
+    return Decoder.build(SPEC, tiny_weights("mixed3").get, default=UnitConfig(precision="native"))
+
+
+@pytest.mark.parametrize("precision,prefill", [("fp32", 16), ("fp32", 512), ("int8", 512), ("int4", 512),
+                                               ("native", 512)])
 def test_batched_greedy_equals_each_request_alone(nets, precision, prefill):
     # Mixed lengths; half join after a few steps, while the first half decode. Quantised layers
     # (bf16 activations) give the single path's bits only for a prompt cut into the same chunks
-    # (the single path's 512); fp32 also with the prompts cut into 16-token pieces.
-    net = nets[precision]
-    prompts, n_new = _prompts(), [12, 7, 10, 15, 6, 11]
+    # (the single path's 512); fp32 also with the prompts cut into 16-token pieces. GGUF blocks
+    # (native) too.
+    net = _native_net() if precision == "native" else nets[precision]
+    # (the native test model's context is 64)
+    prompts, n_new = _prompts((5, 17, 30, 1, 40, 9) if precision == "native" else LENGTHS), [12, 7, 10, 15, 6, 11]
     ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
     runner = BatchRunner(net, kv_bytes=4 << 20, max_batch=8, prefill_tokens=prefill)
     ids = [runner.add(p, n) for p, n in zip(prompts[:3], n_new[:3])]
@@ -56,6 +67,23 @@ def test_batched_greedy_equals_each_request_alone(nets, precision, prefill):
     assert [out[i] for i in ids] == ref
     # every decode step after the first joins ran several sequences in one forward
     assert runner.steps < sum(n_new)
+
+
+@pytest.mark.parametrize("precision,batch", [("native", 8), ("int4", 16), ("int8", 8), ("fp32", 16)])
+def test_full_batches_equal_each_request_alone(nets, precision, batch):
+    # B = 8 and 16 running at once (the batched decode stack's steps), GGUF blocks included
+    net = _native_net() if precision == "native" else nets[precision]
+    lengths = [(7 * i) % 23 + 1 for i in range(batch)]
+    prompts, n_new = _prompts(lengths, seed=batch), [6 + i % 5 for i in range(batch)]
+    ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
+    runner = BatchRunner(net, kv_bytes=4 << 20, max_batch=batch)
+    ids = [runner.add(p, n) for p, n in zip(prompts, n_new)]
+    out, widest = {}, 0
+    while not runner.idle:
+        for ev in runner.step():
+            out.setdefault(ev.request, []).append(ev.token)
+        widest = max(widest, runner.last_decode_rows)
+    assert widest == batch and [out[i] for i in ids] == ref
 
 
 def test_a_load_beyond_the_pool_queues_and_completes(nets):

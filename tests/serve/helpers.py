@@ -74,3 +74,17 @@ def wait_until(cond, timeout: float, step: float = 0.01) -> float:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(step)
     return time.monotonic() - t0
+
+
+def slow_steps(scheduler, delay: float) -> None:
+    """Make every batched step of a BatchScheduler take at least `delay` seconds: a stand-in for a
+    big model's step, so requests overlap and cancellation can be timed."""
+    runner = scheduler.runner
+    step = runner.step
+
+    def slowed():
+        events = step()
+        time.sleep(delay)
+        return events
+
+    runner.step = slowed

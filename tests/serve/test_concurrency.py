@@ -1,4 +1,5 @@
-"""The scheduler in front of the engine: interleaving, 429 when full, and cancellation on disconnect."""
+"""The interleaved scheduler (architectures without ragged steps): interleaving, 429 when full, and
+cancellation on disconnect. The batched one is tests/serve/test_batching.py."""
 from __future__ import annotations
 
 import threading
@@ -26,7 +27,7 @@ def slow(tiny_engine):
 
 
 def test_disconnect_mid_stream_frees_the_place_within_1s(slow):
-    with Server(create_app(slow, max_concurrency=1, max_queue=4)) as srv:
+    with Server(create_app(slow, batching=False, max_concurrency=1, max_queue=4)) as srv:
         c = srv.client()
         stream = c.completions.create(model=MODEL, prompt="long", max_tokens=400, temperature=0, stream=True)
         it = iter(stream)
@@ -47,7 +48,7 @@ def test_disconnect_mid_stream_frees_the_place_within_1s(slow):
 
 
 def test_disconnect_while_queued_leaves_the_queue(slow):
-    with Server(create_app(slow, max_concurrency=1, max_queue=4)) as srv:
+    with Server(create_app(slow, batching=False, max_concurrency=1, max_queue=4)) as srv:
         c = srv.client()
         running = c.completions.create(model=MODEL, prompt="first", max_tokens=400, stream=True)
         next(iter(running))
@@ -73,7 +74,7 @@ def test_disconnect_while_queued_leaves_the_queue(slow):
 
 
 def test_disconnect_of_unstreamed_request_cancels_it(slow):
-    with Server(create_app(slow, max_concurrency=1, max_queue=4)) as srv:
+    with Server(create_app(slow, batching=False, max_concurrency=1, max_queue=4)) as srv:
         with pytest.raises(httpx.TimeoutException):
             httpx.post(srv.url + "/v1/completions", timeout=0.5,
                        json={"model": MODEL, "prompt": "x", "max_tokens": 400})
@@ -83,7 +84,7 @@ def test_disconnect_of_unstreamed_request_cancels_it(slow):
 
 
 def test_full_server_answers_429_and_keeps_serving(slow):
-    with Server(create_app(slow, max_concurrency=1, max_queue=0)) as srv:
+    with Server(create_app(slow, batching=False, max_concurrency=1, max_queue=0)) as srv:
         c = srv.client()
         running = c.completions.create(model=MODEL, prompt="first", max_tokens=400, stream=True)
         next(iter(running))
@@ -99,7 +100,7 @@ def test_full_server_answers_429_and_keeps_serving(slow):
 
 def test_requests_are_interleaved_token_by_token(slow):
     # Two 12-token streams with two places: the second's first token comes before the first ends.
-    with Server(create_app(slow, max_concurrency=2, max_queue=0)) as srv:
+    with Server(create_app(slow, batching=False, max_concurrency=2, max_queue=0)) as srv:
         c = srv.client()
         events: list[tuple[str, float]] = []
 

@@ -58,11 +58,14 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="HETERO_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on every route but /health."),
-    max_concurrency: int = typer.Option(8, "--max-concurrency", help="Generations interleaved on the engine at once."),
+    max_concurrency: int = typer.Option(8, "--max-concurrency", help="Generations run at once (the batch size, when batching)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait beyond those; more get 429."),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted (413 past it)."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: the model's name)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine (default: torch's)."),
+    batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Continuous batching: requests share each forward step (default: wherever the architecture supports it; else they are interleaved)."),
+    kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="The batch's KV pool, e.g. 512MB (default: the plan's KV plus half its headroom, up to --max-concurrency whole contexts)."),
+    prefill_chunk: int = typer.Option(128, "--prefill-chunk", help="Prompt tokens a batched step prefills (a long prompt takes several steps, between the running streams' tokens)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve MODEL over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
@@ -76,6 +79,8 @@ def serve(
         raise HeteroError("--max-concurrency must be ≥ 1 and --max-queue ≥ 0")
     if max_body_bytes < 1024:
         raise HeteroError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
+    if prefill_chunk < 1:
+        raise HeteroError(f"--prefill-chunk must be ≥ 1, got {prefill_chunk}")
     if dtype and precisions:
         raise HeteroError("give --dtype or --precisions, not both (--dtype D is --precisions D)")
     if max_quality_loss is not None and not max_quality_loss >= 0:
@@ -83,9 +88,11 @@ def serve(
     _check_port(host, port)
     import uvicorn
 
+    from hetero.plan.units import fmt_bytes, parse_bytes
     from hetero.runtime.engine import summary
     from hetero.serve.app import create_app
 
+    kv_bytes = parse_bytes(kv_memory) if kv_memory else None
     e, notes = load_engine(model, plan_file, memory, hardware, objective or "decode", precisions or dtype,
                            context, prefetch, replan, threads, max_quality_loss=max_quality_loss)
     try:
@@ -93,10 +100,14 @@ def serve(
             print(f"note: {n}", file=sys.stderr)
         print(summary(e.plan), file=sys.stderr)
         app = create_app(e, model_id=model_name, aliases=(model,) if model else (), api_key=api_key,
-                         max_concurrency=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_bytes)
+                         max_concurrency=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                         batching=batching, kv_bytes=kv_bytes, prefill_chunk=prefill_chunk)
+        runner = getattr(app.state.scheduler, "runner", None)
+        mode = (f"batching, KV pool {runner.pool.n_blocks} blocks of {runner.pool.block} tokens "
+                f"({fmt_bytes(runner.pool.nbytes())})" if runner is not None else "interleaved")
         print(f"serving {app.state.model_id} at http://{host}:{port}/v1  [context {app.state.serve.context}, "
-              f"max concurrency {max_concurrency}, queue {max_queue}{', API key required' if api_key else ''}]",
-              file=sys.stderr, flush=True)
+              f"max concurrency {max_concurrency}, queue {max_queue}, {mode}"
+              f"{', API key required' if api_key else ''}]", file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
         e.close()

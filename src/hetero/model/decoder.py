@@ -140,6 +140,29 @@ class Decoder(torch.nn.Module):
         if self.embed_scale is not None:
             x = x.to(self.embed_dtype)
             x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+        stack = self._decode_stack() if self.stack_decode and self.layers else None
+        if stack is not None and r.chunks and r.decode_blocks is not None:
+            x = self._split_hidden(x, r, kv, stack)
+        else:
+            x = self._hidden(x, r, kv, stack if not r.chunks else None)
+        rows = r.last_rows if want is None else r.last_rows[want]
+        x = x[:, rows.to(x.device)].to(self.head_device)                              # [1, n, h]
+        x = rms_norm(x, self.norm, self.spec.norm_eps)
+        # each row as the single path's head gives it one token (its GEMV's bits), the weight read once
+        if hasattr(self.head, "logits"):   # GGUF blocks: fp32 logits, unrounded
+            return self.head.logits(x)[0].float()
+        return getattr(self.head, "rows", self.head)(x).float()[0]
+
+    def _hidden(self, x: torch.Tensor, r: Ragged, kv: PagedKV, stack) -> torch.Tensor:
+        # x: [1, N, h] -> after every layer. Decode rows only with a stack: every layer in one
+        # compiled call over the paged KV (each row the bits the one-token stack gives it);
+        # otherwise layer by layer
+        if stack is not None:
+            first = self.layers[0]
+            x = x.to(device=first.device, dtype=first.dtype)
+            cos, sin = self.rope.at(r.positions, first.dtype, first.device)
+            return stack.step_rows(x[0].contiguous(), r.positions, cos.contiguous(), sin.contiguous(), kv.k, kv.v,
+                                   r.decode_blocks)[None]
         tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
             if x.device != torch.device(layer.device) or x.dtype != layer.dtype:
@@ -149,12 +172,27 @@ class Decoder(torch.nn.Module):
             if key not in tables:
                 tables[key] = self.rope.at(rd.positions, layer.dtype, layer.device)
             x = layer(x, 0, *tables[key], kv.k[i], kv.v[i], ragged=rd)
-        rows = r.last_rows if want is None else r.last_rows[want]
-        x = x[:, rows.to(x.device)].to(self.head_device)                              # [1, n, h]
-        if getattr(self.head, "computes_in_input_dtype", False):
-            x = x.float()
-        x = rms_norm(x, self.norm, self.spec.norm_eps)
-        return self.head(x).float()[0]
+        return x
+
+    def _split_hidden(self, x: torch.Tensor, r: Ragged, kv: PagedKV, stack) -> torch.Tensor:
+        # A step of decode rows and prefill chunks: the decode rows through the stack, the chunks
+        # layer by layer, so a decoding sequence gets the same bits whether or not a prompt is being
+        # prefilled beside it (the layer-by-layer attention over padded blocks rounds otherwise).
+        # The chunks' GEMMs are compute-bound: their second read of the weights costs little.
+        starts, row = [], 0
+        for s in r.segments:
+            starts.append(row)
+            row += s.length
+        dec = [i for i, s in enumerate(r.segments) if s.length == 1]
+        chk = [i for i, s in enumerate(r.segments) if s.length > 1]
+        out = None
+        for part, use in ((dec, stack), (chk, None)):
+            idx = torch.cat([torch.arange(starts[i], starts[i] + r.segments[i].length) for i in part])
+            y = self._hidden(x[:, idx.to(x.device)], Ragged([r.segments[i] for i in part], r.block), kv, use)
+            if out is None:
+                out = torch.empty(1, r.n_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
+            out[:, idx.to(out.device)] = y.to(out.dtype)
+        return out
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, start: int, cache: KVCache, last_only: bool = True,

@@ -18,7 +18,7 @@ from hetero.dtypes import DEQUANT_ELEMENTS, INT4_GROUP
 from hetero.errors import HeteroError
 from hetero.ops import kernels
 from hetero.ops.blocks import BlockTensor, QUANTIZABLE, quantize_blocks
-from hetero.ops.native import NativeLinear, merge_segments
+from hetero.ops.native import SMALL_M, NativeLinear, merge_segments
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # GGUF block formats run as stored (ops/native.py): "native" keeps each segment's own type; a type
@@ -58,7 +58,7 @@ def _gemv_input(x: torch.Tensor, k: int, out: torch.dtype = torch.bfloat16) -> t
     return x.reshape(k).to(torch.float32).contiguous()
 
 
-SMALL_M = 32  # up to this many decode rows (a batched step) the compiled row kernels read W once for all
+# SMALL_M (ops/native.py): up to this many decode rows (a batched step) the compiled row kernels read W once for all
 
 
 def _rows_input(x: torch.Tensor, k: int, pad: int) -> torch.Tensor | None:
@@ -99,6 +99,16 @@ class DenseLinear(torch.nn.Module):
                 y = y + self.bias
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """As Int8Linear.rows: each row's bits as forward's GEMV gives it alone, W read once for all."""
+        xr = _rows_input(x, self.in_features, 0) if self._gemv is not None else None
+        if xr is None:
+            return self.forward(x)
+        y = kernels.get().gemm_rows_dense(xr, self.weight).to(self.weight.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

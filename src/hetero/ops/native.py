@@ -26,6 +26,8 @@ from hetero.errors import HeteroError
 from hetero.ops import kernels
 from hetero.ops.blocks import BlockTensor, cat_rows, dequantize_rows
 
+SMALL_M = 32  # up to this many rows of a batched step, the compiled row kernels read each weight once for all
+
 
 def merge_segments(segments: list[BlockTensor]) -> list[BlockTensor]:
     """Adjacent segments of one type fused into one (fewer GEMV calls, one stack operand)."""
@@ -107,8 +109,8 @@ class NativeLinear(torch.nn.Module):
         return self._add_bias(self.matmul(x2)).reshape(*shape[:-1], self.out_features)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 outputs of a head: one token's GEMV reads x in its own dtype (bf16 takes the bf16 and
-        int16 dot-product kernels, ~2x the fp32 one's rate) and returns the fp32 sums unrounded, so
+        """fp32 outputs of a head: one token's GEMV reads x in its own dtype (bf16 takes the bf16
+        dot-product kernels where the block kind has one; Q8_0 the fp32 one) and returns the fp32 sums unrounded, so
         no bf16 rounding makes ties; several tokens (perplexity, a prompt's logits) run in fp32."""
         k = self.in_features
         if self._k is not None and x.numel() == k and x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -116,7 +118,29 @@ class NativeLinear(torch.nn.Module):
             ys = [self._k.gemv_gguf(xv, s.data, kind, k, True) for s, kind in zip(self.segments, self._kinds)]
             y = ys[0] if len(ys) == 1 else torch.cat(ys)
             return self._add_bias(y).view(*x.shape[:-1], self.out_features)
+        if (x2 := self._rows_input(x)) is not None:  # a batched step's rows, each as its GEMV above
+            return self._add_bias(self._rows(x2, True)).view(*x.shape[:-1], self.out_features)
         return self(x.float())
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The decode rows of a batched step ([.., M, K], M <= SMALL_M): each row exactly as forward
+        gives it alone (the GEMV's bits), each segment's bytes read once for all (gemm_rows_gguf)."""
+        x2 = self._rows_input(x)
+        if x2 is None:
+            return self.forward(x)
+        return self._add_bias(self._rows(x2, False)).view(*x.shape[:-1], self.out_features)
+
+    def _rows_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        k = self.in_features
+        if self._k is None or x.device.type != "cpu" or not 2 <= x.numel() // k <= SMALL_M:
+            return None
+        dt = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        return x.reshape(-1, k).to(dt).contiguous()
+
+    def _rows(self, x2: torch.Tensor, fp32_out: bool) -> torch.Tensor:
+        k = self.in_features
+        ys = [self._k.gemm_rows_gguf(x2, s.data, kind, k, fp32_out) for s, kind in zip(self.segments, self._kinds)]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [M, K] @ W.T in x2's dtype, dequantising DEQUANT_ELEMENTS weights at a time."""

@@ -59,7 +59,7 @@ def generate_step(model: Decoder, prompt_ids: list[int], max_new_tokens: int, sa
         logits = model(torch.tensor([[tok]], dtype=torch.long), pos - 1, cache)
 
 
-class _Detok:
+class Detok:
     """Incremental detokenisation: emit only text that is stable (no half UTF-8 sequence).
 
     O(1) a token: only the tokens since the last emission (plus those of the one before, for the
@@ -83,6 +83,9 @@ class _Detok:
         return text[len(done):]
 
 
+_Detok = Detok  # the older name, still imported by tests and benchmarks
+
+
 def stream_generate(model: Decoder, tok: Tokenizer, prompt_ids: list[int], max_new_tokens: int = 128,
                     params: SamplingParams = SamplingParams(), stop: list[str] | None = None,
                     stop_ids: set[int] | None = None) -> Iterator[Record]:
@@ -99,7 +102,7 @@ def _records(model: Decoder, tok: Tokenizer, prompt_ids: list[int], max_new_toke
              params: SamplingParams, stop_ids: set[int] | None) -> Iterator[Record]:
     sampler = Sampler(params)
     stops = tok.stop_ids if stop_ids is None else stop_ids
-    detok = _Detok(tok)
+    detok = Detok(tok)
     n_prompt = len(prompt_ids)
     t_first = None
     count = 0

@@ -20,20 +20,33 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+class StopCutter:
+    """The same cut, one record at a time (a caller that is handed records rather than pulling them):
+    `feed(rec)` returns the record to send; once its finish_reason is set, the reply is over."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, rec):
+        self.pending += rec.text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return replace(rec, text=out, finish_reason="stop")
+        keep = 0 if rec.finish_reason else _held_back(self.pending, self.stops)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return replace(rec, text=out)
+
+
 def apply_stops(records: Iterator, stops: list[str]) -> Iterator:
     """Yield records with text cut at the first stop sequence (finish_reason "stop"), then end."""
-    pending = ""
+    cut = StopCutter(stops)
     try:
         for rec in records:
-            pending += rec.text
-            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-            if hits:
-                yield replace(rec, text=pending[:min(hits)], finish_reason="stop")
-                return
-            keep = 0 if rec.finish_reason else _held_back(pending, stops)
-            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
-            yield replace(rec, text=out)
-            if rec.finish_reason:
+            out = cut.feed(rec)
+            yield out
+            if out.finish_reason:
                 return
     finally:
         close = getattr(records, "close", None)

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from hetero.serve.limits import BODY_IDLE_S, RequestLimits
+from hetero.serve.batched import PREFILL_CHUNK, BatchScheduler, can_batch
 from hetero.serve.budget import BudgetWatch
 from hetero.serve.errors import install_error_handlers
 from hetero.serve.gauges import register_gauges
@@ -26,7 +27,11 @@ DEFAULT_MAX_BODY = 1 << 20       # 1 MiB: far above any prompt that fits a conte
 
 def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...] = (), api_key: str | None = None,
                max_concurrency: int = 8, max_queue: int = 64, max_body_bytes: int = DEFAULT_MAX_BODY,
-               watch: BudgetWatch | None = None, body_idle_s: float = BODY_IDLE_S) -> FastAPI:
+               watch: BudgetWatch | None = None, body_idle_s: float = BODY_IDLE_S, batching: bool | None = None,
+               kv_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK) -> FastAPI:
+    """batching: continuous batching (serve.batched) or interleaved single sequences (serve.scheduler);
+    None picks batching wherever the architecture takes ragged steps. kv_bytes: the batch's KV pool
+    (None: sized from the plan, serve.kvsize); prefill_chunk: prompt tokens a batched step takes."""
     spec = engine.model.spec
     model_id = model_id or spec.name
     metrics = Metrics()
@@ -49,7 +54,21 @@ def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...
         metrics.inc("hetero_generated_tokens_total", job.tokens)
         metrics.inc("hetero_prompt_tokens_total", job.prompt_tokens)
 
-    scheduler = Scheduler(engine, max_concurrency, max_queue, on_token, on_done)
+    def on_step(runner, seconds: float) -> None:
+        metrics.inc("hetero_batch_steps_total")
+        metrics.inc("hetero_batch_decode_rows_total", runner.last_decode_rows)
+        metrics.inc("hetero_batch_prefill_tokens_total", runner.last_prefill_tokens)
+        metrics.observe("hetero_batch_step_seconds", seconds)
+
+    # The plan's context bounds each request: its KV cache is what the plan budgeted.
+    context = min(spec.max_context, engine.plan.context)
+    if batching is None:
+        batching = can_batch(engine)
+    if batching:
+        scheduler: Scheduler = BatchScheduler(engine, max_concurrency, max_queue, on_token, on_done, on_step,
+                                              kv_bytes=kv_bytes, context=context, prefill_tokens=prefill_chunk)
+    else:
+        scheduler = Scheduler(engine, max_concurrency, max_queue, on_token, on_done)
     register_gauges(metrics, scheduler, engine, watch)
 
     @asynccontextmanager
@@ -61,8 +80,6 @@ def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...
             scheduler.stop()
 
     app = FastAPI(title="hetero", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    # The plan's context bounds each request: its KV cache is what the plan budgeted.
-    context = min(spec.max_context, engine.plan.context)
     app.state.serve = ServeState(engine=engine, scheduler=scheduler, metrics=metrics, model_id=model_id,
                                  known={model_id, spec.name, *[a for a in aliases if a]}, context=context,
                                  max_body_bytes=max_body_bytes, watch=watch)

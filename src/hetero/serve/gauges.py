@@ -1,5 +1,6 @@
 """The gauges /metrics shows besides request counts: scheduler load, process memory, the served
-model's weights per device, and the plan's budgets against the measured footprint."""
+model's weights per device, the plan's budgets against the measured footprint and, when batching,
+the latest step's batch and the KV pool's blocks."""
 from __future__ import annotations
 
 from typing import Any
@@ -44,3 +45,10 @@ def register_gauges(metrics: Metrics, scheduler: Scheduler, engine: Any, watch: 
         metrics.gauge("hetero_expert_cache_hit_ratio", ratio)
         metrics.gauge("hetero_expert_cache_lookups", lookups)
         metrics.gauge("hetero_expert_cache_read_bytes", lambda: {(): float(sum(c.read_bytes for c in caches))})
+    runner = getattr(scheduler, "runner", None)
+    if runner is not None:  # continuous batching: what the latest step ran, and the KV pool
+        metrics.gauge("hetero_batch_size", lambda: {(): runner.last_decode_rows})
+        metrics.gauge("hetero_batch_prefill_tokens", lambda: {(): runner.last_prefill_tokens})
+        metrics.gauge("hetero_kv_blocks_used", lambda: {(): runner.pool.used_blocks})
+        metrics.gauge("hetero_kv_blocks_total", lambda: {(): runner.pool.n_blocks})
+        metrics.gauge("hetero_kv_block_tokens", lambda: {(): runner.pool.block})

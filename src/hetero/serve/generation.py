@@ -65,7 +65,7 @@ async def generate(request: Request, kind: str, state: ServeState):
     kwargs = dict(prompt=req.prompt, max_new_tokens=req.max_tokens, temperature=temperature, top_p=top_p,
                   seed=req.seed, chat=chat)
     job = Job(kwargs, loop, stop=req.stop)
-    job.prompt_tokens = req.prompt_tokens
+    job.prompt_tokens, job.prompt_ids = req.prompt_tokens, ids
     try:
         sched.submit(job)
     except Busy:

@@ -57,8 +57,8 @@ class Metrics:
         "hetero_queue_wait_seconds": ("histogram", "Time from admission to the generation's start."),
         "hetero_time_to_first_token_seconds": ("histogram", "Time from admission to the first token."),
         "hetero_inter_token_latency_seconds": ("histogram", "Time between consecutive tokens of one generation."),
-        "hetero_generations_running": ("gauge", "Generations being interleaved on the engine now."),
-        "hetero_generations_waiting": ("gauge", "Requests queued for a place on the engine."),
+        "hetero_generations_running": ("gauge", "Generations running now (in the batch, or interleaved)."),
+        "hetero_generations_waiting": ("gauge", "Requests queued for a place (and, batching, KV blocks): the queue length."),
         "hetero_process_resident_bytes": ("gauge", "Resident memory of the server process."),
         "hetero_process_peak_resident_bytes": ("gauge", "Peak resident memory of the server process."),
         "hetero_model_weight_bytes": ("gauge", "Bytes of model weights at their run precision, by device."),
@@ -69,6 +69,15 @@ class Metrics:
         "hetero_expert_cache_hit_ratio": ("gauge", "Routed experts found in the expert cache / experts looked up."),
         "hetero_expert_cache_lookups": ("gauge", "Expert-cache lookups since start, by result (hit, miss)."),
         "hetero_expert_cache_read_bytes": ("gauge", "Bytes of routed experts read from disk since start."),
+        "hetero_batch_size": ("gauge", "Sequences decoded in the latest batched step."),
+        "hetero_batch_prefill_tokens": ("gauge", "Prompt tokens prefilled in the latest batched step."),
+        "hetero_kv_blocks_used": ("gauge", "KV pool blocks held by running sequences."),
+        "hetero_kv_blocks_total": ("gauge", "KV pool blocks in all."),
+        "hetero_kv_block_tokens": ("gauge", "Tokens one KV pool block holds."),
+        "hetero_batch_steps_total": ("counter", "Batched forward steps run."),
+        "hetero_batch_decode_rows_total": ("counter", "Decode rows over all batched steps (/ steps: mean batch)."),
+        "hetero_batch_prefill_tokens_total": ("counter", "Prompt tokens prefilled in batched steps."),
+        "hetero_batch_step_seconds": ("histogram", "Time of one batched step (forward and sampling)."),
     }
 
     def __init__(self):

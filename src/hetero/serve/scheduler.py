@@ -1,7 +1,8 @@
 """The scheduler in front of the engine: one worker thread owns the engine and runs every generation.
 
-The engine runs one sequence at a time (one forward pass over the model at once; torch already uses
-every core for it), so requests cannot be batched into one forward. Instead up to `max_concurrency`
+This one is for architectures without ragged batched steps (serve.batched.BatchScheduler, continuous
+batching, serves the others and shares this queue, its 429s and its jobs): there the engine runs one
+sequence per forward pass, so requests cannot be batched into one forward. Instead up to `max_concurrency`
 admitted generations are interleaved token by token, each with its own KV cache: a new request gets
 its first token after one round instead of after every earlier request has finished. Requests past
 that wait in FIFO order; past `max_concurrency + max_queue` the server answers 429 at once.
@@ -34,6 +35,9 @@ class Job:
                  stop: list[str] | None = None):
         self.kwargs, self.loop, self.priority, self.stop = kwargs, loop, priority, stop or []
         self.prompt_tokens = 0
+        self.prompt_ids: list[int] | None = None  # tokenised by the handler (serve.batched needs them)
+        self.rid: int | None = None               # its request id in a BatchRunner (serve.batched)
+        self.reply = None                         # its serve.replies.Reply while batched
         self.checked_at = 0.0  # when the server last checked that this job's client is still connected
         self.out = Mailbox(loop)
         self.cancelled = threading.Event()

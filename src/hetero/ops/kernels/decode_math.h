@@ -69,4 +69,36 @@ void attend_head(const In* qkv, const T* c, const T* s, const T* kc, const T* vc
   }
 }
 
+// attend_head over paged KV ([n_blocks, K, bs, D]; position j of this sequence in block
+// table[j / bs] at offset j % bs): the same operations in the same order, so a sequence's bits are
+// those it gets from a contiguous cache.
+template <typename T, typename In, typename Out>
+void attend_head_paged(const In* qkv, const T* c, const T* s, const T* kp, const T* vp, const int64_t* table,
+                       int64_t bs, Out* out, int64_t pos, int64_t h, int64_t H, int64_t K, int64_t D, float scale,
+                       float* q, float* p) {
+  const int64_t S = pos + 1, kh = h / (H / K);
+  rope_head<T, In>(qkv + h * D, c, s, q, D);
+  auto at = [&](const T* pool, int64_t j) { return pool + ((table[j / bs] * K + kh) * bs + j % bs) * D; };
+  float m = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) {
+    const T* kj = at(kp, j);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16<T>(kj + i), acc);
+    const float v = rnd<T>(rnd<T>(_mm512_reduce_add_ps(acc)) * scale);
+    p[j] = v;
+    m = std::max(m, v);
+  }
+  float z = 0.f;
+  for (int64_t j = 0; j < S; ++j) { p[j] = std::exp(p[j] - m); z += p[j]; }
+  const float inv = 1.f / z;
+  for (int64_t j = 0; j < S; ++j) p[j] = rnd<T>(p[j] * inv);
+  for (int64_t i = 0; i < D; i += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16<T>(at(vp, j) + i), acc);
+    float tmp[16];
+    _mm512_storeu_ps(tmp, acc);
+    for (int k = 0; k < 16; ++k) out[h * D + i + k] = static_cast<Out>(rnd<T>(tmp[k]));
+  }
+}
+
 }  // namespace

@@ -6,10 +6,9 @@
 // one-token GEMV's (rows.h), so a batched step gives every sequence the bits it would get alone.
 #include "kernels.h"
 #include "rows.h"
+#include "tiles.h"
 
 namespace {
-
-constexpr int MT = 4;  // activation rows per pass: 4 weight rows x 4 activation rows of accumulators
 
 // Weight rows per chunk: ~32 KB of them, so they stay cached across the passes over activation rows.
 inline int64_t chunk_blocks(int64_t row_bytes) { return std::max<int64_t>(1, 32768 / (ROWS * row_bytes)); }
@@ -18,34 +17,6 @@ torch::Tensor rows_out(const torch::Tensor& x, int64_t K, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous() && x.scalar_type() == torch::kFloat32 &&
               x.device().is_cpu(), "x: [M, K] contiguous fp32 expected");
   return torch::empty({x.size(0), N}, x.options());
-}
-
-// int8_rows (rows.h) for NR weight rows from n0 and M activation rows (M <= MT): each weight vector
-// is widened once for all M; every (row, m) accumulates in the GEMV's order.
-template <int NR, int M>
-inline void int8_tile(const float* x, int64_t K, const int8_t* qp, const float* sp, int64_t n0, float* y, int64_t N) {
-  const int8_t* wb = qp + n0 * K;
-  __m512 acc[NR][M];
-  for (int r = 0; r < NR; ++r) for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 w[NR];
-    for (int r = 0; r < NR; ++r) w[r] = i8x16_to_f32(wb + r * K + k);
-    for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < M; ++m) y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) * sp[n0 + r];
-}
-
-template <int M>
-void int8_pass(const float* x, int64_t K, const int8_t* qp, const float* sp, int64_t N, float* y, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * ROWS;
-    if (N - n0 >= ROWS) int8_tile<ROWS, M>(x, K, qp, sp, n0, y, N);
-    else for (int64_t n = n0; n < N; ++n) int8_tile<1, M>(x, K, qp, sp, n, y, N);
-  }
 }
 
 // int4_blocks (rows.h) for rows [b0, b1) blocks and M activation rows (M <= MT): each group's nibbles
@@ -82,19 +53,6 @@ void int4_pass(const float* x, const float* xs, int64_t K, const uint8_t* pp, co
   }
 }
 
-// Rows of x in passes of MT (the last pass takes what is left).
-template <typename Pass>
-void by_passes(int64_t M, Pass pass) {
-  for (int64_t m0 = 0; m0 < M; m0 += MT) {
-    switch (std::min<int64_t>(MT, M - m0)) {
-      case 1: pass(m0, std::integral_constant<int, 1>()); break;
-      case 2: pass(m0, std::integral_constant<int, 2>()); break;
-      case 3: pass(m0, std::integral_constant<int, 3>()); break;
-      default: pass(m0, std::integral_constant<int, 4>()); break;
-    }
-  }
-}
-
 }  // namespace
 
 // x: [M, K] fp32, q: [N, K] int8, scale: [N] fp32 -> [M, N] fp32 (row m = gemv_int8(x[m])).
@@ -110,7 +68,14 @@ torch::Tensor gemm_rows_int8(torch::Tensor x, torch::Tensor q, torch::Tensor sca
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b0 = c * ch, b1 = std::min(blocks, b0 + ch);
       by_passes(M, [&](int64_t m0, auto mt) {
-        int8_pass<decltype(mt)::value>(xp + m0 * K, K, qp, sp, N, yp + m0 * N, b0, b1);
+        constexpr int MM = decltype(mt)::value;
+        const float* xs[MM];
+        float* ys[MM];
+        for (int m = 0; m < MM; ++m) { xs[m] = xp + (m0 + m) * K; ys[m] = yp + (m0 + m) * N; }
+        for (int64_t n = b0 * ROWS; n < std::min(N, b1 * ROWS); n += ROWS) {
+          if (N - n >= ROWS) int8_tile<ROWS, MM>(xs, qp, sp, K, n, ys);
+          else for (int64_t r = n; r < N; ++r) int8_tile<1, MM>(xs, qp, sp, K, r, ys);
+        }
       });
     }
   });
@@ -138,6 +103,23 @@ torch::Tensor gemm_rows_int4(torch::Tensor x, torch::Tensor packed, torch::Tenso
   at::parallel_for(0, (blocks + ch - 1) / ch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b0 = c * ch, b1 = std::min(blocks, b0 + ch);
+      if (dot_bf16 && G % 2 == 0) {  // the weight unpacked once per MT rows (tiles.h)
+        static const Int4Bf16Consts consts;
+        by_passes(M, [&](int64_t m0, auto mt) {
+          constexpr int MM = decltype(mt)::value;
+          const uint16_t* xbs[MM];
+          const float* x8[MM];
+          float* ys[MM];
+          for (int m = 0; m < MM; ++m) {
+            xbs[m] = xb.data() + (m0 + m) * K; x8[m] = xs8.data() + (m0 + m) * 8 * G; ys[m] = yp + (m0 + m) * N;
+          }
+          for (int64_t n = b0 * ROWS; n < std::min(N, b1 * ROWS); n += 2) {
+            if (N - n >= 2) int4_tile_bf16<2, MM>(consts, xbs, x8, pp, smp, K, n, ys);
+            else int4_tile_bf16<1, MM>(consts, xbs, x8, pp, smp, K, n, ys);
+          }
+        });
+        continue;
+      }
       if (dot_bf16) {
         for (int64_t m = 0; m < M; ++m)
           int4_blocks_bf16(xb.data() + m * K, xs8.data() + m * 8 * G, xp + m * K, xs.data() + m * G, pp, smp, N, K,
@@ -146,6 +128,40 @@ torch::Tensor gemm_rows_int4(torch::Tensor x, torch::Tensor packed, torch::Tenso
       }
       by_passes(M, [&](int64_t m0, auto mt) {
         int4_pass<decltype(mt)::value>(xp + m0 * K, xs.data() + m0 * G, K, pp, smp, N, yp + m0 * N, b0, b1);
+      });
+    }
+  });
+  return y;
+}
+
+// x: [M, K] fp32, w: [N, K] fp32 or bf16 -> [M, N] fp32, row m = gemv_f32 / gemv_bf16 (x[m]): a chunk
+// of W's rows is read once, each weight vector widened once per MT rows (tiles.h).
+torch::Tensor gemm_rows_dense(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && (w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16),
+              "w: [N, K] contiguous fp32 or bf16 expected");
+  const int64_t N = w.size(0), K = w.size(1), M = x.size(0);
+  TORCH_CHECK(K % 16 == 0, "K % 16 == 0 expected");
+  auto y = rows_out(x, K, N);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool f32 = w.scalar_type() == torch::kFloat32;
+  const float* wf = f32 ? w.data_ptr<float>() : nullptr;
+  const uint16_t* wb = f32 ? nullptr : reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const int64_t blocks = (N + ROWS - 1) / ROWS, ch = chunk_blocks(K * (f32 ? 4 : 2));
+  at::parallel_for(0, (blocks + ch - 1) / ch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * ch, b1 = std::min(blocks, b0 + ch);
+      auto lf = [&](int64_t n, int64_t k) { return _mm512_loadu_ps(wf + n * K + k); };
+      auto lb = [&](int64_t n, int64_t k) { return bf16x16_to_f32(wb + n * K + k); };
+      by_passes(M, [&](int64_t m0, auto mt) {
+        constexpr int MM = decltype(mt)::value;
+        const float* xs[MM];
+        float* ys[MM];
+        for (int m = 0; m < MM; ++m) { xs[m] = xp + (m0 + m) * K; ys[m] = yp + (m0 + m) * N; }
+        for (int64_t n = b0 * ROWS; n < std::min(N, b1 * ROWS); n += ROWS) {
+          if (N - n >= ROWS) { if (f32) dense_tile<ROWS, MM>(xs, K, n, ys, lf); else dense_tile<ROWS, MM>(xs, K, n, ys, lb); }
+          else for (int64_t r = n; r < N; ++r) { if (f32) dense_tile<1, MM>(xs, K, r, ys, lf); else dense_tile<1, MM>(xs, K, r, ys, lb); }
+        }
       });
     }
   });

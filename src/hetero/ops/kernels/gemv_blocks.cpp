@@ -1,6 +1,7 @@
 // Decode GEMV over GGUF blocks as the file stores them (blocks.h): y = W x for one token.
 #include "kernels.h"
 #include "blocks.h"
+#include "tiles.h"
 
 // x: K values (fp32 or bf16; y in x's dtype, or fp32 with fp32_out: unrounded logits), data: [N, row bytes] uint8 blocks of `kind` -> [N].
 torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out) {
@@ -28,6 +29,49 @@ torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64
       q_blocks(kind, xp, xs.data(), w, N, K, yp, b0, b1);
     });
   });
+}
+
+// x: [M, K] (fp32 or bf16) -> [M, N] in x's dtype (fp32 with fp32_out), row m = gemv_gguf(x[m]) bit
+// for bit: a batched step's head or linear over GGUF blocks. A chunk of weight rows (~24 KB) is
+// read from memory once and passed by every row's GEMV kernel while it sits in cache.
+torch::Tensor gemm_rows_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out) {
+  TORCH_CHECK(is_block_kind(kind), "gemm_rows_gguf: not a block kind: ", kind);
+  TORCH_CHECK(data.scalar_type() == torch::kUInt8 && data.is_contiguous() && data.dim() == 2 &&
+              (K % 256 == 0 || (K % 32 == 0 && kind <= KIND_Q4_1)) && data.size(1) == block_row_bytes(kind, K),
+              "gemm_rows_gguf: bad K or data");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous() && x.device().is_cpu() &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16), "x: [M, K] fp32 or bf16");
+  const int64_t N = data.size(0), M = x.size(0);
+  const uint8_t* w = data.data_ptr<uint8_t>();
+  const bool bf16_x = x.scalar_type() == torch::kBFloat16;
+  const bool dot_bf16 = bf16_x && bf16_kind(kind, K);   // Q8_0 reads fp32 x, as gemv_gguf does
+  auto xf = x.to(torch::kFloat32).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  std::vector<float> xs(M * (K / 32)), xs8(dot_bf16 ? M * (K / 4) : 0);
+  std::vector<uint16_t> xb(dot_bf16 ? M * K : 0);
+  for (int64_t m = 0; m < M; ++m) {
+    if (dot_bf16) block_prep_bf16(kind, xp + m * K, K, xb.data() + m * K, xs8.data() + m * (K / 4), xs.data() + m * (K / 32));
+    else group_sums(xp + m * K, K / 32, xs.data() + m * (K / 32));
+  }
+  auto yf = torch::empty({M, N}, xf.options());
+  float* yp = yf.data_ptr<float>();
+  const int64_t blocks = (N + ROWS - 1) / ROWS, ch = std::max<int64_t>(1, 24576 / (ROWS * block_row_bytes(kind, K)));
+  at::parallel_for(0, (blocks + ch - 1) / ch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * ch, b1 = std::min(blocks, b0 + ch), n0 = b0 * ROWS, n1 = std::min(N, b1 * ROWS);
+      auto rin = [&](int64_t m) {
+        return BlockRowsIn{xp + m * K, dot_bf16 ? xb.data() + m * K : nullptr, dot_bf16 ? xs8.data() + m * (K / 4) : nullptr};
+      };
+      if (block_tiles(kind, K, dot_bf16, M, rin, w, n0, n1, [&](int64_t m) { return yp + m * N + n0; })) continue;
+      for (int64_t m = 0; m < M; ++m) {
+        float* y = yp + m * N;
+        if (dot_bf16)
+          q_blocks_bf16(kind, xb.data() + m * K, xs8.data() + m * (K / 4), xs.data() + m * (K / 32), w, N, K, y, b0, b1);
+        else q_blocks(kind, xp + m * K, xs.data() + m * (K / 32), w, N, K, y, b0, b1);
+      }
+    }
+  });
+  return fp32_out || !bf16_x ? yf : yf.to(torch::kBFloat16);
 }
 
 namespace {

@@ -22,6 +22,8 @@ bool has_bf16_dot();
 // ---- A few rows (batched decode, small M), each row as its GEMV gives it (gemm_rows.cpp) -------
 torch::Tensor gemm_rows_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale);
 torch::Tensor gemm_rows_int4(torch::Tensor x, torch::Tensor packed, torch::Tensor sm, bool bf16_values);
+torch::Tensor gemm_rows_dense(torch::Tensor x, torch::Tensor w);
+torch::Tensor gemm_rows_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out);
 
 // ---- GEMV over GGUF blocks, one token (gemv_blocks.cpp) -----------------------------------------
 torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out);
@@ -74,6 +76,13 @@ class DecodeStack {
 
   int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
 
+  // M decode rows of a batched step at once (decode_rows.cpp): x [M, E], pos [M] int64, cos/sin
+  // [M, D] at each row's position, per layer the paged K/V pools [n_blocks, K, block, D] and
+  // tables [M, nb] int64 (row m's block j holds its positions j*block ..). Returns the hidden states
+  // after every layer; row m's K/V are written at pos[m]. Each row gets step()'s bits.
+  torch::Tensor step_rows(torch::Tensor x, torch::Tensor pos, torch::Tensor cos, torch::Tensor sin,
+                          std::vector<torch::Tensor> kp, std::vector<torch::Tensor> vp, torch::Tensor tables);
+
   // x: [.., E] hidden state at position `pos`; cos/sin: [.., D] for `pos`; k/v caches per layer
   // [1, K, L, D]. Returns the hidden state after every layer (x untouched); the caches get `pos`.
   torch::Tensor step(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
@@ -83,6 +92,9 @@ class DecodeStack {
   template <typename T>
   void run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std::vector<torch::Tensor>& kc,
            std::vector<torch::Tensor>& vc);
+  template <typename T>
+  void run_rows(T* x, int64_t M, const int64_t* pos, const T* c, const T* s, std::vector<torch::Tensor>& kp,
+                std::vector<torch::Tensor>& vp, const int64_t* tables, int64_t nb, int64_t bs);
 
   int64_t H_, K_, D_, E_, I_, width_;
   float eps_, scale_;

@@ -27,6 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_int4", &dequant_int4, nogil);
   m.def("gemm_rows_int8", &gemm_rows_int8, nogil);
   m.def("gemm_rows_int4", &gemm_rows_int4, nogil);
+  m.def("gemm_rows_dense", &gemm_rows_dense, nogil);
+  m.def("gemm_rows_gguf", &gemm_rows_gguf, py::arg("x"), py::arg("data"), py::arg("kind"), py::arg("K"),
+        py::arg("fp32_out") = false, nogil);
   m.def("gemv_gguf", &gemv_gguf, py::arg("x"), py::arg("data"), py::arg("kind"), py::arg("K"),
         py::arg("fp32_out") = false, nogil);
   m.def("dequant_gguf", &dequant_gguf, nogil);
@@ -56,5 +59,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         st.add_layer(ks, ws, s, b, attn_norm, mlp_norm);
       })
       .def("n_layers", &DecodeStack::n_layers)
-      .def("step", &DecodeStack::step, nogil);
+      .def("step", &DecodeStack::step, nogil)
+      .def("step_rows", &DecodeStack::step_rows, nogil);
 }

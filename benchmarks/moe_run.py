@@ -116,24 +116,29 @@ def table_a(path: Path, precisions: list[str], rounds: int, prompt_n: int, steps
 
 # ---- B: streamed ---------------------------------------------------------------------------------
 class Sampler:
-    """Peak of RSS (/proc/self/statm) + the files' page-cache bytes (mincore), sampled in a thread."""
+    """Peak of RSS (/proc/self/statm, every interval) + the files' page-cache bytes (mincore, every
+    files_every intervals: over GBs of files it is milliseconds of kernel time), in a thread."""
 
-    def __init__(self, files: list[Path], interval_s: float = 0.02):
+    def __init__(self, files: list[Path], interval_s: float = 0.05, files_every: int = 10):
         from hetero.runtime.memory import cached_bytes, rss_bytes
 
-        self.files, self.interval, self.peak, self.peak_cached = files, interval_s, 0, 0
+        self.files, self.interval, self.every = files, interval_s, files_every
+        self.peak = self.peak_cached = self.cached = 0
         self._rss, self._cached = rss_bytes, cached_bytes
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
-    def sample(self) -> None:
-        cached = sum(self._cached(f) for f in self.files)
-        self.peak_cached = max(self.peak_cached, cached)
-        self.peak = max(self.peak, self._rss() + cached)
+    def sample(self, files: bool = True) -> None:
+        if files:
+            self.cached = sum(self._cached(f) for f in self.files)
+            self.peak_cached = max(self.peak_cached, self.cached)
+        self.peak = max(self.peak, self._rss() + self.cached)
 
     def _loop(self) -> None:
+        i = 0
         while not self._stop.wait(self.interval):
-            self.sample()
+            i += 1
+            self.sample(files=i % self.every == 0)
 
     def __enter__(self):
         self.sample()

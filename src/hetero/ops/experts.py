@@ -5,14 +5,27 @@ gate/up and down linears on them as one matmul each, scales by the routing weigh
 result back (an accumulating index_put): E_active x 2 matmuls per step, never one per token. Each
 expert's linears are hetero.ops linears, so every precision the dense layers run (fp32/bf16/int8/
 int4/GGUF blocks, a GGUF file's own blocks at `native`) runs here too.
+One decode token on the CPU (N = 1) at int8, int4 or a GGUF block type takes one compiled call for
+its k experts instead (kernels' experts_ffn: grouped gate/up GEMV, SiLU, grouped down GEMV, weighted
+sum), the same row kernels and rounding points as the per-expert path; a Python loop over k experts
+of small GEMVs cost more than reading their weights.
 Shapes: N tokens, k experts per token, E experts, h hidden, f expert FFN.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
-from hetero.ops.linear import cat_rows, make_linear
+from hetero.ops import kernels
+from hetero.ops.linear import cat_rows, gemv_operands, make_linear
+
+# kinds the grouped one-token kernel reads (kernels' experts_ffn)
+GROUPED = ("int8", "int4", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
+# a resident bank's per-expert kernel operands, found once (kept off the module: the tensor cache
+# snapshots a module's attributes, and these are views of its tensors)
+_OPERANDS: "weakref.WeakKeyDictionary[ExpertBank, list]" = weakref.WeakKeyDictionary()
 
 
 def expert(w, e: int, n_experts: int):
@@ -45,6 +58,10 @@ class ExpertBank(torch.nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N, h]; index [N, k] the experts each token is routed to; weight [N, k] their weights.
         Returns sum_j weight[n, j] * expert_{index[n, j]}(x[n]) as [N, h] in x's dtype."""
+        if x.shape[0] == 1 and x.device.type == "cpu":
+            y = self._one_token(x, index, weight)
+            if y is not None:
+                return y
         k = index.shape[1]
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)             # slots grouped by expert
@@ -67,3 +84,48 @@ class ExpertBank(torch.nn.Module):
             out.index_put_((r,), (y * w[pos:pos + c, None].to(y.dtype)).to(out.dtype), accumulate=True)
             pos += c
         return out
+
+    def _expert_operands(self, e: int) -> tuple | None:
+        """((kind, weight, scales) of gate_up, of down) of expert e as experts_ffn reads them, or None."""
+        got = []
+        for lin in (self._modules[f"gate_up{e}"], self._modules[f"down{e}"]):
+            op = gemv_operands(lin)
+            if op is None or isinstance(op[0], list) or op[3].numel() or getattr(lin, "pad", 0):
+                return None
+            got.append(op[:3])
+        return tuple(got)
+
+    def _one_token(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """One token's k experts in one compiled call ([1, h]), or None where it does not apply."""
+        k = kernels.get()
+        if k is None:
+            return None
+        ids = index[0].tolist()
+        if self.fetch is not None:   # streamed: bind all k first (the cache holds >= 2k), then read them
+            for e in ids:
+                self.fetch(e)
+            ops = [self._expert_operands(e) for e in ids]
+        else:
+            table = _OPERANDS.get(self)
+            if table is None:
+                table = _OPERANDS[self] = [self._expert_operands(e) for e in range(self.n_experts)]
+            ops = [table[e] for e in ids]
+        if any(o is None for o in ops):
+            return None
+        kind = ops[0][0][0]
+        if any(o[0][0] != kind or o[1][0] != kind for o in ops) or kind not in _grouped_codes():
+            return None
+        y = k.experts_ffn(x.reshape(-1).contiguous(), kind, [o[0][1] for o in ops], [o[0][2] for o in ops],
+                          [o[1][1] for o in ops], [o[1][2] for o in ops], ids, weight[0].float().contiguous())
+        return y.view(1, -1)
+
+
+_CODES: set[int] = set()
+
+
+def _grouped_codes() -> set[int]:
+    """GROUPED's kind codes, as the loaded module numbers them."""
+    if not _CODES:
+        codes = kernels.kinds()
+        _CODES.update(codes[n] for n in GROUPED if n in codes)
+    return _CODES

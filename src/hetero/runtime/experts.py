@@ -118,6 +118,14 @@ class StreamedExperts:
                 packed.append(TensorSlot(s.module, s.attr, s.dtype, s.shape, off, s.nbytes))
                 off += align(s.nbytes)
             self.local[e] = tuple(packed)
+        # an expert whose slots lie in the file as packed here (the entry writes a module's tensors in
+        # order, each page-aligned) is one read, not one per tensor: 4 requests of 0.25-1 MiB ran at
+        # ~0.9 GB/s from this machine's disk, where it reads ~3 GB/s in large requests
+        self.span: dict[int, tuple[int, int] | None] = {}
+        for e, ss in self.slots.items():
+            start = ss[0].offset
+            same = all(s.offset - start == loc.offset for s, loc in zip(ss, self.local[e]))
+            self.span[e] = (start, self.local[e][-1].offset + align(ss[-1].nbytes)) if same else None
         self._empty = {s.dtype: torch.empty(0, dtype=s.dtype, device=self.device) for s in entry.slots}
         object.__setattr__(self.template, "fetch", self.fetch)
         self.template.device = str(self.device)
@@ -135,10 +143,15 @@ class StreamedExperts:
                     object.__setattr__(self.tree[s.module], s.attr, t.to(self.device, non_blocking=True))
                 return sum(s.nbytes for s in self.slots[e])
             n = 0
-            for s, loc in zip(self.slots[e], self.local[e]):
-                size = align(s.nbytes)
-                self.reader.read_into(buf.view[loc.offset:loc.offset + size], self.entry.data_offset + s.offset, size)
-                n += size
+            span = self.span[e]
+            if span is not None:
+                n = span[1]
+                self.reader.read_into(buf.view[:n], self.entry.data_offset + span[0], n)
+            else:
+                for s, loc in zip(self.slots[e], self.local[e]):
+                    size = align(s.nbytes)
+                    self.reader.read_into(buf.view[loc.offset:loc.offset + size], self.entry.data_offset + s.offset, size)
+                    n += size
             bind(self.tree, self.local[e], buf.tensor)
             if self.device.type != "cpu":  # a GPU computes the expert: its copy lives until eviction
                 for s in self.local[e]:

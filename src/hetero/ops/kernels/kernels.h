@@ -29,6 +29,11 @@ torch::Tensor gemm_rows_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, 
 torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out);
 torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);
 
+// ---- A MoE layer's k routed experts for one token, one call (experts.cpp) ---------------------
+torch::Tensor experts_ffn(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
+                          std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s,
+                          std::vector<int64_t> ids, torch::Tensor weight);
+
 // ---- Fused decode-step ops (decode_ops.cpp) -----------------------------------------------------
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);
 std::vector<torch::Tensor> add_rmsnorm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);

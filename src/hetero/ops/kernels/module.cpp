@@ -37,6 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rmsnorm", &add_rmsnorm, nogil);
   m.def("decode_attention", &decode_attention, nogil);
   m.def("silu_mul", &silu_mul, nogil);
+  m.def("experts_ffn", &experts_ffn, nogil);
   m.def("kinds", &kinds);
   m.def("has_bf16_dot", &has_bf16_dot);
   py::class_<DecodeStack>(m, "DecodeStack")

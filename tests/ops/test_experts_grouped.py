@@ -1,0 +1,125 @@
+"""One decode token's k experts in one compiled call (kernels' experts_ffn): the per-expert path's
+bits at every precision it takes, and the same greedy tokens through the engine, resident or streamed."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hetero.ops import kernels
+from hetero.ops.experts import ExpertBank
+
+pytestmark = pytest.mark.skipif(kernels.get() is None, reason="compiled kernels unavailable")
+
+
+def _per_expert(bank, x, index, weight):
+    """The bank's grouped-by-expert loop, the one-token kernel switched off for this call."""
+    bank._one_token = lambda *a: None
+    try:
+        return bank(x, index, weight)
+    finally:
+        del bank._one_token
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8", "q4_0", "q8_0", "q4_1"])
+def test_one_token_kernel_gives_the_per_expert_bits(precision):
+    g = torch.Generator().manual_seed(1)
+    E, f, h, k = 6, 64, 128, 3
+    gate, up = torch.randn(E, f, h, generator=g) / h ** .5, torch.randn(E, f, h, generator=g) / h ** .5
+    down = torch.randn(E, h, f, generator=g) / f ** .5
+    bank = ExpertBank(gate, up, down, E, precision, "cpu")
+    for trial in range(3):
+        x = torch.randn(1, h, generator=g).to(bank.dtype)
+        index = torch.randperm(E, generator=g)[:k][None]       # router order, not sorted
+        weight = torch.softmax(torch.randn(1, k, generator=g), -1)
+        got = bank._one_token(x, index, weight)
+        assert got is not None and torch.equal(bank(x, index, weight), got)
+        want = _per_expert(bank, x, index, weight)
+        assert got.dtype == want.dtype and got.shape == (1, h)
+        assert torch.equal(got, want), (precision, trial, (got.float() - want.float()).abs().max())
+    # several tokens still go expert by expert (a prompt), and agree with one token at a time
+    xs = torch.randn(2, h, generator=g).to(bank.dtype)
+    idx, w = torch.tensor([[0, 2, 4], [5, 1, 2]]), torch.softmax(torch.randn(2, k, generator=g), -1)
+    both = bank(xs, idx, w)
+    for n in range(2):
+        torch.testing.assert_close(both[n:n + 1].float(), bank(xs[n:n + 1], idx[n:n + 1], w[n:n + 1]).float(),
+                                   atol=2e-2, rtol=2e-2)
+
+
+def test_a_bank_the_kernel_cannot_read_keeps_the_loop():
+    g = torch.Generator().manual_seed(2)
+    E, f, h = 4, 32, 64
+    bank = ExpertBank(torch.randn(E, f, h, generator=g), torch.randn(E, f, h, generator=g),
+                      torch.randn(E, h, f, generator=g), E, "fp32", "cpu")
+    x, index, weight = torch.randn(1, h, generator=g), torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]])
+    assert bank._one_token(x, index, weight) is None      # fp32 weights: the dense GEMV, expert by expert
+    assert torch.equal(bank(x, index, weight), _per_expert(bank, x, index, weight))
+
+
+@pytest.mark.parametrize("residency", ["resident", "disk"])
+def test_engine_tokens_equal_with_and_without_the_grouped_kernel(monkeypatch, residency):
+    """synthetic:tiny-moe at bf16 with int4 experts, resident or streamed through the expert cache:
+    the same greedy tokens with the one-token kernel and with the per-expert loop."""
+    import hetero
+    from hetero.runtime.engine import Engine
+    from tests.runtime_engine.helpers import uniform_plan
+
+    spec = hetero.spec("synthetic:tiny-moe")
+    plan = uniform_plan(spec, "bf16")
+    plan = dataclasses.replace(plan, units=tuple(
+        dataclasses.replace(u, precision="int4", residency=residency) if spec.is_experts_unit(u.name) else u
+        for u in plan.units))
+    used = []
+    real = ExpertBank._one_token
+
+    def counting(self, *a):
+        y = real(self, *a)
+        used.append(y is not None)
+        return y
+
+    monkeypatch.setattr(ExpertBank, "_one_token", counting)
+    with Engine.load(plan, "synthetic:tiny-moe", progress=False) as e:
+        fast = e.generate("hello there", max_new_tokens=8)
+        if residency == "disk":   # each expert comes in one read (its slots are contiguous in the entry)
+            streamed = e.model.net.layers[0].experts.fetch.__self__
+            assert streamed.span and all(v is not None for v in streamed.span.values())
+    assert used and all(used)                 # every decode token's experts took the kernel
+    monkeypatch.setattr(ExpertBank, "_one_token", lambda self, *a: None)
+    with Engine.load(plan, "synthetic:tiny-moe", progress=False) as e:
+        slow = e.generate("hello there", max_new_tokens=8)
+    assert fast == slow
+
+
+def test_moe_layer_fused_attention_follows_the_general_path():
+    """A MoE layer's one-token step through the fused decode ops (q/k norms included) stays within
+    bf16 rounding of the general torch path, and chooses the same tokens."""
+    import hetero
+
+    m = hetero.load("synthetic:tiny-moe", dtype="bf16")
+    net = m.net
+    layers = [layer for layer in net.layers if hasattr(layer, "_fused_attn")]
+    assert layers and all(layer._fused_attn is not None and layer.q_norm is not None for layer in layers)
+
+    def decode(fused: bool):
+        for layer in layers:
+            layer._use = layer._fused_attn
+            if not fused:
+                layer._fused_attn = None
+        try:
+            cache = net.new_cache(1, 16)
+            net(torch.tensor([[1, 5, 9, 2]]), 0, cache)
+            out, tok = [], 7
+            for p in range(4, 10):
+                logits = net(torch.tensor([[tok]]), p, cache)[0, -1].float()
+                out.append(logits)
+                tok = int(logits.argmax())
+            return torch.stack(out)
+        finally:
+            for layer in layers:
+                layer._fused_attn = layer._use
+                del layer._use
+
+    a, b = decode(True), decode(False)
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

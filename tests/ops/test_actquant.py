@@ -90,6 +90,22 @@ def test_eval_cli_act_int8(tmp_path, capsys):
     code_q, out_q, _ = run_cli(args + ["--act-int8"], capsys)
     assert code == code_q == 0
     a, b = json.loads(out), json.loads(out_q)
-    assert a["activations"] == "default" and b["activations"] == "int8"
+    assert a["activations"] == "default" and b["activations"] == "int8/token"
     assert a["tokens"] == b["tokens"]
     assert b["perplexity"] != a["perplexity"] and abs(b["perplexity"] / a["perplexity"] - 1) < 0.05
+
+
+def test_grouped_grid_is_finer_than_one_scale_per_token():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 128, generator=g)
+    x[:, 5] *= 50                                   # an outlier channel, as real activations have
+    grouped = fake_quant(x, 32)
+    blocks = x.reshape(8, 4, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    assert ((grouped.reshape(8, 4, 32) - blocks).abs() <= step / 2 * (1 + 1e-5)).all()
+    assert (grouped - x).norm() < 0.75 * (fake_quant(x) - x).norm()
+
+
+def test_eval_cli_act_group_needs_act_int8(capsys):
+    code, _, err = run_cli(["eval", "synthetic:tiny", "--tokens", "200", "--act-group", "32"], capsys)
+    assert code == 2 and "--act-group" in err and err.count("\n") == 1

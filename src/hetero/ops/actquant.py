@@ -31,9 +31,12 @@ def quantize_per_token(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """x [.., K] through the per-token int8 grid, back in x's dtype."""
-    q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
+def fake_quant(x: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """x [.., K] through the int8 grid, back in x's dtype: one scale per token (group 0), or per
+    `group` consecutive elements of a token (llama.cpp's Q8 activation blocks are 32)."""
+    k = x.shape[-1]
+    g = group if group and k % group == 0 else k
+    q, s = quantize_per_token(x.reshape(-1, g))
     return (q.float() * s[:, None]).to(x.dtype).reshape(x.shape)
 
 
@@ -53,26 +56,29 @@ def _linears(net) -> list[torch.nn.Module]:
     return [m for m in net.modules() if isinstance(m, kinds)]
 
 
-def _pre_hook(_m, args):
-    x = args[0]
-    if x.dim() < 2 or x.numel() == x.shape[-1]:  # one token: a decode step, not prefill
-        return None
-    return (fake_quant(x), *args[1:])
+def _pre_hook(group: int):
+    def hook(_m, args):
+        x = args[0]
+        if x.dim() < 2 or x.numel() == x.shape[-1]:  # one token: a decode step, not prefill
+            return None
+        return (fake_quant(x, group), *args[1:])
+    return hook
 
 
 @contextmanager
-def act_int8(net) -> Iterator[int]:
-    """Within the block every Linear of `net` takes per-token int8 activations on prefill-shaped
-    inputs; yields how many Linears that is. Int8 weights run the int8 x int8 product itself."""
+def act_int8(net, group: int = 0) -> Iterator[int]:
+    """Within the block every Linear of `net` takes int8 activations on prefill-shaped inputs (one
+    scale per token, or per `group` elements); yields how many Linears that is. Int8 weights with
+    per-token activations run the int8 x int8 product itself (one scale per row of each operand)."""
     from hetero.ops.linear import Int8Linear
 
     handles, flagged = [], []
     for m in _linears(net):
-        if isinstance(m, Int8Linear) and m.qweight.device.type == "cpu":
+        if not group and isinstance(m, Int8Linear) and m.qweight.device.type == "cpu":
             m.act_int8 = True
             flagged.append(m)
         else:
-            handles.append(m.register_forward_pre_hook(_pre_hook))
+            handles.append(m.register_forward_pre_hook(_pre_hook(group)))
     try:
         yield len(handles) + len(flagged)
     finally:

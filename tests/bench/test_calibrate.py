@@ -79,3 +79,54 @@ def test_fit_recovers_a_negative_matrix_size_exponent():
     assert error_summary(f.after)["prefill_error"]["max_abs"] < 0.02
     one_rate = fit(runs, machine(), profile(), params=[p for p in params_for(runs) if "gemm_shape" not in p])
     assert error_summary(one_rate.after)["prefill_error"]["max_abs"] > 0.05
+
+
+@pytest.fixture(scope="module")
+def q8_file(tmp_path_factory):
+    from hetero.cli import main
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny.Q8_0.gguf"
+    try:
+        main(["compress", "synthetic:tiny", "--format", "gguf", "--type", "Q8_0", "-o", str(out), "--no-progress",
+              "--eval-tokens", "0"])
+    except SystemExit as e:
+        assert not e.code
+    return str(out)
+
+
+def block_profile(calibration=None):
+    """The toy profile with Q8_0 measured: its GEMM probe below bf16's (a dequantise pass per GEMM)."""
+    import dataclasses
+
+    from benchhelpers import _m
+
+    p = profile(calibration)
+    dev = p.devices["cpu"]
+    dev = dataclasses.replace(dev, gemm_flops={**dev.gemm_flops, "q8_0": _m(250e9, "FLOP/s")},
+                              gemv_bandwidth={**dev.gemv_bandwidth, "q8_0": _m(12e9, "B/s")})
+    return dataclasses.replace(p, devices={"cpu": dev})
+
+
+def test_native_runs_fit_their_stored_formats_rates(q8_file):
+    """A quantised file runs `native`: the fit moves the keys its units are priced at (q8_0's), including
+    the prefill's per-pass dequantise cost, told apart from the GEMM by two prompt lengths."""
+    truth = block_profile({"gemm_rate@cpu/q8_0": 0.4, "dequant_rate@cpu/q8_0": 0.5, "gemv_rate@cpu/q8_0": 0.7})
+    runs = [fake_run(q8_file, "native", "resident", c, truth, prompt=p) for c, p in ((128, 16), (1024, 512))]
+    ps = params_for(runs)
+    assert {"gemm_rate@cpu/q8_0", "gemv_rate@cpu/q8_0", "dequant_rate@cpu/q8_0"} <= set(ps)
+    assert not any(p.endswith("/native") for p in ps)
+    f = fit(runs, machine(), block_profile())
+    assert error_summary(f.before)["prefill_error"]["max_abs"] > 0.3
+    assert error_summary(f.after)["decode_error"]["max_abs"] < 0.02
+    assert error_summary(f.after)["prefill_error"]["max_abs"] < 0.02
+    assert f.calibration["gemv_rate@cpu/q8_0"] == pytest.approx(0.7, rel=0.1)
+    # a prompt length the grid did not have is priced as the truth prices it
+    mid = fake_run(q8_file, "native", "resident", 512, truth, prompt=128)
+    assert Pricer(mid, machine()).errors(dataclasses_replace(block_profile(), f.calibration))["prefill_error"] \
+        == pytest.approx(0.0, abs=0.03)
+
+
+def dataclasses_replace(prof, cal):
+    import dataclasses
+
+    return dataclasses.replace(prof, calibration=dict(cal))

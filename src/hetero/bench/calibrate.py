@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hetero.cost import DEQUANT_PRECISIONS
+from hetero.dtypes import NATIVE
 from hetero.hardware.types import HardwareSpec, Profile
 
 SHAPE_MAX = 0.6  # bound on the fitted matrix-size exponent of the prefill rate (cost.gemm_shape_factor)
@@ -50,13 +52,27 @@ def label(run: dict) -> str:
     return f"{c['model']} {c['precision']} {c['residency']} ctx{c['context']}"
 
 
+def rate_precisions(run: dict) -> set[str]:
+    """The precisions whose rates price a run's units: a `native` unit is priced at its main stored
+    format's (cost.DeviceRates.rate_precision), so that is the key a fit must move."""
+    units = run["plan"]["units"]
+    if not any(u["precision"] == NATIVE for u in units):
+        return {u["precision"] for u in units}
+    from hetero.model.sources import resolve_spec
+
+    spec = resolve_spec(run["config"]["model"])
+    return {spec.native_format(u["name"]) if u["precision"] == NATIVE else u["precision"] for u in units}
+
+
 def params_for(runs: list[dict]) -> list[str]:
-    """The multipliers the runs can inform: per precision used (matmul rates and the per-call cost of
-    its kernels, which sets small models' speed), plus memory and disk, and the prefill rate's
-    matrix-size exponent when the runs span models of different widths."""
-    precs = sorted({u["precision"] for r in runs for u in r["plan"]["units"]})
+    """The multipliers the runs can inform: per precision priced (matmul rates and the per-call cost
+    of its kernels, which sets small models' speed; the prefill's dequantise pass where there is one),
+    plus memory and disk, and the prefill rate's matrix-size exponent when the runs span models of
+    different widths."""
+    precs = sorted(set().union(*(rate_precisions(r) for r in runs)))
     devs = sorted({u["device"] for r in runs for u in r["plan"]["units"]})
     out = [f"{k}@{d}/{p}" for d in devs for p in precs for k in ("gemm_rate", "gemv_rate", "op_overhead")]
+    out += [f"dequant_rate@{d}/{p}" for d in devs for p in precs if p in DEQUANT_PRECISIONS]
     out += [f"mem_rate@{d}" for d in devs]
     if len({r["config"]["model"] for r in runs}) > 1:  # matrix sizes differ only between models
         out += [f"gemm_shape@{d}/{p}" for d in devs for p in precs]

@@ -59,6 +59,10 @@ def _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_
     Console().print(t)
 
 
+SWEEP_PRECISIONS = ("fp32", "bf16", "int8", "int4")
+SWEEP_RESIDENCIES = ("resident", "disk")
+
+
 def _grid(model, precisions, residencies, contexts, P, N, repeats):
     from hetero.bench.run import Config
 
@@ -164,8 +168,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
         calibrate: bool = typer.Option(False, "--calibrate", help="measure a grid, fit the cost model, store it in the Profile"),
         sweep: bool = typer.Option(False, "--sweep", help="measure a grid under --memory beside the planner's pick"),
-        grid_precisions: str = typer.Option("fp32,bf16,int8,int4", "--grid-precisions", help="grid for --calibrate/--sweep"),
-        grid_residencies: str = typer.Option("resident,disk", "--grid-residencies", help="grid for --calibrate/--sweep"),
+        grid_precisions: Optional[str] = typer.Option(None, "--grid-precisions", help="grid for --calibrate/--sweep "
+                                                      "(default: --calibrate the precisions of the plan it measures, "
+                                                      "`native` for a quantised file; --sweep fp32,bf16,int8,int4)"),
+        grid_residencies: Optional[str] = typer.Option(None, "--grid-residencies", help="grid for --calibrate/--sweep "
+                                                       "(default: --calibrate the plan's, --sweep resident,disk)"),
         grid_contexts: str = typer.Option("128,1024", "--grid-contexts", help="grid for --calibrate/--sweep"),
         batch: Optional[str] = typer.Option(None, "--batch", help="aggregate decode tok/s with B sequences per forward, e.g. 1,4,8,16"),
     ):
@@ -198,8 +205,8 @@ def register(app: typer.Typer) -> None:
         for p in peer_list:
             if p not in PEERS:
                 raise HeteroError(f"unknown peer {p!r}; known: {', '.join(PEERS)}")
-        precs = _list(grid_precisions)
-        res = _list(grid_residencies)
+        precs = _list(grid_precisions) or list(SWEEP_PRECISIONS)
+        res = _list(grid_residencies) or list(SWEEP_RESIDENCIES)
         bad = [r for r in res if r not in ("resident", "disk")]
         if bad:
             raise HeteroError(f"--grid-residencies takes resident,disk; got {bad[0]!r}")
@@ -213,12 +220,24 @@ def register(app: typer.Typer) -> None:
             raise HeteroError(f"--context {context} leaves no room after a {prompt_tokens}-token prompt")
         from hetero.model.sources import resolve_spec
 
+        from hetero.runtime import engine as eng
+
         model = model or "smollm2-135m"
         resolve_spec(model)  # a bad model name fails here, before any measuring
         progress = not as_json
         out: dict = {}
         if calibrate:
-            out["calibration"] = calibrate_model(model, precs, res, ctxs, prompt_tokens, new_tokens, repeats, progress)
+            # by default the grid is what this command then measures: the plan's own precisions (a
+            # quantised file: native, priced at its stored formats' rates) and residencies
+            c_precs, c_res = precs, res
+            if grid_precisions is None or grid_residencies is None:
+                p0, _ = eng.plan_for_run(model, plan_file, memory, hardware, objective, _list(precisions) or None,
+                                         prompt_tokens=prompt_tokens, context=context or prompt_tokens + new_tokens,
+                                         max_quality_loss=max_quality_loss)
+                c_precs = precs if grid_precisions is not None else sorted({u.precision for u in p0.units})
+                c_res = res if grid_residencies is not None else sorted({u.residency for u in p0.units} - {"ram"})
+            out["calibration"] = calibrate_model(model, c_precs, c_res or ["resident"], ctxs, prompt_tokens,
+                                                 new_tokens, repeats, progress)
         if sweep:
             from hetero.bench.sweep import sweep as run_sweep
 
@@ -228,7 +247,6 @@ def register(app: typer.Typer) -> None:
             out["sweep"] = sw
         from hetero.bench.run import measure_plan
         from hetero.hardware import machine
-        from hetero.runtime import engine as eng
         from hetero.runtime.memory import Footprint
 
         mon = Footprint().start()

@@ -87,6 +87,9 @@ class DeviceRates:
     # formats, whose `gemm` is then the bf16 GEMM after it): a cost per pass, not per token, so a
     # short prompt pays relatively more of it (see dequant_rates)
     dequant: dict[str, float] = field(default_factory=dict)
+    # FLOP/s of the prefill's attention (QK^T, softmax, AV over [heads, P, P]: eager torch, far below
+    # the weight GEMMs' rate) once calibration has fitted "attn_rate@DEVICE"; 0: the unit's GEMM rate
+    attn: float = 0.0
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -125,7 +128,7 @@ class Link:
 def calibrated(cal: dict[str, float], name: str, device: str = "", precision: str = "") -> float:
     """The product of fitted multipliers for one rate: keys "NAME", "NAME@DEVICE", "NAME@DEVICE/PREC".
 
-    NAME is one of gemm_rate, gemv_rate, dequant_rate, mem_rate, op_overhead, disk_rate, link_rate
+    NAME is one of gemm_rate, gemv_rate, dequant_rate, attn_rate, mem_rate, op_overhead, disk_rate, link_rate
     (gemm_shape@DEVICE/PREC and overlap are values, not multipliers: see device_rates, overlap_of)
     ("op_overhead@DEVICE/PREC" is read per precision, see device_rates). A multiplier
     > 1 means the thing measured faster (rates) or costlier (op_overhead) than predicted.
@@ -198,12 +201,16 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
             if f"op_overhead@{dev.name}/{p}" in cal:
                 op_scale[p] = cal[f"op_overhead@{dev.name}/{p}"]
         mem = _measured_mem(dp) or bw * coeffs.mem_eff[kind]
+        # the prefill attention's rate: the measured bf16 GEMM's (it runs in bf16) times its own multiplier
+        attn = 0.0
+        if any(k in cal for k in ("attn_rate", f"attn_rate@{dev.name}")):
+            attn = (m_gemm.get("bf16") or peak_bf16 * coeffs.gemm_eff[kind]) * calibrated(cal, "attn_rate", dev.name)
         over = dp.op_overhead.median if dp and dp.op_overhead else coeffs.op_overhead[kind]
         out[dev.name] = DeviceRates(dev.name, dev.kind, gemm, gemv,
                                     mem * calibrated(cal, "mem_rate", dev.name),
                                     over * calibrated(cal, "op_overhead", dev.name), op_scale,
                                     shape,
-                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0, deq)
+                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0, deq, attn)
     return out
 
 
@@ -403,7 +410,11 @@ def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str,
     rate = rates.gemm[precision]
     if tokens > 1 and rates.gemm_shape.get(precision):
         rate *= gemm_shape_factor(spec, unit, rates.gemm_ref, rates.gemm_shape[precision])
-    roof = max(flops / rate, weights / rates.gemv[precision] + kv / rates.mem)
+    attn = 0.0
+    if tokens > 1 and rates.attn > 0:  # the prompt's attention at its own rate, after the weight GEMMs
+        attn = batch * tokens * (spec.unit_flops_per_token(unit, avg_ctx) - spec.unit_flops_per_token(unit, 0))
+        flops -= attn
+    roof = max(flops / rate, weights / rates.gemv[precision] + kv / rates.mem) + (attn / rates.attn if attn else 0.0)
     if tokens > 1 and precision in rates.dequant:  # each prefill pass dequantises the unit's matrices once
         passes = -(-tokens // coeffs.prefill_chunk)
         roof += passes * sum(unit_matrices(spec, unit)) / rates.dequant[precision]

@@ -110,10 +110,12 @@ def block_profile(calibration=None):
 def test_native_runs_fit_their_stored_formats_rates(q8_file):
     """A quantised file runs `native`: the fit moves the keys its units are priced at (q8_0's), including
     the prefill's per-pass dequantise cost, told apart from the GEMM by two prompt lengths."""
-    truth = block_profile({"gemm_rate@cpu/q8_0": 0.4, "dequant_rate@cpu/q8_0": 0.5, "gemv_rate@cpu/q8_0": 0.7})
-    runs = [fake_run(q8_file, "native", "resident", c, truth, prompt=p) for c, p in ((128, 16), (1024, 512))]
+    truth = block_profile({"gemm_rate@cpu/q8_0": 0.4, "dequant_rate@cpu/q8_0": 0.5, "gemv_rate@cpu/q8_0": 0.7,
+                           "attn_rate@cpu": 0.1})
+    runs = [fake_run(q8_file, "native", "resident", c, truth, prompt=p) for c, p in ((128, 16), (512, 200), (1024, 512))]
     ps = params_for(runs)
-    assert {"gemm_rate@cpu/q8_0", "gemv_rate@cpu/q8_0", "dequant_rate@cpu/q8_0"} <= set(ps)
+    assert {"gemm_rate@cpu/q8_0", "gemv_rate@cpu/q8_0", "dequant_rate@cpu/q8_0", "attn_rate@cpu"} <= set(ps)
+    assert "attn_rate@cpu" not in params_for(runs[::2])  # two prompt lengths cannot tell it from the GEMM
     assert not any(p.endswith("/native") for p in ps)
     f = fit(runs, machine(), block_profile())
     assert error_summary(f.before)["prefill_error"]["max_abs"] > 0.3

@@ -74,6 +74,9 @@ def params_for(runs: list[dict]) -> list[str]:
     out = [f"{k}@{d}/{p}" for d in devs for p in precs for k in ("gemm_rate", "gemv_rate", "op_overhead")]
     out += [f"dequant_rate@{d}/{p}" for d in devs for p in precs if p in DEQUANT_PRECISIONS]
     out += [f"mem_rate@{d}" for d in devs]
+    # attention grows as P^2, the GEMMs as P, the dequantise pass per pass: three prompt lengths tell them apart
+    if len({r["plan"].get("workload", {}).get("prompt_tokens") for r in runs}) > 2:
+        out += [f"attn_rate@{d}" for d in devs]
     if len({r["config"]["model"] for r in runs}) > 1:  # matrix sizes differ only between models
         out += [f"gemm_shape@{d}/{p}" for d in devs for p in precs]
     if any(u["residency"] == "disk" for r in runs for u in r["plan"]["units"]):

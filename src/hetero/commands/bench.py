@@ -173,7 +173,10 @@ def register(app: typer.Typer) -> None:
                                                       "`native` for a quantised file; --sweep fp32,bf16,int8,int4)"),
         grid_residencies: Optional[str] = typer.Option(None, "--grid-residencies", help="grid for --calibrate/--sweep "
                                                        "(default: --calibrate the plan's, --sweep resident,disk)"),
-        grid_contexts: str = typer.Option("128,1024", "--grid-contexts", help="grid for --calibrate/--sweep"),
+        grid_contexts: Optional[str] = typer.Option(None, "--grid-contexts", help="grid for --calibrate/--sweep "
+                                                    "(default: --calibrate 128,512,1024: prompts of 64, 256 and 512 "
+                                                    "tokens tell the GEMMs, the dequantise pass and attention apart; "
+                                                    "--sweep 128,1024)"),
         batch: Optional[str] = typer.Option(None, "--batch", help="aggregate decode tok/s with B sequences per forward, e.g. 1,4,8,16"),
     ):
         """Measure MODEL under a plan: TTFT, prefill and decode tok/s (median and spread), per-unit times
@@ -210,7 +213,7 @@ def register(app: typer.Typer) -> None:
         bad = [r for r in res if r not in ("resident", "disk")]
         if bad:
             raise HeteroError(f"--grid-residencies takes resident,disk; got {bad[0]!r}")
-        ctxs = _ints(grid_contexts, "--grid-contexts")
+        ctxs = _ints(grid_contexts or ("128,512,1024" if calibrate else "128,1024"), "--grid-contexts")
         batches = _batches(batch) if batch is not None else None
         if batches and (calibrate or sweep or peer_list or report):
             raise HeteroError("--batch measures on its own: leave out --calibrate, --sweep, --peers and --report")

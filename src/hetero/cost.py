@@ -401,6 +401,15 @@ def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str,
     Decode: tokens=1, context=C. Prefill of P tokens: tokens=P, context=P (the average token sees P/2;
     unit_flops_per_token takes the attended length).
     """
+    t = compute_terms(spec, unit, rates, precision, full, tokens, context, batch, coeffs)
+    return max(t["gemm"], t["memory"]) + t["attention"] + t["dequant"] + t["overhead"]
+
+
+def compute_terms(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str, full: int, tokens: int,
+                  context: int, batch: int, coeffs: Coefficients) -> dict[str, float]:
+    """compute_time's terms in seconds: gemm (matmul FLOPs), memory (weight and KV bytes; the roofline
+    takes the larger of the two), attention (prefill, once calibrated), dequant (prefill passes of
+    dequantising formats) and overhead (per-op cost)."""
     avg_ctx = context if tokens == 1 else max(1, context // 2)
     flops = batch * tokens * spec.unit_flops_per_token(unit, avg_ctx)
     weights = read_bytes(spec, unit, full, batch * tokens)
@@ -414,11 +423,13 @@ def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str,
     if tokens > 1 and rates.attn > 0:  # the prompt's attention at its own rate, after the weight GEMMs
         attn = batch * tokens * (spec.unit_flops_per_token(unit, avg_ctx) - spec.unit_flops_per_token(unit, 0))
         flops -= attn
-    roof = max(flops / rate, weights / rates.gemv[precision] + kv / rates.mem) + (attn / rates.attn if attn else 0.0)
+    deq = 0.0
     if tokens > 1 and precision in rates.dequant:  # each prefill pass dequantises the unit's matrices once
         passes = -(-tokens // coeffs.prefill_chunk)
-        roof += passes * sum(unit_matrices(spec, unit)) / rates.dequant[precision]
-    return roof + unit_ops(unit, coeffs) * rates.overhead * rates.overhead_scale.get(precision, 1.0)
+        deq = passes * sum(unit_matrices(spec, unit)) / rates.dequant[precision]
+    return {"gemm": flops / rate, "memory": weights / rates.gemv[precision] + kv / rates.mem,
+            "attention": attn / rates.attn if attn else 0.0, "dequant": deq,
+            "overhead": unit_ops(unit, coeffs) * rates.overhead * rates.overhead_scale.get(precision, 1.0)}
 
 
 def transfer_time(spec: ModelSpec, unit: str, full: int, residency: str, device: str, tokens: int,

@@ -127,6 +127,11 @@ def _print(result: dict) -> None:
                       "—" if ed is None else f"{ed * 100:+.0f}%", f"{pr['unit_prefill_ms'][n]:.3f}",
                       f"{me['unit_prefill_ms'][n]:.3f}", "—" if ep is None else f"{ep * 100:+.0f}%")
     c.print(units)
+    for name, t in result.get("terms_ms", {}).items():  # what the prediction is made of
+        for phase in ("decode", "prefill"):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in t[phase].items() if v)
+            c.print(f"predicted {name} {phase} ms at {t['rate_precision']} rates: {parts} "
+                    f"(gemm and memory overlap: the larger counts)")
     for p in result.get("peers", []):
         if "skipped" in p:
             c.print(f"peer {p['peer']}: skipped ({p['skipped']})")
@@ -273,8 +278,10 @@ def register(app: typer.Typer) -> None:
             from hetero.bench.peers import run_peers
 
             peer_rows = run_peers(peer_list, model, prompt_tokens, new_tokens, repeats, dtype, budget)
+        from hetero.bench.terms import terms
+
         full = {"model": model, "notes": notes, **result, "peers": peer_rows, "roofline": _rates(hw, prof),
-                "plan": plan.to_dict(), **out}
+                "terms_ms": terms(plan, resolve_spec(model), hw, prof), "plan": plan.to_dict(), **out}
         if report:
             from hetero.bench.report import render
 

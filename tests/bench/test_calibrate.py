@@ -132,3 +132,15 @@ def dataclasses_replace(prof, cal):
     import dataclasses
 
     return dataclasses.replace(prof, calibration=dict(cal))
+
+
+def test_calibrate_grid_defaults_to_the_measured_plan_and_native_for_a_quantised_file(q8_file):
+    from hetero.commands.bench import calibration_grid
+    from hetero.model.sources import resolve_spec
+
+    spec = resolve_spec(q8_file)
+    plan = config_plan(spec, machine(), block_profile(), "int8", "disk", 32, 128)
+    assert calibration_grid(spec, plan) == (["int8", "native"], ["disk", "resident"])
+    plain = resolve_spec("synthetic:tiny")
+    assert calibration_grid(plain, config_plan(plain, machine(), profile(), "bf16", "resident", 32, 128)) == \
+        (["bf16"], ["resident"])

@@ -71,6 +71,15 @@ def _grid(model, precisions, residencies, contexts, P, N, repeats):
             for C in contexts for p in precisions for r in residencies]
 
 
+def calibration_grid(spec, plan) -> tuple[list[str], list[str]]:
+    """--calibrate's default grid: what the command then measures, the plan's own precisions and
+    residencies (a quantised file: also `native`, which the plan after this calibration may pick
+    even where the one before it did not)."""
+    precs = {u.precision for u in plan.units} | ({"native"} if spec.has_block_tensors else set())
+    res = {u.residency for u in plan.units} - {"ram"}  # the grid streams from disk or keeps resident
+    return sorted(precs), sorted(res) or ["resident"]
+
+
 def calibrate_model(model: str, precisions, residencies, contexts, P, N, repeats, progress: bool) -> dict:
     """Measure the grid (one process per point), fit, store into the cached Profile; the fit's dict."""
     from hetero.bench.calibrate import fit, store
@@ -227,7 +236,6 @@ def register(app: typer.Typer) -> None:
         if context is not None and context < prompt_tokens + 1:
             raise HeteroError(f"--context {context} leaves no room after a {prompt_tokens}-token prompt")
         from hetero.model.sources import resolve_spec
-
         from hetero.runtime import engine as eng
 
         model = model or "smollm2-135m"
@@ -242,9 +250,10 @@ def register(app: typer.Typer) -> None:
                 p0, _ = eng.plan_for_run(model, plan_file, memory, hardware, objective, _list(precisions) or None,
                                          prompt_tokens=prompt_tokens, context=context or prompt_tokens + new_tokens,
                                          max_quality_loss=max_quality_loss)
-                c_precs = precs if grid_precisions is not None else sorted({u.precision for u in p0.units})
-                c_res = res if grid_residencies is not None else sorted({u.residency for u in p0.units} - {"ram"})
-            out["calibration"] = calibrate_model(model, c_precs, c_res or ["resident"], ctxs, prompt_tokens,
+                g_precs, g_res = calibration_grid(resolve_spec(model), p0)
+                c_precs = precs if grid_precisions is not None else g_precs
+                c_res = res if grid_residencies is not None else g_res
+            out["calibration"] = calibrate_model(model, c_precs, c_res, ctxs, prompt_tokens,
                                                  new_tokens, repeats, progress)
         if sweep:
             from hetero.bench.sweep import sweep as run_sweep

@@ -7,6 +7,7 @@ import pytest
 
 from hetero.bench.calibrate import Pricer, error_summary, fit, params_for, store
 from hetero.bench.run import config_plan
+from hetero.cost import calibrated as cost_calibrated
 from benchhelpers import fake_run, machine, profile
 
 TRUTH = {"gemv_rate@cpu/bf16": 0.5, "gemv_rate@cpu/int8": 0.4, "gemm_rate@cpu/bf16": 0.3,
@@ -35,8 +36,10 @@ def test_fit_shrinks_error_to_near_zero(runs):
     # ... the fitted one reproduces the truth's tok/s
     assert after["decode_error"]["max_abs"] < 0.02
     assert after["prefill_error"]["max_abs"] < 0.02
-    assert f.calibration["gemv_rate@cpu/bf16"] == pytest.approx(0.5, rel=0.1)
-    assert f.calibration["gemv_rate@cpu/int8"] == pytest.approx(0.4, rel=0.1)
+    from hetero.cost import calibrated
+
+    assert calibrated(f.calibration, "gemv_rate", "cpu", "bf16") == pytest.approx(0.5, rel=0.1)
+    assert calibrated(f.calibration, "gemv_rate", "cpu", "int8") == pytest.approx(0.4, rel=0.1)
 
 
 def test_pricer_matches_rescored_plan(runs):
@@ -63,7 +66,7 @@ def test_store_writes_profile_and_details(runs, tmp_path, monkeypatch):
     cached = load_cached("bench-test")
     assert cached is not None and cached.calibration == new.calibration == f.calibration
     # later plans read it: the calibrated rate differs from the uncalibrated one by the multiplier
-    m = f.calibration["gemv_rate@cpu/bf16"]
+    m = cost_calibrated(f.calibration, "gemv_rate", "cpu", "bf16")
     assert device_rates(machine(), cached)["cpu"].gemv["bf16"] == pytest.approx(10e9 * m)
     details = json.loads((cache_dir() / "calibration" / "bench-test.json").read_text())
     assert details["summary"]["after"]["runs"] == 4
@@ -121,7 +124,7 @@ def test_native_runs_fit_their_stored_formats_rates(q8_file):
     assert error_summary(f.before)["prefill_error"]["max_abs"] > 0.3
     assert error_summary(f.after)["decode_error"]["max_abs"] < 0.02
     assert error_summary(f.after)["prefill_error"]["max_abs"] < 0.02
-    assert f.calibration["gemv_rate@cpu/q8_0"] == pytest.approx(0.7, rel=0.1)
+    assert cost_calibrated(f.calibration, "gemv_rate", "cpu", "q8_0") == pytest.approx(0.7, rel=0.1)
     # a prompt length the grid did not have is priced as the truth prices it
     mid = fake_run(q8_file, "native", "resident", 512, truth, prompt=128)
     assert Pricer(mid, machine()).errors(dataclasses_replace(block_profile(), f.calibration))["prefill_error"] \
@@ -144,3 +147,18 @@ def test_calibrate_grid_defaults_to_the_measured_plan_and_native_for_a_quantised
     plain = resolve_spec("synthetic:tiny")
     assert calibration_grid(plain, config_plan(plain, machine(), profile(), "bf16", "resident", 32, 128)) == \
         (["bf16"], ["resident"])
+
+
+def test_a_precision_the_grid_did_not_measure_takes_the_devices_typical_correction(runs):
+    from hetero.cost import device_rates
+
+    f = fit(runs, machine(), profile())
+    cal = f.calibration
+    fitted = device_rates(machine(), profile(cal))["cpu"]
+    plain = device_rates(machine(), profile())["cpu"]
+    # fitted precisions price as the fit left them: per-precision x device key
+    assert fitted.gemv["bf16"] / plain.gemv["bf16"] == pytest.approx(0.5, rel=0.1)
+    assert fitted.gemv["int8"] / plain.gemv["int8"] == pytest.approx(0.4, rel=0.1)
+    # int4 was in no run: it takes the geometric mean of the fitted ones, not the optimistic probe figure
+    assert fitted.gemv["int4"] / plain.gemv["int4"] == pytest.approx(cal["gemv_rate@cpu"]) == \
+        pytest.approx((0.5 * 0.4) ** 0.5, rel=0.1)

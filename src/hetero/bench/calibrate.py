@@ -182,6 +182,7 @@ def fit(runs: list[dict], hw: HardwareSpec, profile: Profile, params: list[str] 
     uncal = _with(profile, keep)
     before = [p.errors(profile) for p in pricers]  # what the profile predicted before this fit
     cal, cost_ = _solve(pricers, uncal, params, keep)
+    cal = share_device_factor(cal, params)
     after = [p.errors(_with(profile, cal)) for p in pricers]
     loo = []
     if leave_one_out and len(pricers) > 2:
@@ -190,6 +191,26 @@ def fit(runs: list[dict], hw: HardwareSpec, profile: Profile, params: list[str] 
             c_i, _ = _solve(rest, uncal, params, keep)
             loo.append(p.errors(_with(profile, c_i)))
     return Fit(cal, before, after, params, cost_, loo)
+
+
+def share_device_factor(cal: dict[str, float], params: list[str]) -> dict[str, float]:
+    """Move the common part of the fitted per-precision rate multipliers to the device's own key:
+    "gemv_rate@cpu/q4_1" x0.27 and ".../q8_0" x0.96 become "gemv_rate@cpu" x0.51 and x0.53, x1.9.
+    Every fitted precision prices exactly as before; a precision the grid did not measure now takes
+    the device's typical correction instead of none, so the planner does not prefer it for being
+    the only one still at its optimistic probe figure."""
+    out = dict(cal)
+    for kind in ("gemm_rate", "gemv_rate"):
+        by_dev: dict[str, list[str]] = {}
+        for n in params:
+            if n.startswith(kind + "@") and "/" in n:
+                by_dev.setdefault(n[len(kind) + 1:].split("/")[0], []).append(n)
+        for dev, names in by_dev.items():
+            g = math.exp(statistics.fmean(math.log(out[n]) for n in names))
+            out[f"{kind}@{dev}"] = out.get(f"{kind}@{dev}", 1.0) * g
+            for n in names:
+                out[n] /= g
+    return out
 
 
 def error_summary(rows: list[dict]) -> dict:

@@ -149,16 +149,21 @@ def test_calibrate_grid_defaults_to_the_measured_plan_and_native_for_a_quantised
         (["bf16"], ["resident"])
 
 
-def test_a_precision_the_grid_did_not_measure_takes_the_devices_typical_correction(runs):
+def test_a_precision_the_grid_did_not_measure_takes_the_devices_typical_correction():
+    from hetero.bench.calibrate import share_device_factor
     from hetero.cost import device_rates
 
-    f = fit(runs, machine(), profile())
-    cal = f.calibration
-    fitted = device_rates(machine(), profile(cal))["cpu"]
+    params = ["gemv_rate@cpu/bf16", "gemv_rate@cpu/int8", "gemm_rate@cpu/bf16", "mem_rate@cpu"]
+    fitted = {"gemv_rate@cpu/bf16": 0.5, "gemv_rate@cpu/int8": 0.4, "gemm_rate@cpu/bf16": 0.3, "mem_rate@cpu": 2.0}
+    cal = share_device_factor(fitted, params)
+    assert cal["gemv_rate@cpu"] == pytest.approx((0.5 * 0.4) ** 0.5) and cal["gemm_rate@cpu"] == pytest.approx(0.3)
+    new = device_rates(machine(), profile(cal))["cpu"]
+    old = device_rates(machine(), profile(fitted))["cpu"]
     plain = device_rates(machine(), profile())["cpu"]
-    # fitted precisions price as the fit left them: per-precision x device key
-    assert fitted.gemv["bf16"] / plain.gemv["bf16"] == pytest.approx(0.5, rel=0.1)
-    assert fitted.gemv["int8"] / plain.gemv["int8"] == pytest.approx(0.4, rel=0.1)
-    # int4 was in no run: it takes the geometric mean of the fitted ones, not the optimistic probe figure
-    assert fitted.gemv["int4"] / plain.gemv["int4"] == pytest.approx(cal["gemv_rate@cpu"]) == \
-        pytest.approx((0.5 * 0.4) ** 0.5, rel=0.1)
+    # fitted precisions price exactly as the fit left them ...
+    assert new.gemv["bf16"] == pytest.approx(old.gemv["bf16"]) and new.gemv["int8"] == pytest.approx(old.gemv["int8"])
+    assert new.gemm["bf16"] == pytest.approx(old.gemm["bf16"]) and new.mem == pytest.approx(old.mem)
+    # ... and int4, in no run, takes the device's typical correction instead of its optimistic probe figure
+    assert old.gemv["int4"] == plain.gemv["int4"]
+    assert new.gemv["int4"] == pytest.approx(plain.gemv["int4"] * (0.5 * 0.4) ** 0.5)
+    assert new.gemm["int4"] == pytest.approx(plain.gemm["int4"] * 0.3)

@@ -166,3 +166,24 @@ def test_calibration_fits_the_shape_term_only_across_models():
         return {"config": {"model": model}, "plan": {"units": [{"precision": "bf16", "device": "cpu", "residency": "resident"}]}}
     assert not any(p.startswith("gemm_shape") for p in params_for([run("a"), run("a")]))
     assert "gemm_shape@cpu/bf16" in params_for([run("a"), run("b")])
+
+
+def test_dequantising_prefill_pays_one_pass_per_chunk_by_hand():
+    import dataclasses
+
+    s = spec()
+    # the probe: 512 tokens over 2048 x 2048 weights at 400 (bf16) and 320 GFLOP/s (int4)
+    work, e = 2.0 * 512 * 2048 * 2048, 2048.0 * 2048.0
+    deq = cost.dequant_rates({"bf16": 400e9, "int4": 320e9, "int8": 500e9}, 512, e)
+    assert set(deq) == {"int4"}                                  # int8 is faster than bf16: no pass
+    assert work / 400e9 + e / deq["int4"] == pytest.approx(work / 320e9)  # the probe's own time back
+    r = dataclasses.replace(RATES, gemm={"int4": 100e9}, gemv={"int4": 10e9}, dequant={"int4": 1e9})
+    plain = dataclasses.replace(r, dequant={})
+    elems = sum(cost.unit_matrices(s, "layers.0"))                # 36864 weights: 36.9 us a pass
+    for tokens, passes in ((64, 1), (512, 1), (513, 2), (1500, 3)):
+        got = cost.compute_time(s, "layers.0", r, "int4", 20000, tokens, tokens, 1, C)
+        base = cost.compute_time(s, "layers.0", plain, "int4", 20000, tokens, tokens, 1, C)
+        assert got - base == pytest.approx(passes * elems / 1e9)
+    # decode (one token) reads the packed weights directly: no pass
+    assert cost.compute_time(s, "layers.0", r, "int4", 20000, 1, 100, 1, C) == \
+        cost.compute_time(s, "layers.0", plain, "int4", 20000, 1, 100, 1, C)

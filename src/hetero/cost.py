@@ -63,6 +63,7 @@ class Coefficients:
     ops_embed: int = 1
     ops_experts: int = 12             # sort/count + k x (gather, gate/up, act, down, scatter) at k=2..8
     ops_head: int = 3                 # norm, projection, sampling
+    prefill_chunk: int = 512          # tokens per prefill pass (runtime.generate): weights dequantise once a pass
     act_bytes: int = 4                # hidden states cross device boundaries in fp32
 
     def to_dict(self) -> dict:
@@ -82,6 +83,13 @@ class DeviceRates:
     gemm_shape: dict[str, float] = field(default_factory=dict)  # precision -> alpha of the prefill rate's
                                                                 # matrix-size term (Coefficients.gemm_shape)
     gemm_ref: float = 2048.0 * 2048.0  # weight elements of the matrix `gemm` was measured on
+    # precision -> weight elements/s of the prefill's dequantise-to-bf16 pass (int4 and the GGUF block
+    # formats, whose `gemm` is then the bf16 GEMM after it): a cost per pass, not per token, so a
+    # short prompt pays relatively more of it (see dequant_rates)
+    dequant: dict[str, float] = field(default_factory=dict)
+    # FLOP/s of the prefill's attention (QK^T, softmax, AV over [heads, P, P]: eager torch, far below
+    # the weight GEMMs' rate) once calibration has fitted "attn_rate@DEVICE"; 0: the unit's GEMM rate
+    attn: float = 0.0
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -120,7 +128,7 @@ class Link:
 def calibrated(cal: dict[str, float], name: str, device: str = "", precision: str = "") -> float:
     """The product of fitted multipliers for one rate: keys "NAME", "NAME@DEVICE", "NAME@DEVICE/PREC".
 
-    NAME is one of gemm_rate, gemv_rate, mem_rate, op_overhead, disk_rate, link_rate
+    NAME is one of gemm_rate, gemv_rate, dequant_rate, attn_rate, mem_rate, op_overhead, disk_rate, link_rate
     (gemm_shape@DEVICE/PREC and overlap are values, not multipliers: see device_rates, overlap_of)
     ("op_overhead@DEVICE/PREC" is read per precision, see device_rates). A multiplier
     > 1 means the thing measured faster (rates) or costlier (op_overhead) than predicted.
@@ -168,6 +176,7 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
         bw = dev.bandwidth or coeffs.default_bandwidth.get(kind, 30e9)
         peak_bf16 = dev.peak_flops.get("bf16") or dev.peak_flops.get("fp16") or coeffs.default_flops[kind]
         gemm, gemv, op_scale, shape = {}, {}, {}, {}
+        deq = dequant_rates(m_gemm, *_probe_shape(profile)) if m_gemm else {}
         for p in precs:
             if p in m_gemm:
                 g = m_gemm[p]
@@ -181,6 +190,9 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
                 g = peak * coeffs.gemm_eff[kind]
             # decode streams weight bytes at a rate nearly independent of dtype (measured here)
             v = m_gemv.get(p) or (statistics.median(m_gemv.values()) if m_gemv else bw * coeffs.gemv_eff[kind])
+            if p in deq:  # the probe's time less its dequantise pass: the bf16 GEMM after it
+                g = m_gemm["bf16"]
+                deq[p] *= calibrated(cal, "dequant_rate", dev.name, p)
             gemm[p] = g * calibrated(cal, "gemm_rate", dev.name, p)
             gemv[p] = v * calibrated(cal, "gemv_rate", dev.name, p)
             shape[p] = cal.get(f"gemm_shape@{dev.name}/{p}", cal.get(f"gemm_shape@{dev.name}",
@@ -189,21 +201,47 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
             if f"op_overhead@{dev.name}/{p}" in cal:
                 op_scale[p] = cal[f"op_overhead@{dev.name}/{p}"]
         mem = _measured_mem(dp) or bw * coeffs.mem_eff[kind]
+        # the prefill attention's rate: the measured bf16 GEMM's (it runs in bf16) times its own multiplier
+        attn = 0.0
+        if any(k in cal for k in ("attn_rate", f"attn_rate@{dev.name}")):
+            attn = (m_gemm.get("bf16") or peak_bf16 * coeffs.gemm_eff[kind]) * calibrated(cal, "attn_rate", dev.name)
         over = dp.op_overhead.median if dp and dp.op_overhead else coeffs.op_overhead[kind]
         out[dev.name] = DeviceRates(dev.name, dev.kind, gemm, gemv,
                                     mem * calibrated(cal, "mem_rate", dev.name),
                                     over * calibrated(cal, "op_overhead", dev.name), op_scale,
                                     shape,
-                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0)
+                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0, deq, attn)
+    return out
+
+
+DEQUANT_PRECISIONS: tuple[str, ...] = ("int4", *BLOCK_PRECISIONS)  # prefill dequantises, then bf16 GEMM
+
+
+def dequant_rates(m_gemm: dict[str, float], m: int, elements: float) -> dict[str, float]:
+    """Weight elements/s of each dequantising precision's prefill pass, from the GEMM probe: its time
+    at `m` tokens over `elements` weights is the bf16 GEMM's plus one dequantise pass, so the pass
+    takes elements / (time_p - time_bf16). A precision measured at or above bf16's rate has no row."""
+    b = m_gemm.get("bf16", 0.0)
+    out = {}
+    for p in DEQUANT_PRECISIONS:
+        g = m_gemm.get(p, 0.0)
+        if b > 0 and 0 < g < b:
+            work = 2.0 * m * elements
+            out[p] = elements / (work / g - work / b)
     return out
 
 
 def _probe_elements(profile: Profile | None) -> float:
     """Weight elements (K x N) of the profile's GEMM probe (hetero.hardware.bench sizes)."""
+    return _probe_shape(profile)[1]
+
+
+def _probe_shape(profile: Profile | None) -> tuple[int, float]:
+    """(tokens M, weight elements K x N) of the profile's GEMM probe (hetero.hardware.bench sizes)."""
     from hetero.hardware.bench import FULL, QUICK
 
     sz = FULL if profile is not None and profile.mode == "full" else QUICK
-    return float(sz.gemm_k * sz.gemm_n)
+    return sz.gemm_m, float(sz.gemm_k * sz.gemm_n)
 
 
 def _measured_mem(dp) -> float:
@@ -363,6 +401,15 @@ def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str,
     Decode: tokens=1, context=C. Prefill of P tokens: tokens=P, context=P (the average token sees P/2;
     unit_flops_per_token takes the attended length).
     """
+    t = compute_terms(spec, unit, rates, precision, full, tokens, context, batch, coeffs)
+    return max(t["gemm"], t["memory"]) + t["attention"] + t["dequant"] + t["overhead"]
+
+
+def compute_terms(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str, full: int, tokens: int,
+                  context: int, batch: int, coeffs: Coefficients) -> dict[str, float]:
+    """compute_time's terms in seconds: gemm (matmul FLOPs), memory (weight and KV bytes; the roofline
+    takes the larger of the two), attention (prefill, once calibrated), dequant (prefill passes of
+    dequantising formats) and overhead (per-op cost)."""
     avg_ctx = context if tokens == 1 else max(1, context // 2)
     flops = batch * tokens * spec.unit_flops_per_token(unit, avg_ctx)
     weights = read_bytes(spec, unit, full, batch * tokens)
@@ -372,8 +419,17 @@ def compute_time(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str,
     rate = rates.gemm[precision]
     if tokens > 1 and rates.gemm_shape.get(precision):
         rate *= gemm_shape_factor(spec, unit, rates.gemm_ref, rates.gemm_shape[precision])
-    roof = max(flops / rate, weights / rates.gemv[precision] + kv / rates.mem)
-    return roof + unit_ops(unit, coeffs) * rates.overhead * rates.overhead_scale.get(precision, 1.0)
+    attn = 0.0
+    if tokens > 1 and rates.attn > 0:  # the prompt's attention at its own rate, after the weight GEMMs
+        attn = batch * tokens * (spec.unit_flops_per_token(unit, avg_ctx) - spec.unit_flops_per_token(unit, 0))
+        flops -= attn
+    deq = 0.0
+    if tokens > 1 and precision in rates.dequant:  # each prefill pass dequantises the unit's matrices once
+        passes = -(-tokens // coeffs.prefill_chunk)
+        deq = passes * sum(unit_matrices(spec, unit)) / rates.dequant[precision]
+    return {"gemm": flops / rate, "memory": weights / rates.gemv[precision] + kv / rates.mem,
+            "attention": attn / rates.attn if attn else 0.0, "dequant": deq,
+            "overhead": unit_ops(unit, coeffs) * rates.overhead * rates.overhead_scale.get(precision, 1.0)}
 
 
 def transfer_time(spec: ModelSpec, unit: str, full: int, residency: str, device: str, tokens: int,

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hetero.cost import DEQUANT_PRECISIONS
+from hetero.dtypes import NATIVE
 from hetero.hardware.types import HardwareSpec, Profile
 
 SHAPE_MAX = 0.6  # bound on the fitted matrix-size exponent of the prefill rate (cost.gemm_shape_factor)
@@ -50,14 +52,31 @@ def label(run: dict) -> str:
     return f"{c['model']} {c['precision']} {c['residency']} ctx{c['context']}"
 
 
+def rate_precisions(run: dict) -> set[str]:
+    """The precisions whose rates price a run's units: a `native` unit is priced at its main stored
+    format's (cost.DeviceRates.rate_precision), so that is the key a fit must move."""
+    units = run["plan"]["units"]
+    if not any(u["precision"] == NATIVE for u in units):
+        return {u["precision"] for u in units}
+    from hetero.model.sources import resolve_spec
+
+    spec = resolve_spec(run["config"]["model"])
+    return {spec.native_format(u["name"]) if u["precision"] == NATIVE else u["precision"] for u in units}
+
+
 def params_for(runs: list[dict]) -> list[str]:
-    """The multipliers the runs can inform: per precision used (matmul rates and the per-call cost of
-    its kernels, which sets small models' speed), plus memory and disk, and the prefill rate's
-    matrix-size exponent when the runs span models of different widths."""
-    precs = sorted({u["precision"] for r in runs for u in r["plan"]["units"]})
+    """The multipliers the runs can inform: per precision priced (matmul rates and the per-call cost
+    of its kernels, which sets small models' speed; the prefill's dequantise pass where there is one),
+    plus memory and disk, and the prefill rate's matrix-size exponent when the runs span models of
+    different widths."""
+    precs = sorted(set().union(*(rate_precisions(r) for r in runs)))
     devs = sorted({u["device"] for r in runs for u in r["plan"]["units"]})
     out = [f"{k}@{d}/{p}" for d in devs for p in precs for k in ("gemm_rate", "gemv_rate", "op_overhead")]
+    out += [f"dequant_rate@{d}/{p}" for d in devs for p in precs if p in DEQUANT_PRECISIONS]
     out += [f"mem_rate@{d}" for d in devs]
+    # attention grows as P^2, the GEMMs as P, the dequantise pass per pass: three prompt lengths tell them apart
+    if len({r["plan"].get("workload", {}).get("prompt_tokens") for r in runs}) > 2:
+        out += [f"attn_rate@{d}" for d in devs]
     if len({r["config"]["model"] for r in runs}) > 1:  # matrix sizes differ only between models
         out += [f"gemm_shape@{d}/{p}" for d in devs for p in precs]
     if any(u["residency"] == "disk" for r in runs for u in r["plan"]["units"]):
@@ -163,6 +182,7 @@ def fit(runs: list[dict], hw: HardwareSpec, profile: Profile, params: list[str] 
     uncal = _with(profile, keep)
     before = [p.errors(profile) for p in pricers]  # what the profile predicted before this fit
     cal, cost_ = _solve(pricers, uncal, params, keep)
+    cal = share_device_factor(cal, params)
     after = [p.errors(_with(profile, cal)) for p in pricers]
     loo = []
     if leave_one_out and len(pricers) > 2:
@@ -171,6 +191,26 @@ def fit(runs: list[dict], hw: HardwareSpec, profile: Profile, params: list[str] 
             c_i, _ = _solve(rest, uncal, params, keep)
             loo.append(p.errors(_with(profile, c_i)))
     return Fit(cal, before, after, params, cost_, loo)
+
+
+def share_device_factor(cal: dict[str, float], params: list[str]) -> dict[str, float]:
+    """Move the common part of the fitted per-precision rate multipliers to the device's own key:
+    "gemv_rate@cpu/q4_1" x0.27 and ".../q8_0" x0.96 become "gemv_rate@cpu" x0.51 and x0.53, x1.9.
+    Every fitted precision prices exactly as before; a precision the grid did not measure now takes
+    the device's typical correction instead of none, so the planner does not prefer it for being
+    the only one still at its optimistic probe figure."""
+    out = dict(cal)
+    for kind in ("gemm_rate", "gemv_rate"):
+        by_dev: dict[str, list[str]] = {}
+        for n in params:
+            if n.startswith(kind + "@") and "/" in n:
+                by_dev.setdefault(n[len(kind) + 1:].split("/")[0], []).append(n)
+        for dev, names in by_dev.items():
+            g = math.exp(statistics.fmean(math.log(out[n]) for n in names))
+            out[f"{kind}@{dev}"] = out.get(f"{kind}@{dev}", 1.0) * g
+            for n in names:
+                out[n] /= g
+    return out
 
 
 def error_summary(rows: list[dict]) -> dict:

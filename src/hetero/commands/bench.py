@@ -59,12 +59,25 @@ def _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_
     Console().print(t)
 
 
+SWEEP_PRECISIONS = ("fp32", "bf16", "int8", "int4")
+SWEEP_RESIDENCIES = ("resident", "disk")
+
+
 def _grid(model, precisions, residencies, contexts, P, N, repeats):
     from hetero.bench.run import Config
 
     # the prompt takes at most half the context; decode steps are timed at its end
     return [Config(model, p, r, C, min(P, C // 2), min(N, C - min(P, C // 2)), repeats)
             for C in contexts for p in precisions for r in residencies]
+
+
+def calibration_grid(spec, plan) -> tuple[list[str], list[str]]:
+    """--calibrate's default grid: what the command then measures, the plan's own precisions and
+    residencies (a quantised file: also `native`, which the plan after this calibration may pick
+    even where the one before it did not)."""
+    precs = {u.precision for u in plan.units} | ({"native"} if spec.has_block_tensors else set())
+    res = {u.residency for u in plan.units} - {"ram"}  # the grid streams from disk or keeps resident
+    return sorted(precs), sorted(res) or ["resident"]
 
 
 def calibrate_model(model: str, precisions, residencies, contexts, P, N, repeats, progress: bool) -> dict:
@@ -123,6 +136,11 @@ def _print(result: dict) -> None:
                       "—" if ed is None else f"{ed * 100:+.0f}%", f"{pr['unit_prefill_ms'][n]:.3f}",
                       f"{me['unit_prefill_ms'][n]:.3f}", "—" if ep is None else f"{ep * 100:+.0f}%")
     c.print(units)
+    for name, t in result.get("terms_ms", {}).items():  # what the prediction is made of
+        for phase in ("decode", "prefill"):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in t[phase].items() if v)
+            c.print(f"predicted {name} {phase} ms at {t['rate_precision']} rates: {parts} "
+                    f"(gemm and memory overlap: the larger counts)")
     for p in result.get("peers", []):
         if "skipped" in p:
             c.print(f"peer {p['peer']}: skipped ({p['skipped']})")
@@ -164,9 +182,15 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
         calibrate: bool = typer.Option(False, "--calibrate", help="measure a grid, fit the cost model, store it in the Profile"),
         sweep: bool = typer.Option(False, "--sweep", help="measure a grid under --memory beside the planner's pick"),
-        grid_precisions: str = typer.Option("fp32,bf16,int8,int4", "--grid-precisions", help="grid for --calibrate/--sweep"),
-        grid_residencies: str = typer.Option("resident,disk", "--grid-residencies", help="grid for --calibrate/--sweep"),
-        grid_contexts: str = typer.Option("128,1024", "--grid-contexts", help="grid for --calibrate/--sweep"),
+        grid_precisions: Optional[str] = typer.Option(None, "--grid-precisions", help="grid for --calibrate/--sweep "
+                                                      "(default: --calibrate the precisions of the plan it measures, "
+                                                      "`native` for a quantised file; --sweep fp32,bf16,int8,int4)"),
+        grid_residencies: Optional[str] = typer.Option(None, "--grid-residencies", help="grid for --calibrate/--sweep "
+                                                       "(default: --calibrate the plan's, --sweep resident,disk)"),
+        grid_contexts: Optional[str] = typer.Option(None, "--grid-contexts", help="grid for --calibrate/--sweep "
+                                                    "(default: --calibrate 128,512,1024: prompts of 64, 256 and 512 "
+                                                    "tokens tell the GEMMs, the dequantise pass and attention apart; "
+                                                    "--sweep 128,1024)"),
         batch: Optional[str] = typer.Option(None, "--batch", help="aggregate decode tok/s with B sequences per forward, e.g. 1,4,8,16"),
     ):
         """Measure MODEL under a plan: TTFT, prefill and decode tok/s (median and spread), per-unit times
@@ -198,12 +222,12 @@ def register(app: typer.Typer) -> None:
         for p in peer_list:
             if p not in PEERS:
                 raise HeteroError(f"unknown peer {p!r}; known: {', '.join(PEERS)}")
-        precs = _list(grid_precisions)
-        res = _list(grid_residencies)
+        precs = _list(grid_precisions) or list(SWEEP_PRECISIONS)
+        res = _list(grid_residencies) or list(SWEEP_RESIDENCIES)
         bad = [r for r in res if r not in ("resident", "disk")]
         if bad:
             raise HeteroError(f"--grid-residencies takes resident,disk; got {bad[0]!r}")
-        ctxs = _ints(grid_contexts, "--grid-contexts")
+        ctxs = _ints(grid_contexts or ("128,512,1024" if calibrate else "128,1024"), "--grid-contexts")
         batches = _batches(batch) if batch is not None else None
         if batches and (calibrate or sweep or peer_list or report):
             raise HeteroError("--batch measures on its own: leave out --calibrate, --sweep, --peers and --report")
@@ -212,13 +236,25 @@ def register(app: typer.Typer) -> None:
         if context is not None and context < prompt_tokens + 1:
             raise HeteroError(f"--context {context} leaves no room after a {prompt_tokens}-token prompt")
         from hetero.model.sources import resolve_spec
+        from hetero.runtime import engine as eng
 
         model = model or "smollm2-135m"
         resolve_spec(model)  # a bad model name fails here, before any measuring
         progress = not as_json
         out: dict = {}
         if calibrate:
-            out["calibration"] = calibrate_model(model, precs, res, ctxs, prompt_tokens, new_tokens, repeats, progress)
+            # by default the grid is what this command then measures: the plan's own precisions (a
+            # quantised file: native, priced at its stored formats' rates) and residencies
+            c_precs, c_res = precs, res
+            if grid_precisions is None or grid_residencies is None:
+                p0, _ = eng.plan_for_run(model, plan_file, memory, hardware, objective, _list(precisions) or None,
+                                         prompt_tokens=prompt_tokens, context=context or prompt_tokens + new_tokens,
+                                         max_quality_loss=max_quality_loss)
+                g_precs, g_res = calibration_grid(resolve_spec(model), p0)
+                c_precs = precs if grid_precisions is not None else g_precs
+                c_res = res if grid_residencies is not None else g_res
+            out["calibration"] = calibrate_model(model, c_precs, c_res, ctxs, prompt_tokens,
+                                                 new_tokens, repeats, progress)
         if sweep:
             from hetero.bench.sweep import sweep as run_sweep
 
@@ -228,7 +264,6 @@ def register(app: typer.Typer) -> None:
             out["sweep"] = sw
         from hetero.bench.run import measure_plan
         from hetero.hardware import machine
-        from hetero.runtime import engine as eng
         from hetero.runtime.memory import Footprint
 
         mon = Footprint().start()
@@ -252,8 +287,10 @@ def register(app: typer.Typer) -> None:
             from hetero.bench.peers import run_peers
 
             peer_rows = run_peers(peer_list, model, prompt_tokens, new_tokens, repeats, dtype, budget)
+        from hetero.bench.terms import terms
+
         full = {"model": model, "notes": notes, **result, "peers": peer_rows, "roofline": _rates(hw, prof),
-                "plan": plan.to_dict(), **out}
+                "terms_ms": terms(plan, resolve_spec(model), hw, prof), "plan": plan.to_dict(), **out}
         if report:
             from hetero.bench.report import render
 

@@ -22,6 +22,10 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
+    act_int8: bool = typer.Option(False, "--act-int8", help="Quantise every Linear's input to int8 per token "
+                                  "(symmetric, dynamic), as a W8A8 prefill does; int8 weights run int8 x int8."),
+    act_group: int = typer.Option(0, "--act-group", help="With --act-int8: one scale per this many elements of a "
+                                  "token (32 = llama.cpp's Q8 activation blocks) instead of one per token."),
 ) -> None:
     """Token-level perplexity with a fixed context and stride (one evaluator for every variant)."""
     import hetero
@@ -32,6 +36,8 @@ def eval_cmd(
 
     if tokens < 0:
         raise HeteroError(f"--tokens must be ≥ 0 (got {tokens})")
+    if act_group < 0 or (act_group and not act_int8):
+        raise HeteroError("--act-group takes a size ≥ 1 and goes with --act-int8")
     stride = stride if stride is not None else max(1, context // 2)
     body = read_text(text)  # a bad file fails before the model loads
     if dtype is None:
@@ -41,13 +47,22 @@ def eval_cmd(
     m = hetero.load(model, dtype=dtype, threads=threads)
     ids = eval_ids(m.tokenizer, body, tokens or None)
     check_settings(len(ids), context, stride, m.spec.max_context)
-    r = perplexity(m.net, ids, context, stride, progress=progress)
-    out = {"model": m.spec.name, "dtype": dtype, "text": text or BUILTIN_NAME, **r.to_dict(),
+    if act_int8:
+        from hetero.ops.actquant import act_int8 as int8_acts
+
+        with int8_acts(m.net, act_group):
+            r = perplexity(m.net, ids, context, stride, progress=progress)
+    else:
+        r = perplexity(m.net, ids, context, stride, progress=progress)
+    acts = (f"int8/{act_group}" if act_group else "int8/token") if act_int8 else "default"
+    out = {"model": m.spec.name, "dtype": dtype, "activations": acts,
+           "text": text or BUILTIN_NAME, **r.to_dict(),
            "tok_s": round(r.tokens / r.seconds, 1) if r.seconds else None, "compression": read_record(model)}
     if as_json:
         print(json.dumps(out))
         return
     print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens of {out['text']}, context {context}, "
+          f"{acts + ' activations, ' if act_int8 else ''}"
           f"stride {stride}, {r.windows} windows, {r.seconds:.1f} s)")
     if out["compression"]:
         print(f"compression: {out['compression'].get('method')} "

@@ -122,6 +122,7 @@ def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch
 class Int8Linear(torch.nn.Module):
     """Weight-only int8 per output channel; bf16 activations through torch._weight_int8pack_mm
     (CPU; CUDA when its check passes, else the weight dequantised in blocks)."""
+    act_int8 = False  # set by ops.actquant.act_int8: prefill with per-token int8 activations (W8A8)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, device: str = "cpu"):
         super().__init__()
@@ -150,6 +151,10 @@ class Int8Linear(torch.nn.Module):
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*shape[:-1], self.out_features)
+        if self.act_int8:
+            from hetero.ops.actquant import int8_linear_w8a8
+
+            return int8_linear_w8a8(self, x)
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if self.pad:
             x2 = F.pad(x2, (0, self.pad))

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from hetero.commands.model import KV_HELP
+
 MODEL_HELP = "A .gguf file, an HF dir (a compressed artifact too), `smollm2-135m` (default) or `synthetic:NAME`."
 
 
@@ -22,6 +24,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype", help=KV_HELP),
 ) -> None:
     """Token-level perplexity with a fixed context and stride (one evaluator for every variant)."""
     import hetero
@@ -38,16 +41,16 @@ def eval_cmd(
         from hetero.model.sources import resolve_spec
 
         dtype = "native" if resolve_spec(model).has_block_tensors else "fp32"
-    m = hetero.load(model, dtype=dtype, threads=threads)
+    m = hetero.load(model, dtype=dtype, threads=threads, kv_dtype=kv_dtype)
     ids = eval_ids(m.tokenizer, body, tokens or None)
     check_settings(len(ids), context, stride, m.spec.max_context)
     r = perplexity(m.net, ids, context, stride, progress=progress)
-    out = {"model": m.spec.name, "dtype": dtype, "text": text or BUILTIN_NAME, **r.to_dict(),
+    out = {"model": m.spec.name, "dtype": dtype, "kv_dtype": kv_dtype, "text": text or BUILTIN_NAME, **r.to_dict(),
            "tok_s": round(r.tokens / r.seconds, 1) if r.seconds else None, "compression": read_record(model)}
     if as_json:
         print(json.dumps(out))
         return
-    print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens of {out['text']}, context {context}, "
+    print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens of {out['text']}, KV {kv_dtype}, context {context}, "
           f"stride {stride}, {r.windows} windows, {r.seconds:.1f} s)")
     if out["compression"]:
         print(f"compression: {out['compression'].get('method')} "

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.model.arch import Architecture
+from hetero.model.kvstore import nbytes as kv_nbytes, new_store
 from hetero.model.paged import Ragged
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig
@@ -81,18 +82,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class KVCache:
     """Preallocated per-layer K and V: [B, K, L, D], written in place, never reallocated. L is max_len,
-    or fewer slots for a layer that never looks further back (a local layer's window, used as a ring)."""
+    or fewer slots for a layer that never looks further back (a local layer's window, used as a ring).
+    kv_dtype other than the layers' own: each is a model/kvstore store (int8 codes + scales, or a cast)."""
 
     def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtypes: list[torch.dtype], devices: list[str],
-                 lengths: list[int] | None = None):
-        self.max_len = max_len
+                 lengths: list[int] | None = None, kv_dtype: str = "auto"):
+        self.max_len, self.kv_dtype = max_len, kv_dtype
         self.lengths = list(lengths) if lengths is not None else [max_len] * len(dtypes)
         shapes = [(batch, spec.n_kv_heads, n, spec.head_dim) for n in self.lengths]
-        self.k = [torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in zip(shapes, dtypes, devices)]
-        self.v = [torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in zip(shapes, dtypes, devices)]
+        self.k = [new_store(s, kv_dtype, dt, dev) for s, dt, dev in zip(shapes, dtypes, devices)]
+        self.v = [new_store(s, kv_dtype, dt, dev) for s, dt, dev in zip(shapes, dtypes, devices)]
+        # plain tensors in the layers' dtypes: what the compiled decode step reads
+        self.plain = not any(getattr(t, "quantised", False) for t in self.k)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(kv_nbytes(t) for t in self.k + self.v)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -131,7 +135,8 @@ class DecoderLayer(torch.nn.Module):
         if ragged is not None:
             return self._forward_ragged(x, ragged, cos, sin, k_cache, v_cache)
         B, T, _ = x.shape
-        if T == 1 and B == 1 and self._fused is not None and x.dtype == self.dtype == k_cache.dtype \
+        if T == 1 and B == 1 and self._fused is not None and isinstance(k_cache, torch.Tensor) \
+                and x.dtype == self.dtype == k_cache.dtype \
                 and x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous():
             return self._decode_fused(x, start, cos, sin, k_cache, v_cache)
         x = self._attend(x, start, cos, sin, k_cache, v_cache)

@@ -135,9 +135,9 @@ class DecoderLayer(torch.nn.Module):
         if ragged is not None:
             return self._forward_ragged(x, ragged, cos, sin, k_cache, v_cache)
         B, T, _ = x.shape
-        if T == 1 and B == 1 and self._fused is not None and isinstance(k_cache, torch.Tensor) \
-                and x.dtype == self.dtype == k_cache.dtype \
-                and x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous():
+        plain = isinstance(k_cache, torch.Tensor)
+        if T == 1 and B == 1 and self._fused is not None and x.dtype == self.dtype == k_cache.dtype \
+                and x.is_contiguous() and (not plain or (k_cache.is_contiguous() and v_cache.is_contiguous())):
             return self._decode_fused(x, start, cos, sin, k_cache, v_cache)
         x = self._attend(x, start, cos, sin, k_cache, v_cache)
         return x + self._mlp(rms_norm(x, self.mlp_norm, self.spec.norm_eps)).to(x.dtype)
@@ -145,10 +145,17 @@ class DecoderLayer(torch.nn.Module):
     def _attend(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """x + attention(norm(x)), the new K/V written to the cache."""
-        spec = self.spec
         B, T, _ = x.shape
-        h = rms_norm(x, self.attn_norm, spec.norm_eps)
-        qkv = self.qkv(h)
+        attn = self._attend_qkv(self.qkv(rms_norm(x, self.attn_norm, self.spec.norm_eps)), start, cos, sin,
+                                k_cache, v_cache)
+        return x + self.o(attn.transpose(1, 2).reshape(B, T, self.n_q)).to(x.dtype)
+
+    def _attend_qkv(self, qkv: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache, v_cache) -> torch.Tensor:
+        """Attention [B, H, T, D] of the fused projection's output qkv [B, T, (H + 2K) D], the new K/V
+        written to the cache (a tensor or a model/kvstore store: both take the same indexing)."""
+        spec = self.spec
+        B, T, _ = qkv.shape
         q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=-1)
         q = q.view(B, T, spec.n_heads, spec.head_dim)
         k = k.view(B, T, spec.n_kv_heads, spec.head_dim)
@@ -160,8 +167,7 @@ class DecoderLayer(torch.nn.Module):
         end = start + T
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
-        attn = self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], start)
-        return x + self.o(attn.transpose(1, 2).reshape(B, T, self.n_q)).to(x.dtype)
+        return self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], start)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
@@ -228,9 +234,12 @@ class DecoderLayer(torch.nn.Module):
         qkv = self.qkv(h)
         if qkv.dtype != x.dtype or not qkv.is_contiguous():
             qkv = qkv.to(x.dtype).contiguous()
-        attn = f.decode_attention(qkv, cos, sin, k_cache, v_cache, start, spec.n_heads, spec.n_kv_heads,
-                                  spec.head_dim, self.scale)
-        y = self.o(attn.view(1, 1, self.n_q))
+        if isinstance(k_cache, torch.Tensor):
+            attn = f.decode_attention(qkv, cos, sin, k_cache, v_cache, start, spec.n_heads, spec.n_kv_heads,
+                                      spec.head_dim, self.scale)
+        else:  # a KV store (int8 codes): rope, write and attention in torch, read back dequantised
+            attn = self._attend_qkv(qkv, start, cos, sin, k_cache, v_cache)
+        y = self.o(attn.reshape(1, 1, self.n_q))
         x, h = f.add_rmsnorm(x, y if y.dtype == x.dtype else y.to(x.dtype), self.mlp_norm, spec.norm_eps)
         y = self.down(f.silu_mul(self.gate_up(h)))
         return x + (y if y.dtype == x.dtype else y.to(x.dtype))

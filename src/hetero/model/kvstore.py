@@ -50,8 +50,9 @@ class Int8KV:
         self.dtype, self.shape, self.device = dtype, self.codes.shape, self.codes.device
 
     def __getitem__(self, idx) -> torch.Tensor:
-        # the product in the layer's dtype: each value rounds once, as a bf16 cache's do
-        return self.codes[idx].to(self.dtype) * self.scale[idx].to(self.dtype)
+        # the product in fp32, then each value rounds once to the layer's dtype, as a bf16 cache's do
+        # (a bf16 scale would round the whole row by one factor, up to 2^-8: a bias, not noise)
+        return (self.codes[idx].float() * self.scale[idx].float()).to(self.dtype)
 
     def __setitem__(self, idx, value: torch.Tensor) -> None:
         codes, scale = quantize_rows(value)

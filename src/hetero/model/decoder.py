@@ -175,12 +175,20 @@ class Decoder(torch.nn.Module):
                 x = x.to(self.embed_dtype)
                 x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
         if self.layers:
-            # a quantised (or cast) cache decodes layer by layer: the stack reads plain tensors only
-            stack = self._decode_stack() if B == T == 1 and self.stack_decode and getattr(cache, "plain", True) else None
+            # the stack reads plain caches and int8 ones (codes + scales); a cast cache goes layer by layer
+            kind = getattr(cache, "kind", "plain")
+            stack = self._decode_stack() if B == T == 1 and self.stack_decode and kind != "cast" else None
+            if stack is not None and kind == "int8" and not hasattr(stack, "step_q8"):
+                stack = None  # kernels built before int8 KV
             if stack is not None:  # one decode step: every layer in one compiled call
                 first = self.layers[0]
                 x = x.to(device=first.device, dtype=first.dtype)
-                x = stack.step(x, start, *self.rope.get(start, 1, first.dtype, first.device), cache.k, cache.v)
+                cs = self.rope.get(start, 1, first.dtype, first.device)
+                if kind == "int8":
+                    x = stack.step_q8(x, start, *cs, [k.codes for k in cache.k], [k.scale for k in cache.k],
+                                      [v.codes for v in cache.v], [v.scale for v in cache.v])
+                else:
+                    x = stack.step(x, start, *cs, cache.k, cache.v)
             else:
                 tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin per (dtype, device, local)
                 for i, layer in enumerate(self.layers):

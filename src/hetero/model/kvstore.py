@@ -4,8 +4,9 @@ plain cast (a bf16 cache under fp32 layers).
 A store stands in for a [..., D] KV tensor: indexing that leaves the last (head) dim whole reads
 the selected positions back in the layer's dtype, and assigning to such an index writes them in
 the store's own format. So the layer code that writes `k_cache[:, :, start:end] = k` and reads
-`k_cache[:, :, :end]` (or a paged pool's `k_pool[blocks]`) runs unchanged over any of them; only
-the compiled decode step, which reads raw tensors, needs the plain layout.
+`k_cache[:, :, :end]` (or a paged pool's `k_pool[blocks]`) runs unchanged over any of them. The
+compiled decode stack reads an Int8KV's `codes` and `scale` itself where the kernels have
+DecodeStack.step_q8; otherwise an int8 cache decodes layer by layer.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ _MIN_SCALE = 2.0 ** -24
 
 class CastKV:
     """A KV tensor stored in `store` dtype, read back in `dtype` (the layer's)."""
-
-    quantised = True  # not a plain tensor: the compiled decode step cannot read it
 
     def __init__(self, shape: tuple[int, ...], store: torch.dtype, dtype: torch.dtype, device):
         self.data = torch.zeros(shape, dtype=store, device=device)
@@ -41,8 +40,6 @@ class Int8KV:
     """A KV tensor [..., D] as int8 codes [..., D] and fp16 scales [..., 1]: symmetric absmax over
     the head dim, so each (token, head) row is one code vector times one scale. Costs D + 2 bytes
     a row against bf16's 2D (D = 64: 0.52x)."""
-
-    quantised = True
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device):
         self.codes = torch.zeros(shape, dtype=torch.int8, device=device)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.model.arch import Architecture
-from hetero.model.kvstore import nbytes as kv_nbytes, new_store
+from hetero.model.kvstore import Int8KV, nbytes as kv_nbytes, new_store
 from hetero.model.paged import Ragged
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig
@@ -92,8 +92,12 @@ class KVCache:
         shapes = [(batch, spec.n_kv_heads, n, spec.head_dim) for n in self.lengths]
         self.k = [new_store(s, kv_dtype, dt, dev) for s, dt, dev in zip(shapes, dtypes, devices)]
         self.v = [new_store(s, kv_dtype, dt, dev) for s, dt, dev in zip(shapes, dtypes, devices)]
-        # plain tensors in the layers' dtypes: what the compiled decode step reads
-        self.plain = not any(getattr(t, "quantised", False) for t in self.k)
+        # what the compiled decode step reads: "plain" tensors in the layers' dtypes, or "int8" stores
+        # (codes + scales) in every layer; "cast" (another float dtype) runs layer by layer
+        kinds = {"int8" if isinstance(t, Int8KV) else "plain" if isinstance(t, torch.Tensor) else "cast"
+                 for t in self.k}
+        self.kind = kinds.pop() if len(kinds) == 1 else "cast"
+        self.plain = self.kind == "plain"
 
     def nbytes(self) -> int:
         return sum(kv_nbytes(t) for t in self.k + self.v)

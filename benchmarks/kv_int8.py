@@ -1,7 +1,7 @@
 """int8 KV cache: what it costs in perplexity and what it buys in a fixed KV budget.
 
     PYTHONPATH=src .venv/bin/python benchmarks/kv_int8.py ppl [--tokens 4096] [--dtype native]
-    PYTHONPATH=src .venv/bin/python benchmarks/kv_int8.py pool [--budget-mb 64]
+    PYTHONPATH=src .venv/bin/python benchmarks/kv_int8.py pool [--budget-mb 16]
 
 `ppl`: the built-in model's perplexity (the `hetero eval` evaluator: context 512, stride 256) with the
 KV cache held as the layers' dtype, bf16 and int8 (per token and head), and, as the alternative the
@@ -10,8 +10,8 @@ token). That variant is simulated (the key values rounded to its grid, held in f
 quality only, to choose the layout.
 
 `pool`: one KV budget in bytes as a batch pool (runtime/kvcache.KVPool) in bf16 and in int8: blocks
-and tokens held, how many sequences of 256 tokens run at once (BatchRunner), and whether one long
-request (4000 prompt tokens) is taken or refused.
+and tokens held, how many sequences of 128 tokens run at once (BatchRunner), and whether one long
+request (1000 prompt tokens) is taken or refused.
 """
 from __future__ import annotations
 
@@ -86,24 +86,25 @@ def pool(args) -> list[dict]:
         p = KVPool(m.net, budget_bytes=budget, kv_dtype=kd)
         row = {"kv": kd, "budget_bytes": budget, "blocks": p.n_blocks, "tokens": p.n_blocks * p.block,
                "pool_bytes": p.nbytes()}
-        # sequences of 256 tokens (200 prompt + 56 new) offered 8 at once: how many run together
-        runner = BatchRunner(m.net, pool=p, max_batch=8)
-        for _ in range(8):
-            runner.add(torch.randint(0, m.spec.vocab_size, (200,), generator=g).tolist(), 56)
+        # sequences of --seq-tokens (8 of them new) offered --offer at once: how many run together
+        S, n = args.seq_tokens, args.offer
+        runner = BatchRunner(m.net, pool=p, max_batch=n)
+        for _ in range(n):
+            runner.add(torch.randint(0, m.spec.vocab_size, (S - 8,), generator=g).tolist(), 8)
         most, t0 = 0, time.perf_counter()
         while not runner.idle:
             runner.step()
             most = max(most, len(runner.running))
-        row["concurrent_256"] = most
+        row[f"concurrent_{S}"] = most
         row["concurrent_s"] = round(time.perf_counter() - t0, 1)
-        # one long request: 4000 prompt tokens + 8 new
+        # one long request: --long prompt tokens + 8 new
         runner = BatchRunner(m.net, pool=KVPool(m.net, budget_bytes=budget, kv_dtype=kd))
         try:
-            rid = runner.add(torch.randint(0, m.spec.vocab_size, (4000,), generator=g).tolist(), 8)
+            rid = runner.add(torch.randint(0, m.spec.vocab_size, (args.long,), generator=g).tolist(), 8)
             t0 = time.perf_counter()
-            row["long_4008"] = f"completed, {len(runner.run()[rid])} tokens in {time.perf_counter() - t0:.0f} s"
+            row[f"long_{args.long + 8}"] = f"completed, {len(runner.run()[rid])} tokens in {time.perf_counter() - t0:.0f} s"
         except HeteroError as e:
-            row["long_4008"] = f"refused: {e}"
+            row[f"long_{args.long + 8}"] = f"refused: {e}"
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -114,7 +115,10 @@ def main() -> None:
     ap.add_argument("what", choices=("ppl", "pool"))
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--dtype", default="native", help="the layers' precision (native: the file as stored)")
-    ap.add_argument("--budget-mb", type=int, default=64)
+    ap.add_argument("--budget-mb", type=int, default=16)
+    ap.add_argument("--seq-tokens", type=int, default=128, help="pool: tokens per concurrent sequence")
+    ap.add_argument("--offer", type=int, default=12, help="pool: sequences offered at once")
+    ap.add_argument("--long", type=int, default=1000, help="pool: prompt tokens of the long request")
     args = ap.parse_args()
     rows = ppl(args) if args.what == "ppl" else pool(args)
     print(json.dumps(rows, indent=1))

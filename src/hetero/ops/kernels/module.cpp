@@ -56,5 +56,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         st.add_layer(ks, ws, s, b, attn_norm, mlp_norm);
       })
       .def("n_layers", &DecodeStack::n_layers)
-      .def("step", &DecodeStack::step, nogil);
+      .def("step", &DecodeStack::step, nogil)
+      .def("step_q8", &DecodeStack::step_q8, nogil);
 }

@@ -94,7 +94,7 @@ def test_greedy_tokens_equal_on_the_built_in_model():
     # the built-in model (its Q4_1 file, native): int8 KV gives the bf16 cache's greedy tokens here
     m = hetero.load("smollm2-135m", dtype="native")
     prompt = m.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
-    assert _greedy(m.net, prompt, 12, "int8") == _greedy(m.net, prompt, 12, "auto")
+    assert _greedy(m.net, prompt, 8, "int8") == _greedy(m.net, prompt, 8, "auto")
 
 
 def test_a_kv_budget_holds_about_twice_the_blocks_in_int8(tiny):

@@ -317,12 +317,13 @@ def read_bytes(spec: ModelSpec, unit: str, full: int, tokens: int) -> float:
     return full
 
 
-def kv_bytes(spec: ModelSpec, unit: str, precision: str, context: int, batch: int) -> int:
-    """KV cache of one decoder layer for `batch` sequences of `context` tokens (on its compute device)."""
+def kv_bytes(spec: ModelSpec, unit: str, precision: str, context: int, batch: int, kv_dtype: str = "auto") -> int:
+    """KV cache of one decoder layer for `batch` sequences of `context` tokens (on its compute device),
+    stored as `kv_dtype` (int8: about half of bf16)."""
     if not unit.startswith("layers.") or spec.is_experts_unit(unit):
         return 0
     held = spec.layer_kv_tokens(spec.layer_index(unit), context)  # a local layer keeps its window only
-    return batch * held * spec.kv_bytes_per_token(precision, layers=1)
+    return batch * held * spec.kv_bytes_per_token(precision, layers=1, kv_dtype=kv_dtype)
 
 
 def buffer_bytes(spec: ModelSpec, unit: str, full: int, prompt_tokens: int, batch: int,

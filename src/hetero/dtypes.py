@@ -95,6 +95,30 @@ def weight_bytes(precision: str, shape: tuple[int, ...], group: int = INT4_GROUP
     raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
 
 
+# How the KV cache is stored: "auto" in the layer's activation dtype (fp32 for fp32 weights, else
+# bf16), or one dtype for every layer; int8 is codes per (token, head) with one fp16 absmax scale.
+KV_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
+KV_SCALE_BYTES = 2  # the fp16 scale of one (token, head) of an int8 cache
+
+
 def kv_bytes_per_element(precision: str) -> int:
-    """The KV cache is held in fp32, bf16 or fp16 (quantised weights still use a bf16 cache)."""
+    """The "auto" KV cache is held in fp32, bf16 or fp16 (quantised weights still use a bf16 cache)."""
     return 4 if precision == "fp32" else 2
+
+
+def check_kv_dtype(kv_dtype: str) -> str:
+    if kv_dtype not in KV_DTYPES:
+        from hetero.errors import HeteroError
+
+        raise HeteroError(f"unknown KV dtype {kv_dtype!r}; known: {', '.join(KV_DTYPES)}")
+    return kv_dtype
+
+
+def kv_head_bytes(head_dim: int, precision: str, kv_dtype: str = "auto") -> int:
+    """Bytes of one token's K (or V) for one kv head, in a layer at `precision`."""
+    check_kv_dtype(kv_dtype)
+    if kv_dtype == "int8":
+        return head_dim + KV_SCALE_BYTES
+    if kv_dtype == "auto":
+        return head_dim * kv_bytes_per_element(precision)
+    return head_dim * (4 if kv_dtype == "fp32" else 2)

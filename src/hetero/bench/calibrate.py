@@ -107,7 +107,7 @@ class Pricer:
         from hetero.plan.table import Workload, build_table
 
         p = self.plan
-        wl = Workload(p.objective, p.prompt_tokens, p.context, p.batch)
+        wl = Workload(p.objective, p.prompt_tokens, p.context, p.batch, p.kv_dtype)
         table = build_table(self.spec, self.hw, profile, wl, sorted({u.precision for u in p.units}),
                             prefetch=p.prefetch)
         ev = table.evaluate(choices_of(p, table))

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from hetero.commands.model import KV_HELP
+
 
 def _list(text: Optional[str]) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
@@ -192,6 +194,7 @@ def register(app: typer.Typer) -> None:
                                                     "tokens tell the GEMMs, the dequantise pass and attention apart; "
                                                     "--sweep 128,1024)"),
         batch: Optional[str] = typer.Option(None, "--batch", help="aggregate decode tok/s with B sequences per forward, e.g. 1,4,8,16"),
+        kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
     ):
         """Measure MODEL under a plan: TTFT, prefill and decode tok/s (median and spread), per-unit times
         and peak footprint, against the plan's predictions; peers side by side; --calibrate closes the loop."""
@@ -269,7 +272,8 @@ def register(app: typer.Typer) -> None:
         mon = Footprint().start()
         ctx = context or prompt_tokens + new_tokens
         plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, _list(precisions) or None,
-                                       prompt_tokens=prompt_tokens, context=ctx, max_quality_loss=max_quality_loss)
+                                       prompt_tokens=prompt_tokens, context=ctx, max_quality_loss=max_quality_loss,
+                                       kv_dtype=kv_dtype)
         if not as_json:
             print(eng.summary(plan), file=sys.stderr)
             for n in notes:

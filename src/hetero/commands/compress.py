@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from hetero.commands.model import KV_HELP
+
 MODEL_HELP = "A .gguf file, an HF dir (a compressed artifact too), `smollm2-135m` (default) or `synthetic:NAME`."
 
 
@@ -26,6 +28,7 @@ def eval_cmd(
                                   "(symmetric, dynamic), as a W8A8 prefill does; int8 weights run int8 x int8."),
     act_group: int = typer.Option(0, "--act-group", help="With --act-int8: one scale per this many elements of a "
                                   "token (32 = llama.cpp's Q8 activation blocks) instead of one per token."),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype", help=KV_HELP),
 ) -> None:
     """Token-level perplexity with a fixed context and stride (one evaluator for every variant)."""
     import hetero
@@ -44,7 +47,7 @@ def eval_cmd(
         from hetero.model.sources import resolve_spec
 
         dtype = "native" if resolve_spec(model).has_block_tensors else "fp32"
-    m = hetero.load(model, dtype=dtype, threads=threads)
+    m = hetero.load(model, dtype=dtype, threads=threads, kv_dtype=kv_dtype)
     ids = eval_ids(m.tokenizer, body, tokens or None)
     check_settings(len(ids), context, stride, m.spec.max_context)
     if act_int8:
@@ -55,13 +58,13 @@ def eval_cmd(
     else:
         r = perplexity(m.net, ids, context, stride, progress=progress)
     acts = (f"int8/{act_group}" if act_group else "int8/token") if act_int8 else "default"
-    out = {"model": m.spec.name, "dtype": dtype, "activations": acts,
+    out = {"model": m.spec.name, "dtype": dtype, "kv_dtype": kv_dtype, "activations": acts,
            "text": text or BUILTIN_NAME, **r.to_dict(),
            "tok_s": round(r.tokens / r.seconds, 1) if r.seconds else None, "compression": read_record(model)}
     if as_json:
         print(json.dumps(out))
         return
-    print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens of {out['text']}, context {context}, "
+    print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens of {out['text']}, KV {kv_dtype}, context {context}, "
           f"{acts + ' activations, ' if act_int8 else ''}"
           f"stride {stride}, {r.windows} windows, {r.seconds:.1f} s)")
     if out["compression"]:

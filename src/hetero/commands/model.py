@@ -11,6 +11,11 @@ import typer
 DEFAULT_PROMPT = "What is the capital of France?"
 
 
+KV_HELP = ("How the KV cache is stored: auto (the layers' dtype: bf16, fp32 for fp32 weights) | bf16 | fp32 | "
+           "int8 (per token and head, ~half of bf16's bytes: ~2x the context or sequences in a budget; "
+           "decodes layer by layer, not in the compiled stack).")
+
+
 def peak_rss_bytes() -> int:
     from hetero.runtime.memory import peak_rss_bytes as peak
 
@@ -64,6 +69,7 @@ def run(
     replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan a --plan that no longer fits free RAM (else fail)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Decode B sequences per forward: the prompt repeated B times, or at most B of --prompts at once."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts, one per line, run as one batch (with --batch B: B at a time)."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
 ) -> None:
     """Generate text from PROMPT, streaming it to stdout, and end with predicted vs measured speed.
 
@@ -100,7 +106,7 @@ def run(
         many = (prompts, batch or len(prompts))
     _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,
-                 prefetch, replan, many, max_quality_loss)
+                 prefetch, replan, many, max_quality_loss, kv_dtype)
 
 
 def info(
@@ -163,7 +169,7 @@ def info(
 
 def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective, precisions, context, prefetch,
-                 replan, many=None, max_quality_loss=None) -> None:
+                 replan, many=None, max_quality_loss=None, kv_dtype=None) -> None:
     """`run` under a Plan: plan (or load and check one), build, generate, predicted vs measured."""
     from hetero.runtime import firstuse
 
@@ -184,7 +190,7 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
         raise HeteroError(f"--context must be at least 2, got {context}")
     plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, precs,
                                    prompt_tokens=64, context=context or (64 + max_new_tokens), replan=replan,
-                                   max_quality_loss=max_quality_loss)
+                                   max_quality_loss=max_quality_loss, kv_dtype=kv_dtype)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     e = eng.Engine.load(plan, model, prefetch=prefetch, progress=not as_json, monitor=mon)

@@ -5,6 +5,8 @@ from typing import Optional
 
 import typer
 
+from hetero.commands.model import KV_HELP
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -26,6 +28,7 @@ def register(app: typer.Typer) -> None:
         compare: bool = typer.Option(False, "--compare", help="also price the usual tools' placements"),
         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
         output: Optional[str] = typer.Option(None, "--output", "-o", help="write the plan JSON here"),
+        kv_dtype: str = typer.Option("auto", "--kv-dtype", help=KV_HELP),
     ):
         """Plan MODEL on this machine (or a catalog machine): which device, precision and residency
         every unit gets, with predicted tok/s and memory per device."""
@@ -56,7 +59,7 @@ def register(app: typer.Typer) -> None:
         res = parse_memory(reserve, spec) if reserve else None
         p = make_plan(spec, hw, prof, budgets, objective=objective, prompt_tokens=prompt_tokens,
                       context=context, batch=batch, max_quality_loss=max_quality_loss, precisions=precs,
-                      sensitivity=table, reserve=res)
+                      sensitivity=table, reserve=res, kv_dtype=kv_dtype)
         others = []
         if compare:
             base_precs = [x for x in ("bf16", "int8", "int4") if not precs or x in precs] or precs

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import typer
 
+from hetero.commands.model import KV_HELP
 from hetero.errors import HeteroError
 
 
@@ -13,7 +14,7 @@ def load_engine(model: Optional[str], plan_file: Optional[str] = None, memory: O
                 hardware: Optional[str] = None, objective: str = "decode", precisions: Optional[str] = None,
                 context: Optional[int] = None, prefetch: Optional[bool] = None, replan: bool = True,
                 threads: Optional[int] = None, progress: bool = True,
-                max_quality_loss: Optional[float] = None) -> tuple[Any, list[str]]:
+                max_quality_loss: Optional[float] = None, kv_dtype: Optional[str] = None) -> tuple[Any, list[str]]:
     """Plan MODEL (or check --plan FILE) as `hetero run` does, then load the runtime Engine for it.
 
     The server's own modules are imported first, so the runtime baseline the planner reserves
@@ -38,7 +39,8 @@ def load_engine(model: Optional[str], plan_file: Optional[str] = None, memory: O
     precs = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None
     ctx = context or resolve_spec(model).max_context
     plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, precs, prompt_tokens=64,
-                                   context=ctx, replan=replan, max_quality_loss=max_quality_loss)
+                                   context=ctx, replan=replan, max_quality_loss=max_quality_loss,
+                                   kv_dtype=kv_dtype)
     return eng.Engine.load(plan, model, prefetch=prefetch, progress=progress, monitor=mon), notes
 
 
@@ -67,6 +69,7 @@ def serve(
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="The batch's KV pool, e.g. 512MB (default: the plan's KV plus half its headroom, up to --max-concurrency whole contexts)."),
     prefill_chunk: int = typer.Option(128, "--prefill-chunk", help="Prompt tokens a batched step prefills (a long prompt takes several steps, between the running streams' tokens)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
 ) -> None:
     """Serve MODEL over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
     /plan (the Plan served) and /report (predicted vs measured).
@@ -94,7 +97,8 @@ def serve(
 
     kv_bytes = parse_bytes(kv_memory) if kv_memory else None
     e, notes = load_engine(model, plan_file, memory, hardware, objective or "decode", precisions or dtype,
-                           context, prefetch, replan, threads, max_quality_loss=max_quality_loss)
+                           context, prefetch, replan, threads, max_quality_loss=max_quality_loss,
+                           kv_dtype=kv_dtype)
     try:
         for n in notes:
             print(f"note: {n}", file=sys.stderr)

@@ -45,6 +45,9 @@ class Decoder(torch.nn.Module):
         # The compiled decode stack and the layers it was built from (rebuilt when `layers` change).
         # stack_decode = False: each layer runs its own decode step (the stack's reference).
         self.stack_decode = True
+        # How new caches hold K/V (dtypes.KV_DTYPES): "auto" in each layer's dtype, int8 about half
+        # of bf16's bytes (the engine sets the plan's; the compiled stack reads "auto" caches only).
+        self.kv_dtype = "auto"
         self._stack: tuple[list, object | None] | None = None
 
     # ---- assembly --------------------------------------------------------------------------------
@@ -114,9 +117,9 @@ class Decoder(torch.nn.Module):
         devices = [layer.device for layer in self.layers]
         # a local layer's cache holds its window only (a ring: model/gemma3.py)
         lengths = [spec.layer_kv_tokens(i, max_len) for i in self.layer_ids]
-        return KVCache(spec, batch, max_len, dtypes, devices, lengths)
+        return KVCache(spec, batch, max_len, dtypes, devices, lengths, self.kv_dtype)
 
-    def new_paged(self, n_blocks: int, block: int) -> PagedKV:
+    def new_paged(self, n_blocks: int, block: int, kv_dtype: str | None = None) -> PagedKV:
         """Paged KV for ragged steps (forward_ragged); runtime/kvcache.KVPool sizes and hands it out."""
         if not architecture(self.spec).ragged:
             raise HeteroError(f"batched decode does not run {self.spec.architecture} models yet; "
@@ -125,7 +128,7 @@ class Decoder(torch.nn.Module):
             raise HeteroError("batched decode runs a whole model, not a pipeline stage")
         self._ensure_rope(min(n_blocks * block, self.spec.max_context))  # no sequence goes past either
         return PagedKV(self.spec, n_blocks, block, [layer.dtype for layer in self.layers],
-                       [layer.device for layer in self.layers])
+                       [layer.device for layer in self.layers], self.kv_dtype if kv_dtype is None else kv_dtype)
 
     @torch.inference_mode()
     def forward_ragged(self, ids: torch.Tensor, r: Ragged, kv: PagedKV, want: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,11 +213,20 @@ class Decoder(torch.nn.Module):
                 x = x.to(self.embed_dtype)
                 x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
         if self.layers:
-            stack = self._decode_stack() if B == T == 1 and self.stack_decode else None
+            # the stack reads plain caches and int8 ones (codes + scales); a cast cache goes layer by layer
+            kind = getattr(cache, "kind", "plain")
+            stack = self._decode_stack() if B == T == 1 and self.stack_decode and kind != "cast" else None
+            if stack is not None and kind == "int8" and not hasattr(stack, "step_q8"):
+                stack = None  # kernels built before int8 KV
             if stack is not None:  # one decode step: every layer in one compiled call
                 first = self.layers[0]
                 x = x.to(device=first.device, dtype=first.dtype)
-                x = stack.step(x, start, *self.rope.get(start, 1, first.dtype, first.device), cache.k, cache.v)
+                cs = self.rope.get(start, 1, first.dtype, first.device)
+                if kind == "int8":
+                    x = stack.step_q8(x, start, *cs, [k.codes for k in cache.k], [k.scale for k in cache.k],
+                                      [v.codes for v in cache.v], [v.scale for v in cache.v])
+                else:
+                    x = stack.step(x, start, *cs, cache.k, cache.v)
             else:
                 tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin per (dtype, device, local)
                 for i, layer in enumerate(self.layers):

@@ -80,7 +80,7 @@ class Gemma3Layer(torch.nn.Module):
         # A ring of L = window slots: the earlier positions the first query still sees, then the new ones.
         if T == 1:  # after the write the ring holds exactly the window start-L+1 .. start
             k_cache[:, :, start % L], v_cache[:, :, start % L] = k[:, :, 0], v[:, :, 0]
-            return k_cache, v_cache, None
+            return k_cache[:], v_cache[:], None  # a view of a tensor; a KV store reads back whole
         old = torch.arange(max(0, start - L + 1), start, device=k.device)
         keys = torch.cat([k_cache[:, :, old % L], k], dim=2)
         values = torch.cat([v_cache[:, :, old % L], v], dim=2)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.model.arch import Architecture
+from hetero.model.kvstore import Int8KV, nbytes as kv_nbytes, new_store
 from hetero.model.paged import Ragged
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig
@@ -81,18 +82,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class KVCache:
     """Preallocated per-layer K and V: [B, K, L, D], written in place, never reallocated. L is max_len,
-    or fewer slots for a layer that never looks further back (a local layer's window, used as a ring)."""
+    or fewer slots for a layer that never looks further back (a local layer's window, used as a ring).
+    kv_dtype other than the layers' own: each is a model/kvstore store (int8 codes + scales, or a cast)."""
 
     def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtypes: list[torch.dtype], devices: list[str],
-                 lengths: list[int] | None = None):
-        self.max_len = max_len
+                 lengths: list[int] | None = None, kv_dtype: str = "auto"):
+        self.max_len, self.kv_dtype = max_len, kv_dtype
         self.lengths = list(lengths) if lengths is not None else [max_len] * len(dtypes)
         shapes = [(batch, spec.n_kv_heads, n, spec.head_dim) for n in self.lengths]
-        self.k = [torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in zip(shapes, dtypes, devices)]
-        self.v = [torch.zeros(s, dtype=dt, device=dev) for s, dt, dev in zip(shapes, dtypes, devices)]
+        self.k = [new_store(s, kv_dtype, dt, dev) for s, dt, dev in zip(shapes, dtypes, devices)]
+        self.v = [new_store(s, kv_dtype, dt, dev) for s, dt, dev in zip(shapes, dtypes, devices)]
+        # what the compiled decode step reads: "plain" tensors in the layers' dtypes, or "int8" stores
+        # (codes + scales) in every layer; "cast" (another float dtype) runs layer by layer
+        kinds = {"int8" if isinstance(t, Int8KV) else "plain" if isinstance(t, torch.Tensor) else "cast"
+                 for t in self.k}
+        self.kind = kinds.pop() if len(kinds) == 1 else "cast"
+        self.plain = self.kind == "plain"
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(kv_nbytes(t) for t in self.k + self.v)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -131,8 +139,9 @@ class DecoderLayer(torch.nn.Module):
         if ragged is not None:
             return self._forward_ragged(x, ragged, cos, sin, k_cache, v_cache)
         B, T, _ = x.shape
+        plain = isinstance(k_cache, torch.Tensor)
         if T == 1 and B == 1 and self._fused is not None and x.dtype == self.dtype == k_cache.dtype \
-                and x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous():
+                and x.is_contiguous() and (not plain or (k_cache.is_contiguous() and v_cache.is_contiguous())):
             return self._decode_fused(x, start, cos, sin, k_cache, v_cache)
         x = self._attend(x, start, cos, sin, k_cache, v_cache)
         return x + self._mlp(rms_norm(x, self.mlp_norm, self.spec.norm_eps)).to(x.dtype)
@@ -140,10 +149,17 @@ class DecoderLayer(torch.nn.Module):
     def _attend(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """x + attention(norm(x)), the new K/V written to the cache."""
-        spec = self.spec
         B, T, _ = x.shape
-        h = rms_norm(x, self.attn_norm, spec.norm_eps)
-        qkv = self.qkv(h)
+        attn = self._attend_qkv(self.qkv(rms_norm(x, self.attn_norm, self.spec.norm_eps)), start, cos, sin,
+                                k_cache, v_cache)
+        return x + self.o(attn.transpose(1, 2).reshape(B, T, self.n_q)).to(x.dtype)
+
+    def _attend_qkv(self, qkv: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache, v_cache) -> torch.Tensor:
+        """Attention [B, H, T, D] of the fused projection's output qkv [B, T, (H + 2K) D], the new K/V
+        written to the cache (a tensor or a model/kvstore store: both take the same indexing)."""
+        spec = self.spec
+        B, T, _ = qkv.shape
         q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=-1)
         q = q.view(B, T, spec.n_heads, spec.head_dim)
         k = k.view(B, T, spec.n_kv_heads, spec.head_dim)
@@ -155,8 +171,7 @@ class DecoderLayer(torch.nn.Module):
         end = start + T
         k_cache[:, :, start:end] = k
         v_cache[:, :, start:end] = v
-        attn = self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], start)
-        return x + self.o(attn.transpose(1, 2).reshape(B, T, self.n_q)).to(x.dtype)
+        return self._attention(q, k_cache[:, :, :end], v_cache[:, :, :end], start)
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(h).chunk(2, dim=-1)
@@ -223,9 +238,12 @@ class DecoderLayer(torch.nn.Module):
         qkv = self.qkv(h)
         if qkv.dtype != x.dtype or not qkv.is_contiguous():
             qkv = qkv.to(x.dtype).contiguous()
-        attn = f.decode_attention(qkv, cos, sin, k_cache, v_cache, start, spec.n_heads, spec.n_kv_heads,
-                                  spec.head_dim, self.scale)
-        y = self.o(attn.view(1, 1, self.n_q))
+        if isinstance(k_cache, torch.Tensor):
+            attn = f.decode_attention(qkv, cos, sin, k_cache, v_cache, start, spec.n_heads, spec.n_kv_heads,
+                                      spec.head_dim, self.scale)
+        else:  # a KV store (int8 codes): rope, write and attention in torch, read back dequantised
+            attn = self._attend_qkv(qkv, start, cos, sin, k_cache, v_cache)
+        y = self.o(attn.reshape(1, 1, self.n_q))
         x, h = f.add_rmsnorm(x, y if y.dtype == x.dtype else y.to(x.dtype), self.mlp_norm, spec.norm_eps)
         y = self.down(f.silu_mul(self.gate_up(h)))
         return x + (y if y.dtype == x.dtype else y.to(x.dtype))

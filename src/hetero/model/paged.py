@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hetero.dtypes import kv_head_bytes
+from hetero.model.kvstore import nbytes as kv_nbytes, new_store
 from hetero.model.spec import ModelSpec
 
 
@@ -19,20 +21,23 @@ class PagedKV:
     Head-major inside a block, so a gather of whole blocks is a batch of [block, D] matrices per
     head that attention multiplies in place (no second copy to reorder it)."""
 
-    def __init__(self, spec: ModelSpec, n_blocks: int, block: int, dtypes: list[torch.dtype], devices: list[str]):
-        self.n_blocks, self.block = n_blocks, block
+    def __init__(self, spec: ModelSpec, n_blocks: int, block: int, dtypes: list[torch.dtype], devices: list[str],
+                 kv_dtype: str = "auto"):
+        self.n_blocks, self.block, self.kv_dtype = n_blocks, block, kv_dtype
         shape = (n_blocks, spec.n_kv_heads, block, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dt, device=dev) for dt, dev in zip(dtypes, devices)]
-        self.v = [torch.zeros(shape, dtype=dt, device=dev) for dt, dev in zip(dtypes, devices)]
+        # kv_dtype other than the layers' own: model/kvstore stores, indexed as the tensors are
+        self.k = [new_store(shape, kv_dtype, dt, dev) for dt, dev in zip(dtypes, devices)]
+        self.v = [new_store(shape, kv_dtype, dt, dev) for dt, dev in zip(dtypes, devices)]
 
     @staticmethod
-    def block_bytes(spec: ModelSpec, block: int, dtypes: list[torch.dtype]) -> int:
+    def block_bytes(spec: ModelSpec, block: int, dtypes: list[torch.dtype], kv_dtype: str = "auto") -> int:
         """Bytes one block costs over every layer (K and V)."""
-        per_token = 2 * spec.n_kv_heads * spec.head_dim
-        return sum(block * per_token * torch.empty(0, dtype=dt).element_size() for dt in dtypes)
+        per_head = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return sum(block * 2 * spec.n_kv_heads * kv_head_bytes(spec.head_dim, per_head[dt], kv_dtype)
+                   for dt in dtypes)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(kv_nbytes(t) for t in self.k + self.v)
 
 
 @dataclass(frozen=True)

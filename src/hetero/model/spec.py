@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetero.dtypes import is_block_type, kv_bytes_per_element, native_format, weight_bytes
+from hetero.dtypes import is_block_type, kv_head_bytes, native_format, weight_bytes
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
 # Families whose MLP is a router over routed experts (model/moe.py); the rest are dense.
@@ -214,11 +214,11 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
-    def kv_bytes_per_token(self, precision: str = "bf16", layers: int | None = None) -> int:
+    def kv_bytes_per_token(self, precision: str = "bf16", layers: int | None = None, kv_dtype: str = "auto") -> int:
         """K and V for one token across `layers` (default: all) decoder layers, where every token is
         kept (a local layer keeps at most its window: see layer_kv_tokens / kv_bytes)."""
         n = self.n_layers if layers is None else layers
-        return 2 * n * self.kv_dim * kv_bytes_per_element(precision)
+        return 2 * n * self.n_kv_heads * kv_head_bytes(self.head_dim, precision, kv_dtype)
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.sliding_window is not None and self.layer_types[layer] == SLIDING
@@ -228,9 +228,9 @@ class ModelSpec:
         bounds it (its cache is a ring of that many slots)."""
         return min(context, self.sliding_window) if self.is_sliding(layer) else context
 
-    def kv_bytes(self, context: int, precision: str = "bf16", batch: int = 1) -> int:
+    def kv_bytes(self, context: int, precision: str = "bf16", batch: int = 1, kv_dtype: str = "auto") -> int:
         """The whole KV cache of `batch` sequences at `context` tokens."""
-        per = 2 * self.kv_dim * kv_bytes_per_element(precision)
+        per = self.kv_bytes_per_token(precision, 1, kv_dtype)
         return batch * per * sum(self.layer_kv_tokens(i, context) for i in range(self.n_layers))
 
     # ---- FLOPs ----------------------------------------------------------------------------------

@@ -85,6 +85,11 @@ def summary(plan: "Plan") -> Text:
         f"quality loss (relative perplexity increase, estimated): {p.quality_loss:.4g}"
         + (f" (bound {plan.max_quality_loss:g})" if plan.max_quality_loss is not None else ""),
     ]
+    cap = plan.kv_capacity()
+    if cap:
+        lines.append(f"KV cache: {plan.kv_dtype}, {fmt_bytes(cap['bytes'])} ({fmt_bytes(cap['per_token'])} per token) "
+                     f"for {plan.batch} x {plan.context} tokens; this budget holds up to {cap['max_context']:,} "
+                     f"tokens of context at batch {plan.batch}, or {cap['max_batch']:,} sequences of {plan.context}")
     w = plan.why
     if w.binding:
         lines.append("binding: " + "; ".join(w.binding))

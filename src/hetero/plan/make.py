@@ -44,16 +44,17 @@ def make_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None =
               precisions: list[str] | None = None, sensitivity: dict | None = None,
               reserve: dict[str, int] | None = None, coeffs: Coefficients | None = None,
               explain: bool = True, time_limit: float = 60.0, units: list[str] | None = None,
-              pinned: dict[str, str] | None = None) -> Plan:
+              pinned: dict[str, str] | None = None, kv_dtype: str = "auto") -> Plan:
     """The fastest plan for the objective within every budget (and the quality bound, when given).
 
     memory: device -> bytes (unset devices get what they have free); reserve: bytes per device the
     runtime itself needs (interpreter, libraries), taken off the budgets first. context defaults to
     the prompt plus 128 new tokens. units: plan only this contiguous run (a pipeline stage);
-    pinned: unit -> the precision it must take.
+    pinned: unit -> the precision it must take. kv_dtype: how the KV cache is stored (its bytes
+    count in the budgets: int8 fits about twice the context or sequences of bf16).
     """
     context = context if context is not None else prompt_tokens + 128
-    wl = Workload(objective, prompt_tokens, context, batch)
+    wl = Workload(objective, prompt_tokens, context, batch, kv_dtype)
     table = build_table(spec, hardware, profile, wl, precisions, sensitivity, coeffs, units=units)
     for name, prec in (pinned or {}).items():
         if name in table.units:
@@ -103,7 +104,8 @@ def assemble(table: Table, assign: list[int], budgets: dict[str, int], reserve: 
         throughput_tok_s=B * n / (ev.prefill_s + n * ev.decode_s), quality_loss=ev.quality)
     return Plan(
         model=spec.name, fingerprint=spec.fingerprint(), host=table.hw.host, hardware=table.hw.source,
-        objective=wl.objective, prompt_tokens=P, context=wl.context, batch=B, budgets=dict(budgets),
+        objective=wl.objective, prompt_tokens=P, context=wl.context, batch=B, kv_dtype=wl.kv_dtype,
+        budgets=dict(budgets),
         units=tuple(units), memory=dict(ev.memory), predicted=pred, memory_breakdown=ev.breakdown,
         reserve=dict(reserve), precisions=tuple(precisions or sorted({c.precision for c in table.choices})),
         max_quality_loss=max_quality_loss, prefetch=prefetch, prefetch_depth=table.coeffs.prefetch_depth,
@@ -210,7 +212,7 @@ def rescore(plan: Plan, spec: ModelSpec, hardware: HardwareSpec, profile: Profil
             coeffs: Coefficients | None = None, sensitivity: dict | None = None) -> Plan:
     """The same placement priced again by the cost model (after a hand edit or a new calibration)."""
     check_plan(plan, spec, hardware)
-    wl = Workload(plan.objective, plan.prompt_tokens, plan.context, plan.batch)
+    wl = Workload(plan.objective, plan.prompt_tokens, plan.context, plan.batch, plan.kv_dtype)
     # the plan's precisions and any a hand edit brought in: what the workspace must provide for
     precs = sorted(set(plan.precisions) | {u.precision for u in plan.units}) or None
     table = build_table(spec, hardware, profile, wl, precs, sensitivity, coeffs, prefetch=plan.prefetch)
@@ -222,12 +224,13 @@ def rescore(plan: Plan, spec: ModelSpec, hardware: HardwareSpec, profile: Profil
 
 def fixed_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None,
                choices: dict[str, tuple[str, str, str]], memory: dict[str, int] | None = None,
-               prompt_tokens: int = 512, context: int | None = None, reserve: dict[str, int] | None = None) -> Plan:
+               prompt_tokens: int = 512, context: int | None = None, reserve: dict[str, int] | None = None,
+               kv_dtype: str = "auto") -> Plan:
     """A Plan with the given (device, precision, residency) per unit — what `hetero.load(dtype=...,
     device=...)` asks for — priced by the cost model but not optimised, and budgets not enforced."""
     context = context if context is not None else prompt_tokens + 128
     precs = sorted({p for _, p, _ in choices.values()})
-    table = build_table(spec, hardware, profile, Workload("decode", prompt_tokens, context, 1), precs)
+    table = build_table(spec, hardware, profile, Workload("decode", prompt_tokens, context, 1, kv_dtype), precs)
     assign = [table.index(Choice(*choices[u])) for u in table.units]
     return assemble(table, assign, default_budgets(hardware, memory), reserve or {}, kind="fixed",
                     prefetch=True, precisions=precs)

@@ -5,7 +5,8 @@ JSON layout (version 1):
     {"version": 1, "kind": "hetero",
      "model": {"name": ..., "fingerprint": ...},
      "hardware": {"host": ..., "source": "this" | "catalog:..." | path},
-     "workload": {"objective": "decode", "prompt_tokens": 512, "context": 640, "batch": 1},
+     "workload": {"objective": "decode", "prompt_tokens": 512, "context": 640, "batch": 1,
+                  "kv_dtype": "auto"},
      "budgets": {"cpu": bytes, "disk": bytes, ...},  "reserve": {"cpu": bytes},
      "precisions": [...], "max_quality_loss": null, "prefetch": true, "prefetch_depth": 2,
      "units": [{"name": "layers.0", "device": "cpu", "precision": "int8", "residency": "resident",
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hetero.cost import RESIDENCIES
-from hetero.dtypes import PRECISIONS
+from hetero.dtypes import KV_DTYPES, PRECISIONS
 from hetero.errors import HeteroError
 
 PLAN_VERSION = 1
@@ -111,6 +112,7 @@ class Plan:
     why: Why = field(default_factory=Why)
     solver: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    kv_dtype: str = "auto"    # how the KV cache is stored (dtypes.KV_DTYPES); priced in `memory`
 
     # ---- queries ---------------------------------------------------------------------------------
     def unit(self, name: str) -> UnitPlan:
@@ -144,6 +146,27 @@ class Plan:
         return dataclasses.replace(self, units=units, budgets=dict(st.budgets), reserve=dict(st.reserve),
                                    memory=dict(st.memory), memory_breakdown={}, predicted=pred, stages=(st,))
 
+    def kv_capacity(self) -> dict[str, int] | None:
+        """The KV cache this plan holds and what its budget would hold at this placement:
+        {"bytes", "per_token" (one sequence, every layer), "max_context" (tokens per sequence with
+        `batch` sequences), "max_batch" (sequences at `context`)}; None without KV in memory.
+        Every layer is priced as keeping every token (a local layer's window makes it an under-estimate)."""
+        kv = {d: b.get("kv", 0) for d, b in self.memory_breakdown.items() if b.get("kv", 0)}
+        if not kv or len(self.stages) > 1:
+            return None
+        total = sum(kv.values())
+        per_token = max(1, total // (self.batch * self.context))
+        # the device the KV lives on: its headroom bounds the cache (one device holds it in practice)
+        dev = max(kv, key=kv.get)
+        budget = self.budgets.get(dev)
+        if budget is None:
+            return {"bytes": total, "per_token": per_token, "max_context": 0, "max_batch": 0}
+        room = budget - self.reserve.get(dev, 0) - self.memory.get(dev, 0) + kv[dev]  # all of it for KV
+        share = kv[dev] / total
+        cap = int(room / share) if share else 0
+        return {"bytes": total, "per_token": per_token, "max_context": cap // (per_token * self.batch),
+                "max_batch": cap // (per_token * self.context)}
+
     def over_budget(self) -> dict[str, int]:
         """Devices whose planned use plus the runtime's reserve exceeds the budget, by how many bytes
         (a pipeline: each rank against its own budget)."""
@@ -169,7 +192,7 @@ class Plan:
             "model": {"name": self.model, "fingerprint": self.fingerprint},
             "hardware": {"host": self.host, "source": self.hardware},
             "workload": {"objective": self.objective, "prompt_tokens": self.prompt_tokens,
-                         "context": self.context, "batch": self.batch},
+                         "context": self.context, "batch": self.batch, "kv_dtype": self.kv_dtype},
             "budgets": dict(self.budgets), "reserve": dict(self.reserve),
             "precisions": list(self.precisions), "max_quality_loss": self.max_quality_loss,
             "prefetch": self.prefetch, "prefetch_depth": self.prefetch_depth,
@@ -239,6 +262,7 @@ class Plan:
                         alternative_objective_ms=float(why.get("alternative_objective_ms", 0.0)),
                         notes=tuple(why.get("notes", ())), alternatives=tuple(why.get("alternatives", ()))),
                 solver=dict(d.get("solver", {})), version=v,
+                kv_dtype=str(wl.get("kv_dtype", "auto")),
             )
             _check_ranges(plan)
             return plan
@@ -278,6 +302,8 @@ def _check_ranges(p: "Plan") -> None:
     if p.max_quality_loss is not None and not (isinstance(p.max_quality_loss, (int, float))
                                                and p.max_quality_loss >= 0):
         raise HeteroError(f"not a valid plan: max_quality_loss {p.max_quality_loss!r} must be >= 0")
+    if p.kv_dtype not in KV_DTYPES:
+        raise HeteroError(f"not a valid plan: kv_dtype {p.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
     for u in p.units:
         if u.bytes < 0:
             raise HeteroError(f"not a valid plan: unit {u.name} has negative bytes")

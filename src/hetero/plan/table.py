@@ -12,7 +12,7 @@ import numpy as np
 
 from hetero import cost
 from hetero.cost import Coefficients
-from hetero.dtypes import BLOCK_PRECISIONS, QUANTISABLE_BLOCKS
+from hetero.dtypes import BLOCK_PRECISIONS, QUANTISABLE_BLOCKS, check_kv_dtype
 from hetero.errors import HeteroError
 from hetero.hardware.types import HardwareSpec, Profile
 from hetero.model.spec import ModelSpec
@@ -33,6 +33,7 @@ class Workload:
     prompt_tokens: int = 512
     context: int = 640        # tokens of history at the decode step being priced
     batch: int = 1
+    kv_dtype: str = "auto"    # how the KV cache is stored (dtypes.KV_DTYPES): int8 holds ~2x the tokens
 
     @property
     def new_tokens(self) -> int:
@@ -43,6 +44,7 @@ class Workload:
             raise HeteroError(f"unknown objective {self.objective!r}; use one of: {', '.join(OBJECTIVES)}")
         if self.prompt_tokens < 1 or self.batch < 1 or self.context < 1:
             raise HeteroError("prompt tokens, context and batch must be positive")
+        check_kv_dtype(self.kv_dtype)
 
 
 @dataclass
@@ -236,7 +238,7 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
             prefill_serial[u, k] = c_pre + t_pre + ends
             # A tied embedding reads its rows from the head's matrix (runtime.embedding.TiedEmbedding).
             held = 0 if (tied and unit == "embed") else wb
-            kv = cost.kv_bytes(spec, unit, ch.precision, C, B)
+            kv = cost.kv_bytes(spec, unit, ch.precision, C, B, workload.kv_dtype)
             weights[home][u, k] += kv
             if ch.residency == "resident":
                 weights[home][u, k] += held

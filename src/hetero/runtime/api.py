@@ -62,13 +62,15 @@ class Model:
 
 def load(model: str | None = None, dtype: str = "fp32", device: str = "cpu",
          units: dict[str, UnitConfig] | None = None, threads: int | None = None,
-         memory: str | None = None, plan=None, precisions: list[str] | None = None) -> Model:
+         memory: str | None = None, plan=None, precisions: list[str] | None = None,
+         kv_dtype: str | None = None) -> Model:
     """Load MODEL (path, HF dir, `smollm2-135m`, `synthetic:NAME`) through a Plan and the one engine.
 
     With `memory` ("cpu=50%", as `hetero run --memory`) or `precisions`, the planner chooses every unit
     within the budget; with `plan` (a Plan or a path) that plan runs; otherwise every unit is at
     `dtype` on `device` unless `units` says otherwise per unit (a fixed plan, priced but not optimised).
     The Model keeps its engine as `.engine` (`.engine.plan`, `.engine.report()`, `.close()`).
+    kv_dtype: how the KV cache is stored (auto | fp32 | bf16 | int8; None: the plan's, else auto).
     """
     from hetero.runtime import engine as eng
     from hetero.runtime.memory import Footprint
@@ -85,16 +87,18 @@ def load(model: str | None = None, dtype: str = "fp32", device: str = "cpu",
         the_plan = plan
     elif planned:
         the_plan, _ = eng.plan_for_run(model, str(plan) if plan is not None else None, memory,
-                                       precisions=precisions)
+                                       precisions=precisions, kv_dtype=kv_dtype)
     else:
-        the_plan = _fixed(model, units or {}, UnitConfig(device, precision))
+        the_plan = _fixed(model, units or {}, UnitConfig(device, precision), kv_dtype or "auto")
+    if kv_dtype is not None and the_plan.kv_dtype != kv_dtype:
+        raise HeteroError(f"the plan stores its KV cache as {the_plan.kv_dtype}, not {kv_dtype}")
     # a fixed plan builds straight from the weights (no budget to hold); a planned one as `hetero run`
     e = eng.Engine.load(the_plan, model, progress=False, monitor=Footprint(), use_cache=planned)
     e.model.engine = e
     return e.model
 
 
-def _fixed(model: str | None, units: dict[str, UnitConfig], default: UnitConfig):
+def _fixed(model: str | None, units: dict[str, UnitConfig], default: UnitConfig, kv_dtype: str = "auto"):
     """The plan of hetero.load(dtype=..., device=..., units=...): those choices, every unit resident."""
     from hetero.hardware.inventory import inventory
     from hetero.hardware.profile import load_cached
@@ -105,4 +109,4 @@ def _fixed(model: str | None, units: dict[str, UnitConfig], default: UnitConfig)
     hw = inventory()
     choices = {u: (c.device, c.precision, "resident") for u in spec.unit_names()
                for c in [units.get(u, default)]}
-    return fixed_plan(spec, hw, load_cached(hw.host, True), choices)
+    return fixed_plan(spec, hw, load_cached(hw.host, True), choices, kv_dtype=kv_dtype)

@@ -189,6 +189,7 @@ class Engine:
         from hetero.model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(src, spec.vocab_size, None)
+        net.kv_dtype = plan.kv_dtype  # the KV storage the plan priced (int8: layer by layer, no compiled stack)
         m = Model(spec, net, tok, time.perf_counter() - t0)
         mon.sample()
         build = {"load_s": round(time.perf_counter() - t0, 3), "convert_s": round(t_conv, 3),
@@ -393,7 +394,7 @@ def _streamed_experts(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], cf
 def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: str | None = None,
                  hardware: str | None = None, objective: str = "decode", precisions: list[str] | None = None,
                  prompt_tokens: int = 512, context: int | None = None, replan: bool = True,
-                 max_quality_loss: float | None = None) -> tuple[Plan, list[str]]:
+                 max_quality_loss: float | None = None, kv_dtype: str | None = None) -> tuple[Plan, list[str]]:
     """The plan a run executes, and notes to print: the one given (checked against this model and
     machine, re-planned when it no longer fits), or a fresh one for the budgets given.
 
@@ -403,6 +404,8 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
     memory leaves no plan within it.
 
     The budget covers the whole process: this process's measured baseline is the plan's reserve.
+    kv_dtype: how the KV cache is stored and priced (None: a --plan's own, else "auto"); int8 fits
+    about twice the context of bf16 in the same budget.
     """
     from hetero.hardware.inventory import inventory
     from hetero.plan import check_plan, make_plan, parse_memory
@@ -416,6 +419,9 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
     reserve = {"cpu": baseline.runtime_baseline(model), **devices.cuda_reserve()}
     if plan_path:
         plan = Plan.load(plan_path)
+        if kv_dtype is not None and kv_dtype != plan.kv_dtype:
+            raise HeteroError(f"the plan stores its KV cache as {plan.kv_dtype}; re-plan it for --kv-dtype "
+                              f"{kv_dtype} (`hetero plan --kv-dtype {kv_dtype} -o FILE`)")
         here = inventory()
         check_plan(plan, spec, here)
         if plan.host and plan.host != here.host:
@@ -433,14 +439,15 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
         fresh = make_plan(spec, hw, prof, memory=budgets, objective=plan.objective,
                           prompt_tokens=plan.prompt_tokens, context=plan.context, batch=plan.batch,
                           precisions=list(plan.precisions) or None, reserve=reserve,
-                          max_quality_loss=plan.max_quality_loss)
+                          max_quality_loss=plan.max_quality_loss, kv_dtype=plan.kv_dtype)
         notes.append(f"re-planned: {why}; new cpu budget {fmt_bytes(budgets['cpu'])}")
         return fresh, notes
     from hetero.plan.sensitivity import DEFAULT_MAX_QUALITY_LOSS, shipped_sensitivity
 
     hw, prof = _machine(hardware)
     kw = dict(memory=parse_memory(memory_text, spec), objective=objective, prompt_tokens=prompt_tokens,
-              context=context, precisions=precisions, reserve=reserve, sensitivity=shipped_sensitivity(spec))
+              context=context, precisions=precisions, reserve=reserve, sensitivity=shipped_sensitivity(spec),
+              kv_dtype=kv_dtype or "auto")
     if max_quality_loss is not None:
         return make_plan(spec, hw, prof, max_quality_loss=max_quality_loss, **kw), notes
     if precisions is not None:
@@ -490,5 +497,9 @@ def summary(plan: Plan) -> str:
     mem = ", ".join(f"{d} {fmt_bytes(plan.memory.get(d, 0) + plan.reserve.get(d, 0))} of "
                     f"{fmt_bytes(b)}" for d, b in plan.budgets.items() if plan.memory.get(d, 0))
     p = plan.predicted
+    cap = plan.kv_capacity()
+    if cap:
+        mem += (f" | KV {plan.kv_dtype} {fmt_bytes(cap['bytes'])} for {plan.batch} x {plan.context} tokens "
+                f"(the budget holds up to {cap['max_context']:,})")
     return (f"plan: {parts} | {mem} | predicted prefill {p.prefill_tok_s:.1f} tok/s, "
             f"decode {p.decode_tok_s:.2f} tok/s")

@@ -7,6 +7,7 @@ are model/paged.PagedKV (the layers read and write them); this file is only the 
 """
 from __future__ import annotations
 
+from hetero.dtypes import check_kv_dtype
 from hetero.errors import HeteroError
 from hetero.model.decoder import Decoder
 from hetero.model.paged import PagedKV
@@ -19,11 +20,14 @@ class KVPool:
     per sequence id."""
 
     def __init__(self, model: Decoder, budget_bytes: int | None = None, n_blocks: int | None = None,
-                 block: int = BLOCK):
+                 block: int = BLOCK, kv_dtype: str | None = None):
         if block < 1:
             raise HeteroError(f"a KV block holds at least 1 token, got {block}")
+        # how blocks hold K/V (dtypes.KV_DTYPES; default the model's): int8 ~2x the blocks of bf16
+        self.kv_dtype = check_kv_dtype(model.kv_dtype if kv_dtype is None else kv_dtype)
         self.block = block
-        self.block_bytes = PagedKV.block_bytes(model.spec, block, [layer.dtype for layer in model.layers])
+        self.block_bytes = PagedKV.block_bytes(model.spec, block, [layer.dtype for layer in model.layers],
+                                               self.kv_dtype)
         if n_blocks is None:
             if budget_bytes is None:
                 raise HeteroError("a KV pool needs a budget in bytes or a number of blocks")
@@ -31,7 +35,7 @@ class KVPool:
         if n_blocks < 1:
             raise HeteroError(f"a KV budget of {budget_bytes} bytes holds no block of {block} tokens "
                               f"({self.block_bytes} bytes)")
-        self.kv = model.new_paged(n_blocks, block)
+        self.kv = model.new_paged(n_blocks, block, self.kv_dtype)
         self.n_blocks = n_blocks
         self._free = list(range(n_blocks - 1, -1, -1))  # popped from the end: low ids first
         self.tables: dict[int, tuple[int, ...]] = {}

@@ -96,7 +96,9 @@ void DecodeStack::add_layer(std::vector<std::vector<int64_t>> kinds, std::vector
 
 template <typename T>
 void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std::vector<torch::Tensor>& kc,
-                      std::vector<torch::Tensor>& vc) {
+                      std::vector<torch::Tensor>& vc, std::vector<torch::Tensor>* ks,
+                      std::vector<torch::Tensor>* vs) {
+  const bool q8 = ks != nullptr;
   const int64_t H = H_, K = K_, D = D_, E = E_, I = I_;
   float* qkv = qkv_.data();
   float* attn = attn_.data();
@@ -119,8 +121,12 @@ void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std:
     };
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& ly = layers_[l];
-      T* kcp = kc[l].template data_ptr<T>();
-      T* vcp = vc[l].template data_ptr<T>();
+      T* kcp = q8 ? nullptr : kc[l].template data_ptr<T>();
+      T* vcp = q8 ? nullptr : vc[l].template data_ptr<T>();
+      int8_t* kq = q8 ? kc[l].template data_ptr<int8_t>() : nullptr;
+      int8_t* vq = q8 ? vc[l].template data_ptr<int8_t>() : nullptr;
+      at::Half* ksp = q8 ? (*ks)[l].template data_ptr<at::Half>() : nullptr;
+      at::Half* vsp = q8 ? (*vs)[l].template data_ptr<at::Half>() : nullptr;
       // norm (each thread its own copy: cheaper than a barrier) -> qkv rows
       rmsnorm_row<T, float>(x, ly.attn_norm, h.data(), E, eps_);
       prepare(ly.qkv, h.data(), in);
@@ -128,10 +134,16 @@ void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std:
       lin_rows(ly.qkv, in, n0, n1, y.data());
       for (int64_t n = n0; n < n1; ++n) qkv[n] = out_value<T>(ly.qkv, n, y[n - n0]);
 #pragma omp barrier
-      for (int64_t kh = tid; kh < K; kh += nth) kv_write_head<T, float>(qkv, c, s, kcp, vcp, pos, kh, H, K, D, L, q.data());
+      for (int64_t kh = tid; kh < K; kh += nth) {
+        if (q8) kv_write_head_q8<T, float>(qkv, c, s, kq, ksp, vq, vsp, pos, kh, H, K, D, L, q.data());
+        else kv_write_head<T, float>(qkv, c, s, kcp, vcp, pos, kh, H, K, D, L, q.data());
+      }
 #pragma omp barrier
-      for (int64_t hh = H * tid / nth; hh < H * (tid + 1) / nth; ++hh)
-        attend_head<T, float, float>(qkv, c, s, kcp, vcp, attn, pos, hh, H, K, D, L, scale_, q.data(), p.data());
+      for (int64_t hh = H * tid / nth; hh < H * (tid + 1) / nth; ++hh) {
+        if (q8) attend_head_q8<T, float, float>(qkv, c, s, kq, ksp, vq, vsp, attn, pos, hh, H, K, D, L, scale_,
+                                                q.data(), p.data());
+        else attend_head<T, float, float>(qkv, c, s, kcp, vcp, attn, pos, hh, H, K, D, L, scale_, q.data(), p.data());
+      }
 #pragma omp barrier
       rows_into_residual(ly.o, attn);
 #pragma omp barrier
@@ -155,6 +167,19 @@ void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std:
 
 torch::Tensor DecodeStack::step(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
                                  std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc) {
+  return checked_step(x, pos, cos, sin, kc, vc, nullptr, nullptr);
+}
+
+torch::Tensor DecodeStack::step_q8(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
+                                    std::vector<torch::Tensor> kc, std::vector<torch::Tensor> ks,
+                                    std::vector<torch::Tensor> vc, std::vector<torch::Tensor> vs) {
+  return checked_step(x, pos, cos, sin, kc, vc, &ks, &vs);
+}
+
+torch::Tensor DecodeStack::checked_step(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
+                                         std::vector<torch::Tensor>& kc, std::vector<torch::Tensor>& vc,
+                                         std::vector<torch::Tensor>* ks, std::vector<torch::Tensor>* vs) {
+  const bool q8 = ks != nullptr;
   TORCH_CHECK(x.scalar_type() == dt_ && x.numel() == E_ && x.device().is_cpu(), "x: E values in the act dtype");
   TORCH_CHECK(cos.scalar_type() == dt_ && sin.scalar_type() == dt_ && cos.is_contiguous() && sin.is_contiguous() &&
               cos.numel() == D_ && sin.numel() == D_, "cos/sin: [D] in the act dtype");
@@ -162,15 +187,22 @@ torch::Tensor DecodeStack::step(torch::Tensor x, int64_t pos, torch::Tensor cos,
   TORCH_CHECK(kc.size() == n && vc.size() == n, "one k and v cache per layer");
   const int64_t L = n ? kc[0].size(2) : 1;
   TORCH_CHECK(pos >= 0 && pos < L, "position outside the cache");
-  for (size_t l = 0; l < n; ++l)
+  if (q8) TORCH_CHECK(ks->size() == n && vs->size() == n, "one k and v scale tensor per layer");
+  const auto cache_dt = q8 ? torch::kInt8 : dt_;
+  for (size_t l = 0; l < n; ++l) {
     for (auto* t : {&kc[l], &vc[l]})
-      TORCH_CHECK(t->scalar_type() == dt_ && t->is_contiguous() && t->dim() == 4 && t->size(0) == 1 &&
+      TORCH_CHECK(t->scalar_type() == cache_dt && t->is_contiguous() && t->dim() == 4 && t->size(0) == 1 &&
                   t->size(1) == K_ && t->size(2) == L && t->size(3) == D_, "cache: [1, K, L, D] contiguous");
+    if (q8)
+      for (auto* t : {&(*ks)[l], &(*vs)[l]})
+        TORCH_CHECK(t->scalar_type() == torch::kHalf && t->is_contiguous() && t->dim() == 4 && t->size(0) == 1 &&
+                    t->size(1) == K_ && t->size(2) == L && t->size(3) == 1, "scales: [1, K, L, 1] fp16 contiguous");
+  }
   auto out = x.contiguous().clone();
   if (dt_ == torch::kFloat32)
-    run<float>(out.data_ptr<float>(), pos, L, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, vc);
+    run<float>(out.data_ptr<float>(), pos, L, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, vc, ks, vs);
   else
     run<at::BFloat16>(out.data_ptr<at::BFloat16>(), pos, L, cos.data_ptr<at::BFloat16>(),
-                      sin.data_ptr<at::BFloat16>(), kc, vc);
+                      sin.data_ptr<at::BFloat16>(), kc, vc, ks, vs);
   return out;
 }

@@ -93,10 +93,21 @@ class DecodeStack {
   torch::Tensor step(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
                      std::vector<torch::Tensor> kc, std::vector<torch::Tensor> vc);
 
+  // The same step over int8 caches (model/kvstore.py Int8KV): codes [1, K, L, D] int8 and scales
+  // [1, K, L, 1] fp16 per layer for K and for V.
+  torch::Tensor step_q8(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
+                        std::vector<torch::Tensor> kc, std::vector<torch::Tensor> ks,
+                        std::vector<torch::Tensor> vc, std::vector<torch::Tensor> vs);
+
  private:
+  // ks/vs empty: kc/vc are T caches; else int8 codes with their fp16 scales
   template <typename T>
   void run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std::vector<torch::Tensor>& kc,
-           std::vector<torch::Tensor>& vc);
+           std::vector<torch::Tensor>& vc, std::vector<torch::Tensor>* ks = nullptr,
+           std::vector<torch::Tensor>* vs = nullptr);
+  torch::Tensor checked_step(torch::Tensor x, int64_t pos, torch::Tensor cos, torch::Tensor sin,
+                             std::vector<torch::Tensor>& kc, std::vector<torch::Tensor>& vc,
+                             std::vector<torch::Tensor>* ks, std::vector<torch::Tensor>* vs);
   template <typename T>
   void run_rows(T* x, int64_t M, const int64_t* pos, const T* c, const T* s, std::vector<torch::Tensor>& kp,
                 std::vector<torch::Tensor>& vp, const int64_t* tables, int64_t nb, int64_t bs);

@@ -61,5 +61,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       })
       .def("n_layers", &DecodeStack::n_layers)
       .def("step", &DecodeStack::step, nogil)
-      .def("step_rows", &DecodeStack::step_rows, nogil);
+      .def("step_rows", &DecodeStack::step_rows, nogil)
+      .def("step_q8", &DecodeStack::step_q8, nogil);
 }

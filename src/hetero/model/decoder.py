@@ -143,7 +143,9 @@ class Decoder(torch.nn.Module):
         if self.embed_scale is not None:
             x = x.to(self.embed_dtype)
             x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-        stack = self._decode_stack() if self.stack_decode and self.layers else None
+        # the compiled rows step reads plain K/V pools; int8 or cast stores run layer by layer in torch
+        plain = all(isinstance(t, torch.Tensor) for t in kv.k + kv.v)
+        stack = self._decode_stack() if self.stack_decode and self.layers and plain else None
         if stack is not None and r.chunks and r.decode_blocks is not None:
             x = self._split_hidden(x, r, kv, stack)
         else:

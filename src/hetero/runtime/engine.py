@@ -125,13 +125,15 @@ class Engine:
     @classmethod
     def load(cls, plan: Plan, model: str | None = None, prefetch: bool | None = None,
              hardware=None, progress: bool = True, monitor: memory.Footprint | None = None,
-             use_cache: bool | None = None, stage: int | None = None) -> "Engine":
+             use_cache: bool | None = None, stage: int | None = None, order: str = "forward") -> "Engine":
         """Check the plan against the model (and the machine when `hardware` is given), then build it.
 
         use_cache: load every unit from the tensor cache (the default); False builds the units straight
         from the weight files in this process, whose conversion temporaries then count in its peak.
         stage: a pipeline plan's rank; only that stage's units are converted and built, and the engine
         runs (and is measured against) `plan.stage_plan(stage)`, that rank's budgets.
+        order: "forward" (every pass visits the streamed units in plan order) or "train" (a training
+        step: forward, the head, then the layers again in reverse for backward; finetune/step.py).
         """
         from hetero.plan import check_plan
 
@@ -182,7 +184,7 @@ class Engine:
             t_conv = time.perf_counter() - t1
             # the run reads only the cache entries (O_DIRECT); the weight files are not touched again
             mon.files += [e.path for e in entries.values()]
-            net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch, stage_names)
+            net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch, stage_names, order)
             cache_bytes = sum(entries[u.name].data_bytes for u in plan.units if u.residency == "disk")
         for f in files:
             memory.drop_cache(f)
@@ -320,7 +322,8 @@ def unit_configs(plan: Plan, names=None) -> dict[str, UnitConfig]:
             if names is None or u.name in names}
 
 
-def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, prefetch: bool, names=None):
+def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, prefetch: bool, names=None,
+              order: str = "forward"):
     """Every unit of the plan (or of the stage `names`) from the cache, resident or streamed, then
     Decoder.from_units: the same assembler hetero.load and pipeline stages use."""
     cfg = unit_configs(plan, names)
@@ -332,6 +335,8 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
             e = entries[u.name]
             host = _pinned_copy(e) if u.residency == "ram" else None
             by_dev.setdefault(u.device, []).append(StreamItem(u.name, e.data_bytes, None if host is not None else e, host))
+    if order == "train":  # backward recomputes the layers last to first: the pass reads them again, reversed
+        by_dev = {d: srcs + [s for s in reversed(srcs) if s.name != "head"] for d, srcs in by_dev.items()}
     pfs = {d: Prefetcher(srcs, d, plan.prefetch_depth, prefetch) for d, srcs in by_dev.items()}
 
     def unit_module(u) -> torch.nn.Module:

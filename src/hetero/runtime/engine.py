@@ -398,7 +398,8 @@ def _streamed_experts(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], cf
 def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: str | None = None,
                  hardware: str | None = None, objective: str = "decode", precisions: list[str] | None = None,
                  prompt_tokens: int = 512, context: int | None = None, replan: bool = True,
-                 max_quality_loss: float | None = None) -> tuple[Plan, list[str]]:
+                 max_quality_loss: float | None = None, extra_reserve: dict[str, int] | None = None
+                 ) -> tuple[Plan, list[str]]:
     """The plan a run executes, and notes to print: the one given (checked against this model and
     machine, re-planned when it no longer fits), or a fresh one for the budgets given.
 
@@ -408,6 +409,8 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
     memory leaves no plan within it.
 
     The budget covers the whole process: this process's measured baseline is the plan's reserve.
+    extra_reserve: bytes per device the caller holds besides the weights (a training step's
+    adapters, optimiser state and activations: finetune/plan_train.py), added to the reserve.
     """
     from hetero.hardware.inventory import inventory
     from hetero.plan import check_plan, make_plan, parse_memory
@@ -419,6 +422,8 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
     spec = resolve_spec(model)
     notes: list[str] = []
     reserve = {"cpu": baseline.runtime_baseline(model), **devices.cuda_reserve()}
+    for d, b in (extra_reserve or {}).items():
+        reserve[d] = reserve.get(d, 0) + int(b)
     if plan_path:
         plan = Plan.load(plan_path)
         here = inventory()

@@ -125,3 +125,13 @@ def merge(tensors: dict[str, torch.Tensor], cfg: LoraConfig, parts) -> dict[str,
         w = out[name]
         out[name] = (w.float() + cfg.scale * (b.float() @ a.float())).to(w.dtype)
     return out
+
+
+def apply_adapter(net, spec, path: str | Path) -> LoraConfig:
+    """Run `net` (a built Decoder) with the adapter at `path` as a side path on every targeted linear
+    (the base weights untouched, whatever their precision or residency)."""
+    from hetero.finetune.lora import attach
+
+    cfg, parts = load_adapter(path, spec)
+    attach(net, spec, cfg, parts, trainable=False)
+    return cfg

@@ -24,7 +24,7 @@ def plan_training(model: str | None, spec, wl: TrainWorkload, memory: str | None
         quantised = precisions is None or any(p not in ("fp32", "bf16", "fp16") for p in precisions)
         mem = train_memory(spec, wl, ckpt, quantised)
         try:
-            plan, notes = plan_for_run(model, None, memory, objective="ttft", precisions=precisions,
+            plan, notes = plan_for_run(model, None, memory, objective="decode", precisions=precisions,
                                        prompt_tokens=min(tokens, spec.max_context),
                                        context=min(wl.seq_len, spec.max_context), extra_reserve={"cpu": sum(mem.values())})
         except HeteroError as e:

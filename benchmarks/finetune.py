@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--precision", default="bf16", help="the base's precision in both runs")
     ap.add_argument("--corpus-tokens", type=int, default=2048)
     ap.add_argument("--budget", default=None, help="the streamed run's --memory (default: searched)")
@@ -66,8 +68,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     train, held = split(out)
     common = ["smollm2-135m", "--data", str(train), "--steps", str(args.steps), "--batch", str(args.batch),
-              "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--precisions", args.precision]
+              "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--precisions", args.precision,
+              "--targets", args.targets, "--rank", str(args.rank)]
     r = {"steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
+         "targets": args.targets, "rank": args.rank,
          "precision": args.precision}
     # the streamed run first: ru_maxrss of children only grows, so the first child's peak is its own
     budget = args.budget

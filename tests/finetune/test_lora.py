@@ -166,3 +166,19 @@ def test_adapter_for_another_model_is_refused(tiny, tmp_path):
     save_file(load_file(str(f)), str(f))
     with pytest.raises(HeteroError, match="another model"):
         load_adapter(tmp_path / "ad", spec)
+
+
+def test_adamw_is_torchs():
+    from hetero.finetune.train import AdamW
+
+    ps = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours, theirs = AdamW(ps, 1e-2, weight_decay=0.1), torch.optim.AdamW(qs, 1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(5, 3, generator=g)
+            q.grad = p.grad.clone()
+        ours.step(), theirs.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q)

@@ -43,6 +43,52 @@ class TrainConfig:
             raise HeteroError(f"--lr must be > 0 (got {self.lr})")
 
 
+class AdamW:
+    """AdamW (Loshchilov & Hutter) over a few adapter tensors. Not torch.optim's: its first step
+    imports torch._dynamo (~80 MB of RSS here), which a budgeted run would pay for nothing."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.params, self.lr, self.betas, self.eps, self.wd = params, lr, betas, eps, weight_decay
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            if self.wd:
+                p.mul_(1 - self.lr * self.wd)
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m / c1, (v / c2).sqrt_().add_(self.eps), value=-self.lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "m": [x.clone() for x in self.m], "v": [x.clone() for x in self.v]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        for dst, src in zip(self.m + self.v, list(state["m"]) + list(state["v"])):
+            dst.copy_(src)
+
+
+def _clip(params: list[torch.Tensor], max_norm: float) -> None:
+    norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+    if norm > max_norm:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (float(norm) + 1e-6))
+
+
 def checkpoint_path(out: str | Path) -> Path:
     out = Path(out).expanduser()
     return out.with_name(out.name + ".checkpoint.pt")
@@ -75,7 +121,7 @@ def train(net, spec, seqs: list[list[int]], lcfg: LoraConfig, tcfg: TrainConfig,
     loss log, tokens/s, the adapters (`parts`)."""
     torch.manual_seed(tcfg.seed)
     params = attach(net, spec, lcfg, new_parts(spec, lcfg, tcfg.seed))
-    optim = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+    optim = AdamW(params, lr=tcfg.lr)
     key_settings = {**(settings or {}), **asdict(lcfg), **{k: v for k, v in asdict(tcfg).items()
                                                           if k not in ("steps", "save_every", "checkpoint")}}
     key = settings_key(key_settings)
@@ -100,17 +146,16 @@ def train(net, spec, seqs: list[list[int]], lcfg: LoraConfig, tcfg: TrainConfig,
         while step < tcfg.steps:
             t0 = time.perf_counter()
             lr = tcfg.lr * min(1.0, (step + 1) / tcfg.warmup) if tcfg.warmup else tcfg.lr
-            for g in optim.param_groups:
-                g["lr"] = lr
+            optim.lr = lr
             groups = [_collate(batches(seqs, tcfg.batch, step * tcfg.grad_accum + k, tcfg.seed))
                       for k in range(tcfg.grad_accum)]
             n_tok = sum(int((t != -100).sum()) for _, t in groups)
             nll = 0.0
             for ids, tgt in groups:
                 nll += forward_backward(net, ids, tgt, n_tok, tcfg.checkpoint)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            _clip(params, 1.0)
             optim.step()
-            optim.zero_grad(set_to_none=True)
+            optim.zero_grad()
             step += 1
             dt = time.perf_counter() - t0
             tokens += sum(i.numel() for i, _ in groups)

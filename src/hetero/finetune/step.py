@@ -19,7 +19,7 @@ from hetero.finetune.lora import cached_weights, frozen_linear, layer_module
 from hetero.model.llama import rms_norm
 from hetero.runtime.stream import StreamedUnit, bind, unbind
 
-HEAD_ROWS = 256   # logits rows per loss chunk: [256, V] fp32
+HEAD_ROWS = 128   # logits rows per loss chunk: [128, V] fp32 (plan/train.py prices it)
 
 
 @contextlib.contextmanager

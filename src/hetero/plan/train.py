@@ -18,7 +18,7 @@ from hetero.cost import Coefficients
 
 PART_DIMS = {"q_proj": ("h", "q"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("q", "h"),
              "gate_proj": ("h", "f"), "up_proj": ("h", "f"), "down_proj": ("f", "h")}
-HEAD_ROWS = 256   # logits rows per loss chunk (finetune/step.py)
+HEAD_ROWS = 128   # logits rows per loss chunk (finetune/step.py)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def train_memory(spec, wl: TrainWorkload, checkpoint: bool, quantised: bool = Tr
     d = _dims(spec)
     # the input gradient of a quantised matrix dequantises it for the call: the largest one at a time
     deq = 4 * max(d["f"] * d["h"] * 2, d["h"] * (d["q"] + 2 * d["kv"])) if quantised else 0
-    head = 4 * HEAD_ROWS * spec.vocab_size * 3 + (4 * spec.vocab_size * spec.hidden_size if quantised else 0)
+    # a chunk holds ~5 [rows, V] fp32 tensors: logits in bf16 and fp32, log-softmax, its grad, the bf16 grad
+    head = 4 * HEAD_ROWS * spec.vocab_size * 5 + (4 * spec.vocab_size * spec.hidden_size if quantised else 0)
     return {"adapters": 4 * p, "grads": 4 * p, "adamw": 8 * p,
             "activations": (spec.n_layers + 2) * hidden + graph if checkpoint else spec.n_layers * graph + 2 * hidden,
             "workspace": max(deq, head)}

@@ -64,6 +64,7 @@ def serve(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: the model's name)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine (default: torch's)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format) as a side path on the base."),
 ) -> None:
     """Serve MODEL over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
     /plan (the Plan served) and /report (predicted vs measured).
@@ -81,6 +82,11 @@ def serve(
     if max_quality_loss is not None and not max_quality_loss >= 0:
         raise HeteroError(f"--max-quality-loss must be >= 0 (got {max_quality_loss})")
     _check_port(host, port)
+    if adapter:  # a wrong adapter fails before the model loads
+        from hetero.finetune.adapter_io import load_adapter
+        from hetero.model.sources import resolve_spec
+
+        load_adapter(adapter, resolve_spec(model))
     import uvicorn
 
     from hetero.runtime.engine import summary
@@ -89,6 +95,10 @@ def serve(
     e, notes = load_engine(model, plan_file, memory, hardware, objective or "decode", precisions or dtype,
                            context, prefetch, replan, threads, max_quality_loss=max_quality_loss)
     try:
+        if adapter:
+            from hetero.finetune.adapter_io import apply_adapter
+
+            apply_adapter(e.model.net, e.model.spec, adapter)
         for n in notes:
             print(f"note: {n}", file=sys.stderr)
         print(summary(e.plan), file=sys.stderr)

@@ -57,8 +57,9 @@ def finetune(
     spec = resolve_spec(model)
     precs = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None
     wl = TrainWorkload(seq_len, batch, grad_accum, rank, lcfg.targets)
-    from hetero.runtime.memory import Footprint
+    from hetero.runtime.memory import Footprint, fixed_mmap_threshold
 
+    fixed_mmap_threshold()  # a step's transients go back to the system when freed (runtime/memory.py)
     mon = Footprint().start()
     from hetero.finetune.plan_train import plan_training
     from hetero.runtime import engine as eng

@@ -29,6 +29,7 @@ def eval_cmd(
     act_group: int = typer.Option(0, "--act-group", help="With --act-int8: one scale per this many elements of a "
                                   "token (32 = llama.cpp's Q8 activation blocks) instead of one per token."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help=KV_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format) on the base."),
 ) -> None:
     """Token-level perplexity with a fixed context and stride (one evaluator for every variant)."""
     import hetero
@@ -47,7 +48,14 @@ def eval_cmd(
         from hetero.model.sources import resolve_spec
 
         dtype = "native" if resolve_spec(model).has_block_tensors else "fp32"
+    if adapter:  # a wrong adapter fails before the model loads
+        from hetero.finetune.adapter_io import apply_adapter, load_adapter
+        from hetero.model.sources import resolve_spec
+
+        load_adapter(adapter, resolve_spec(model))
     m = hetero.load(model, dtype=dtype, threads=threads, kv_dtype=kv_dtype)
+    if adapter:
+        apply_adapter(m.net, m.spec, adapter)
     ids = eval_ids(m.tokenizer, body, tokens or None)
     check_settings(len(ids), context, stride, m.spec.max_context)
     if act_int8:
@@ -59,7 +67,7 @@ def eval_cmd(
         r = perplexity(m.net, ids, context, stride, progress=progress)
     acts = (f"int8/{act_group}" if act_group else "int8/token") if act_int8 else "default"
     out = {"model": m.spec.name, "dtype": dtype, "kv_dtype": kv_dtype, "activations": acts,
-           "text": text or BUILTIN_NAME, **r.to_dict(),
+           "text": text or BUILTIN_NAME, "adapter": adapter, **r.to_dict(),
            "tok_s": round(r.tokens / r.seconds, 1) if r.seconds else None, "compression": read_record(model)}
     if as_json:
         print(json.dumps(out))
@@ -98,6 +106,7 @@ def compress(
     as_json: bool = typer.Option(False, "--json", help="Print the compression record as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Merge this LoRA adapter dir (PEFT format) into the base first (alone: --format hf without --method writes the merged model)."),
 ) -> None:
     """Compress MODEL and write an artifact that run, eval and plan load (the record is in config.json)."""
     from hetero.compress import methods
@@ -113,7 +122,7 @@ def compress(
         raise HeteroError("--format ct writes symmetric int4: pass --sym")
     if eval_tokens < 0:
         raise HeteroError(f"--eval-tokens must be ≥ 0 (got {eval_tokens})")
-    if method is None and fmt == "hf":
+    if method is None and fmt == "hf" and not adapter:
         raise HeteroError(f"--method is required; known: {methods.known()}")
     if method is not None and method not in methods.METHODS:
         raise HeteroError(f"unknown method {method!r}; known: {methods.known()}")
@@ -141,7 +150,15 @@ def compress(
         record = write_synthetic_gguf(out, model.split(":", 1)[1], gguf_type, force=force, progress=progress)
         _report(out, record, as_json)
         return
+    if adapter:  # a wrong adapter fails before the model loads
+        from hetero.finetune.adapter_io import load_adapter
+
+        lora = load_adapter(adapter, resolve_spec(model))
     loaded = load_model(model)
+    if adapter:
+        from hetero.finetune.adapter_io import merge
+
+        loaded.tensors = merge(loaded.tensors, *lora)
     opts = methods.Options(group=group, sym=sym, sparsity=sparsity, nm=nm, values=values,
                            calib_tokens=calib_tokens, act_order=act_order, layers=layers, steps=steps,
                            progress=progress, awq_grid=awq_grid, head=int4_head)
@@ -156,6 +173,8 @@ def compress(
         spec = record.pop("_spec", spec)
         grids = record.pop("_grids", {})
         record["logical_bytes"] = record.pop("bytes", None)
+    if adapter:
+        record = {**(record or {"method": "lora-merge"}), "adapter": str(adapter)}
     if fmt == "ct" and not grids:
         raise HeteroError("--format ct stores a quantiser's grid: use --method rtn, gptq or awq")
     if eval_tokens and record is not None:

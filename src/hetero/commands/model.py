@@ -70,6 +70,7 @@ def run(
     batch: Optional[int] = typer.Option(None, "--batch", help="Decode B sequences per forward: the prompt repeated B times, or at most B of --prompts at once."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts, one per line, run as one batch (with --batch B: B at a time)."),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format, e.g. from `hetero finetune`) as a side path on the base."),
 ) -> None:
     """Generate text from PROMPT, streaming it to stdout, and end with predicted vs measured speed.
 
@@ -106,7 +107,7 @@ def run(
         many = (prompts, batch or len(prompts))
     _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,
-                 prefetch, replan, many, max_quality_loss, kv_dtype)
+                 prefetch, replan, many, max_quality_loss, kv_dtype, adapter)
 
 
 def info(
@@ -169,7 +170,7 @@ def info(
 
 def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective, precisions, context, prefetch,
-                 replan, many=None, max_quality_loss=None, kv_dtype=None) -> None:
+                 replan, many=None, max_quality_loss=None, kv_dtype=None, adapter=None) -> None:
     """`run` under a Plan: plan (or load and check one), build, generate, predicted vs measured."""
     from hetero.runtime import firstuse
 
@@ -188,12 +189,21 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
     precs = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else None
     if context is not None and context < 2:
         raise HeteroError(f"--context must be at least 2, got {context}")
+    if adapter:  # a wrong adapter fails before anything loads
+        from hetero.finetune.adapter_io import load_adapter
+        from hetero.model.sources import resolve_spec
+
+        load_adapter(adapter, resolve_spec(model))
     plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, precs,
                                    prompt_tokens=64, context=context or (64 + max_new_tokens), replan=replan,
                                    max_quality_loss=max_quality_loss, kv_dtype=kv_dtype)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     e = eng.Engine.load(plan, model, prefetch=prefetch, progress=not as_json, monitor=mon)
+    if adapter:
+        from hetero.finetune.adapter_io import apply_adapter
+
+        apply_adapter(e.model.net, e.model.spec, adapter)
     if many is not None:  # several sequences per forward (commands/run_batch.py)
         from hetero.commands.run_batch import run_batch
         from hetero.runtime.sampling import SamplingParams

@@ -70,6 +70,7 @@ def serve(
     prefill_chunk: int = typer.Option(128, "--prefill-chunk", help="Prompt tokens a batched step prefills (a long prompt takes several steps, between the running streams' tokens)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format) as a side path on the base."),
 ) -> None:
     """Serve MODEL over the OpenAI API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics,
     /plan (the Plan served) and /report (predicted vs measured).
@@ -89,6 +90,11 @@ def serve(
     if max_quality_loss is not None and not max_quality_loss >= 0:
         raise HeteroError(f"--max-quality-loss must be >= 0 (got {max_quality_loss})")
     _check_port(host, port)
+    if adapter:  # a wrong adapter fails before the model loads
+        from hetero.finetune.adapter_io import load_adapter
+        from hetero.model.sources import resolve_spec
+
+        load_adapter(adapter, resolve_spec(model))
     import uvicorn
 
     from hetero.plan.units import fmt_bytes, parse_bytes
@@ -100,6 +106,10 @@ def serve(
                            context, prefetch, replan, threads, max_quality_loss=max_quality_loss,
                            kv_dtype=kv_dtype)
     try:
+        if adapter:
+            from hetero.finetune.adapter_io import apply_adapter
+
+            apply_adapter(e.model.net, e.model.spec, adapter)
         for n in notes:
             print(f"note: {n}", file=sys.stderr)
         print(summary(e.plan), file=sys.stderr)

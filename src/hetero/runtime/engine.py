@@ -125,13 +125,15 @@ class Engine:
     @classmethod
     def load(cls, plan: Plan, model: str | None = None, prefetch: bool | None = None,
              hardware=None, progress: bool = True, monitor: memory.Footprint | None = None,
-             use_cache: bool | None = None, stage: int | None = None) -> "Engine":
+             use_cache: bool | None = None, stage: int | None = None, order: str = "forward") -> "Engine":
         """Check the plan against the model (and the machine when `hardware` is given), then build it.
 
         use_cache: load every unit from the tensor cache (the default); False builds the units straight
         from the weight files in this process, whose conversion temporaries then count in its peak.
         stage: a pipeline plan's rank; only that stage's units are converted and built, and the engine
         runs (and is measured against) `plan.stage_plan(stage)`, that rank's budgets.
+        order: "forward" (every pass visits the streamed units in plan order) or "train" (a training
+        step: forward, the head, then the layers again in reverse for backward; finetune/step.py).
         """
         from hetero.plan import check_plan
 
@@ -182,7 +184,7 @@ class Engine:
             t_conv = time.perf_counter() - t1
             # the run reads only the cache entries (O_DIRECT); the weight files are not touched again
             mon.files += [e.path for e in entries.values()]
-            net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch, stage_names)
+            net, prefetchers, disk_embed = _assemble(spec, plan, entries, weights, prefetch, stage_names, order)
             cache_bytes = sum(entries[u.name].data_bytes for u in plan.units if u.residency == "disk")
         for f in files:
             memory.drop_cache(f)
@@ -321,7 +323,8 @@ def unit_configs(plan: Plan, names=None) -> dict[str, UnitConfig]:
             if names is None or u.name in names}
 
 
-def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, prefetch: bool, names=None):
+def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, prefetch: bool, names=None,
+              order: str = "forward"):
     """Every unit of the plan (or of the stage `names`) from the cache, resident or streamed, then
     Decoder.from_units: the same assembler hetero.load and pipeline stages use."""
     cfg = unit_configs(plan, names)
@@ -333,6 +336,8 @@ def _assemble(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], weights, p
             e = entries[u.name]
             host = _pinned_copy(e) if u.residency == "ram" else None
             by_dev.setdefault(u.device, []).append(StreamItem(u.name, e.data_bytes, None if host is not None else e, host))
+    if order == "train":  # backward recomputes the layers last to first: the pass reads them again, reversed
+        by_dev = {d: srcs + [s for s in reversed(srcs) if s.name != "head"] for d, srcs in by_dev.items()}
     pfs = {d: Prefetcher(srcs, d, plan.prefetch_depth, prefetch) for d, srcs in by_dev.items()}
 
     def unit_module(u) -> torch.nn.Module:
@@ -394,7 +399,8 @@ def _streamed_experts(spec: ModelSpec, plan: Plan, entries: dict[str, Entry], cf
 def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: str | None = None,
                  hardware: str | None = None, objective: str = "decode", precisions: list[str] | None = None,
                  prompt_tokens: int = 512, context: int | None = None, replan: bool = True,
-                 max_quality_loss: float | None = None, kv_dtype: str | None = None) -> tuple[Plan, list[str]]:
+                 max_quality_loss: float | None = None, kv_dtype: str | None = None,
+                 extra_reserve: dict[str, int] | None = None) -> tuple[Plan, list[str]]:
     """The plan a run executes, and notes to print: the one given (checked against this model and
     machine, re-planned when it no longer fits), or a fresh one for the budgets given.
 
@@ -406,6 +412,8 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
     The budget covers the whole process: this process's measured baseline is the plan's reserve.
     kv_dtype: how the KV cache is stored and priced (None: a --plan's own, else "auto"); int8 fits
     about twice the context of bf16 in the same budget.
+    extra_reserve: bytes per device the caller holds besides the weights (a training step's
+    adapters, optimiser state and activations: finetune/plan_train.py), added to the reserve.
     """
     from hetero.hardware.inventory import inventory
     from hetero.plan import check_plan, make_plan, parse_memory
@@ -417,6 +425,8 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
     spec = resolve_spec(model)
     notes: list[str] = []
     reserve = {"cpu": baseline.runtime_baseline(model), **devices.cuda_reserve()}
+    for d, b in (extra_reserve or {}).items():
+        reserve[d] = reserve.get(d, 0) + int(b)
     if plan_path:
         plan = Plan.load(plan_path)
         if kv_dtype is not None and kv_dtype != plan.kv_dtype:

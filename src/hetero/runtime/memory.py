@@ -160,3 +160,16 @@ class Footprint:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Allocations of `nbytes` or more get their own mapping, returned to the system when freed.
+
+    glibc raises its threshold after each large free (up to 32 MB), after which a training step's
+    transient [rows, V] logits and per-layer graphs come from the heap and stay in RSS: a budgeted
+    fine-tune measured 22% over its budget that way, 2% with the threshold fixed. mallopt also
+    turns the raising off. False where there is no glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

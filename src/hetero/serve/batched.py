@@ -147,15 +147,7 @@ class BatchScheduler(Scheduler):
         if self.on_step is not None:
             self.on_step(self.runner, now - t0)
         for (job, _), rec in zip(out, recs):
-            job.tokens += 1
-            if self.on_token is not None:
-                self.on_token(job, now)
-            if job.t_first is None:
-                job.t_first = now
-            job.t_last = now
-            job._emit(rec)
-            if rec.finish_reason is not None:
-                self._drop(job, "ok")  # a stop string ends it before the runner would: cancel frees it
+            self._deliver(job, rec, now, 1)
         if recs:
             last = recs[-1]
             self.engine.last = {"prefill_tok_s": last.prefill_tok_s, "decode_tok_s": last.decode_tok_s,

@@ -173,8 +173,12 @@ class Scheduler:
             job._emit(e)
             self._drop(job, "error")
             return
-        now = time.perf_counter()
-        job.tokens += len(rec.token_ids)
+        self._deliver(job, rec, time.perf_counter(), len(rec.token_ids))
+
+    def _deliver(self, job: Job, rec, now: float, tokens: int) -> None:
+        """A record to its job: counts, timings, the metrics hook; a final record ends the job (a
+        stop string may end it before the engine would: dropping it frees its place)."""
+        job.tokens += tokens
         if self.on_token is not None:
             self.on_token(job, now)
         if job.t_first is None:

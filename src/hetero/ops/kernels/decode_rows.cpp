@@ -47,9 +47,10 @@ void lin_rows_m(const Lin& L, const Input* in, int64_t M, int64_t c0, int64_t c1
       const float* xs[MM];
       float* ys[MM];
       for (int m = 0; m < MM; ++m) { xs[m] = in[m0 + m].x; ys[m] = y[m0 + m] - c0; }
-      for (int64_t n = c0; n < c1; n += ROWS) {
-        if (c1 - n >= ROWS) int8_tile<ROWS, MM>(xs, qp, sp, K, n, ys);
-        else for (int64_t r = n; r < c1; ++r) int8_tile<1, MM>(xs, qp, sp, K, r, ys);
+      constexpr int NR = tile_rows<MM>();
+      for (int64_t n = c0; n < c1; n += NR) {
+        if (c1 - n >= NR) int8_tile<NR, MM>(xs, qp, sp, K, n, ys, m0 == 0);
+        else for (int64_t r = n; r < c1; ++r) int8_tile<1, MM>(xs, qp, sp, K, r, ys, m0 == 0);
       }
     });
     return;
@@ -65,8 +66,8 @@ void lin_rows_m(const Lin& L, const Input* in, int64_t M, int64_t c0, int64_t c1
       float* ys[MM];
       for (int m = 0; m < MM; ++m) { xb[m] = in[m0 + m].xb; x8[m] = in[m0 + m].xs8; ys[m] = y[m0 + m] - c0; }
       for (int64_t n = c0; n < c1; n += 2) {
-        if (c1 - n >= 2) int4_tile_bf16<2, MM>(c, xb, x8, pp, sp, K, n, ys);
-        else int4_tile_bf16<1, MM>(c, xb, x8, pp, sp, K, n, ys);
+        if (c1 - n >= 2) int4_tile_bf16<2, MM>(c, xb, x8, pp, sp, K, n, ys, m0 == 0);
+        else int4_tile_bf16<1, MM>(c, xb, x8, pp, sp, K, n, ys, m0 == 0);
       }
     });
     return;
@@ -77,16 +78,17 @@ void lin_rows_m(const Lin& L, const Input* in, int64_t M, int64_t c0, int64_t c1
       const float* xs[MM];
       float* ys[MM];
       for (int m = 0; m < MM; ++m) { xs[m] = in[m0 + m].x; ys[m] = y[m0 + m] - c0; }
-      for (int64_t n = c0; n < c1; n += ROWS) {
-        const int64_t nr = std::min<int64_t>(ROWS, c1 - n);
+      constexpr int NR = tile_rows<MM>();
+      for (int64_t n = c0; n < c1; n += NR) {
+        const int64_t nr = std::min<int64_t>(NR, c1 - n);
         if (L.kind == KIND_F32) {
           const float* wp = static_cast<const float*>(L.w);
           auto ld = [&](int64_t r, int64_t k) { return _mm512_loadu_ps(wp + r * K + k); };
-          if (nr == ROWS) dense_tile<ROWS, MM>(xs, K, n, ys, ld); else for (int64_t r = n; r < c1; ++r) dense_tile<1, MM>(xs, K, r, ys, ld);
+          if (nr == NR) dense_tile<NR, MM>(xs, K, n, ys, ld); else for (int64_t r = n; r < c1; ++r) dense_tile<1, MM>(xs, K, r, ys, ld);
         } else {
           const uint16_t* wp = static_cast<const uint16_t*>(L.w);
           auto ld = [&](int64_t r, int64_t k) { return bf16x16_to_f32(wp + r * K + k); };
-          if (nr == ROWS) dense_tile<ROWS, MM>(xs, K, n, ys, ld); else for (int64_t r = n; r < c1; ++r) dense_tile<1, MM>(xs, K, r, ys, ld);
+          if (nr == NR) dense_tile<NR, MM>(xs, K, n, ys, ld); else for (int64_t r = n; r < c1; ++r) dense_tile<1, MM>(xs, K, r, ys, ld);
         }
       }
     });

@@ -34,19 +34,46 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _others_running(samples: int = 3, gap_s: float = 0.01) -> int | None:
+    """How many other threads are running on the machine now: the fewest of a few readings of
+    /proc/stat's procs_running, less this process (None where there is no /proc/stat)."""
+    import time
+
+    seen = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                seen += [int(line.split()[1]) for line in f if line.startswith("procs_running")]
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return max(0, min(seen) - 1) if seen else None
+
+
 def _wait_policy() -> None:
     """On a machine already running more work than it has cores, OpenMP threads that spin while
     they wait take CPU from each other and from every other process: a 2-thread prefill ran ~10x
     slower there (docs/BENCHMARKS.md, "Start-up"). They then sleep instead. Read once, when torch
     loads libgomp, so set before any import of torch; a quiet machine and the user's own setting
-    are left as they are."""
+    are left as they are.
+
+    Busy means busy now (threads running at start), not the 1-minute load average: that average
+    still counts the hetero command that just finished, and sleeping threads cost the compiled
+    decode step ~2.7x on a quiet machine (a `hetero bench` right after `--calibrate` measured that)."""
     if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return
     try:
-        busy = os.getloadavg()[0] >= len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (OSError, AttributeError):
         return
-    if busy:
+    others = _others_running()
+    if others is None:
+        try:
+            others = int(os.getloadavg()[0])
+        except (OSError, AttributeError):
+            return
+    if others >= cores:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 

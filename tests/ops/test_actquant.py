@@ -65,8 +65,10 @@ def test_act_int8_moves_prefill_logits_a_little_and_leaves_decode_alone(dtype):
         return net(ids, 0, net.new_cache(1, 32), last_only=False)
 
     base = prefill()
-    with act_int8(net) as n:
+    with act_int8(net, head=True) as n:
         assert n == 4 * len(net.layers) + 1                        # q/k/v, o, gate/up, down per layer; head
+    with act_int8(net) as n:
+        assert n == 4 * len(net.layers)                            # a generation's prefill: the layers only
         q = prefill()
         cache = net.new_cache(1, 32)
         net(ids[:, :23], 0, cache)

@@ -28,6 +28,8 @@ def eval_cmd(
                                   "(symmetric, dynamic), as a W8A8 prefill does; int8 weights run int8 x int8."),
     act_group: int = typer.Option(0, "--act-group", help="With --act-int8: one scale per this many elements of a "
                                   "token (32 = llama.cpp's Q8 activation blocks) instead of one per token."),
+    act_head: bool = typer.Option(False, "--act-head/--no-act-head", help="With --act-int8: the head's input "
+                                  "too (a generation's prefill runs the head on one token only, so by default it is left out)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help=KV_HELP),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format) on the base."),
 ) -> None:
@@ -42,6 +44,8 @@ def eval_cmd(
         raise HeteroError(f"--tokens must be ≥ 0 (got {tokens})")
     if act_group < 0 or (act_group and not act_int8):
         raise HeteroError("--act-group takes a size ≥ 1 and goes with --act-int8")
+    if act_head and not act_int8:
+        raise HeteroError("--act-head goes with --act-int8")
     stride = stride if stride is not None else max(1, context // 2)
     body = read_text(text)  # a bad file fails before the model loads
     if dtype is None:
@@ -61,11 +65,11 @@ def eval_cmd(
     if act_int8:
         from hetero.ops.actquant import act_int8 as int8_acts
 
-        with int8_acts(m.net, act_group):
+        with int8_acts(m.net, act_group, act_head):
             r = perplexity(m.net, ids, context, stride, progress=progress)
     else:
         r = perplexity(m.net, ids, context, stride, progress=progress)
-    acts = (f"int8/{act_group}" if act_group else "int8/token") if act_int8 else "default"
+    acts = (f"int8/{act_group}" if act_group else "int8/token") + ("+head" if act_head else "") if act_int8 else "default"
     out = {"model": m.spec.name, "dtype": dtype, "kv_dtype": kv_dtype, "activations": acts,
            "text": text or BUILTIN_NAME, "adapter": adapter, **r.to_dict(),
            "tok_s": round(r.tokens / r.seconds, 1) if r.seconds else None, "compression": read_record(model)}

@@ -2,8 +2,11 @@
 W8A8 prefill GEMM would take it. Used to measure what int8 activations cost in quality
 (`hetero eval --act-int8`) and, for int8 weights, to run the real int8 x int8 product.
 
-    with act_int8(net):          # every Linear of the layers and the head
+    with act_int8(net):          # every Linear of the decoder layers (head=True: the head too)
         logits = net(ids, 0, cache, last_only=False)
+
+Why the head is left out by default: a generation's prefill runs the head on the prompt's last token
+only, a one-row product that no W8A8 GEMM takes; only perplexity runs it over every token.
 
 Per token t of x [.., K]: s_t = max|x_t| / 127, q_t = round(x_t / s_t) clipped to ±127 (int8).
 Int8 weights (per output channel, Int8Linear) multiply q directly: torch._int_mm gives the exact
@@ -48,12 +51,13 @@ def int8_mm(x2: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor) -> to
     return acc * s[:, None] * wscale.float()[None, :]
 
 
-def _linears(net) -> list[torch.nn.Module]:
+def _linears(net, head: bool = False) -> list[torch.nn.Module]:
     from hetero.ops.linear import DenseLinear, Int4Linear, Int8Linear
     from hetero.ops.native import NativeLinear
 
     kinds = (DenseLinear, Int8Linear, Int4Linear, NativeLinear)
-    return [m for m in net.modules() if isinstance(m, kinds)]
+    skip = set() if head else {id(m) for m in getattr(net, "head", torch.nn.Module()).modules()}
+    return [m for m in net.modules() if isinstance(m, kinds) and id(m) not in skip]
 
 
 def _pre_hook(group: int):
@@ -66,14 +70,15 @@ def _pre_hook(group: int):
 
 
 @contextmanager
-def act_int8(net, group: int = 0) -> Iterator[int]:
-    """Within the block every Linear of `net` takes int8 activations on prefill-shaped inputs (one
-    scale per token, or per `group` elements); yields how many Linears that is. Int8 weights with
+def act_int8(net, group: int = 0, head: bool = False) -> Iterator[int]:
+    """Within the block every Linear of `net`'s layers (and of its head when `head`) takes int8
+    activations on prefill-shaped inputs (one scale per token, or per `group` elements); yields how
+    many Linears that is. Int8 weights with
     per-token activations run the int8 x int8 product itself (one scale per row of each operand)."""
     from hetero.ops.linear import Int8Linear
 
     handles, flagged = [], []
-    for m in _linears(net):
+    for m in _linears(net, head):
         if not group and isinstance(m, Int8Linear) and m.qweight.device.type == "cpu":
             m.act_int8 = True
             flagged.append(m)

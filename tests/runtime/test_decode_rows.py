@@ -35,9 +35,11 @@ def _blocks(seq: int, n: int, n_seqs: int) -> tuple[int, ...]:
 
 
 @needs_kernels
-def test_batched_rows_equal_each_sequence_alone(net):
+@pytest.mark.parametrize("lengths", [[3, 9, 1, 14, 6, 5, 11, 2], [4, 1, 12, 7, 2, 9, 3, 6, 10, 5, 8]])
+def test_batched_rows_equal_each_sequence_alone(net, lengths):
+    # 8 rows: one full pass of the row tiles; 11: a pass of 8 and one of 3 over the cached chunk
     assert net._decode_stack() is not None
-    lengths, steps = [3, 9, 1, 14, 6, 5, 11, 2], 3
+    steps = 3
     B, V = len(lengths), net.spec.vocab_size
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, V, (1, n), generator=g) for n in lengths]

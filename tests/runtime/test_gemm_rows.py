@@ -37,9 +37,10 @@ def test_dense_rows_equal_their_gemv(precision):
     w, b = torch.randn(300, 192, generator=g), torch.randn(300, generator=g)
     lin = make_linear(w, b, precision)
     dt = torch.float32 if precision == "fp32" else torch.bfloat16
-    x = torch.randn(1, 9, 192, generator=g).to(dt)
-    y, alone = lin.rows(x), torch.cat([lin(x[:, i:i + 1]) for i in range(9)], dim=1)
-    assert y.dtype == dt and torch.equal(y, alone)
+    for m in (5, 8, 9, 16):  # one tile pass, a full one, and one of 8 beside the rest
+        x = torch.randn(1, m, 192, generator=g).to(dt)
+        y, alone = lin.rows(x), torch.cat([lin(x[:, i:i + 1]) for i in range(m)], dim=1)
+        assert y.dtype == dt and torch.equal(y, alone), m
     ref = torch.nn.functional.linear(x.float(), w, b)
     assert (y.float() - ref).norm() / ref.norm() < (1e-5 if dt == torch.float32 else 1e-2)
 
@@ -54,12 +55,13 @@ def test_gguf_rows_equal_their_gemv(types):
     segs = [random_blocks(t, 40 + 8 * i, 512, 11 + i, scale=1 / 512 ** 0.5) for i, t in enumerate(types)]
     lin = make_linear(segs, None, "native")
     g = torch.Generator().manual_seed(len(types))
-    for dt in (torch.bfloat16, torch.float32):
-        x = torch.randn(1, 6, 512, generator=g).to(dt)
-        y, alone = lin.rows(x), torch.cat([lin(x[:, i:i + 1]) for i in range(6)], dim=1)
-        assert y.dtype == dt and torch.equal(y, alone), (dt, (y.float() - alone.float()).abs().max())
-    x = torch.randn(1, 5, 512, generator=g).to(torch.bfloat16)
-    logits, alone = lin.logits(x), torch.cat([lin.logits(x[:, i:i + 1]) for i in range(5)], dim=1)
-    assert logits.dtype == torch.float32 and torch.equal(logits, alone)
+    for dt, m in ((torch.bfloat16, 6), (torch.float32, 6), (torch.bfloat16, 8), (torch.bfloat16, 13)):
+        x = torch.randn(1, m, 512, generator=g).to(dt)
+        y, alone = lin.rows(x), torch.cat([lin(x[:, i:i + 1]) for i in range(m)], dim=1)
+        assert y.dtype == dt and torch.equal(y, alone), (dt, m, (y.float() - alone.float()).abs().max())
+    for m in (5, 8, 11):
+        x = torch.randn(1, m, 512, generator=g).to(torch.bfloat16)
+        logits, alone = lin.logits(x), torch.cat([lin.logits(x[:, i:i + 1]) for i in range(m)], dim=1)
+        assert logits.dtype == torch.float32 and torch.equal(logits, alone), m
     w = torch.cat([s.dequantize() for s in segs])
     assert (logits - x.float() @ w.T).abs().max() < 1e-3 * (x.float() @ w.T).abs().max()

@@ -69,7 +69,7 @@ def test_batched_greedy_equals_each_request_alone(nets, precision, prefill):
     assert runner.steps < sum(n_new)
 
 
-@pytest.mark.parametrize("precision,batch", [("native", 8), ("int4", 16), ("int8", 8), ("fp32", 16)])
+@pytest.mark.parametrize("precision,batch", [("native", 8), ("native", 16), ("int4", 16), ("int8", 8), ("fp32", 16)])
 def test_full_batches_equal_each_request_alone(nets, precision, batch):
     # B = 8 and 16 running at once (the batched decode stack's steps), GGUF blocks included
     net = _native_net() if precision == "native" else nets[precision]

@@ -25,7 +25,8 @@ HERE = Path(__file__).parent
 # One extension from these sources; every header is hashed too (the build key).
 SOURCES = tuple(HERE / n for n in ("gemv.cpp", "gemv_blocks.cpp", "gemm_rows.cpp", "decode_ops.cpp", "decode_stack.cpp",
                                      "decode_rows.cpp", "experts.cpp", "module.cpp"))
-HEADERS = tuple(HERE / n for n in ("kernels.h", "common.h", "rows.h", "blocks.h", "decode_math.h", "stack_lin.h", "tiles.h"))
+HEADERS = tuple(HERE / n for n in ("kernels.h", "common.h", "rows.h", "blocks.h", "decode_math.h", "stack_lin.h", "tiles.h",
+                                   "rows_math.h"))
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512dq", "-mfma", "-mf16c"]
 # How the tensors the compiled kernels read are stored (int4's nibble order and [N, K/32, 2] scales,

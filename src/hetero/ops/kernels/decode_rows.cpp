@@ -9,6 +9,7 @@
 #include "decode_math.h"
 #include "stack_lin.h"
 #include "tiles.h"
+#include "rows_math.h"
 #include <omp.h>
 
 using stack::Layer;
@@ -47,9 +48,10 @@ void lin_rows_m(const Lin& L, const Input* in, int64_t M, int64_t c0, int64_t c1
       const float* xs[MM];
       float* ys[MM];
       for (int m = 0; m < MM; ++m) { xs[m] = in[m0 + m].x; ys[m] = y[m0 + m] - c0; }
-      for (int64_t n = c0; n < c1; n += ROWS) {
-        if (c1 - n >= ROWS) int8_tile<ROWS, MM>(xs, qp, sp, K, n, ys);
-        else for (int64_t r = n; r < c1; ++r) int8_tile<1, MM>(xs, qp, sp, K, r, ys);
+      constexpr int NR = tile_rows<MM>();
+      for (int64_t n = c0; n < c1; n += NR) {
+        if (c1 - n >= NR) int8_tile<NR, MM>(xs, qp, sp, K, n, ys, m0 == 0);
+        else for (int64_t r = n; r < c1; ++r) int8_tile<1, MM>(xs, qp, sp, K, r, ys, m0 == 0);
       }
     });
     return;
@@ -65,8 +67,8 @@ void lin_rows_m(const Lin& L, const Input* in, int64_t M, int64_t c0, int64_t c1
       float* ys[MM];
       for (int m = 0; m < MM; ++m) { xb[m] = in[m0 + m].xb; x8[m] = in[m0 + m].xs8; ys[m] = y[m0 + m] - c0; }
       for (int64_t n = c0; n < c1; n += 2) {
-        if (c1 - n >= 2) int4_tile_bf16<2, MM>(c, xb, x8, pp, sp, K, n, ys);
-        else int4_tile_bf16<1, MM>(c, xb, x8, pp, sp, K, n, ys);
+        if (c1 - n >= 2) int4_tile_bf16<2, MM>(c, xb, x8, pp, sp, K, n, ys, m0 == 0);
+        else int4_tile_bf16<1, MM>(c, xb, x8, pp, sp, K, n, ys, m0 == 0);
       }
     });
     return;
@@ -77,16 +79,17 @@ void lin_rows_m(const Lin& L, const Input* in, int64_t M, int64_t c0, int64_t c1
       const float* xs[MM];
       float* ys[MM];
       for (int m = 0; m < MM; ++m) { xs[m] = in[m0 + m].x; ys[m] = y[m0 + m] - c0; }
-      for (int64_t n = c0; n < c1; n += ROWS) {
-        const int64_t nr = std::min<int64_t>(ROWS, c1 - n);
+      constexpr int NR = tile_rows<MM>();
+      for (int64_t n = c0; n < c1; n += NR) {
+        const int64_t nr = std::min<int64_t>(NR, c1 - n);
         if (L.kind == KIND_F32) {
           const float* wp = static_cast<const float*>(L.w);
           auto ld = [&](int64_t r, int64_t k) { return _mm512_loadu_ps(wp + r * K + k); };
-          if (nr == ROWS) dense_tile<ROWS, MM>(xs, K, n, ys, ld); else for (int64_t r = n; r < c1; ++r) dense_tile<1, MM>(xs, K, r, ys, ld);
+          if (nr == NR) dense_tile<NR, MM>(xs, K, n, ys, ld); else for (int64_t r = n; r < c1; ++r) dense_tile<1, MM>(xs, K, r, ys, ld);
         } else {
           const uint16_t* wp = static_cast<const uint16_t*>(L.w);
           auto ld = [&](int64_t r, int64_t k) { return bf16x16_to_f32(wp + r * K + k); };
-          if (nr == ROWS) dense_tile<ROWS, MM>(xs, K, n, ys, ld); else for (int64_t r = n; r < c1; ++r) dense_tile<1, MM>(xs, K, r, ys, ld);
+          if (nr == NR) dense_tile<NR, MM>(xs, K, n, ys, ld); else for (int64_t r = n; r < c1; ++r) dense_tile<1, MM>(xs, K, r, ys, ld);
         }
       }
     });
@@ -146,7 +149,10 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
     int64_t ch = 0;
     for (const Layer& ly : layers_)
       for (const Lin* L : {&ly.qkv, &ly.o, &ly.gu, &ly.down}) ch = std::max(ch, chunk_rows(*L));
-    std::vector<float> q(D), p(longest + 1), ybuf(2 * M * ch);
+    const bool group = H % K == 0 && H / K <= MAX_GROUP;  // a GQA group's heads at once
+    const int64_t G = group ? H / K : 1;
+    std::vector<float> q(G * D), p(G * (longest + 1)), ybuf(2 * M * ch);
+    alignas(64) __m512 sacc[16 * MAX_GROUP];
     std::vector<float*> y(M), yu(M);
     for (int64_t m = 0; m < M; ++m) { y[m] = ybuf.data() + 2 * m * ch; yu[m] = y[m] + ch; }
     int64_t n0, n1;
@@ -158,9 +164,7 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
       for (int64_t a = n0; a < n1; a += chunk_rows(lin)) {
         const int64_t b = std::min(n1, a + chunk_rows(lin));
         lin_rows_m(lin, in, M, a, b, y.data());
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = a; n < b; ++n)
-            x[m * E + n] = static_cast<T>(static_cast<float>(x[m * E + n]) + out_value<T>(lin, n, y[m][n - a]));
+        for (int64_t m = 0; m < M; ++m) add_rows<T>(lin, y[m], a, b, x + m * E);
       }
     };
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -169,15 +173,14 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
       T* vpp = vp[l].template data_ptr<T>();
       for (int64_t m = r0; m < r1; ++m) {
         rmsnorm_row<T, float>(x + m * E, ly.attn_norm, h.data() + m * W, E, eps_);
-        prepare(ly.qkv, h.data() + m * W, in[m]);
+        prepare_rows(ly.qkv, h.data() + m * W, in[m]);
       }
 #pragma omp barrier
       share_lin(ly.qkv, tid, nth, n0, n1);
       for (int64_t a = n0; a < n1; a += chunk_rows(ly.qkv)) {
         const int64_t b = std::min(n1, a + chunk_rows(ly.qkv));
         lin_rows_m(ly.qkv, in, M, a, b, y.data());
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n = a; n < b; ++n) qkv[m * Q + n] = out_value<T>(ly.qkv, n, y[m][n - a]);
+        for (int64_t m = 0; m < M; ++m) put_rows<T>(ly.qkv, y[m], a, b, qkv.data() + m * Q);
       }
 #pragma omp barrier
       // each row's new K (rotated) and V into (its block, its offset)
@@ -187,19 +190,27 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
                                 vpp + blk * K * bs * D, pos[m] % bs, kh, H, K, D, bs, q.data());
       }
 #pragma omp barrier
-      for (int64_t t = M * H * tid / nth; t < M * H * (tid + 1) / nth; ++t) {
-        const int64_t m = t / H, hh = t % H;
-        attend_head_paged<T, float, float>(qkv.data() + m * Q, c + m * D, s + m * D, kpp, vpp, tables + m * nb, bs,
-                                           attn.data() + m * W, pos[m], hh, H, K, D, scale_, q.data(), p.data());
+      if (group) {
+        for (int64_t t = M * K * tid / nth; t < M * K * (tid + 1) / nth; ++t) {
+          const int64_t m = t / K, kh = t % K;
+          attend_group_paged<T>(qkv.data() + m * Q, c + m * D, s + m * D, kpp, vpp, tables + m * nb, bs,
+                                attn.data() + m * W, pos[m], kh, H, K, D, scale_, q.data(), p.data(), sacc);
+        }
+      } else {
+        for (int64_t t = M * H * tid / nth; t < M * H * (tid + 1) / nth; ++t) {
+          const int64_t m = t / H, hh = t % H;
+          attend_head_paged<T, float, float>(qkv.data() + m * Q, c + m * D, s + m * D, kpp, vpp, tables + m * nb, bs,
+                                             attn.data() + m * W, pos[m], hh, H, K, D, scale_, q.data(), p.data());
+        }
       }
 #pragma omp barrier
-      for (int64_t m = r0; m < r1; ++m) prepare(ly.o, attn.data() + m * W, in[m]);
+      for (int64_t m = r0; m < r1; ++m) prepare_rows(ly.o, attn.data() + m * W, in[m]);
 #pragma omp barrier
       rows_into_residual(ly.o);
 #pragma omp barrier
       for (int64_t m = r0; m < r1; ++m) {
         rmsnorm_row<T, float>(x + m * E, ly.mlp_norm, h.data() + m * W, E, eps_);
-        prepare(ly.gu, h.data() + m * W, in[m]);
+        prepare_rows(ly.gu, h.data() + m * W, in[m]);
       }
 #pragma omp barrier
       // gate and up rows of the same range, so silu(gate) * up needs no barrier
@@ -209,14 +220,10 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
         const int64_t b = std::min(n1, a + cg);
         lin_rows_m(ly.gu, in, M, a, b, y.data());
         lin_rows_m(ly.gu, in, M, I + a, I + b, yu.data());
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = a; i < b; ++i) {
-            const float g = out_value<T>(ly.gu, i, y[m][i - a]), u = out_value<T>(ly.gu, I + i, yu[m][i - a]);
-            act[m * W + i] = rnd<T>(rnd<T>(g / (1.f + std::exp(-g))) * u);
-          }
+        for (int64_t m = 0; m < M; ++m) silu_rows<T>(ly.gu, y[m], yu[m], a, b, I, act.data() + m * W);
       }
 #pragma omp barrier
-      for (int64_t m = r0; m < r1; ++m) prepare(ly.down, act.data() + m * W, in[m]);
+      for (int64_t m = r0; m < r1; ++m) prepare_rows(ly.down, act.data() + m * W, in[m]);
 #pragma omp barrier
       rows_into_residual(ly.down);
 #pragma omp barrier

@@ -72,9 +72,10 @@ torch::Tensor gemm_rows_int8(torch::Tensor x, torch::Tensor q, torch::Tensor sca
         const float* xs[MM];
         float* ys[MM];
         for (int m = 0; m < MM; ++m) { xs[m] = xp + (m0 + m) * K; ys[m] = yp + (m0 + m) * N; }
-        for (int64_t n = b0 * ROWS; n < std::min(N, b1 * ROWS); n += ROWS) {
-          if (N - n >= ROWS) int8_tile<ROWS, MM>(xs, qp, sp, K, n, ys);
-          else for (int64_t r = n; r < N; ++r) int8_tile<1, MM>(xs, qp, sp, K, r, ys);
+        constexpr int NR = tile_rows<MM>();
+        for (int64_t n = b0 * ROWS; n < std::min(N, b1 * ROWS); n += NR) {
+          if (N - n >= NR) int8_tile<NR, MM>(xs, qp, sp, K, n, ys, m0 == 0);
+          else for (int64_t r = n; r < N; ++r) int8_tile<1, MM>(xs, qp, sp, K, r, ys, m0 == 0);
         }
       });
     }
@@ -114,8 +115,8 @@ torch::Tensor gemm_rows_int4(torch::Tensor x, torch::Tensor packed, torch::Tenso
             xbs[m] = xb.data() + (m0 + m) * K; x8[m] = xs8.data() + (m0 + m) * 8 * G; ys[m] = yp + (m0 + m) * N;
           }
           for (int64_t n = b0 * ROWS; n < std::min(N, b1 * ROWS); n += 2) {
-            if (N - n >= 2) int4_tile_bf16<2, MM>(consts, xbs, x8, pp, smp, K, n, ys);
-            else int4_tile_bf16<1, MM>(consts, xbs, x8, pp, smp, K, n, ys);
+            if (N - n >= 2) int4_tile_bf16<2, MM>(consts, xbs, x8, pp, smp, K, n, ys, m0 == 0);
+            else int4_tile_bf16<1, MM>(consts, xbs, x8, pp, smp, K, n, ys, m0 == 0);
           }
         });
         continue;
@@ -158,8 +159,9 @@ torch::Tensor gemm_rows_dense(torch::Tensor x, torch::Tensor w) {
         const float* xs[MM];
         float* ys[MM];
         for (int m = 0; m < MM; ++m) { xs[m] = xp + (m0 + m) * K; ys[m] = yp + (m0 + m) * N; }
-        for (int64_t n = b0 * ROWS; n < std::min(N, b1 * ROWS); n += ROWS) {
-          if (N - n >= ROWS) { if (f32) dense_tile<ROWS, MM>(xs, K, n, ys, lf); else dense_tile<ROWS, MM>(xs, K, n, ys, lb); }
+        constexpr int NR = tile_rows<MM>();
+        for (int64_t n = b0 * ROWS; n < std::min(N, b1 * ROWS); n += NR) {
+          if (N - n >= NR) { if (f32) dense_tile<NR, MM>(xs, K, n, ys, lf); else dense_tile<NR, MM>(xs, K, n, ys, lb); }
           else for (int64_t r = n; r < N; ++r) { if (f32) dense_tile<1, MM>(xs, K, r, ys, lf); else dense_tile<1, MM>(xs, K, r, ys, lb); }
         }
       });

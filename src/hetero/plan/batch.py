@@ -42,6 +42,11 @@ def parse_batches(text: str | int | None) -> list[int] | None:
     return out
 
 
+def auto_sizes(n: int) -> list[int]:
+    """The sizes `--batch auto` picks from for n requests: AUTO_BATCHES up to n, and n itself."""
+    return sorted({b for b in AUTO_BATCHES if b <= n} | ({n} if n <= AUTO_BATCHES[-1] else set()))
+
+
 def score(option: BatchOption, objective: str) -> float:
     """What the objective maximises over batch sizes: aggregate decode tok/s (decode), tokens per
     second with every prompt's prefill (throughput); ttft wants the first token soonest: B = 1."""

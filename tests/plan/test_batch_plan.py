@@ -112,3 +112,12 @@ def test_cli_shows_the_chosen_batch_and_every_size():
     r = CliRunner().invoke(app, ["plan", "synthetic:llama-7b", "--hardware", "catalog:rtx4090+ram64g+nvme",
                                  "--batch", "2", "--max-latency-ms", "5"])
     assert r.exit_code != 0
+
+
+def test_run_batch_auto_needs_prompts_and_sizes_are_checked(capsys):
+    from hetero.cli import main
+
+    for args, said in ((["--batch", "auto"], "--prompts"), (["--batch", "lots"], "--batch")):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "synthetic:tiny", *args])
+        assert e.value.code == 2 and said in capsys.readouterr().err

@@ -39,6 +39,8 @@ def _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_
     from hetero.bench.batched import measure_batches, predict_batches
     from hetero.runtime.engine import Engine
 
+    if plan.batch_options and not batches:  # --batch auto: every size the planner found room for
+        batches = [o.batch for o in plan.batch_options if o.fits]
     predicted = predict_batches(plan, model, batches, hardware)
     with Engine.load(plan, model, progress=not as_json) as eng:
         rows = measure_batches(eng.model.net, batches, prompt_tokens, new_tokens, repeats)
@@ -253,6 +255,7 @@ def register(app: typer.Typer) -> None:
             raise HeteroError(f"--grid-residencies takes resident,disk; got {bad[0]!r}")
         ctxs = _ints(grid_contexts or ("128,512,1024" if calibrate else "128,1024"), "--grid-contexts")
         batches = _batches(batch) if batch is not None else None
+        auto = batch is not None and batch.strip().lower() == "auto"
         if batches and (calibrate or sweep or peer_list or report):
             raise HeteroError("--batch measures on its own: leave out --calibrate, --sweep, --peers and --report")
         if sweep and not memory:
@@ -293,7 +296,7 @@ def register(app: typer.Typer) -> None:
         mon = Footprint().start()
         ctx = context or prompt_tokens + new_tokens
         # --batch auto or several sizes: the planner picks among them with the placement (plan/batch.py)
-        pick = batches if batches and (len(batches) > 1 or batch.strip().lower() == "auto") else None
+        pick = batches if batches and (len(batches) > 1 or auto) else None
         plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, _list(precisions) or None,
                                        prompt_tokens=prompt_tokens, context=ctx, max_quality_loss=max_quality_loss,
                                        kv_dtype=kv_dtype, batch=pick or (batches[0] if batches else 1),
@@ -303,7 +306,9 @@ def register(app: typer.Typer) -> None:
             for n in notes:
                 print(f"note: {n}", file=sys.stderr)
         if batches:
-            _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_json, hardware)
+            # auto: the sizes that fit, as the plan priced them (a --plan: its own options, else the list)
+            _bench_batches(plan, model, None if auto and plan.batch_options else batches, prompt_tokens,
+                           new_tokens, repeats, as_json, hardware)
             return
         result = measure_plan(plan, model, prompt_tokens, new_tokens, ctx, repeats, monitor=mon, progress=progress)
         hw, prof = machine(hardware or "this")

@@ -97,11 +97,13 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
 
     spread = [p for _, p in probes if p.spread]
     others = [(dev, p) for dev, p in probes if not p.spread]
-    with torch.inference_mode(), _progress(progress, len(others) * sz.rounds) as step:
+    total = sum(1 if p.once else sz.rounds for _, p in others)
+    with torch.inference_mode(), _progress(progress, total) as step:
         for r in range(sz.rounds):
             for i, (dev, p) in enumerate(others):
-                step(f"{dev} {' '.join(p.key)}")
-                p.sample(sz.repeats)
+                if not (p.once and r):
+                    step(f"{dev} {' '.join(p.key)}")
+                    p.sample(sz.repeats)
                 if (r * len(others) + i) % 2 == 0:
                     for q in spread:
                         q.sample(1)
@@ -184,8 +186,10 @@ def missing_rows(prof: Profile) -> list[str]:
     return [n for n, d in prof.devices.items() if d.gemm_flops and not d.gemm_rows]
 
 
-def top_up_rows(prof: Profile, progress: bool = False, sizes: bench.Sizes | None = None) -> Profile:
-    """`prof` with the batched-decode probe measured for the devices that lack it (seconds), saved:
+def top_up_rows(prof: Profile, progress: bool = False, sizes: bench.Sizes | None = None,
+                force: bool = False) -> Profile:
+    """`prof` with the batched-decode probe measured for the devices that lack it (every measured
+    device with `force`: the row rates taken again, as a benchmark on a quiet machine wants), saved:
     the rest of the profile, its calibration included, stays as it was."""
     import dataclasses
 
@@ -193,8 +197,9 @@ def top_up_rows(prof: Profile, progress: bool = False, sizes: bench.Sizes | None
 
     sz = sizes or (bench.QUICK if prof.mode == "quick" else bench.FULL)
     devices = dict(prof.devices)
-    with torch.inference_mode(), _progress(progress, len(missing_rows(prof))) as step:
-        for name in missing_rows(prof):
+    names = [n for n, d in prof.devices.items() if d.gemm_flops] if force else missing_rows(prof)
+    with torch.inference_mode(), _progress(progress, len(names)) as step:
+        for name in names:
             step(f"{name} gemm_rows")
             probes = bench.rows_probes(bench.backend_for(name), sz)
             for _ in range(sz.rounds):
@@ -218,7 +223,7 @@ def get_profile(refresh: bool = False, quick: bool = True, progress: bool = True
     if not refresh:
         cached = load_cached(host, quick)
         if cached is not None:
-            return top_up_rows(cached, progress) if missing_rows(cached) else cached
+            return top_up_rows(cached, progress, sizes) if missing_rows(cached) else cached
     prof = measure(inventory(), quick=quick, progress=progress, sizes=sizes)
     save(prof)
     return prof

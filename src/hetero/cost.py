@@ -37,6 +37,11 @@ class Coefficients:
     # cpu gemv 0.33: torch's M=1 matmuls stream ~10 of ~30 GB/s here (docs/DESIGN facts).
     gemm_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.5, cuda=0.6, mps=0.4, xpu=0.5))
     gemv_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.33, cuda=0.75, mps=0.6, xpu=0.6))
+    # A batched decode step's rows (M = B <= rows_max) vs the prefill GEMM's FLOP rate, used only when
+    # the profile has no gemm_rows figure (a catalog machine): the CPU row kernels (ops/kernels
+    # gemm_rows) keep each row's GEMV arithmetic, far from a tiled GEMM's rate.
+    rows_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.03, cuda=0.3, mps=0.3, xpu=0.3))
+    rows_max: int = 32                # rows the small-M kernels take (ops.native.SMALL_M); more: the GEMM
     mem_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.6, cuda=0.8, mps=0.7, xpu=0.7))
     # Weight-only quantised matmuls dequantise on the fly: their FLOP rate relative to bf16's.
     # GGUF block formats dequantise a block of rows to bf16 per GEMM (hetero.ops.native).
@@ -90,6 +95,9 @@ class DeviceRates:
     # FLOP/s of the prefill's attention (QK^T, softmax, AV over [heads, P, P]: eager torch, far below
     # the weight GEMMs' rate) once calibration has fitted "attn_rate@DEVICE"; 0: the unit's GEMM rate
     attn: float = 0.0
+    # precision -> FLOP/s of a batched decode step's rows (the small-M row kernels, Profile gemm_rows):
+    # the compute each sequence adds to a step whose weights are read once
+    rows: dict[str, float] = field(default_factory=dict)
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -128,7 +136,7 @@ class Link:
 def calibrated(cal: dict[str, float], name: str, device: str = "", precision: str = "") -> float:
     """The product of fitted multipliers for one rate: keys "NAME", "NAME@DEVICE", "NAME@DEVICE/PREC".
 
-    NAME is one of gemm_rate, gemv_rate, dequant_rate, attn_rate, mem_rate, op_overhead, disk_rate, link_rate
+    NAME is one of gemm_rate, gemv_rate, row_rate, dequant_rate, attn_rate, mem_rate, op_overhead, disk_rate, link_rate
     (gemm_shape@DEVICE/PREC and overlap are values, not multipliers: see device_rates, overlap_of)
     ("op_overhead@DEVICE/PREC" is read per precision, see device_rates). A multiplier
     > 1 means the thing measured faster (rates) or costlier (op_overhead) than predicted.
@@ -171,11 +179,12 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
         dp = profile.devices.get(dev.name) if profile else None
         m_gemm = {p: m.median for p, m in (dp.gemm_flops if dp else {}).items() if m.median > 0}
         m_gemv = {p: m.median for p, m in (dp.gemv_bandwidth if dp else {}).items() if m.median > 0}
+        m_rows = {p: m.median for p, m in (getattr(dp, "gemm_rows", None) or {}).items() if m.median > 0}
         precs = _device_precisions(dev, set(m_gemv) | set(m_gemm))
         kind = dev.kind if dev.kind in coeffs.gemm_eff else "cpu"
         bw = dev.bandwidth or coeffs.default_bandwidth.get(kind, 30e9)
         peak_bf16 = dev.peak_flops.get("bf16") or dev.peak_flops.get("fp16") or coeffs.default_flops[kind]
-        gemm, gemv, op_scale, shape = {}, {}, {}, {}
+        gemm, gemv, op_scale, shape, rows = {}, {}, {}, {}, {}
         deq = dequant_rates(m_gemm, *_probe_shape(profile)) if m_gemm else {}
         for p in precs:
             if p in m_gemm:
@@ -195,6 +204,10 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
                 deq[p] *= calibrated(cal, "dequant_rate", dev.name, p)
             gemm[p] = g * calibrated(cal, "gemm_rate", dev.name, p)
             gemv[p] = v * calibrated(cal, "gemv_rate", dev.name, p)
+            # measured where the profile has it; else the nearest measured precision's, else the sheet's
+            r = m_rows.get(p) or (statistics.median(m_rows.values()) if m_rows else
+                                  gemm[p] * coeffs.rows_eff.get(kind, 0.03))
+            rows[p] = r * calibrated(cal, "row_rate", dev.name, p)
             shape[p] = cal.get(f"gemm_shape@{dev.name}/{p}", cal.get(f"gemm_shape@{dev.name}",
                                                                    coeffs.gemm_shape.get(kind, 0.0)))
             # quantised kernels carry their own per-call cost: "op_overhead@DEVICE/PREC" scales it
@@ -210,7 +223,7 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
                                     mem * calibrated(cal, "mem_rate", dev.name),
                                     over * calibrated(cal, "op_overhead", dev.name), op_scale,
                                     shape,
-                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0, deq, attn)
+                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0, deq, attn, rows)
     return out
 
 
@@ -336,8 +349,10 @@ def buffer_bytes(spec: ModelSpec, unit: str, full: int, prompt_tokens: int, batc
     return int(coeffs.prefetch_depth * read_bytes(spec, unit, full, batch * max(1, prompt_tokens)))
 
 
-def workspace_bytes(spec: ModelSpec, prompt_tokens: int, batch: int, dequant: bool = False) -> int:
-    """Activation workspace of a device that runs any unit: the prefill of the whole prompt at once.
+def workspace_bytes(spec: ModelSpec, prompt_tokens: int, batch: int, dequant: bool = False, ragged: int = 0) -> int:
+    """Activation workspace of a device that runs any unit: the prefill of the whole prompt at once
+    (`ragged` > 0: a batch runner's step instead, up to `ragged` prompt tokens of one prompt after
+    another, beside the batch's decode rows).
 
     hidden/residual/normed [B, P, h] x3, q [B, P, H*D], k/v [B, P, kv] x2, gate/up [B, P, f] x2 (fp32),
     attention scores [B, H, P, P] (eager attention), last-token logits [B, vocab]; with `dequant`
@@ -348,6 +363,9 @@ def workspace_bytes(spec: ModelSpec, prompt_tokens: int, batch: int, dequant: bo
     tok = batch * max(1, prompt_tokens)
     per_tok = 3 * h + q + 2 * kv + 2 * f
     scores = batch * spec.n_heads * prompt_tokens * prompt_tokens
+    if ragged:  # a batch runner's step: at most `ragged` prompt tokens, each prompt attending alone
+        tok = min(tok, ragged) + batch
+        scores = spec.n_heads * min(prompt_tokens, ragged) * prompt_tokens
     block = min(DEQUANT_ELEMENTS, max(2 * f * h, (q + 2 * kv) * h, spec.vocab_size * h)) if dequant else 0
     return 4 * (tok * per_tok + scores + batch * spec.vocab_size) + DEQUANT_BYTES_PER_ELEMENT * block
 
@@ -418,6 +436,10 @@ def compute_terms(spec: ModelSpec, unit: str, rates: DeviceRates, precision: str
     kv = kv_bytes(spec, unit, precision, context if tokens == 1 else tokens, batch)
     precision = rates.rate_precision(spec, unit, precision)
     rate = rates.gemm[precision]
+    if tokens == 1 and 1 < batch <= coeffs.rows_max and rates.rows.get(precision):
+        # a batched decode step: B rows through the small-M row kernels, the weight read once for all
+        # (the memory term), each row's arithmetic at the measured row rate (the roofline's other side)
+        rate = rates.rows[precision]
     if tokens > 1 and rates.gemm_shape.get(precision):
         rate *= gemm_shape_factor(spec, unit, rates.gemm_ref, rates.gemm_shape[precision])
     attn = 0.0

@@ -7,7 +7,8 @@ from hetero.hardware.bench import Sizes
 
 # Small enough that a whole profile takes well under a second; speeds are never asserted.
 TINY = Sizes(gemm_m=16, gemm_k=128, gemm_n=128, gemv_bytes=256 << 10, copy_bytes=1 << 20,
-             disk_bytes=1 << 20, disk_chunk=256 << 10, repeats=2, rounds=2, min_time=0.001, overhead_iters=20)
+             disk_bytes=1 << 20, disk_chunk=256 << 10, repeats=2, rounds=2, min_time=0.001, overhead_iters=20,
+             rows_m=4, rows_k=256, rows_n=64)
 
 
 @pytest.fixture(autouse=True)

@@ -45,6 +45,10 @@ def test_measure_cpu_and_disk(tiny, no_cuda):
     others = sum(not p.spread for p in cpu_probes) + 2  # + the two disk probes
     assert cpu.mem_bandwidth.repeats == cpu.mem_read_bandwidth.repeats == -(-tiny.rounds * others // 2)
     assert cpu.gemm_flops["bf16"].repeats == tiny.rounds * tiny.repeats
+    # the batched-decode row kernels: one round (they price extra rows, not the main rates)
+    for p in ("fp32", "bf16", "int8", "int4", "q4_0"):
+        _check(cpu.gemm_rows[p], "FLOP/s")
+    assert cpu.gemm_rows["bf16"].repeats == tiny.repeats
 
 
 class FakeCuda(bench.Backend):
@@ -121,6 +125,23 @@ def test_profile_is_cached_per_host(cache, counted):
     assert counted == [True] and p2 == p1
     get_profile(refresh=True, progress=False)
     assert counted == [True, True]
+
+
+def test_a_profile_without_row_rates_gets_only_those_measured(cache, counted, tiny, monkeypatch):
+    import dataclasses
+
+    from hetero.hardware.profile import missing_rows, save
+
+    monkeypatch.setattr(bench, "QUICK", tiny)
+
+    old = get_profile(progress=False)
+    bare = {n: dataclasses.replace(d, gemm_rows={}) for n, d in old.devices.items()}
+    save(dataclasses.replace(old, devices=bare, calibration={"gemv_rate@cpu": 1.5}))
+    got = get_profile(progress=False)
+    assert counted == [True]  # no full re-measure
+    assert not missing_rows(got) and got.devices["cpu"].gemm_rows["bf16"].median > 0
+    assert got.calibration == {"gemv_rate@cpu": 1.5} and got.devices["cpu"].gemm_flops == old.devices["cpu"].gemm_flops
+    assert get_profile(progress=False) == got  # saved: measured once
 
 
 def test_full_request_does_not_take_a_quick_cache(counted):

@@ -64,6 +64,21 @@ def measure_single(net, prompt_tokens: int, new_tokens: int, repeats: int = 1, s
     return {"batch": 1, "path": "single", "decode_tok_s": round(rate, 2), "per_seq_tok_s": round(rate, 2)}
 
 
+def predict_batches(plan, model: str, batches: list[int], hardware: str | None = None) -> dict[int, float]:
+    """The cost model's aggregate decode tok/s for `plan`'s placement at each batch size (a step of
+    B rows in the batch runner: weights once, compute and KV per row; plan.rescore)."""
+    import dataclasses
+
+    from hetero.hardware import machine
+    from hetero.model.sources import resolve_spec
+    from hetero.plan import rescore
+
+    spec = resolve_spec(model)
+    hw, prof = machine(hardware or "this")
+    return {b: rescore(dataclasses.replace(plan, batch=b, ragged=True), spec, hw, prof).predicted.decode_tok_s
+            for b in sorted(set(batches))}
+
+
 def measure_batches(net, batches: list[int], prompt_tokens: int, new_tokens: int, repeats: int = 1) -> list[dict]:
     with torch.inference_mode():
         rows = [measure_single(net, prompt_tokens, new_tokens, repeats)] if 1 in batches else []

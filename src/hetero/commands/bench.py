@@ -27,38 +27,57 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _batches(text: str) -> list[int]:
-    from hetero.errors import HeteroError
+    """--batch: auto (the planner's candidate sizes), a size, or sizes separated by commas."""
+    from hetero.plan.batch import parse_batches
 
-    try:
-        out = [int(x) for x in _list(text)]
-    except ValueError:
-        raise HeteroError(f"--batch takes sizes separated by commas, got {text!r}") from None
-    if not out or min(out) < 1 or max(out) > 256:
-        raise HeteroError(f"--batch takes sizes from 1 to 256, got {text!r}")
-    return out
+    return parse_batches(text)
 
 
-def _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_json) -> None:
-    """--batch: aggregate decode tok/s per batch size (bench/batched.py), B=1 also on the single path."""
-    from hetero.bench.batched import measure_batches
+def _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_json, hardware=None) -> dict:
+    """--batch: aggregate decode tok/s per batch size (bench/batched.py), B=1 also on the single path,
+    beside the cost model's prediction for the same placement at that size (bench/batched.predict_batches)."""
+    from hetero.bench.batched import measure_batches, predict_batches
     from hetero.runtime.engine import Engine
 
+    if plan.batch_options and not batches:  # --batch auto: every size the planner found room for
+        batches = [o.batch for o in plan.batch_options if o.fits]
+    predicted = predict_batches(plan, model, batches, hardware)
     with Engine.load(plan, model, progress=not as_json) as eng:
         rows = measure_batches(eng.model.net, batches, prompt_tokens, new_tokens, repeats)
+    for r in rows:
+        p = predicted[r["batch"]]
+        r["predicted_decode_tok_s"] = round(p, 2)
+        r["error"] = round(p / r["decode_tok_s"] - 1, 4) if r["decode_tok_s"] > 0 else None
+    out = {"model": model, "plan": plan.to_dict(), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+           "chosen_batch": plan.batch if plan.batch_options else None, "batches": rows}
     if as_json:
-        print(json.dumps({"model": model, "plan": plan.to_dict(), "prompt_tokens": prompt_tokens,
-                          "new_tokens": new_tokens, "batches": rows}))
-        return
+        print(json.dumps(out))
+        return out
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("batch", "path", "decode tok/s (all)", "tok/s per sequence", "prefill s", "KV pool",
-              title=f"hetero bench {model} --batch (P={prompt_tokens}, N={new_tokens})")
+    t = Table("batch", "path", "decode tok/s (all)", "predicted", "error", "tok/s per sequence", "prefill s", "KV pool",
+              title=f"hetero bench {model} --batch (P={prompt_tokens}, N={new_tokens}; predicted: this placement "
+                    "at each size)")
     for r in rows:
-        t.add_row(str(r["batch"]), r["path"], f"{r['decode_tok_s']:.1f}", f"{r['per_seq_tok_s']:.1f}",
+        mark = " *" if plan.batch_options and r["batch"] == plan.batch else ""
+        t.add_row(f"{r['batch']}{mark}", r["path"], f"{r['decode_tok_s']:.1f}", f"{r['predicted_decode_tok_s']:.1f}",
+                  "—" if r["error"] is None else f"{r['error'] * 100:+.0f}%", f"{r['per_seq_tok_s']:.1f}",
                   f"{r['prefill_s']:.3f}" if "prefill_s" in r else "—",
                   f"{r['kv_blocks']} blocks, {r['kv_bytes'] / 1e6:.1f} MB" if "kv_blocks" in r else "—")
-    Console().print(t)
+    c = Console()
+    c.print(t)
+    if plan.batch_options:
+        from hetero.plan.explain import batch_table
+
+        c.print(batch_table(plan))
+        best = max((r for r in rows if r["path"] == "batched"), key=lambda r: r["decode_tok_s"], default=None)
+        if best is not None:
+            mine = next((r["decode_tok_s"] for r in rows if r["path"] == "batched" and r["batch"] == plan.batch), None)
+            if mine:
+                c.print(f"chosen batch {plan.batch}: {mine:.1f} tok/s measured, {mine / best['decode_tok_s']:.2f}x "
+                        f"the measured best (batch {best['batch']}, {best['decode_tok_s']:.1f} tok/s)")
+    return out
 
 
 SWEEP_PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -193,7 +212,11 @@ def register(app: typer.Typer) -> None:
                                                     "(default: --calibrate 128,512,1024: prompts of 64, 256 and 512 "
                                                     "tokens tell the GEMMs, the dequantise pass and attention apart; "
                                                     "--sweep 128,1024)"),
-        batch: Optional[str] = typer.Option(None, "--batch", help="aggregate decode tok/s with B sequences per forward, e.g. 1,4,8,16"),
+        batch: Optional[str] = typer.Option(None, "--batch", help="aggregate decode tok/s with B sequences per forward, "
+                                            "e.g. 1,4,8,16, beside the predicted; auto: the planner picks the batch "
+                                            "with the placement, and each of its sizes is measured"),
+        max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="with --batch: the planner's "
+                                                       "batch keeps a step within this many ms"),
         kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
     ):
         """Measure MODEL under a plan: TTFT, prefill and decode tok/s (median and spread), per-unit times
@@ -232,6 +255,7 @@ def register(app: typer.Typer) -> None:
             raise HeteroError(f"--grid-residencies takes resident,disk; got {bad[0]!r}")
         ctxs = _ints(grid_contexts or ("128,512,1024" if calibrate else "128,1024"), "--grid-contexts")
         batches = _batches(batch) if batch is not None else None
+        auto = batch is not None and batch.strip().lower() == "auto"
         if batches and (calibrate or sweep or peer_list or report):
             raise HeteroError("--batch measures on its own: leave out --calibrate, --sweep, --peers and --report")
         if sweep and not memory:
@@ -271,15 +295,20 @@ def register(app: typer.Typer) -> None:
 
         mon = Footprint().start()
         ctx = context or prompt_tokens + new_tokens
+        # --batch auto or several sizes: the planner picks among them with the placement (plan/batch.py)
+        pick = batches if batches and (len(batches) > 1 or auto) else None
         plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, _list(precisions) or None,
                                        prompt_tokens=prompt_tokens, context=ctx, max_quality_loss=max_quality_loss,
-                                       kv_dtype=kv_dtype)
+                                       kv_dtype=kv_dtype, batch=pick or (batches[0] if batches else 1),
+                                       max_latency_ms=max_latency_ms)
         if not as_json:
             print(eng.summary(plan), file=sys.stderr)
             for n in notes:
                 print(f"note: {n}", file=sys.stderr)
         if batches:
-            _bench_batches(plan, model, batches, prompt_tokens, new_tokens, repeats, as_json)
+            # auto: the sizes that fit, as the plan priced them (a --plan: its own options, else the list)
+            _bench_batches(plan, model, None if auto and plan.batch_options else batches, prompt_tokens,
+                           new_tokens, repeats, as_json, hardware)
             return
         result = measure_plan(plan, model, prompt_tokens, new_tokens, ctx, repeats, monitor=mon, progress=progress)
         hw, prof = machine(hardware or "this")

@@ -77,6 +77,7 @@ def _profile_table(prof):
                 ("op overhead", d.op_overhead)]
         rows += [(f"GEMM {p}", m) for p, m in d.gemm_flops.items()]
         rows += [(f"GEMV {p} (weight bytes)", m) for p, m in d.gemv_bandwidth.items()]
+        rows += [(f"batched rows {p} (32 rows)", m) for p, m in d.gemm_rows.items()]
         rows += [("host->device pinned", d.h2d_pinned), ("host->device pageable", d.h2d_pageable)]
         for label, m in rows:
             if m is not None:

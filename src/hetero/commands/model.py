@@ -67,7 +67,7 @@ def run(
     context: Optional[int] = typer.Option(None, "--context", help="Context length to plan the KV cache for (default: prompt + max new tokens)."),
     prefetch: Optional[bool] = typer.Option(None, "--prefetch/--no-prefetch", help="Overlap streamed units' reads with compute (default: as the plan says)."),
     replan: bool = typer.Option(True, "--replan/--no-replan", help="Re-plan a --plan that no longer fits free RAM (else fail)."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Decode B sequences per forward: the prompt repeated B times, or at most B of --prompts at once."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Decode B sequences per forward: the prompt repeated B times, or at most B of --prompts at once; auto: the planner picks B with the placement (with --prompts)."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts", help="A file of prompts, one per line, run as one batch (with --batch B: B at a time)."),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format, e.g. from `hetero finetune`) as a side path on the base."),
@@ -99,12 +99,21 @@ def run(
     if batch is not None or prompts_file is not None:
         from hetero.commands.run_batch import read_prompts
 
-        if batch is not None and not 1 <= batch <= 256:
-            raise HeteroError(f"--batch must be between 1 and 256 (got {batch})")
+        auto = batch is not None and batch.strip().lower() == "auto"
+        if auto and not prompts_file:
+            raise HeteroError("--batch auto picks how many of --prompts run at once: give --prompts FILE")
+        if batch is not None and not auto:
+            try:
+                batch = int(batch)
+            except ValueError:
+                raise HeteroError(f"--batch takes a size or auto (got {batch!r})") from None
+            if not 1 <= batch <= 256:
+                raise HeteroError(f"--batch must be between 1 and 256 (got {batch})")
         if max_new_tokens < 1:
             raise HeteroError("--batch and --prompts generate at least 1 token: give --max-new-tokens >= 1")
         prompts = read_prompts(prompts_file) if prompts_file else [prompt] * batch
-        many = (prompts, batch or len(prompts))
+        # auto: the plan's batch (plan/batch.py), among sizes up to the number of prompts
+        many = (prompts, "auto" if auto else (batch or len(prompts)))
     _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, chat,
                  threads, as_json, plan_file, memory, hardware, objective or "decode", precisions, context,
                  prefetch, replan, many, max_quality_loss, kv_dtype, adapter)
@@ -194,9 +203,21 @@ def _planned_run(model, prompt, max_new_tokens, temperature, top_k, top_p, repet
         from hetero.model.sources import resolve_spec
 
         load_adapter(adapter, resolve_spec(model))
+    plan_batch = 1
+    if many is not None and not plan_file:
+        if many[1] == "auto":
+            from hetero.plan.batch import auto_sizes
+
+            plan_batch = auto_sizes(len(many[0]))
+        else:
+            plan_batch = min(many[1], len(many[0]))
     plan, notes = eng.plan_for_run(model, plan_file, memory, hardware, objective, precs,
                                    prompt_tokens=64, context=context or (64 + max_new_tokens), replan=replan,
-                                   max_quality_loss=max_quality_loss, kv_dtype=kv_dtype)
+                                   max_quality_loss=max_quality_loss, kv_dtype=kv_dtype, batch=plan_batch)
+    if many is not None and many[1] == "auto":
+        many = (many[0], plan.batch)
+        notes.append(f"batch {plan.batch} (the plan's: " + (plan.why.notes[0] if plan.batch_options else
+                                                             "a --plan's own batch") + ")")
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     e = eng.Engine.load(plan, model, prefetch=prefetch, progress=not as_json, monitor=mon)

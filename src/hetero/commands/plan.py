@@ -19,7 +19,10 @@ def register(app: typer.Typer) -> None:
         objective: str = typer.Option("decode", "--objective", help="decode | ttft | throughput"),
         prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="prompt length P"),
         context: Optional[int] = typer.Option(None, "--context", help="context C at the decode step priced (default P+128)"),
-        batch: int = typer.Option(1, "--batch", help="sequences decoded together"),
+        batch: str = typer.Option("1", "--batch", help="sequences decoded together: N, auto (the planner picks "
+                                  "from 1,2,4,...,32 with the placement) or sizes to pick from, e.g. 1,8,32"),
+        max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="with --batch auto: "
+                                                       "a step (each sequence's time per token) takes at most this"),
         max_quality_loss: Optional[float] = typer.Option(
             None, "--max-quality-loss", help="bound on the summed quality cost (relative perplexity increase, 0.01 = 1%)"),
         precisions: Optional[str] = typer.Option(None, "--precisions", help="allowed precisions, e.g. bf16,int8"),
@@ -57,9 +60,19 @@ def register(app: typer.Typer) -> None:
         budgets = parse_memory(memory, spec)
         table = load_sensitivity(sensitivity) if sensitivity else None
         res = parse_memory(reserve, spec) if reserve else None
-        p = make_plan(spec, hw, prof, budgets, objective=objective, prompt_tokens=prompt_tokens,
-                      context=context, batch=batch, max_quality_loss=max_quality_loss, precisions=precs,
-                      sensitivity=table, reserve=res, kv_dtype=kv_dtype)
+        from hetero.plan.batch import parse_batches, plan_batch
+
+        sizes = parse_batches(batch)
+        kw = dict(objective=objective, prompt_tokens=prompt_tokens, context=context,
+                  max_quality_loss=max_quality_loss, precisions=precs, sensitivity=table, reserve=res, kv_dtype=kv_dtype)
+        if len(sizes) > 1 or batch.strip().lower() == "auto":
+            p = plan_batch(spec, hw, prof, sizes, max_latency_ms=max_latency_ms, memory=budgets, **kw)
+        else:
+            if max_latency_ms is not None:
+                raise HeteroError("--max-latency-ms bounds the batch the planner picks: give --batch auto or sizes")
+            # several sequences at once run in the batch runner (hetero run/bench --batch): its step is priced
+            p = make_plan(spec, hw, prof, budgets, batch=sizes[0], ragged=sizes[0] > 1, **kw)
+        batch = p.batch
         others = []
         if compare:
             base_precs = [x for x in ("bf16", "int8", "int4") if not precs or x in precs] or precs

@@ -30,6 +30,9 @@ class Sizes:
     rounds: int = 3                # passes over all probes: each figure gets rounds x repeats samples
     min_time: float = 0.05         # seconds per timed batch
     overhead_iters: int = 2000
+    rows_m: int = 32               # activation rows of the batched-decode probe (ops.native.SMALL_M)
+    rows_k: int = 2048             # its weight [rows_n, rows_k]: the compute of a step's rows, which the
+    rows_n: int = 2048             # roofline sets against the weight read (GEMV) separately
 
 
 QUICK = Sizes()
@@ -174,6 +177,26 @@ def matmul_op(precision: str, m: int, k: int, n: int, device: str, group: int = 
         return None
 
 
+def rows_op(precision: str, m: int, k: int, n: int, device: str):
+    """x[m, k] @ W[n, k]^T through the engine's layer for `precision` and its small-M `rows` path
+    (a batched decode step's rows: ops/kernels gemm_rows), or None without such a layer here."""
+    import torch
+
+    from hetero.ops.linear import make_linear
+
+    try:
+        if precision in BLOCK_PRECISIONS:
+            lin = make_linear(random_blocks(precision.upper(), n, k, "cpu"), None, precision, device)
+        else:
+            lin = make_linear(torch.randn(n, k) * 0.02, None, precision, device)
+        f = getattr(lin, "rows", lin)
+        x = torch.randn(1, m, k, dtype=torch.bfloat16, device=device)
+        f(x)  # raises here when the kernel is missing for this device
+        return lambda: f(x)
+    except (RuntimeError, NotImplementedError, AttributeError, ImportError, HeteroError, KeyError, ValueError):
+        return None
+
+
 class Probe:
     """One figure: an op built lazily (`make` returns the callable, or None when unsupported) and
     timed in batches. `sample` can be called several times, interleaved with other probes, so each
@@ -190,6 +213,8 @@ class Probe:
         self.n = 0                      # calls per timed batch, calibrated on the first sample
         self.note = ""                  # how it was measured, when that varies (disk: O_DIRECT or not)
         self.spread = False             # cheap figure: one batch between every other probe (see measure)
+        self.once = False               # sampled in the first round only (see measure): a figure that
+                                        # prices extra rows, not the main rates, need not cost a profile more
 
     def sample(self, repeats: int) -> None:
         if not self.supported:
@@ -269,6 +294,7 @@ def device_probes(be: Backend, sz: Sizes) -> list[Probe]:
         nrows = _gemv_n(prec, k, sz.gemv_bytes)
         out.append(p(("gemv", prec), "B/s", float(weight_bytes(prec, (nrows, k))),
                      lambda prec=prec, nrows=nrows: matmul_op(prec, 1, k, nrows, be.device)))
+    out += rows_probes(be, sz)
     if be.is_cuda:
         def h2d(pinned: bool):
             def make():
@@ -279,4 +305,17 @@ def device_probes(be: Backend, sz: Sizes) -> list[Probe]:
             return make
         out.append(p(("h2d_pinned",), "B/s", float(sz.copy_bytes), h2d(True)))
         out.append(p(("h2d_pageable",), "B/s", float(sz.copy_bytes), h2d(False)))
+    return out
+
+
+def rows_probes(be: Backend, sz: Sizes) -> list[Probe]:
+    """The batched-decode figures of one device: the row kernels' FLOP/s per precision."""
+    from hetero.dtypes import NATIVE, PRECISIONS
+
+    work = 2.0 * sz.rows_m * sz.rows_k * sz.rows_n
+    out = [Probe(("gemm_rows", prec), "FLOP/s", work,
+                 lambda prec=prec: rows_op(prec, sz.rows_m, sz.rows_k, sz.rows_n, be.device), be.sync, sz.min_time)
+           for prec in PRECISIONS if prec != NATIVE]
+    for p in out:
+        p.once = True
     return out

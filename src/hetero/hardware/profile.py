@@ -97,11 +97,13 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
 
     spread = [p for _, p in probes if p.spread]
     others = [(dev, p) for dev, p in probes if not p.spread]
-    with torch.inference_mode(), _progress(progress, len(others) * sz.rounds) as step:
+    total = sum(1 if p.once else sz.rounds for _, p in others)
+    with torch.inference_mode(), _progress(progress, total) as step:
         for r in range(sz.rounds):
             for i, (dev, p) in enumerate(others):
-                step(f"{dev} {' '.join(p.key)}")
-                p.sample(sz.repeats)
+                if not (p.once and r):
+                    step(f"{dev} {' '.join(p.key)}")
+                    p.sample(sz.repeats)
                 if (r * len(others) + i) % 2 == 0:
                     for q in spread:
                         q.sample(1)
@@ -113,8 +115,8 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
         m = p.result()
         if m is None:
             continue  # no kernel for this precision on this device: no row
-        d = figures.setdefault(dev, {"gemm": {}, "gemv": {}})
-        if p.key[0] in ("gemm", "gemv"):
+        d = figures.setdefault(dev, {"gemm": {}, "gemv": {}, "gemm_rows": {}})
+        if p.key[0] in ("gemm", "gemv", "gemm_rows"):
             d[p.key[0]][p.key[1]] = m
         else:
             d[p.key[0]] = m
@@ -124,6 +126,7 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
             device=name, gemm_flops=f["gemm"], gemv_bandwidth=f["gemv"], mem_bandwidth=f.get("mem_bandwidth"),
             op_overhead=f.get("op_overhead"), h2d_pinned=f.get("h2d_pinned"),
             h2d_pageable=f.get("h2d_pageable"), mem_read_bandwidth=f.get("mem_read_bandwidth"),
+            gemm_rows=f["gemm_rows"],
         )
         for name, f in figures.items()
     }
@@ -178,6 +181,39 @@ def save(prof: Profile) -> Path:
     return path
 
 
+def missing_rows(prof: Profile) -> list[str]:
+    """Measured devices of a profile cached before the batched-decode probe existed (no gemm_rows)."""
+    return [n for n, d in prof.devices.items() if d.gemm_flops and not d.gemm_rows]
+
+
+def top_up_rows(prof: Profile, progress: bool = False, sizes: bench.Sizes | None = None,
+                force: bool = False) -> Profile:
+    """`prof` with the batched-decode probe measured for the devices that lack it (every measured
+    device with `force`: the row rates taken again, as a benchmark on a quiet machine wants), saved:
+    the rest of the profile, its calibration included, stays as it was."""
+    import dataclasses
+
+    import torch
+
+    sz = sizes or (bench.QUICK if prof.mode == "quick" else bench.FULL)
+    devices = dict(prof.devices)
+    names = [n for n, d in prof.devices.items() if d.gemm_flops] if force else missing_rows(prof)
+    with torch.inference_mode(), _progress(progress, len(names)) as step:
+        for name in names:
+            step(f"{name} gemm_rows")
+            probes = bench.rows_probes(bench.backend_for(name), sz)
+            for _ in range(sz.rounds):
+                for p in probes:
+                    p.sample(sz.repeats)
+            rows = {p.key[1]: m for p in probes if (m := p.result()) is not None}
+            for p in probes:
+                p.release()
+            devices[name] = dataclasses.replace(devices[name], gemm_rows=rows)
+    out = dataclasses.replace(prof, devices=devices)
+    save(out)
+    return out
+
+
 def get_profile(refresh: bool = False, quick: bool = True, progress: bool = True,
                 sizes: bench.Sizes | None = None) -> Profile:
     """This machine's profile: the cached one when usable, else measured now and cached."""
@@ -187,7 +223,7 @@ def get_profile(refresh: bool = False, quick: bool = True, progress: bool = True
     if not refresh:
         cached = load_cached(host, quick)
         if cached is not None:
-            return cached
+            return top_up_rows(cached, progress, sizes) if missing_rows(cached) else cached
     prof = measure(inventory(), quick=quick, progress=progress, sizes=sizes)
     save(prof)
     return prof
@@ -206,12 +242,15 @@ def get_profile_isolated() -> Profile:
 
     host = host_name()
     cached = load_cached(host, True)
-    if cached is not None:
+    if cached is not None and not missing_rows(cached):
         return cached
     threads = torch.get_num_threads()
+    # a profile from before the batched-decode probe: only that is measured, the rest kept
+    refresh = cached is None
     code = (f"import torch; torch.set_num_threads({threads}); "
-            "from hetero.hardware.profile import get_profile; get_profile(refresh=True)")
-    print("note: measuring this machine's profile once, in a child process", file=sys.stderr, flush=True)
+            f"from hetero.hardware.profile import get_profile; get_profile(refresh={refresh}, progress=False)")
+    print("note: measuring this machine's profile once, in a child process" if refresh else
+          "note: measuring this machine's batched-decode rates once, in a child process", file=sys.stderr, flush=True)
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                        stdout=subprocess.DEVNULL)
     if r.returncode == 0:
@@ -220,4 +259,4 @@ def get_profile_isolated() -> Profile:
             prof = load_cached(host, True)
         if prof is not None:
             return prof
-    return get_profile(refresh=True)
+    return get_profile(refresh=refresh)

@@ -99,6 +99,9 @@ class DeviceProfile:
     h2d_pinned: Measurement | None = None                                 # host -> device, cuda only
     h2d_pageable: Measurement | None = None
     mem_read_bandwidth: Measurement | None = None                         # read-only stream (a reduction), B/s
+    # batched decode: FLOP/s of the small-M row kernels (Sizes.rows_m activation rows, the engine's
+    # `rows` path), per precision; what each extra sequence of a batched step costs in compute
+    gemm_rows: dict[str, Measurement] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class Profile:
                 h2d_pinned=m(p.get("h2d_pinned")),
                 h2d_pageable=m(p.get("h2d_pageable")),
                 mem_read_bandwidth=m(p.get("mem_read_bandwidth")),
+                gemm_rows={k: Measurement(**v) for k, v in p.get("gemm_rows", {}).items()},
             )
         return cls(
             host=d["host"], version=d["version"], versions=d.get("versions", {}), devices=devices,

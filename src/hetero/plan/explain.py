@@ -119,8 +119,26 @@ def comparison(plans: list["Plan"]) -> Table:
     return t
 
 
+def batch_table(plan: "Plan") -> Table:
+    """Every batch size the planner priced: its best placement's rates, and why it lost."""
+    bound = f", steps within {plan.max_latency_ms:g} ms" if plan.max_latency_ms is not None else ""
+    t = Table(title=f"batch size (objective: {plan.objective}{bound}; chosen: {plan.batch})", title_justify="left")
+    for col in ("batch", "decode tok/s (all)", "ms per token", "throughput tok/s", "why not"):
+        t.add_column(col, justify="left" if col == "why not" else "right")
+    for o in plan.batch_options:
+        mark = " *" if o.batch == plan.batch else ""
+        if not o.fits:
+            t.add_row(f"{o.batch}{mark}", "-", "-", "-", o.note or "does not fit")
+            continue
+        t.add_row(f"{o.batch}{mark}", f"{o.decode_tok_s:.2f}", f"{o.decode_ms:.1f}", f"{o.throughput_tok_s:.2f}",
+                  "chosen" if o.batch == plan.batch else o.note)
+    return t
+
+
 def explain(plan: "Plan", compare: list["Plan"] | None = None) -> Group:
     parts = [unit_table(plan), totals(plan), summary(plan)]
+    if plan.batch_options:
+        parts.insert(2, batch_table(plan))
     if compare:
         parts.append(comparison([plan, *compare]))
     return Group(*parts)

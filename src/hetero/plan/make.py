@@ -44,17 +44,19 @@ def make_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None =
               precisions: list[str] | None = None, sensitivity: dict | None = None,
               reserve: dict[str, int] | None = None, coeffs: Coefficients | None = None,
               explain: bool = True, time_limit: float = 60.0, units: list[str] | None = None,
-              pinned: dict[str, str] | None = None, kv_dtype: str = "auto") -> Plan:
+              pinned: dict[str, str] | None = None, kv_dtype: str = "auto", ragged: bool = False) -> Plan:
     """The fastest plan for the objective within every budget (and the quality bound, when given).
 
     memory: device -> bytes (unset devices get what they have free); reserve: bytes per device the
     runtime itself needs (interpreter, libraries), taken off the budgets first. context defaults to
     the prompt plus 128 new tokens. units: plan only this contiguous run (a pipeline stage);
     pinned: unit -> the precision it must take. kv_dtype: how the KV cache is stored (its bytes
-    count in the budgets: int8 fits about twice the context or sequences of bf16).
+    count in the budgets: int8 fits about twice the context or sequences of bf16). ragged: the
+    `batch` sequences run in a batch runner (runtime/batch.py): its step's workspace, not a
+    prefill of every prompt at once (plan/batch.py chooses the batch size itself).
     """
     context = context if context is not None else prompt_tokens + 128
-    wl = Workload(objective, prompt_tokens, context, batch, kv_dtype)
+    wl = Workload(objective, prompt_tokens, context, batch, kv_dtype, ragged)
     table = build_table(spec, hardware, profile, wl, precisions, sensitivity, coeffs, units=units)
     for name, prec in (pinned or {}).items():
         if name in table.units:
@@ -104,7 +106,7 @@ def assemble(table: Table, assign: list[int], budgets: dict[str, int], reserve: 
         throughput_tok_s=B * n / (ev.prefill_s + n * ev.decode_s), quality_loss=ev.quality)
     return Plan(
         model=spec.name, fingerprint=spec.fingerprint(), host=table.hw.host, hardware=table.hw.source,
-        objective=wl.objective, prompt_tokens=P, context=wl.context, batch=B, kv_dtype=wl.kv_dtype,
+        objective=wl.objective, prompt_tokens=P, context=wl.context, batch=B, kv_dtype=wl.kv_dtype, ragged=wl.ragged,
         budgets=dict(budgets),
         units=tuple(units), memory=dict(ev.memory), predicted=pred, memory_breakdown=ev.breakdown,
         reserve=dict(reserve), precisions=tuple(precisions or sorted({c.precision for c in table.choices})),
@@ -212,14 +214,15 @@ def rescore(plan: Plan, spec: ModelSpec, hardware: HardwareSpec, profile: Profil
             coeffs: Coefficients | None = None, sensitivity: dict | None = None) -> Plan:
     """The same placement priced again by the cost model (after a hand edit or a new calibration)."""
     check_plan(plan, spec, hardware)
-    wl = Workload(plan.objective, plan.prompt_tokens, plan.context, plan.batch, plan.kv_dtype)
+    wl = Workload(plan.objective, plan.prompt_tokens, plan.context, plan.batch, plan.kv_dtype, plan.ragged)
     # the plan's precisions and any a hand edit brought in: what the workspace must provide for
     precs = sorted(set(plan.precisions) | {u.precision for u in plan.units}) or None
     table = build_table(spec, hardware, profile, wl, precs, sensitivity, coeffs, prefetch=plan.prefetch)
     assign = choices_of(plan, table)
     fresh = assemble(table, assign, plan.budgets, plan.reserve, plan.kind, plan.prefetch,
                      plan.max_quality_loss, list(plan.precisions), plan.why, plan.solver)
-    return dataclasses.replace(fresh, stages=plan.stages)
+    return dataclasses.replace(fresh, stages=plan.stages, batch_options=plan.batch_options,
+                               max_latency_ms=plan.max_latency_ms)
 
 
 def fixed_plan(spec: ModelSpec, hardware: HardwareSpec, profile: Profile | None,

@@ -77,6 +77,17 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class BatchOption:
+    """One batch size the planner priced (plan/batch.py): its best placement's step and rates."""
+    batch: int
+    fits: bool
+    decode_tok_s: float = 0.0       # aggregate: batch tokens per decode step
+    decode_ms: float = 0.0          # one step of every sequence (each sequence's time per token)
+    throughput_tok_s: float = 0.0   # with the prefill of every prompt (objective "throughput")
+    note: str = ""                  # why it was not chosen, when it fits but loses
+
+
+@dataclass(frozen=True)
 class Why:
     """The explanation: what binds, and what the next-best alternative would cost."""
     binding: tuple[str, ...] = ()
@@ -113,6 +124,9 @@ class Plan:
     solver: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
     kv_dtype: str = "auto"    # how the KV cache is stored (dtypes.KV_DTYPES); priced in `memory`
+    ragged: bool = False      # the batch runs in a batch runner (runtime/batch.py; priced per step)
+    batch_options: tuple[BatchOption, ...] = ()  # the sizes the planner chose `batch` among
+    max_latency_ms: float | None = None          # the bound on a step (time per token) it chose under
 
     # ---- queries ---------------------------------------------------------------------------------
     def unit(self, name: str) -> UnitPlan:
@@ -192,7 +206,9 @@ class Plan:
             "model": {"name": self.model, "fingerprint": self.fingerprint},
             "hardware": {"host": self.host, "source": self.hardware},
             "workload": {"objective": self.objective, "prompt_tokens": self.prompt_tokens,
-                         "context": self.context, "batch": self.batch, "kv_dtype": self.kv_dtype},
+                         "context": self.context, "batch": self.batch, "kv_dtype": self.kv_dtype,
+                         "ragged": self.ragged, "max_latency_ms": self.max_latency_ms,
+                         "batch_options": [dataclasses.asdict(o) for o in self.batch_options]},
             "budgets": dict(self.budgets), "reserve": dict(self.reserve),
             "precisions": list(self.precisions), "max_quality_loss": self.max_quality_loss,
             "prefetch": self.prefetch, "prefetch_depth": self.prefetch_depth,
@@ -262,7 +278,9 @@ class Plan:
                         alternative_objective_ms=float(why.get("alternative_objective_ms", 0.0)),
                         notes=tuple(why.get("notes", ())), alternatives=tuple(why.get("alternatives", ()))),
                 solver=dict(d.get("solver", {})), version=v,
-                kv_dtype=str(wl.get("kv_dtype", "auto")),
+                kv_dtype=str(wl.get("kv_dtype", "auto")), ragged=bool(wl.get("ragged", False)),
+                batch_options=tuple(_batch_option(o) for o in wl.get("batch_options", ())),
+                max_latency_ms=None if wl.get("max_latency_ms") is None else float(wl["max_latency_ms"]),
             )
             _check_ranges(plan)
             return plan
@@ -307,6 +325,12 @@ def _check_ranges(p: "Plan") -> None:
     for u in p.units:
         if u.bytes < 0:
             raise HeteroError(f"not a valid plan: unit {u.name} has negative bytes")
+
+
+def _batch_option(o: dict[str, Any]) -> BatchOption:
+    return BatchOption(batch=int(o["batch"]), fits=bool(o["fits"]), decode_tok_s=float(o.get("decode_tok_s", 0.0)),
+                       decode_ms=float(o.get("decode_ms", 0.0)), throughput_tok_s=float(o.get("throughput_tok_s", 0.0)),
+                       note=str(o.get("note", "")))
 
 
 def _stage(s: dict[str, Any]) -> Stage:

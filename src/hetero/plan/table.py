@@ -34,6 +34,8 @@ class Workload:
     context: int = 640        # tokens of history at the decode step being priced
     batch: int = 1
     kv_dtype: str = "auto"    # how the KV cache is stored (dtypes.KV_DTYPES): int8 holds ~2x the tokens
+    ragged: bool = False      # the batch runs in a batch runner (runtime/batch.py): prompts prefill in
+                              # chunks one after another, decode steps take one row per sequence
 
     @property
     def new_tokens(self) -> int:
@@ -263,7 +265,7 @@ def build_table(spec: ModelSpec, hw: HardwareSpec, profile: Profile | None, work
     kinds = {d.name: d.kind for d in hw.devices}
     workspace = {d: cost.workspace_bytes(spec, P, B, dequant=kinds.get(d) == "cpu" and any(
         c.device == d and (c.precision == "int4" or c.precision in BLOCK_PRECISIONS or c.precision == "native")
-        for c in choices)) for d in compute}
+        for c in choices), ragged=coeffs.prefill_chunk if workload.ragged else 0) for d in compute}
     return Table(spec, hw, workload, coeffs, prefetch, units, choices, compute, mem_of, memory_devices,
                  disk.name if disk else None, host, decode, prefill, decode_serial, prefill_serial, weights, weights_only, pools, quality,
                  act_decode, act_prefill, workspace, tied, nbytes, valid)

@@ -400,7 +400,8 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
                  hardware: str | None = None, objective: str = "decode", precisions: list[str] | None = None,
                  prompt_tokens: int = 512, context: int | None = None, replan: bool = True,
                  max_quality_loss: float | None = None, kv_dtype: str | None = None,
-                 extra_reserve: dict[str, int] | None = None) -> tuple[Plan, list[str]]:
+                 extra_reserve: dict[str, int] | None = None, batch: int | list[int] = 1,
+                 max_latency_ms: float | None = None) -> tuple[Plan, list[str]]:
     """The plan a run executes, and notes to print: the one given (checked against this model and
     machine, re-planned when it no longer fits), or a fresh one for the budgets given.
 
@@ -414,6 +415,9 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
     about twice the context of bf16 in the same budget.
     extra_reserve: bytes per device the caller holds besides the weights (a training step's
     adapters, optimiser state and activations: finetune/plan_train.py), added to the reserve.
+    batch: sequences decoded together in the batch runner (N > 1 is priced per ragged step), or a
+    list of sizes the planner picks from with the placement (plan/batch.py), each step within
+    `max_latency_ms` when given.
     """
     from hetero.hardware.inventory import inventory
     from hetero.plan import check_plan, make_plan, parse_memory
@@ -449,11 +453,21 @@ def plan_for_run(model: str | None, plan_path: str | None = None, memory_text: s
         fresh = make_plan(spec, hw, prof, memory=budgets, objective=plan.objective,
                           prompt_tokens=plan.prompt_tokens, context=plan.context, batch=plan.batch,
                           precisions=list(plan.precisions) or None, reserve=reserve,
-                          max_quality_loss=plan.max_quality_loss, kv_dtype=plan.kv_dtype)
+                          max_quality_loss=plan.max_quality_loss, kv_dtype=plan.kv_dtype, ragged=plan.ragged)
         notes.append(f"re-planned: {why}; new cpu budget {fmt_bytes(budgets['cpu'])}")
         return fresh, notes
     from hetero.plan.sensitivity import DEFAULT_MAX_QUALITY_LOSS, shipped_sensitivity
 
+    if isinstance(batch, list):
+        from hetero.plan.batch import plan_batch
+
+        def make_plan(spec, hw, prof, **kw):  # noqa: F811 (the batch size chosen with the placement)
+            return plan_batch(spec, hw, prof, batch, max_latency_ms=max_latency_ms, **kw)
+    elif batch > 1:
+        from hetero.plan import make_plan as one
+
+        def make_plan(spec, hw, prof, **kw):  # noqa: F811
+            return one(spec, hw, prof, batch=batch, ragged=True, **kw)
     hw, prof = _machine(hardware)
     kw = dict(memory=parse_memory(memory_text, spec), objective=objective, prompt_tokens=prompt_tokens,
               context=context, precisions=precisions, reserve=reserve, sensitivity=shipped_sensitivity(spec),

@@ -34,19 +34,21 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def _wait_policy() -> None:
+def _wait_policy(argv: list[str] | None = None) -> None:
     """On a machine already running more work than it has cores, OpenMP threads that spin while
     they wait take CPU from each other and from every other process: a 2-thread prefill ran ~10x
-    slower there (docs/BENCHMARKS.md, "Start-up"). They then sleep instead. Read once, when torch
-    loads libgomp, so set before any import of torch; a quiet machine and the user's own setting
-    are left as they are."""
+    slower there (docs/BENCHMARKS.md, "Start-up"). They then sleep instead. So do a server's: its
+    event loop shares the engine's cores every token (one streamed client's gap 13.4 ms passive
+    against 17.1 ms spinning, docs/BENCHMARKS.md, "Serving"). Read once, when torch loads libgomp,
+    so set before any import of torch; the user's own setting is left as it is."""
     if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return
+    args = sys.argv[1:] if argv is None else argv
     try:
         busy = os.getloadavg()[0] >= len(os.sched_getaffinity(0))
     except (OSError, AttributeError):
-        return
-    if busy:
+        busy = False
+    if busy or (args[:1] == ["serve"]):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     (HETERO_DEBUG=1 shows the traceback)."""
     import os
 
-    _wait_policy()
+    _wait_policy(argv)
 
     try:
         app(args=argv, standalone_mode=True)

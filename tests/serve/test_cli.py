@@ -142,3 +142,18 @@ def test_serve_plans_as_run_does_and_answers_with_the_same_greedy_text(tmp_path)
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
     assert "plan: " in out and "cpu/" in out  # the startup line shows the plan's summary
+
+
+def test_serve_lets_openmp_threads_sleep_unless_the_user_chose():
+    # a server's event loop shares the engine's cores every token: spinning OpenMP waits take them
+    code = ("import os, sys; from hetero.cli import _wait_policy; _wait_policy(sys.argv[1:]); "
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+    def policy(*args, **extra):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+                           env={**env, **extra}, check=True)
+        return r.stdout.strip()
+
+    assert policy("serve", "smollm2-135m") == "PASSIVE"
+    assert policy("serve", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"

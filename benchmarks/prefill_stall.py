@@ -1,7 +1,7 @@
 """Chunked prefill under load: a long prompt arrives while N streams decode; how much do their
 inter-token gaps grow while it is prefilled?
 
-    # starts `hetero serve MODEL --max-concurrency N+1 [--prefill-chunk C]` on a loopback port
+    # starts `hetero serve MODEL --max-concurrency N+1 [--prefill-chunk C] [--prefill-stall S]` on a loopback port
     .venv/bin/python benchmarks/prefill_stall.py --model smollm2-135m --streams 7 --prompt-tokens 2000
     # or a server already running
     .venv/bin/python benchmarks/prefill_stall.py --url http://127.0.0.1:8080 --model smollm2-135m
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=7)
     ap.add_argument("--prompt-tokens", type=int, default=2000)
     ap.add_argument("--prefill-chunk", type=int, help="`hetero serve --prefill-chunk` when this script starts it")
+    ap.add_argument("--prefill-stall", type=float, help="`hetero serve --prefill-stall` when this script starts it")
     ap.add_argument("--warmup", type=float, default=4.0, help="seconds the streams decode before the long prompt")
     ap.add_argument("--max-tokens", type=int, default=400, help="each stream's length (it must outlast the prefill)")
     ap.add_argument("--json", dest="json_out")
@@ -98,6 +99,8 @@ def main() -> None:
                "--max-concurrency", str(a.streams + 1)]
         if a.prefill_chunk:
             cmd += ["--prefill-chunk", str(a.prefill_chunk)]
+        if a.prefill_stall is not None:
+            cmd += ["--prefill-stall", str(a.prefill_stall)]
         server = subprocess.Popen(cmd, env=os.environ.copy())
     try:
         wait_up(url, server)
@@ -106,7 +109,7 @@ def main() -> None:
         if server is not None:
             server.terminate()
             server.wait(30)
-    res = {"url": url, "model": a.model, "prefill_chunk": a.prefill_chunk, **res}
+    res = {"url": url, "model": a.model, "prefill_chunk": a.prefill_chunk, "prefill_stall": a.prefill_stall, **res}
     print(json.dumps(res, indent=1))
     if a.json_out:
         with open(a.json_out, "w") as f:

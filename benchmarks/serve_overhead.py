@@ -10,8 +10,8 @@ parsing does not share this process's interpreter lock. Both sides decode greedi
 prompt, so they make the same tokens. Prints JSON: per-round rates, the median of the per-round
 ratios (served / direct) and the client's TTFT and inter-token p50.
 
-With --replay the engine is replaced by one that replays the tokens it made through the real
-detokeniser with no model compute: then everything the server process spends is the serving
+With --replay the engine (or, batching, the batch runner's model) is replaced by one that replays
+the tokens it made through the real detokeniser with no model compute: then everything the server process spends is the serving
 path's, and its CPU time per token (this process: event loop, worker, detokenising, framing) is a
 figure a busy machine barely moves, unlike wall-clock rates.
 """
@@ -80,6 +80,27 @@ class Replay:
             yield Record(detok.add(tid), [tid], 1, i + 1, 0.0, 0.0, "length" if i + 1 == max_new_tokens else None)
 
 
+class ReplayNet:
+    """A batch runner's model that replays `ids` with no model compute: forward_ragged returns logits
+    whose greedy pick is the next replayed id, one per wanted row (after `pace_s` slept)."""
+
+    def __init__(self, net, ids: list[int], pace_s: float = 0.0):
+        self.spec, self.ids, self.pace_s, self.i = net.spec, ids, pace_s, 0
+        self.vocab = net.spec.vocab_size
+
+    def forward_ragged(self, ids, r, kv, want=None):
+        import torch
+
+        if self.pace_s:
+            time.sleep(self.pace_s)
+        n = len(r.segments) if want is None else want.numel()
+        logits = torch.zeros(n, self.vocab)
+        for row in range(n):
+            logits[row, self.ids[self.i % len(self.ids)]] = 1.0
+            self.i += 1
+        return logits
+
+
 def thread_cpu() -> dict[str, float]:
     """CPU seconds so far of each thread of this process, by Python thread name (others by id)."""
     import os
@@ -103,7 +124,11 @@ def replay(engine, model: str, tokens: int, requests: int, rounds: int, pace_s: 
 
     ids = [t for r in engine.stream(PROMPT, max_new_tokens=64, temperature=0.0, chat=True) for t in r.token_ids
            if t not in engine.model.tokenizer.stop_ids]
-    server, thread, url = serve_in_thread(create_app(Replay(engine, ids, pace_s), model_id=model))
+    app = create_app(Replay(engine, ids, pace_s), model_id=model)
+    runner = getattr(app.state.scheduler, "runner", None)
+    if runner is not None:  # continuous batching: the runner steps its model, not Engine.stream
+        runner.model = ReplayNet(runner.model, ids, pace_s)
+    server, thread, url = serve_in_thread(app)
     out = []
     try:
         served(url, model, 8, 1)  # warm

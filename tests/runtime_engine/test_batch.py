@@ -218,3 +218,50 @@ def test_layers_streamed_from_disk_batch_too():
         ids = [runner.add(p, 8) for p in prompts]
         out = runner.run()
         assert [out[i] for i in ids] == ref
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_the_pool_is_resident_only_as_far_as_tokens_are_held(nets, kv_dtype):
+    # a budget of many whole contexts costs no memory until written; then the pages follow the blocks
+    # held at once (lowest ids first), however many sequences came and went
+    net = nets["fp32"]
+    pool = KVPool(net, n_blocks=512, block=16, kv_dtype=kv_dtype)
+    assert pool.resident_bytes() <= 0.02 * pool.nbytes()
+    runner = BatchRunner(net, pool=pool, max_batch=4)
+    prompts = _prompts((20, 30, 12, 25, 8, 17), seed=5)
+    ids = [runner.add(p, 6) for p in prompts]
+    out, peak_blocks = {}, 0
+    while not runner.idle:
+        for ev in runner.step():
+            out.setdefault(ev.request, []).append(ev.token)
+        peak_blocks = max(peak_blocks, pool.used_blocks)
+    assert len(out) == len(prompts)
+    if kv_dtype == "auto":  # (int8 KV is not the single path's fp32 cache: its tokens may differ)
+        assert [out[i] for i in ids] == [_alone(net, p, 6) for p in prompts]
+    n_tensors = 2 * len(net.layers) * (2 if kv_dtype == "int8" else 1)
+    written = pool.resident_bytes()
+    # every block ever held was written (prompts fill them), and nothing past the peak's blocks
+    assert written >= peak_blocks * pool.block_bytes * 0.5
+    assert written <= peak_blocks * pool.block_bytes + n_tensors * 2 * 4096
+    assert written < 0.1 * pool.nbytes()
+
+
+def test_a_long_prompt_prefills_in_timed_chunks_between_the_running_streams_tokens(nets):
+    # stall set: the chunk beside decoding streams is sized from timed steps; every step of the long
+    # prompt's prefill still carries every running stream's decode row, and outputs are as alone
+    net = nets["fp32"]
+    short, long_ = _prompts((6, 9, 4), seed=7), _prompts((120,), seed=8)[0]
+    runner = BatchRunner(net, kv_bytes=8 << 20, max_batch=8, prefill_tokens=100, stall=1.0)
+    ids = [runner.add(p, 30) for p in short]
+    out = _collect(runner, {}, steps=4)      # the streams decode, and the policy times their steps
+    lid = runner.add(long_, 5)
+    chunks = []
+    while lid not in out:
+        for ev in runner.step():
+            out.setdefault(ev.request, []).append(ev.token)
+        assert runner.last_decode_rows == len(short)  # no stream skipped a step for the prefill
+        chunks.append(runner.last_prefill_tokens)
+    assert sum(chunks) == len(long_) and len(chunks) > 1 and max(chunks) < 100
+    _collect(runner, out)
+    assert [out[i] for i in ids] == [_alone(net, p, 30) for p in short]
+    assert out[lid] == _alone(net, long_, 5)

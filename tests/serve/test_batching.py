@@ -93,6 +93,7 @@ def test_concurrent_streams_each_get_their_text_alone_and_metrics_show_the_batch
         runner = srv.scheduler.runner
         assert _metric(srv, "hetero_kv_blocks_total") == runner.pool.n_blocks > 0
         assert _metric(srv, "hetero_kv_blocks_used") == 0  # every finished request gave its blocks back
+        assert 0 < _metric(srv, "hetero_kv_resident_bytes") <= runner.pool.nbytes()
         for name in ("hetero_batch_size", "hetero_batch_prefill_tokens", "hetero_generations_waiting"):
             _metric(srv, name)
 

@@ -67,7 +67,8 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the engine (default: torch's)."),
     batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Continuous batching: requests share each forward step (default: wherever the architecture supports it; else they are interleaved)."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="The batch's KV pool, e.g. 512MB (default: the plan's KV plus half its headroom, up to --max-concurrency whole contexts)."),
-    prefill_chunk: int = typer.Option(128, "--prefill-chunk", help="Prompt tokens a batched step prefills (a long prompt takes several steps, between the running streams' tokens)."),
+    prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens a batched step prefills with nothing else decoding (a long prompt takes several steps)."),
+    prefill_stall: float = typer.Option(1.0, "--prefill-stall", help="Beside decoding streams, a prefill chunk costs about this many of their steps (sized from timed steps; 0: always --prefill-chunk)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format) as a side path on the base."),
@@ -85,6 +86,8 @@ def serve(
         raise HeteroError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
     if prefill_chunk < 1:
         raise HeteroError(f"--prefill-chunk must be ≥ 1, got {prefill_chunk}")
+    if prefill_stall < 0:
+        raise HeteroError(f"--prefill-stall must be ≥ 0, got {prefill_stall}")
     if dtype and precisions:
         raise HeteroError("give --dtype or --precisions, not both (--dtype D is --precisions D)")
     if max_quality_loss is not None and not max_quality_loss >= 0:
@@ -115,7 +118,8 @@ def serve(
         print(summary(e.plan), file=sys.stderr)
         app = create_app(e, model_id=model_name, aliases=(model,) if model else (), api_key=api_key,
                          max_concurrency=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                         batching=batching, kv_bytes=kv_bytes, prefill_chunk=prefill_chunk)
+                         batching=batching, kv_bytes=kv_bytes, prefill_chunk=prefill_chunk,
+                         prefill_stall=prefill_stall)
         runner = getattr(app.state.scheduler, "runner", None)
         mode = (f"batching, KV pool {runner.pool.n_blocks} blocks of {runner.pool.block} tokens "
                 f"({fmt_bytes(runner.pool.nbytes())})" if runner is not None else "interleaved")

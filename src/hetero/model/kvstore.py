@@ -10,6 +10,8 @@ DecodeStack.step_q8; otherwise an int8 cache decodes layer by layer.
 """
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 from hetero.dtypes import check_kv_dtype
@@ -19,11 +21,29 @@ STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _MIN_SCALE = 2.0 ** -24
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.zeros, but on the CPU backed by an anonymous mapping: the kernel hands out zeroed pages
+    on first write, so a cache (or a paged pool sized for many whole contexts) is resident only as
+    far as tokens have been written, not all at once (torch.zeros writes every byte)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    if nbytes < mmap.PAGESIZE:
+        return torch.zeros(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # private: not shared memory, so RSS only
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # a 2 MB page per layer tensor would outgrow the tokens written
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+
+
 class CastKV:
     """A KV tensor stored in `store` dtype, read back in `dtype` (the layer's)."""
 
     def __init__(self, shape: tuple[int, ...], store: torch.dtype, dtype: torch.dtype, device):
-        self.data = torch.zeros(shape, dtype=store, device=device)
+        self.data = zeros(shape, store, device)
         self.dtype, self.shape, self.device = dtype, self.data.shape, self.data.device
 
     def __getitem__(self, idx) -> torch.Tensor:
@@ -42,8 +62,8 @@ class Int8KV:
     a row against bf16's 2D (D = 64: 0.52x)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device):
-        self.codes = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.scale = torch.zeros((*shape[:-1], 1), dtype=torch.float16, device=device)
+        self.codes = zeros(shape, torch.int8, device)
+        self.scale = zeros((*shape[:-1], 1), torch.float16, device)
         self.dtype, self.shape, self.device = dtype, self.codes.shape, self.codes.device
 
     def __getitem__(self, idx) -> torch.Tensor:
@@ -77,7 +97,7 @@ def new_store(shape: tuple[int, ...], kv_dtype: str, dtype: torch.dtype, device)
         return Int8KV(shape, dtype, device)
     store = STORE_DTYPES.get(kv_dtype, dtype)
     if store == dtype:
-        return torch.zeros(shape, dtype=dtype, device=device)
+        return zeros(shape, dtype, device)
     return CastKV(shape, store, dtype, device)
 
 

@@ -14,7 +14,10 @@ The contract a server builds on:
 - `step` admits what fits, then runs ONE forward pass for every running sequence: one token each
   for those decoding, plus up to `prefill_tokens` prompt tokens of those still prefilling (chunked
   prefill: a long prompt is taken in pieces of `prefill_tokens`, so a step's time stays bounded;
-  prompts shorter than the rest of a step's budget prefill in the same step). It returns an Event
+  prompts shorter than the rest of a step's budget prefill in the same step). With `stall` set,
+  a step that has sequences decoding takes fewer: as many as cost about `stall` decode steps,
+  sized from the steps it has timed (runtime.chunking), so the streams running beside a long
+  prompt's prefill keep their pace; a step with none decoding still takes `prefill_tokens`. It returns an Event
   for every token sampled in that step: one per decoding sequence, one for each prompt that
   finished prefilling. A sequence that finishes ("stop": a stop id was sampled, which is
   reported too; "length": max_new_tokens or the context reached) leaves the batch and its blocks
@@ -25,6 +28,7 @@ Not thread-safe: one caller drives add/step/cancel (a server's engine thread).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -33,6 +37,7 @@ import torch
 from hetero.errors import HeteroError
 from hetero.model.decoder import Decoder
 from hetero.model.paged import Ragged, Segment
+from hetero.runtime.chunking import ChunkPolicy
 from hetero.runtime.generate import PREFILL_CHUNK
 from hetero.runtime.kvcache import BLOCK, KVPool
 from hetero.runtime.sampling import Sampler, SamplingParams
@@ -63,12 +68,15 @@ class _Seq:
 
 class BatchRunner:
     def __init__(self, model: Decoder, pool: KVPool | None = None, kv_bytes: int | None = None,
-                 max_batch: int = 32, prefill_tokens: int = PREFILL_CHUNK, block: int = BLOCK):
+                 max_batch: int = 32, prefill_tokens: int = PREFILL_CHUNK, block: int = BLOCK,
+                 stall: float | None = None):
         if max_batch < 1 or prefill_tokens < 1:
             raise HeteroError(f"max_batch and prefill_tokens must be ≥ 1, got {max_batch}, {prefill_tokens}")
         self.model = model
         self.pool = pool or KVPool(model, kv_bytes if kv_bytes is not None else DEFAULT_KV_BYTES, block=block)
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        # None: fixed chunks of prefill_tokens (a prompt cut where it would be alone)
+        self.chunks = ChunkPolicy(prefill_tokens, stall=stall) if stall else None
         self.queue: deque[_Seq] = deque()
         self.running: list[_Seq] = []       # in admission order
         self._next = 0
@@ -134,12 +142,15 @@ class BatchRunner:
                 segs.append(Segment(len(s.history) - 1, 1, s.blocks))
                 ids.append(s.history[-1])
                 sampled.append(s)
-        n_decode, budget = len(segs), self.prefill_tokens
+        n_decode = len(segs)
+        most = self.prefill_tokens if self.chunks is None else self.chunks.tokens(n_decode)
+        budget = most
         for s in self.running:
             n = len(s.prompt)
-            t = min(n - s.prefilled, self.prefill_tokens)
-            # whole chunks only (the first of a step always): a prompt is cut where it would be alone
-            if t > 0 and (t <= budget or budget == self.prefill_tokens):
+            t = min(n - s.prefilled, most if self.chunks is None else budget)
+            # fixed: whole chunks only (the first of a step always), a prompt cut where it would be
+            # alone; adaptive: whatever is left of the step's budget
+            if t > 0 and (t <= budget or budget == most):
                 segs.append(Segment(s.prefilled, t, s.blocks))
                 ids += s.prompt[s.prefilled:s.prefilled + t]
                 s.prefilled += t
@@ -147,10 +158,13 @@ class BatchRunner:
                 if s.prefilled == n:
                     want.append(len(segs) - 1)
                     sampled.append(s)
+        if not segs:
+            return []
+        t0 = time.perf_counter()
         logits = self.model.forward_ragged(torch.tensor(ids, dtype=torch.long), Ragged(segs, self.pool.block),
                                            self.pool.kv, torch.tensor(want, dtype=torch.long))
         self.steps += 1
-        self.last_decode_rows, self.last_prefill_tokens = n_decode, self.prefill_tokens - budget
+        self.last_decode_rows, self.last_prefill_tokens = n_decode, most - budget
         events = []
         for s, lg in zip(sampled, logits):
             tok = s.sampler(lg, s.history)
@@ -161,6 +175,8 @@ class BatchRunner:
             events.append(Event(s.id, tok, finish))
             if finish:
                 self._leave(s)
+        if self.chunks is not None:
+            self.chunks.observe(n_decode, self.last_prefill_tokens, time.perf_counter() - t0)
         return events
 
     def run(self) -> dict[int, list[int]]:

@@ -11,6 +11,7 @@ from hetero.dtypes import check_kv_dtype
 from hetero.errors import HeteroError
 from hetero.model.decoder import Decoder
 from hetero.model.paged import PagedKV
+from hetero.runtime.memory import resident_in
 
 BLOCK = 16  # tokens per block
 
@@ -75,3 +76,21 @@ class KVPool:
 
     def nbytes(self) -> int:
         return self.kv.nbytes()
+
+    def resident_bytes(self) -> int:
+        """Bytes of the pool's tensors in memory now (pages written so far), measured by the kernel."""
+        total = 0
+        for t in _tensors(self.kv.k + self.kv.v):
+            if t.device.type == "cpu":
+                total += resident_in(t.data_ptr(), t.numel() * t.element_size())
+            else:
+                total += t.numel() * t.element_size()
+        return total
+
+
+def _tensors(stores) -> list:
+    """The plain tensors behind K/V stores (a tensor, a CastKV's data, an Int8KV's codes and scales)."""
+    out = []
+    for s in stores:
+        out += [s] if hasattr(s, "data_ptr") else [getattr(s, n) for n in ("data", "codes", "scale") if hasattr(s, n)]
+    return out

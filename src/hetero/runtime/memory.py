@@ -92,6 +92,20 @@ def cached_bytes(path: str | os.PathLike) -> int:
         os.close(fd)
 
 
+def resident_in(addr: int, nbytes: int) -> int:
+    """Bytes of this process's memory [addr, addr + nbytes) that are resident (mincore(2) over the
+    whole pages it spans); 0 where it cannot be told."""
+    if nbytes <= 0:
+        return 0
+    start = addr - addr % _PAGE
+    length = addr + nbytes - start
+    pages = (length + _PAGE - 1) // _PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    if _c().mincore(ctypes.c_void_p(start), length, vec) != 0:
+        return 0
+    return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)) * _PAGE
+
+
 def drop_cache(path: str | os.PathLike) -> None:
     """Ask the kernel to evict `path`'s clean pages (posix_fadvise DONTNEED); dirty ones are synced first."""
     try:

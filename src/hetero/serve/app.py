@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from hetero.serve.limits import BODY_IDLE_S, RequestLimits
-from hetero.serve.batched import PREFILL_CHUNK, BatchScheduler, can_batch
+from hetero.serve.batched import PREFILL_CHUNK, PREFILL_STALL, BatchScheduler, can_batch
 from hetero.serve.budget import BudgetWatch
 from hetero.serve.errors import install_error_handlers
 from hetero.serve.gauges import register_gauges
@@ -28,10 +28,13 @@ DEFAULT_MAX_BODY = 1 << 20       # 1 MiB: far above any prompt that fits a conte
 def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...] = (), api_key: str | None = None,
                max_concurrency: int = 8, max_queue: int = 64, max_body_bytes: int = DEFAULT_MAX_BODY,
                watch: BudgetWatch | None = None, body_idle_s: float = BODY_IDLE_S, batching: bool | None = None,
-               kv_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK) -> FastAPI:
+               kv_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+               prefill_stall: float = PREFILL_STALL) -> FastAPI:
     """batching: continuous batching (serve.batched) or interleaved single sequences (serve.scheduler);
     None picks batching wherever the architecture takes ragged steps. kv_bytes: the batch's KV pool
-    (None: sized from the plan, serve.kvsize); prefill_chunk: prompt tokens a batched step takes."""
+    (None: sized from the plan, serve.kvsize); prefill_chunk: prompt tokens a batched step takes;
+    prefill_stall: beside decoding streams, a chunk costs about this many of their steps (0: always
+    prefill_chunk)."""
     spec = engine.model.spec
     model_id = model_id or spec.name
     metrics = Metrics()
@@ -66,7 +69,8 @@ def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...
         batching = can_batch(engine)
     if batching:
         scheduler: Scheduler = BatchScheduler(engine, max_concurrency, max_queue, on_token, on_done, on_step,
-                                              kv_bytes=kv_bytes, context=context, prefill_tokens=prefill_chunk)
+                                              kv_bytes=kv_bytes, context=context, prefill_tokens=prefill_chunk,
+                                              stall=prefill_stall)
     else:
         scheduler = Scheduler(engine, max_concurrency, max_queue, on_token, on_done)
     register_gauges(metrics, scheduler, engine, watch)

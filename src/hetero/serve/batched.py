@@ -5,8 +5,10 @@ whole length (prompt + max_tokens) are free, in FIFO order (the /health probe fi
 of its own); they leave it in the step they finish, are cancelled (the client went away) or hit a
 stop string, and their blocks go back to the pool at once. A request that does not fit waits in
 the queue (429 past --max-queue, as Scheduler.submit says), so no stream ever fails to allocate.
-A long prompt is prefilled `prefill_tokens` at a time between decode steps (chunked prefill), so
-the streams already running keep a bounded inter-token latency. Every token goes out as a Record
+A long prompt is prefilled in chunks between decode steps (chunked prefill): up to
+`prefill_tokens` a step when nothing else runs, and beside decoding streams as many as cost about
+`stall` of their decode steps (runtime.chunking, timed as it runs), so the streams already running
+keep their pace (their gap stays under ~(1 + stall)x) while a long prompt is taken in. Every token goes out as a Record
 (serve.replies) through the job's mailbox, as with the interleaved Scheduler.
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ from hetero.serve.kvsize import pool_bytes
 from hetero.serve.replies import Reply
 from hetero.serve.scheduler import Job, Scheduler
 
-PREFILL_CHUNK = 128  # prompt tokens per step: bounds the step a long prompt adds to running streams
+PREFILL_CHUNK = 512  # prompt tokens a step takes with nothing decoding: as runtime.generate cuts a prompt
+PREFILL_STALL = 1.0  # beside decoding streams a chunk costs about one of their steps
 
 
 def can_batch(engine: Any) -> bool:
@@ -46,7 +49,7 @@ class BatchScheduler(Scheduler):
                  on_done: Callable[[Job, str], None] | None = None,
                  on_step: Callable[[BatchRunner, float], None] | None = None,
                  kv_bytes: int | None = None, context: int | None = None,
-                 prefill_tokens: int = PREFILL_CHUNK):
+                 prefill_tokens: int = PREFILL_CHUNK, stall: float | None = PREFILL_STALL):
         super().__init__(engine, max_concurrency, max_queue, on_token, on_done)
         net = engine.model.net
         context = min(context or net.spec.max_context, net.spec.max_context)
@@ -54,7 +57,7 @@ class BatchScheduler(Scheduler):
             kv_bytes = pool_bytes(engine.plan, token_bytes(net), context, max_concurrency)
         # one place beyond max_concurrency: /health never waits for a stream to end
         self.runner = BatchRunner(net, pool=KVPool(net, kv_bytes), max_batch=max_concurrency + 1,
-                                  prefill_tokens=prefill_tokens)
+                                  prefill_tokens=prefill_tokens, stall=stall or None)
         self.on_step = on_step
         self.jobs: dict[int, Job] = {}  # runner request id -> job
 

@@ -74,6 +74,7 @@ class Metrics:
         "hetero_kv_blocks_used": ("gauge", "KV pool blocks held by running sequences."),
         "hetero_kv_blocks_total": ("gauge", "KV pool blocks in all."),
         "hetero_kv_block_tokens": ("gauge", "Tokens one KV pool block holds."),
+        "hetero_kv_resident_bytes": ("gauge", "Bytes of the KV pool in memory (pages written so far; the rest is only reserved)."),
         "hetero_batch_steps_total": ("counter", "Batched forward steps run."),
         "hetero_batch_decode_rows_total": ("counter", "Decode rows over all batched steps (/ steps: mean batch)."),
         "hetero_batch_prefill_tokens_total": ("counter", "Prompt tokens prefilled in batched steps."),

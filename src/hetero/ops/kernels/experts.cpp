@@ -9,6 +9,7 @@
 // its own GEMV; rounding to the activation dtype happens where the per-expert path rounds.
 #include "kernels.h"
 #include "blocks.h"
+#include "tiles.h"
 
 namespace {
 
@@ -43,40 +44,93 @@ std::vector<Op> ops_of(const std::vector<torch::Tensor>& w, const std::vector<to
   return ops;
 }
 
+// Rows [b0 * ROWS, b1 * ROWS) of y = W x for one weight; x prepared as the kind's GEMV reads it (xb, xs8:
+// the bf16 dot-product layout, when dot; xs: per-32 sums). The per-layer GEMVs' kernels, so each row's
+// sums are that GEMV's bits.
+inline void row_blocks(int64_t kind, bool dot, const Op& op, const float* x, const uint16_t* xb, const float* xs8,
+                       const float* xs, int64_t N, int64_t K, float* y, int64_t b0, int64_t b1) {
+  if (kind == KIND_INT8) {
+    int8_blocks(x, reinterpret_cast<const int8_t*>(op.w), static_cast<const float*>(op.s), N, K, y, b0, b1);
+  } else if (kind == KIND_INT4) {
+    const uint16_t* sm = static_cast<const uint16_t*>(op.s);
+    if (dot) int4_blocks_bf16(xb, xs8, x, xs, op.w, sm, N, K, y, b0, b1);
+    else int4_blocks(x, xs, op.w, sm, N, K, y, b0, b1);
+  } else if (dot) {
+    q_blocks_bf16(kind, xb, xs8, xs, op.w, N, K, y, b0, b1);
+  } else {
+    q_blocks(kind, x, xs, op.w, N, K, y, b0, b1);
+  }
+}
+
+// Whether the kind's GEMV takes bf16 dot products for bf16 activations at width K.
+inline bool dot_kind(int64_t kind, int64_t K, bool bf16) {
+  return bf16 && (kind == KIND_INT4 ? cpu_has_bf16() : is_block_kind(kind) && bf16_kind(kind, K));
+}
+
+// R activation rows of width K (fp32 values; bf16 values when bf16) prepared once for the row kernels.
+struct Prepared {
+  bool dot;
+  int64_t K;
+  std::vector<uint16_t> xb;
+  std::vector<float> xs8, xs;
+  Prepared(int64_t kind, const float* x, int64_t R, int64_t K_, bool bf16, bool parallel)
+      : dot(dot_kind(kind, K_, bf16)), K(K_), xb(dot ? R * K_ : 0), xs8(dot ? R * (K_ / 4) : 0), xs(R * (K_ / 32)) {
+    auto one = [&](int64_t i) {
+      const float* xi = x + i * K;
+      if (!dot) { if (kind != KIND_INT8) group_sums(xi, K / 32, xs.data() + i * (K / 32)); return; }
+      if (kind == KIND_INT4) int4_prep_bf16(xi, K, xb.data() + i * K, xs8.data() + i * (K / 4), xs.data() + i * (K / 32));
+      else block_prep_bf16(kind, xi, K, xb.data() + i * K, xs8.data() + i * (K / 4), xs.data() + i * (K / 32));
+    };
+    if (parallel) at::parallel_for(0, R, 16, [&](int64_t a, int64_t b) { for (int64_t i = a; i < b; ++i) one(i); });
+    else for (int64_t i = 0; i < R; ++i) one(i);
+  }
+  const uint16_t* b(int64_t i) const { return dot ? xb.data() + i * K : nullptr; }
+  const float* s8(int64_t i) const { return dot ? xs8.data() + i * (K / 4) : nullptr; }
+  const float* s(int64_t i) const { return xs.data() + i * (K / 32); }
+};
+
 // y [J, N] = W_j x_j for J weights [N, K] of one kind; x_j = x + j * xstride (xstride 0: one x for all).
 // bf16: the x values are bf16 values (the dot-product kernels' inputs). All J x N rows are one
 // parallel loop, in ROWS blocks.
 void grouped_gemv(int64_t kind, const std::vector<Op>& ops, const float* x, int64_t xstride, int64_t N, int64_t K,
                   bool bf16, float* y) {
   const int64_t J = static_cast<int64_t>(ops.size()), nb = (N + ROWS - 1) / ROWS, X = xstride ? J : 1;
-  const bool dot = bf16 && (kind == KIND_INT4 ? cpu_has_bf16() : is_block_kind(kind) && bf16_kind(kind, K));
-  std::vector<uint16_t> xb(dot ? X * K : 0);
-  std::vector<float> xs8(dot ? X * (K / 4) : 0), xs(X * (K / 32));
-  for (int64_t i = 0; i < X; ++i) {
-    const float* xi = x + i * xstride;
-    if (!dot) { if (kind != KIND_INT8) group_sums(xi, K / 32, xs.data() + i * (K / 32)); continue; }
-    if (kind == KIND_INT4) int4_prep_bf16(xi, K, xb.data() + i * K, xs8.data() + i * (K / 4), xs.data() + i * (K / 32));
-    else block_prep_bf16(kind, xi, K, xb.data() + i * K, xs8.data() + i * (K / 4), xs.data() + i * (K / 32));
-  }
+  const Prepared p(kind, x, X, K, bf16, false);
   at::parallel_for(0, J * nb, 4, [&](int64_t a, int64_t b) {
     while (a < b) {
       const int64_t j = a / nb, b0 = a % nb, b1 = std::min(nb, b0 + (b - a)), i = xstride ? j : 0;
-      const float* xi = x + i * xstride;
-      const float* xsi = xs.data() + i * (K / 32);
-      const Op& op = ops[j];
-      float* yj = y + j * N;
-      if (kind == KIND_INT8) {
-        int8_blocks(xi, reinterpret_cast<const int8_t*>(op.w), static_cast<const float*>(op.s), N, K, yj, b0, b1);
-      } else if (kind == KIND_INT4) {
-        const uint16_t* sm = static_cast<const uint16_t*>(op.s);
-        if (dot) int4_blocks_bf16(xb.data() + i * K, xs8.data() + i * (K / 4), xi, xsi, op.w, sm, N, K, yj, b0, b1);
-        else int4_blocks(xi, xsi, op.w, sm, N, K, yj, b0, b1);
-      } else if (dot) {
-        q_blocks_bf16(kind, xb.data() + i * K, xs8.data() + i * (K / 4), xsi, op.w, N, K, yj, b0, b1);
-      } else {
-        q_blocks(kind, xi, xsi, op.w, N, K, yj, b0, b1);
-      }
+      row_blocks(kind, p.dot, ops[j], x + i * xstride, p.b(i), p.s8(i), p.s(i), N, K, y + j * N, b0, b1);
       a += b1 - b0;
+    }
+  });
+}
+
+// Bytes of one weight row as the kind stores it (int4: nibbles and (scale, zero) pairs).
+inline int64_t row_bytes(int64_t kind, int64_t K) {
+  return kind == KIND_INT4 ? K / 2 + K / 32 * 4 : kind == KIND_INT8 ? K + 4 : block_row_bytes(kind, K);
+}
+
+// y [S, N]: slot s's row x[s] through weight j's rows, for the slots [off[j], off[j + 1]) of each of J
+// weights (one expert's tokens). A chunk of ~24 KB of weight rows is read from memory once and passed
+// by all of its slots while it sits in cache (tiles of several rows where the kind has them: the same
+// bits), so an expert's weights are read once per step however many tokens it serves; the J x chunks
+// work items are one parallel loop.
+void grouped_rows(int64_t kind, const std::vector<Op>& ops, const std::vector<int64_t>& off, const float* x,
+                  const Prepared& p, int64_t N, int64_t K, float* y) {
+  const int64_t J = static_cast<int64_t>(ops.size()), blocks = (N + ROWS - 1) / ROWS;
+  const int64_t ch = std::max<int64_t>(1, 24576 / (ROWS * row_bytes(kind, K))), nc = (blocks + ch - 1) / ch;
+  at::parallel_for(0, J * nc, 1, [&](int64_t a, int64_t b) {
+    for (int64_t u = a; u < b; ++u) {
+      const int64_t j = u / nc, b0 = (u % nc) * ch, b1 = std::min(blocks, b0 + ch);
+      const int64_t s0 = off[j], M = off[j + 1] - s0, n0 = b0 * ROWS, n1 = std::min(N, b1 * ROWS);
+      if (M == 0) continue;
+      if (is_block_kind(kind) && M > 1) {   // one row: the GEMV's own kernel (it prefetches a lone stream)
+        auto in = [&](int64_t m) { return BlockRowsIn{x + (s0 + m) * K, p.b(s0 + m), p.s8(s0 + m)}; };
+        auto out = [&](int64_t m) { return y + (s0 + m) * N + n0; };
+        if (block_tiles(kind, K, p.dot, M, in, ops[j].w, n0, n1, out)) continue;
+      }
+      for (int64_t m = s0; m < s0 + M; ++m)
+        row_blocks(kind, p.dot, ops[j], x + m * K, p.b(m), p.s8(m), p.s(m), N, K, y + m * N, b0, b1);
     }
   });
 }
@@ -111,7 +165,80 @@ void ffn(int64_t kind, const std::vector<Op>& gu, const std::vector<Op>& dn, con
   }
 }
 
+// The FFN of S slots (a token's row routed to one expert; slots [off[j], off[j + 1]) are expert j's,
+// tok[s] the slot's token, wt[s] its routing weight) over x [N, H], in activation dtype T, rounding
+// where ffn (and the per-expert torch path) rounds: each slot's values are those the token would get
+// alone in a decode step. out [N, H]: each token's terms added in ascending expert id (ids ascending).
+template <typename T>
+void ffn_rows(int64_t kind, const std::vector<Op>& gu, const std::vector<Op>& dn, const float* x, int64_t H, int64_t F,
+              const std::vector<int64_t>& off, const int64_t* tok, const float* wt, int64_t N, float* out) {
+  constexpr bool bf = !std::is_same<T, float>::value;
+  const int64_t J = static_cast<int64_t>(gu.size()), S = off[J];
+  std::vector<float> xg(S * H), g(S * 2 * F), act(S * F), d(S * H);
+  at::parallel_for(0, S, 16, [&](int64_t a, int64_t b) {
+    for (int64_t s = a; s < b; ++s) std::copy(x + tok[s] * H, x + tok[s] * H + H, xg.data() + s * H);
+  });
+  {
+    const Prepared px(kind, xg.data(), S, H, bf, true);
+    grouped_rows(kind, gu, off, xg.data(), px, 2 * F, H, g.data());
+  }
+  at::parallel_for(0, S, 16, [&](int64_t a, int64_t b) {
+    for (int64_t s = a; s < b; ++s)
+      for (int64_t i = 0; i < F; ++i) {
+        const float gt = rnd<T>(g[s * 2 * F + i]), up = rnd<T>(g[s * 2 * F + F + i]);
+        act[s * F + i] = rnd<T>(rnd<T>(gt / (1.f + std::exp(-gt))) * up);
+      }
+  });
+  {
+    const Prepared pa(kind, act.data(), S, F, bf, true);
+    grouped_rows(kind, dn, off, act.data(), pa, H, F, d.data());
+  }
+  std::fill(out, out + N * H, 0.f);
+  at::parallel_for(0, H, 256, [&](int64_t a, int64_t b) {
+    for (int64_t j = 0; j < J; ++j)
+      for (int64_t s = off[j]; s < off[j + 1]; ++s) {
+        const float w = rnd<T>(wt[s]);
+        float* o = out + tok[s] * H;
+        const float* ds = d.data() + s * H;
+        for (int64_t n = a; n < b; ++n) o[n] = rnd<T>(o[n] + rnd<T>(rnd<T>(ds[n]) * w));
+      }
+  });
+}
+
 }  // namespace
+
+torch::Tensor experts_rows(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
+                           std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s, std::vector<int64_t> ids,
+                           std::vector<int64_t> offsets, torch::Tensor tokens, torch::Tensor weight) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() && x.size(1) % 32 == 0,
+              "experts_rows: x must be [N, H] contiguous, H % 32 == 0");
+  const int64_t N = x.size(0), H = x.size(1), J = static_cast<int64_t>(gu_w.size());
+  TORCH_CHECK(J > 0 && down_w.size() == gu_w.size() && static_cast<int64_t>(ids.size()) == J &&
+              static_cast<int64_t>(offsets.size()) == J + 1 && offsets[0] == 0, "experts_rows: J experts, J + 1 offsets");
+  for (int64_t j = 0; j < J; ++j)
+    TORCH_CHECK(offsets[j + 1] >= offsets[j] && (j == 0 || ids[j] > ids[j - 1]), "experts_rows: ids ascending, offsets non-decreasing");
+  const int64_t S = offsets[J];
+  TORCH_CHECK(kind == KIND_INT4 || kind == KIND_INT8 || is_block_kind(kind), "experts_rows: unsupported kind ", kind);
+  TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && tokens.is_contiguous() && tokens.numel() == S &&
+              weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() && weight.numel() == S,
+              "experts_rows: tokens int64 and weight fp32, one per slot");
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(tok[s] >= 0 && tok[s] < N, "experts_rows: token out of range");
+  const int64_t F = gu_w[0].size(0) / 2;
+  TORCH_CHECK(F > 0 && F % 32 == 0 && (!is_block_kind(kind) || kind <= KIND_Q4_1 || (H % 256 == 0 && F % 256 == 0)),
+              "experts_rows: widths the kind's blocks do not divide");
+  const auto gu = ops_of(gu_w, gu_s, kind, 2 * F, H, "experts_rows gate_up");
+  const auto dn = ops_of(down_w, down_s, kind, H, F, "experts_rows down");
+  std::vector<float> o(N * H);
+  if (x.scalar_type() == torch::kFloat32) {
+    ffn_rows<float>(kind, gu, dn, x.data_ptr<float>(), H, F, offsets, tok, weight.data_ptr<float>(), N, o.data());
+    return torch::from_blob(o.data(), {N, H}, torch::kFloat32).clone();
+  }
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "experts_rows: x fp32 or bf16");
+  auto xf = x.to(torch::kFloat32).contiguous();
+  ffn_rows<at::BFloat16>(kind, gu, dn, xf.data_ptr<float>(), H, F, offsets, tok, weight.data_ptr<float>(), N, o.data());
+  return torch::from_blob(o.data(), {N, H}, torch::kFloat32).to(torch::kBFloat16);
+}
 
 torch::Tensor experts_ffn(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
                           std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s,

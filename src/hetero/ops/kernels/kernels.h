@@ -33,6 +33,12 @@ torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);
 torch::Tensor experts_ffn(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
                           std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s,
                           std::vector<int64_t> ids, torch::Tensor weight);
+// ... and for N tokens (a prefill pass): each touched expert's weights read once for all its tokens
+// (ids ascending; offsets [J + 1] delimit each expert's slots in tokens / weight [S]); each token gets
+// experts_ffn's bits.
+torch::Tensor experts_rows(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
+                           std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s, std::vector<int64_t> ids,
+                           std::vector<int64_t> offsets, torch::Tensor tokens, torch::Tensor weight);
 
 // ---- Fused decode-step ops (decode_ops.cpp) -----------------------------------------------------
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);

@@ -38,6 +38,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, nogil);
   m.def("silu_mul", &silu_mul, nogil);
   m.def("experts_ffn", &experts_ffn, nogil);
+  m.def("experts_rows", &experts_rows, nogil);
   m.def("kinds", &kinds);
   m.def("has_bf16_dot", &has_bf16_dot);
   py::class_<DecodeStack>(m, "DecodeStack")

@@ -69,6 +69,35 @@ def test_a_prompt_in_one_call_gives_each_token_its_one_token_bits(monkeypatch, p
     torch.testing.assert_close(got.float(), loop.float(), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("precision,renormalise", [("q4_0", True), ("int4", False)])
+def test_routing_in_the_kernel_picks_torchs_experts_and_gives_their_bits(precision, renormalise):
+    """ExpertsRouted: the router's softmax, top k and renormalisation in the compiled call choose the
+    experts torch's route does (fp32 weights within a few ulps), and the experts' output is the
+    one-token kernel's bits for the weights it chose."""
+    from hetero.model.moe import route
+
+    g = torch.Generator().manual_seed(4)
+    E, f, h, k = 8, 64, 128, 3
+    gate, up = torch.randn(E, f, h, generator=g) / h ** .5, torch.randn(E, f, h, generator=g) / h ** .5
+    down = torch.randn(E, h, f, generator=g) / f ** .5
+    bank = ExpertBank(gate, up, down, E, precision, "cpu")
+    router = torch.randn(E, h, generator=g)
+    assert bank.routed(torch.randn(1, h).to(bank.dtype), router, k, renormalise) is not None
+    obj = experts._ROUTED[bank][1]
+    for trial in range(8):
+        x = torch.randn(1, h, generator=g).to(bank.dtype)
+        w_t, i_t = route(torch.nn.functional.linear(x.float(), router), k, renormalise)
+        ids, w = obj.route_only(x.reshape(-1).float().contiguous())
+        assert ids.tolist() == i_t[0].tolist(), trial
+        torch.testing.assert_close(w, w_t[0], atol=1e-6, rtol=1e-5)
+        got = bank.routed(x, router, k, renormalise)
+        assert torch.equal(got, bank._one_token(x, ids[None], w[None])), trial
+    # another router (a new layer reusing the bank) rebinds; a streamed bank routes in torch
+    assert bank.routed(x, router.clone(), k, renormalise) is not None and experts._ROUTED[bank][0] is not router
+    bank.fetch = lambda e: None
+    assert bank.routed(x, router, k, renormalise) is None
+
+
 def test_a_bank_the_kernel_cannot_read_keeps_the_loop():
     g = torch.Generator().manual_seed(2)
     E, f, h = 4, 32, 64
@@ -76,13 +105,15 @@ def test_a_bank_the_kernel_cannot_read_keeps_the_loop():
                       torch.randn(E, h, f, generator=g), E, "fp32", "cpu")
     x, index, weight = torch.randn(1, h, generator=g), torch.tensor([[3, 1]]), torch.tensor([[0.7, 0.3]])
     assert bank._one_token(x, index, weight) is None      # fp32 weights: the dense GEMV, expert by expert
+    assert bank.routed(x, torch.randn(E, h, generator=g), 2, True) is None   # nor does the routed call
     assert torch.equal(bank(x, index, weight), _per_expert(bank, x, index, weight))
 
 
 @pytest.mark.parametrize("residency", ["resident", "disk"])
 def test_engine_tokens_equal_with_and_without_the_grouped_kernel(monkeypatch, residency):
     """synthetic:tiny-moe at bf16 with int4 experts, resident or streamed through the expert cache:
-    the same greedy tokens with the compiled kernels (one token's, a prompt's) and with the per-expert loop."""
+    the same greedy tokens with the compiled kernels (one token's routing and experts, a prompt's)
+    and with torch's routing and the per-expert loop."""
     import hetero
     from hetero.runtime.engine import Engine
     from tests.runtime_engine.helpers import uniform_plan
@@ -101,6 +132,15 @@ def test_engine_tokens_equal_with_and_without_the_grouped_kernel(monkeypatch, re
         return y
 
     monkeypatch.setattr(ExpertBank, "_one_token", counting)
+    real_routed = ExpertBank.routed
+
+    def counting_routed(self, *a):
+        y = real_routed(self, *a)
+        if a[0].shape[0] == 1:   # one decode token (streamed: routed in torch, then _one_token)
+            used.append(y is not None or self.fetch is not None)
+        return y
+
+    monkeypatch.setattr(ExpertBank, "routed", counting_routed)
     prompt = []
     real_rows = ExpertBank._rows
 
@@ -119,6 +159,7 @@ def test_engine_tokens_equal_with_and_without_the_grouped_kernel(monkeypatch, re
     assert prompt and all(prompt)             # and the prompt's, experts_rows (one call per expert streamed)
     monkeypatch.setattr(ExpertBank, "_one_token", lambda self, *a: None)
     monkeypatch.setattr(ExpertBank, "_rows", lambda self, *a: None)
+    monkeypatch.setattr(ExpertBank, "routed", lambda self, *a: None)
     with Engine.load(plan, "synthetic:tiny-moe", progress=False) as e:
         slow = e.generate("hello there", max_new_tokens=8)
     assert fast == slow

@@ -34,6 +34,8 @@ GROUPED = ("int8", "int4", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
 # a resident bank's per-expert kernel operands, found once (kept off the module: the tensor cache
 # snapshots a module's attributes, and these are views of its tensors)
 _OPERANDS: "weakref.WeakKeyDictionary[ExpertBank, list]" = weakref.WeakKeyDictionary()
+# ... and its router bound with them for one decode token (ExpertsRouted): bank -> (router, object or None)
+_ROUTED: "weakref.WeakKeyDictionary[ExpertBank, tuple]" = weakref.WeakKeyDictionary()
 
 
 def expert(w, e: int, n_experts: int):
@@ -181,6 +183,25 @@ class ExpertBank(torch.nn.Module):
             out.index_put_((r,), y, accumulate=True)
             done = True
         return out
+
+    def routed(self, x: torch.Tensor, router: torch.Tensor, k: int, renormalise: bool) -> torch.Tensor | None:
+        """One decode token's routing and its k experts in one compiled call (x [1, h] -> [1, h]),
+        operands bound once (kernels' ExpertsRouted), or None where it does not apply (a streamed
+        bank, a kind the kernels do not read): the caller routes in torch and calls forward."""
+        if x.shape[0] != 1 or x.device.type != "cpu" or self.fetch is not None or x.dtype != self.dtype:
+            return None
+        got = _ROUTED.get(self)
+        if got is None or got[0] is not router:
+            kern = kernels.get()
+            table = self._table() if kern is not None and hasattr(kern, "ExpertsRouted") else []
+            kind = self._kind(table)
+            obj = None
+            if kind is not None and router.dtype == torch.float32 and router.is_contiguous() \
+                    and router.device.type == "cpu" and router.shape[1] % 32 == 0:
+                obj = kern.ExpertsRouted(router, k, renormalise, kind, [o[0][1] for o in table],
+                                         [o[0][2] for o in table], [o[1][1] for o in table], [o[1][2] for o in table])
+            got = _ROUTED[self] = (router, obj)
+        return None if got[1] is None else got[1].step(x.reshape(-1).contiguous()).view(1, -1)
 
     def _one_token(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         """One token's k experts in one compiled call ([1, h]), or None where it does not apply."""

@@ -270,3 +270,87 @@ torch::Tensor experts_ffn(torch::Tensor x, int64_t kind, std::vector<torch::Tens
   for (int64_t n = 0; n < H; ++n) ob[n] = static_cast<at::BFloat16>(o[n]);
   return out;
 }
+
+// ---- One decode token's whole routed-experts half, operands bound once --------------------------
+// Why: from Python a token's MoE half is ~15 torch ops (router GEMV, softmax, top-k, renormalise,
+// the ids to a list, the chosen experts' 4 x k tensors through pybind) per layer: ~1-2 ms a token at
+// OLMoE's 16 layers, where the weights take ~20 ms to read. Routing here is the torch path's math in
+// fp32 (softmax over all E logits, the top k, renormalised if asked); the logits' summation order
+// differs from torch's GEMV, so a weight may differ in its last fp32 bit, and a near-tie may pick
+// the other expert.
+
+ExpertsRouted::ExpertsRouted(torch::Tensor router, int64_t k, bool renormalise, int64_t kind,
+                             std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
+                             std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s)
+    : k_(k), kind_(kind), renorm_(renormalise) {
+  TORCH_CHECK(router.dim() == 2 && router.scalar_type() == torch::kFloat32 && router.is_contiguous() &&
+              router.device().is_cpu(), "ExpertsRouted: router must be [E, h] fp32 contiguous");
+  E_ = router.size(0);
+  H_ = router.size(1);
+  TORCH_CHECK(H_ % 32 == 0 && k_ > 0 && k_ <= E_ && static_cast<int64_t>(gu_w.size()) == E_ &&
+              down_w.size() == gu_w.size(), "ExpertsRouted: one gate_up and down per expert, 0 < k <= E");
+  TORCH_CHECK(kind == KIND_INT4 || kind == KIND_INT8 || is_block_kind(kind), "ExpertsRouted: unsupported kind ", kind);
+  F_ = gu_w[0].size(0) / 2;
+  TORCH_CHECK(F_ > 0 && F_ % 32 == 0 && (!is_block_kind(kind) || kind <= KIND_Q4_1 || (H_ % 256 == 0 && F_ % 256 == 0)),
+              "ExpertsRouted: widths the kind's blocks do not divide");
+  for (const Op& op : ops_of(gu_w, gu_s, kind, 2 * F_, H_, "ExpertsRouted gate_up")) gu_.emplace_back(op.w, op.s);
+  for (const Op& op : ops_of(down_w, down_s, kind, H_, F_, "ExpertsRouted down")) dn_.emplace_back(op.w, op.s);
+  keep_ = {router};
+  for (auto* v : {&gu_w, &gu_s, &down_w, &down_s}) keep_.insert(keep_.end(), v->begin(), v->end());
+  router_ = router.data_ptr<float>();
+}
+
+void ExpertsRouted::route(const float* x, std::vector<int64_t>& ids, std::vector<float>& wt) const {
+  std::vector<float> p(E_);
+  for (int64_t e = 0; e < E_; ++e) {
+    const float* r = router_ + e * H_;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H_; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(r + i), _mm512_loadu_ps(x + i), acc);
+    p[e] = _mm512_reduce_add_ps(acc);
+  }
+  const float mx = *std::max_element(p.begin(), p.end());
+  float sum = 0.f;
+  for (auto& v : p) { v = std::exp(v - mx); sum += v; }
+  for (auto& v : p) v /= sum;
+  std::vector<int64_t> order(E_);
+  for (int64_t e = 0; e < E_; ++e) order[e] = e;
+  std::partial_sort(order.begin(), order.begin() + k_, order.end(),
+                    [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  ids.assign(order.begin(), order.begin() + k_);
+  wt.resize(k_);
+  float top = 0.f;
+  for (int64_t j = 0; j < k_; ++j) { wt[j] = p[ids[j]]; top += wt[j]; }
+  if (renorm_) for (auto& v : wt) v /= top;
+}
+
+torch::Tensor ExpertsRouted::step(torch::Tensor x) {
+  TORCH_CHECK(x.numel() == H_ && x.is_contiguous() && x.device().is_cpu() &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16), "ExpertsRouted: x [h] fp32 or bf16");
+  const bool bf = x.scalar_type() == torch::kBFloat16;
+  std::vector<float> xf(H_), o(H_);
+  if (bf) { const at::BFloat16* xb = x.data_ptr<at::BFloat16>(); for (int64_t i = 0; i < H_; ++i) xf[i] = static_cast<float>(xb[i]); }
+  else std::copy(x.data_ptr<float>(), x.data_ptr<float>() + H_, xf.begin());
+  std::vector<int64_t> ids;
+  std::vector<float> wt;
+  route(xf.data(), ids, wt);
+  std::vector<Op> gu, dn;
+  for (int64_t e : ids) { gu.push_back({gu_[e].first, gu_[e].second}); dn.push_back({dn_[e].first, dn_[e].second}); }
+  auto out = torch::empty_like(x);
+  if (bf) {
+    ffn<at::BFloat16>(kind_, gu, dn, xf.data(), H_, F_, ids, wt.data(), o.data());
+    at::BFloat16* ob = out.data_ptr<at::BFloat16>();
+    for (int64_t n = 0; n < H_; ++n) ob[n] = static_cast<at::BFloat16>(o[n]);
+  } else {
+    ffn<float>(kind_, gu, dn, xf.data(), H_, F_, ids, wt.data(), o.data());
+    std::copy(o.begin(), o.end(), out.data_ptr<float>());
+  }
+  return out;
+}
+
+std::vector<torch::Tensor> ExpertsRouted::route_only(torch::Tensor x) {
+  TORCH_CHECK(x.numel() == H_ && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "route_only: x [h] fp32");
+  std::vector<int64_t> ids;
+  std::vector<float> wt;
+  route(x.data_ptr<float>(), ids, wt);
+  return {torch::tensor(ids, torch::kInt64), torch::tensor(wt, torch::kFloat32)};
+}

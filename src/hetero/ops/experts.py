@@ -48,7 +48,7 @@ def expert(w, e: int, n_experts: int):
 
 
 class ExpertBank(torch.nn.Module):
-    # A bank left on disk sets this (runtime/experts.py): fetch(e) binds expert e's tensors before use.
+    # A bank left on disk sets this (runtime/experts.py): fetch(*experts) binds their tensors before use.
     fetch = None
 
     def __init__(self, gate, up, down, n_experts: int, precision: str, device: str):
@@ -162,11 +162,12 @@ class ExpertBank(torch.nn.Module):
             out = torch.zeros_like(x)
         mods = self._modules
         done = False
-        for e in sorted(few + many):
+        todo = sorted(few + many)
+        for i, e in enumerate(todo):
             c, pos = counts[e], start[e]
             r = tokens[pos:pos + c]
-            if self.fetch is not None:
-                self.fetch(e)
+            if self.fetch is not None and i % kk == 0:   # streamed: k at a time, their reads together
+                self.fetch(*todo[i:i + kk])
             if c <= GEMM_ROWS:
                 op = self._expert_operands(e)
                 kind = self._kind([op])
@@ -209,9 +210,8 @@ class ExpertBank(torch.nn.Module):
         if k is None:
             return None
         ids = index[0].tolist()
-        if self.fetch is not None:   # streamed: bind all k first (the cache holds >= 2k), then read them
-            for e in ids:
-                self.fetch(e)
+        if self.fetch is not None:   # streamed: bind all k first (the cache holds >= 2k), read together
+            self.fetch(*ids)
             ops = [self._expert_operands(e) for e in ids]
         else:
             table = self._table()

@@ -197,7 +197,8 @@ def table_b(path: Path, prompt_n: int, steps: int, threads: int) -> None:
     print(f"| {r['experts_on_disk']} of {r['experts_units']} | {r['engine_peak'] / 1e9:.2f} / {r['sampled_peak'] / 1e9:.2f} GB "
           f"(page cache {r['sampled_cached'] / 1e6:.0f} MB) | {100 * r['engine_peak'] / budget:.0f}% / "
           f"{100 * r['sampled_peak'] / budget:.0f}% | {c.get('capacity_experts')}, {c.get('hits')} / {c.get('misses')}, "
-          f"{c.get('hit_rate')} | {c.get('read_bytes', 0) / 1e9:.2f} GB in {c.get('read_s')} s | "
+          f"{c.get('hit_rate')} | {c.get('read_bytes', 0) / 1e9:.2f} GB in {c.get('read_s', 0):.1f} s "
+          f"({c.get('read_bytes', 0) / max(c.get('read_s', 0), 1e-9) / 1e9:.2f} GB/s) | "
           f"{med:.1f} / {r['predicted_decode']:.1f} | {med / r['predicted_decode']:.2f} |")
     print(f"<!-- decode runs {[round(x, 2) for x in r['decode']]}, prefill {[round(x, 1) for x in r['prefill']]} -->")
 

@@ -121,3 +121,31 @@ def test_experts_in_ram_for_a_gpu_copy_only_the_experts_a_pass_uses(spec):
     per = spec.unit_bytes("layers.0.experts", "fp32") // spec.n_experts
     assert cache["read_bytes"] == cache["misses"] * per    # expert by expert, never a whole unit
     assert not [s for s in rep["streaming"] if s.get("kind") != "expert_cache"]   # no unit prefetcher
+
+
+def test_get_many_reads_misses_together_and_counts_as_one_by_one():
+    """A layer's k experts at once: hits move to the end first (never evicted by this call's misses),
+    the misses' reads run on the reader threads, each is bound in order, and the counts are what
+    get() one key at a time would give."""
+    import threading
+
+    cache = ExpertCache(capacity=4, slot_bytes=4096)
+    readers, bound, evicted = set(), [], []
+
+    def read(key, buf):
+        readers.add(threading.current_thread().name)
+        buf.tensor[:1] = key
+        return 4096
+
+    def many(keys):
+        cache.get_many(keys, read, lambda k, b: bound.append((k, int(b.tensor[0]))), evicted.append)
+
+    many([1, 2, 3])
+    assert bound == [(1, 1), (2, 2), (3, 3)] and any(n.startswith("expert-read") for n in readers)
+    many([3, 4, 5])             # 3 hits; room for one more, then 1 (the oldest) goes, not 3
+    assert evicted == [1] and bound[-2:] == [(4, 4), (5, 5)]
+    assert (cache.hits, cache.misses, cache.evictions, cache.read_bytes) == (1, 5, 1, 5 * 4096)
+    assert set(k for k in cache.held) == {2, 3, 4, 5} and cache.allocated == 4
+    many([5, 5])                # a repeated key is one hit each, no read
+    assert cache.misses == 5 and cache.hits == 3
+    cache.close()

@@ -97,15 +97,18 @@ class MoELayer(DecoderLayer):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         B, T, H = h.shape
         x = h.reshape(B * T, H)
-        weight, index = route(F.linear(x.float(), self.router), self.k, self.renormalise)
         bank = self.experts
         if bank is None:
             raise RuntimeError("a MoE layer runs with its experts unit attached (model.moe.attach_experts)")
-        dev = torch.device(bank.device)
-        if x.device != dev or x.dtype != bank.dtype:  # the experts sit elsewhere: hidden states go there and back
-            out = bank(x.to(device=dev, dtype=bank.dtype), index.to(dev), weight.to(dev)).to(device=x.device, dtype=x.dtype)
-        else:
-            out = bank(x, index, weight)
+        out = bank.routed(x, self.router, self.k, self.renormalise)   # one decode token: one compiled call
+        if out is None:
+            weight, index = route(F.linear(x.float(), self.router), self.k, self.renormalise)
+            dev = torch.device(bank.device)
+            if x.device != dev or x.dtype != bank.dtype:  # the experts sit elsewhere: hidden states go there and back
+                out = bank(x.to(device=dev, dtype=bank.dtype), index.to(dev), weight.to(dev)).to(device=x.device,
+                                                                                                 dtype=x.dtype)
+            else:
+                out = bank(x, index, weight)
         if self.shared is not None:
             gate, up = self.shared(x).chunk(2, dim=-1)
             y = self.shared_down(F.silu(gate) * up)

@@ -33,6 +33,30 @@ torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);
 torch::Tensor experts_ffn(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
                           std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s,
                           std::vector<int64_t> ids, torch::Tensor weight);
+// ... and for N tokens (a prefill pass): each touched expert's weights read once for all its tokens
+// (ids ascending; offsets [J + 1] delimit each expert's slots in tokens / weight [S]); each token gets
+// experts_ffn's bits.
+torch::Tensor experts_rows(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
+                           std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s, std::vector<int64_t> ids,
+                           std::vector<int64_t> offsets, torch::Tensor tokens, torch::Tensor weight);
+
+// A MoE layer's router and its E experts bound once (experts.cpp): step(x) routes one token (softmax,
+// top k, renormalised if asked) and runs its k experts as experts_ffn does.
+class ExpertsRouted {
+ public:
+  ExpertsRouted(torch::Tensor router, int64_t k, bool renormalise, int64_t kind, std::vector<torch::Tensor> gu_w,
+                std::vector<torch::Tensor> gu_s, std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s);
+  torch::Tensor step(torch::Tensor x);                      // x [h] -> [h], x's dtype
+  std::vector<torch::Tensor> route_only(torch::Tensor x);  // x [h] fp32 -> (ids [k] int64, weights [k] fp32)
+
+ private:
+  void route(const float* x, std::vector<int64_t>& ids, std::vector<float>& wt) const;
+  int64_t k_, kind_, E_ = 0, H_ = 0, F_ = 0;
+  bool renorm_;
+  const float* router_ = nullptr;
+  std::vector<torch::Tensor> keep_;
+  std::vector<std::pair<const uint8_t*, const void*>> gu_, dn_;  // each expert's (weight, scales)
+};
 
 // ---- Fused decode-step ops (decode_ops.cpp) -----------------------------------------------------
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);

@@ -38,8 +38,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, nogil);
   m.def("silu_mul", &silu_mul, nogil);
   m.def("experts_ffn", &experts_ffn, nogil);
+  m.def("experts_rows", &experts_rows, nogil);
   m.def("kinds", &kinds);
   m.def("has_bf16_dot", &has_bf16_dot);
+  py::class_<ExpertsRouted>(m, "ExpertsRouted")
+      .def(py::init<torch::Tensor, int64_t, bool, int64_t, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                    std::vector<torch::Tensor>, std::vector<torch::Tensor>>())
+      .def("step", &ExpertsRouted::step, nogil)
+      .def("route_only", &ExpertsRouted::route_only, nogil);
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool>())
       // per linear: a kind and a weight, or lists of them (a block linear's row segments)

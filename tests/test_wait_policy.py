@@ -20,14 +20,14 @@ def env(monkeypatch):
 def test_passive_only_when_other_threads_fill_the_cores(env, others, passive):
     env.setattr(cli, "_others_running", lambda: others)
     env.setattr(cli.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # a busy past minute alone does not count
-    cli._wait_policy()
+    cli._wait_policy(["bench"])
     assert (os.environ.get("OMP_WAIT_POLICY") == "PASSIVE") is passive
 
 
 def test_a_users_policy_is_kept(env):
     env.setenv("OMP_WAIT_POLICY", "ACTIVE")
     env.setattr(cli, "_others_running", lambda: 8)
-    cli._wait_policy()
+    cli._wait_policy(["serve", "smollm2-135m"])
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
@@ -37,3 +37,12 @@ def test_others_running_reads_proc_stat():
         assert n is None
     else:
         assert isinstance(n, int) and n >= 0
+
+
+@pytest.mark.parametrize("args, passive", [(["serve", "m"], True), (["serve", "m", "--no-batching"], False),
+                                           (["run", "m"], False)])
+def test_a_batching_server_sleeps_on_a_quiet_machine(env, args, passive):
+    # its worker, event loop and clients share the engine's cores each step (docs/BENCHMARKS.md, "Serving")
+    env.setattr(cli, "_others_running", lambda: 0)
+    cli._wait_policy(args)
+    assert (os.environ.get("OMP_WAIT_POLICY") == "PASSIVE") is passive

@@ -99,6 +99,7 @@ class DeviceProfile:
     h2d_pinned: Measurement | None = None                                 # host -> device, cuda only
     h2d_pageable: Measurement | None = None
     mem_read_bandwidth: Measurement | None = None                         # read-only stream (a reduction), B/s
+    eager_bandwidth: Measurement | None = None                            # elementwise op into fresh pages, B/s (cpu)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Profile:
                 h2d_pinned=m(p.get("h2d_pinned")),
                 h2d_pageable=m(p.get("h2d_pageable")),
                 mem_read_bandwidth=m(p.get("mem_read_bandwidth")),
+                eager_bandwidth=m(p.get("eager_bandwidth")),
             )
         return cls(
             host=d["host"], version=d["version"], versions=d.get("versions", {}), devices=devices,

@@ -43,6 +43,9 @@ class Coefficients:
     rows_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.03, cuda=0.3, mps=0.3, xpu=0.3))
     rows_max: int = 32                # rows the small-M kernels take (ops.native.SMALL_M); more: the GEMM
     mem_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.6, cuda=0.8, mps=0.7, xpu=0.7))
+    # An eager elementwise op into fresh pages (a training step's transients) vs the streaming read
+    # rate, when the profile has no eager_bandwidth: page faults and the op's fork/join dominate it.
+    eager_eff: dict[str, float] = field(default_factory=lambda: _by_kind(cpu=0.1, cuda=0.5, mps=0.5, xpu=0.5))
     # Weight-only quantised matmuls dequantise on the fly: their FLOP rate relative to bf16's.
     # GGUF block formats dequantise a block of rows to bf16 per GEMM (hetero.ops.native).
     quant_gemm: dict[str, float] = field(default_factory=lambda: {
@@ -98,6 +101,9 @@ class DeviceRates:
     # precision -> FLOP/s of a batched decode step's rows (the small-M row kernels, Profile gemm_rows):
     # the compute each sequence adds to a step whose weights are read once
     rows: dict[str, float] = field(default_factory=dict)
+    # bytes/s (read + written) of an eager elementwise op whose output is a fresh buffer: the profile's
+    # eager_bandwidth, else mem x Coefficients.eager_eff (what a training step's many small ops run at)
+    eager: float = 0.0
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -136,7 +142,8 @@ class Link:
 def calibrated(cal: dict[str, float], name: str, device: str = "", precision: str = "") -> float:
     """The product of fitted multipliers for one rate: keys "NAME", "NAME@DEVICE", "NAME@DEVICE/PREC".
 
-    NAME is one of gemm_rate, gemv_rate, row_rate, dequant_rate, attn_rate, mem_rate, op_overhead, disk_rate, link_rate
+    NAME is one of gemm_rate, gemv_rate, row_rate, dequant_rate, attn_rate, mem_rate, eager_rate, op_overhead,
+    disk_rate, link_rate
     (gemm_shape@DEVICE/PREC and overlap are values, not multipliers: see device_rates, overlap_of)
     ("op_overhead@DEVICE/PREC" is read per precision, see device_rates). A multiplier
     > 1 means the thing measured faster (rates) or costlier (op_overhead) than predicted.
@@ -219,11 +226,14 @@ def device_rates(hw: HardwareSpec, profile: Profile | None, coeffs: Coefficients
         if any(k in cal for k in ("attn_rate", f"attn_rate@{dev.name}")):
             attn = (m_gemm.get("bf16") or peak_bf16 * coeffs.gemm_eff[kind]) * calibrated(cal, "attn_rate", dev.name)
         over = dp.op_overhead.median if dp and dp.op_overhead else coeffs.op_overhead[kind]
+        m_eager = getattr(dp, "eager_bandwidth", None) if dp else None
+        eager = (m_eager.median if m_eager and m_eager.median > 0 else mem * coeffs.eager_eff[kind]) \
+            * calibrated(cal, "eager_rate", dev.name)
         out[dev.name] = DeviceRates(dev.name, dev.kind, gemm, gemv,
                                     mem * calibrated(cal, "mem_rate", dev.name),
                                     over * calibrated(cal, "op_overhead", dev.name), op_scale,
                                     shape,
-                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0, deq, attn, rows)
+                                    _probe_elements(profile) if m_gemm else 2048.0 * 2048.0, deq, attn, rows, eager)
     return out
 
 

@@ -27,7 +27,8 @@ def _train(model, data, out, capsys, *extra):
 def test_finetune_resume_and_eval(model, tmp_path, capsys):
     data = tmp_path / "d.txt"
     data.write_text(TEXT)
-    code, out, err = _train(model, data, tmp_path / "a", capsys, "--steps", "6", "--save-every", "3")
+    code, out, err = _train(model, data, tmp_path / "a", capsys, "--steps", "6", "--save-every", "3",
+                            "--schedule", "constant")
     assert code == 0, err
     rec = json.loads(out)
     assert rec["loss_last"] < rec["loss_first"]          # it learns the repeated sentence
@@ -35,14 +36,16 @@ def test_finetune_resume_and_eval(model, tmp_path, capsys):
     assert conf["peft_type"] == "LORA" and conf["r"] == 4
     full = json.loads((tmp_path / "a" / "hetero_training.json").read_text())["log"]
     # a run stopped at step 3 and resumed to 6 follows the same curve
-    code, _, err = _train(model, data, tmp_path / "b", capsys, "--steps", "3")
+    # (a constant rate: a cosine's rate at a step depends on the total asked for)
+    code, _, err = _train(model, data, tmp_path / "b", capsys, "--steps", "3", "--schedule", "constant")
     assert code == 0, err
-    code, _, err = _train(model, data, tmp_path / "b", capsys, "--steps", "6", "--resume")
+    code, _, err = _train(model, data, tmp_path / "b", capsys, "--steps", "6", "--resume", "--schedule", "constant")
     assert code == 0, err
     resumed = json.loads((tmp_path / "b" / "hetero_training.json").read_text())["log"]
     assert [r[:2] for r in resumed] == [r[:2] for r in full]
     # other settings do not resume
-    code, _, err = _train(model, data, tmp_path / "b", capsys, "--steps", "7", "--resume", "--rank", "2")
+    code, _, err = _train(model, data, tmp_path / "b", capsys, "--steps", "7", "--resume", "--rank", "2",
+                          "--schedule", "constant")
     assert_clean_error(code, err, "other settings")
     code, out, err = run_cli(["eval", model, "--text", str(data), "--context", "32", "--tokens", "256",
                               "--no-progress", "--json"], capsys)
@@ -97,3 +100,17 @@ def test_wrong_adapter_is_refused(model, tmp_path, capsys):
     code, _, err = run_cli(["compress", model, "--adapter", str(tmp_path / "a"), "-o", str(tmp_path / "m")], capsys)
     assert_clean_error(code, err, "trained for")
     assert not (tmp_path / "m").exists()
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    from hetero.errors import HeteroError
+    from hetero.finetune.train import TrainConfig
+
+    c = TrainConfig(steps=100, lr=1e-3, warmup=5)
+    lrs = [c.lr_at(s) for s in range(100)]
+    assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])       # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))                  # then only down
+    assert lrs[52] == pytest.approx(5e-4, rel=0.02) and lrs[-1] < 1e-5    # half way: half; the end: ~0
+    assert TrainConfig(steps=10, lr=1e-3, schedule="constant").lr_at(7) == 1e-3
+    with pytest.raises(HeteroError, match="--schedule"):
+        TrainConfig(schedule="linear")

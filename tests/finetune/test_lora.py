@@ -9,7 +9,7 @@ import torch
 import hetero
 from hetero.errors import HeteroError
 from hetero.finetune.adapter_io import apply_adapter, load_adapter, merge, save_adapter
-from hetero.finetune.lora import LoraConfig, _Frozen, attach, dense_weight, new_parts
+from hetero.finetune.lora import DEFAULT_TARGETS, LoraConfig, _Frozen, attach, dense_weight, new_parts
 from hetero.finetune.step import forward_backward
 from hetero.ops.linear import make_linear
 from tests.model.helpers import write_tiny_checkpoint
@@ -42,11 +42,12 @@ def _batch(seed=0, B=2, T=12, V=256):
     return ids, torch.cat([ids[:, 1:], torch.full((B, 1), -100)], 1)
 
 
-def test_peft_loads_adapter_same_logits(tiny, tmp_path):
+@pytest.mark.parametrize("targets", [TARGETS, DEFAULT_TARGETS])  # a subset; every linear (the default)
+def test_peft_loads_adapter_same_logits(tiny, tmp_path, targets):
     peft = pytest.importorskip("peft")
     d, ref = tiny
     m = hetero.load(str(d), dtype="fp32")
-    cfg = LoraConfig(rank=4, alpha=8, targets=TARGETS)
+    cfg = LoraConfig(rank=4, alpha=8, targets=targets)
     save_adapter(tmp_path / "ad", m.spec, cfg, _random_parts(m.spec, cfg))
     apply_adapter(m.net, m.spec, tmp_path / "ad")   # read back from disk, as `run --adapter` does
     pm = peft.PeftModel.from_pretrained(ref, str(tmp_path / "ad")).eval()

@@ -16,8 +16,10 @@ def finetune(
     out: Optional[str] = typer.Option(None, "-o", "--out", help="The adapter directory to write (PEFT format)."),
     rank: int = typer.Option(8, "--rank", help="LoRA rank r."),
     alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (the update is scaled by alpha/r)."),
-    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", "--targets", help="Modules to adapt (PEFT names): q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj."),
-    lr: float = typer.Option(2e-4, "--lr", help="AdamW learning rate."),
+    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--targets", help="Modules to adapt (PEFT names; default every linear of a layer): q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj."),
+    lr: float = typer.Option(5e-4, "--lr", help="AdamW learning rate (the peak, after warm-up)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Steps of linear learning-rate warm-up (default: 5% of the steps)."),
+    schedule: str = typer.Option("cosine", "--schedule", help="After warm-up: cosine (down to 0 at the last step) or constant."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: one epoch)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per training sequence (longer examples are truncated, with a note)."),
@@ -48,7 +50,8 @@ def finetune(
     if epochs is not None and not epochs > 0:
         raise HeteroError(f"--epochs must be > 0 (got {epochs})")
     lcfg = LoraConfig(rank, alpha, tuple(t.strip() for t in targets.split(",") if t.strip()))
-    TrainConfig(steps=steps or 1, lr=lr, seq_len=seq_len, batch=batch, grad_accum=grad_accum)  # checks the numbers
+    TrainConfig(steps=steps or 1, lr=lr, seq_len=seq_len, batch=batch, grad_accum=grad_accum,
+                warmup=warmup or 0, schedule=schedule)  # checks the numbers
     if out is not None:
         o = Path(out).expanduser()
         if o.exists() and not (o.is_dir() and ((o / "adapter_config.json").is_file() or not any(o.iterdir()))):
@@ -64,6 +67,10 @@ def finetune(
     from hetero.finetune.plan_train import plan_training
     from hetero.runtime import engine as eng
 
+    if threads:  # before planning: the profile, and so the predicted step, is per thread count
+        import torch
+
+        torch.set_num_threads(threads)
     plan, ckpt, pred, notes = plan_training(model, spec, wl, memory, precs, checkpointing)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
@@ -76,8 +83,6 @@ def finetune(
         return
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     from hetero.finetune.adapter_io import save_adapter
     from hetero.finetune.data import sequences
     from hetero.finetune.train import train
@@ -90,6 +95,7 @@ def finetune(
         per_step = batch * grad_accum
         n_steps = steps or max(1, math.ceil((epochs or 1.0) * len(seqs) / per_step))
         tcfg = TrainConfig(steps=n_steps, lr=lr, seq_len=seq_len, batch=batch, grad_accum=grad_accum, seed=seed,
+                           warmup=round(0.05 * n_steps) if warmup is None else warmup, schedule=schedule,
                            save_every=save_every, checkpoint=ckpt)
         settings = {"model": spec.fingerprint(), "data": _digest(data)}
         rec = train(e.model.net, spec, seqs, lcfg, tcfg, out, resume=resume, progress=not as_json,
@@ -107,6 +113,8 @@ def finetune(
     info.update({"adapter": str(out), "steps": rec["steps"], "sequences": len(seqs),
                  "loss_first": extra["loss_first"], "loss_last": extra["loss_last"],
                  "measured_step_s": rec["step_s"], "measured_tokens_s": rec["tokens_s"],
+                 "measured_cpu_step_s": rec["cpu_step_s"], "threads": torch.get_num_threads(),
+                 "step_vs_predicted": round(rec["step_s"] / pred["step_s"] - 1, 4) if rec["step_s"] else None,
                  "peak_footprint_bytes": peak, "budget_bytes": budget, "streaming": rep.get("streaming")})
     _print(info, as_json)
 
@@ -131,9 +139,13 @@ def _print(info: dict, as_json: bool, dry: bool = False) -> None:
     if dry:
         return
     print(f"adapter {info['adapter']}: {info['steps']} steps over {info['sequences']} sequences, loss "
-          f"{info['loss_first']:.4f} -> {info['loss_last']:.4f} | measured {info['measured_step_s']} s/step, "
-          f"{info['measured_tokens_s']:,.0f} tok/s | peak {fmt_bytes(info['peak_footprint_bytes'])}"
+          f"{info['loss_first']:.4f} -> {info['loss_last']:.4f} | {info['measured_tokens_s']:,.0f} tok/s | peak "
+          f"{fmt_bytes(info['peak_footprint_bytes'])}"
           + (f" of {fmt_bytes(info['budget_bytes'])}" if info["budget_bytes"] else ""))
+    if info["measured_step_s"]:
+        print(f"step time: measured {info['measured_step_s']:.3f} s, predicted {info['predicted_step_s']:.3f} s "
+              f"({info['step_vs_predicted']:+.0%}); {info['measured_cpu_step_s']:.3f} CPU s/step on "
+              f"{info['threads']} thread(s)")
 
 
 def register(app: typer.Typer) -> None:

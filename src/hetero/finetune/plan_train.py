@@ -9,6 +9,7 @@ for backward.
 from __future__ import annotations
 
 from hetero.errors import HeteroError
+from hetero.hardware.profile import with_eager_rate
 from hetero.plan.train import TrainWorkload, step_time, train_memory
 
 
@@ -33,7 +34,7 @@ def plan_training(model: str | None, spec, wl: TrainWorkload, memory: str | None
         if not ckpt and checkpoint is None and any(u.residency != "resident" for u in plan.units):
             continue  # streaming: the checkpointed step reads each unit once per pass
         hw, prof = _machine(None)
-        pred = step_time(spec, plan, hw, prof, wl, ckpt)
+        pred = step_time(spec, plan, hw, with_eager_rate(prof), wl, ckpt)
         pred["memory"] = mem
         if not ckpt:
             notes.append("activations kept for backward (the budget holds them; no recompute)")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +27,13 @@ from hetero.progress import progress_bar
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100            # optimiser steps
-    lr: float = 2e-4
+    lr: float = 5e-4
     seq_len: int = 256
     batch: int = 4              # sequences per micro-batch
     grad_accum: int = 1         # micro-batches per optimiser step
     seed: int = 0
     warmup: int = 0             # steps of linear lr warm-up
+    schedule: str = "cosine"    # after warm-up: "cosine" (decays to 0 at the last step) or "constant"
     save_every: int = 50
     checkpoint: bool = True     # activation checkpointing per layer
 
@@ -41,6 +43,20 @@ class TrainConfig:
                 raise HeteroError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             raise HeteroError(f"--lr must be > 0 (got {self.lr})")
+        if self.warmup < 0:
+            raise HeteroError(f"--warmup must be >= 0 (got {self.warmup})")
+        if self.schedule not in ("cosine", "constant"):
+            raise HeteroError(f"--schedule must be cosine or constant (got {self.schedule})")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimiser step `step` (0-based): linear warm-up over `warmup` steps,
+        then constant or a cosine down to 0 at the last step (transformers' cosine schedule)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return self.lr
+        done = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 class AdamW:
@@ -139,14 +155,13 @@ def train(net, spec, seqs: list[list[int]], lcfg: LoraConfig, tcfg: TrainConfig,
                 p.copy_(v)
         optim.load_state_dict(state["optim"])
         step, log = int(state["step"]), list(state["log"])
-    tokens = seconds = 0.0
+    tokens = seconds = cpu = 0.0
     ran = 0
     with progress_bar("finetune", tcfg.steps, enabled=progress) as advance:
         advance(step)
         while step < tcfg.steps:
-            t0 = time.perf_counter()
-            lr = tcfg.lr * min(1.0, (step + 1) / tcfg.warmup) if tcfg.warmup else tcfg.lr
-            optim.lr = lr
+            t0, c0 = time.perf_counter(), time.process_time()
+            optim.lr = tcfg.lr_at(step)
             groups = [_collate(batches(seqs, tcfg.batch, step * tcfg.grad_accum + k, tcfg.seed))
                       for k in range(tcfg.grad_accum)]
             n_tok = sum(int((t != -100).sum()) for _, t in groups)
@@ -158,6 +173,7 @@ def train(net, spec, seqs: list[list[int]], lcfg: LoraConfig, tcfg: TrainConfig,
             optim.zero_grad()
             step += 1
             dt = time.perf_counter() - t0
+            cpu += time.process_time() - c0
             tokens += sum(i.numel() for i, _ in groups)
             seconds += dt
             ran += 1
@@ -173,5 +189,8 @@ def train(net, spec, seqs: list[list[int]], lcfg: LoraConfig, tcfg: TrainConfig,
                 _save({"key": key, "params": [p.detach().clone() for p in params], "optim": optim.state_dict(),
                        "step": step, "log": log}, ckpt)
     return {"log": log, "steps": step, "tokens_s": round(tokens / seconds, 1) if seconds else None,
-            "step_s": round(seconds / ran, 4) if ran else None,
+            # the median step: a shared machine's stalls and the first step's allocations stay out of it
+            "step_s": round(statistics.median(r[2] for r in log[-ran:]), 4) if ran else None,
+            # CPU seconds per step (all threads): what the step cost where wall time also counts waiting
+            "cpu_step_s": round(cpu / ran, 4) if ran else None,
             "parts": adapter_tensors(net), "settings": key_settings}

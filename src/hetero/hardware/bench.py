@@ -247,6 +247,36 @@ def _gemv_n(precision: str, k: int, nbytes: int) -> int:
     return max(64, (nbytes // per_row) // 64 * 64)  # multiple of 64 keeps the int4 packing happy
 
 
+EAGER_BYTES = 2 << 20  # one activation of a training step: [512 tokens, 1024] fp32
+
+
+def eager_op(nbytes: int):
+    """`out = a * 2` over `nbytes` of fp32 into an output whose pages are handed back to the system
+    first (madvise DONTNEED), so each call faults them in afresh: as a training step's transients do,
+    each a new mapping (runtime.memory.fixed_mmap_threshold), and with the op's thread fork/join.
+    None where madvise is not available."""
+    import ctypes
+    import mmap
+
+    import torch
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    a = torch.rand(nbytes // 4)
+    out = torch.empty(nbytes // 4 + mmap.PAGESIZE)  # a page of slack: the inner page-aligned range is nbytes
+    start = -(-out.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    off = (start - out.data_ptr()) // 4
+    dst = out[off:off + nbytes // 4]
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+    def op() -> None:
+        madvise(start, nbytes, 4)  # MADV_DONTNEED: the next write faults in zeroed pages
+        torch.mul(a, 2.0, out=dst)
+    return op
+
+
 def device_probes(be: Backend, sz: Sizes) -> list[Probe]:
     """Every figure of one compute device, as lazily built probes."""
     import torch
@@ -284,6 +314,9 @@ def device_probes(be: Backend, sz: Sizes) -> list[Probe]:
         return loop
     # seconds per tiny op: the fixed cost of dispatch (CPU) or kernel launch (GPU)
     out.append(p(("op_overhead",), "s", 0.0, tiny_ops, scale=1.0 / sz.overhead_iters))
+
+    if not be.is_cuda:  # bytes/s of an eager elementwise op into fresh pages: what a training step's ops run at
+        out.append(p(("eager_bandwidth",), "B/s", 2.0 * EAGER_BYTES, lambda: eager_op(EAGER_BYTES)))
 
     gemm_work = 2.0 * sz.gemm_m * sz.gemm_k * sz.gemm_n
     for prec in measured:

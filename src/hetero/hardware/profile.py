@@ -127,6 +127,7 @@ def measure(spec: HardwareSpec, quick: bool = True, progress: bool = True,
             op_overhead=f.get("op_overhead"), h2d_pinned=f.get("h2d_pinned"),
             h2d_pageable=f.get("h2d_pageable"), mem_read_bandwidth=f.get("mem_read_bandwidth"),
             gemm_rows=f["gemm_rows"],
+            eager_bandwidth=f.get("eager_bandwidth"),
         )
         for name, f in figures.items()
     }
@@ -260,3 +261,26 @@ def get_profile_isolated() -> Profile:
         if prof is not None:
             return prof
     return get_profile(refresh=refresh)
+
+
+def with_eager_rate(prof: Profile | None, device: str = "cpu") -> Profile | None:
+    """`prof` with the CPU's eager_bandwidth filled in when it was measured before that figure
+    existed: the one probe (~0.2 s) now, written back to the cached profile, so that a training step
+    (plan/train.py) is priced at a measured rate rather than the fallback. Anything else: unchanged."""
+    import dataclasses
+
+    dp = prof.devices.get(device) if prof is not None else None
+    if dp is None or dp.eager_bandwidth is not None:
+        return prof
+    p = next(p for p in bench.device_probes(bench.Backend(device), bench.QUICK) if p.key == ("eager_bandwidth",))
+    p.sample(5)
+    m = p.result()
+    p.release()
+    if m is None:
+        return prof
+    prof = dataclasses.replace(prof, devices={**prof.devices, device: dataclasses.replace(dp, eager_bandwidth=m)})
+    try:
+        save(prof)
+    except OSError:
+        pass  # a read-only cache: this run still uses the figure
+    return prof

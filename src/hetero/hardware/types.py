@@ -102,6 +102,7 @@ class DeviceProfile:
     # batched decode: FLOP/s of the small-M row kernels (Sizes.rows_m activation rows, the engine's
     # `rows` path), per precision; what each extra sequence of a batched step costs in compute
     gemm_rows: dict[str, Measurement] = field(default_factory=dict)
+    eager_bandwidth: Measurement | None = None                            # elementwise op into fresh pages, B/s (cpu)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Profile:
                 h2d_pageable=m(p.get("h2d_pageable")),
                 mem_read_bandwidth=m(p.get("mem_read_bandwidth")),
                 gemm_rows={k: Measurement(**v) for k, v in p.get("gemm_rows", {}).items()},
+                eager_bandwidth=m(p.get("eager_bandwidth")),
             )
         return cls(
             host=d["host"], version=d["version"], versions=d.get("versions", {}), devices=devices,

@@ -57,18 +57,22 @@ class ExpertCache:
             self.hits += 1
             return got[0]
         self.misses += 1
-        if len(self.held) >= self.capacity:
-            _, (buf, evict) = self.held.popitem(last=False)
-            evict()
-            self.evictions += 1
-        else:
-            buf = HostBuffer(self.slot_bytes) if self.tier == "disk" else None
-            self.allocated += 1
+        buf = self._slot(len(self.held) >= self.capacity)
         t0 = time.perf_counter()
         self.read_bytes += load(buf)
         self.read_s += time.perf_counter() - t0
         self.held[key] = (buf, on_evict)
         return buf
+
+    def _slot(self, full: bool) -> HostBuffer | None:
+        """A buffer for one more expert: the least recently used one's when `full` (evicted), else new."""
+        if full:
+            _, (buf, evict) = self.held.popitem(last=False)
+            evict()
+            self.evictions += 1
+            return buf
+        self.allocated += 1
+        return HostBuffer(self.slot_bytes) if self.tier == "disk" else None
 
     def get_many(self, keys: list, read: Callable, bind_one: Callable, on_evict: Callable) -> None:
         """Bring several keys in at once (one layer's k experts): the misses' reads
@@ -85,14 +89,7 @@ class ExpertCache:
             if key in self.held or any(key == k for k, _ in todo):
                 continue
             self.misses += 1
-            if len(self.held) + len(todo) >= self.capacity and self.held:
-                _, (buf, evict) = self.held.popitem(last=False)
-                evict()
-                self.evictions += 1
-            else:
-                buf = HostBuffer(self.slot_bytes) if self.tier == "disk" else None
-                self.allocated += 1
-            todo.append((key, buf))
+            todo.append((key, self._slot(len(self.held) + len(todo) >= self.capacity and bool(self.held))))
         if not todo:
             return
         t0 = time.perf_counter()

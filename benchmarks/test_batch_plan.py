@@ -6,21 +6,14 @@ throughput at B = 1, 8, 32 measured and predicted within 25%; the chosen B the m
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.bench_json import run_json
 
 
 @pytest.mark.slow_bench
 def test_disk_streamed_plan_batch_predicted_and_chosen(tmp_path):
-    out = tmp_path / "batch_plan.json"
-    subprocess.run([sys.executable, str(HERE / "batch_plan.py"), "--out", str(out)], check=True, timeout=1800)
-    res = json.loads(out.read_text())
+    res = run_json(tmp_path, "batch_plan.py", out_flag="--out")
     assert any(u["residency"] == "disk" for u in res["bench"]["plan"]["units"])
     assert {1, 8, 32} <= {r["batch"] for r in res["rows"]}, res["rows"]
     assert res["within_25pct"], res["rows"]

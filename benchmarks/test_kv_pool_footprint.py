@@ -5,22 +5,15 @@ footprint (RSS + model file page cache, measured from outside) stays within the 
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.bench_json import run_json
 
 
 @pytest.mark.slow_bench
 def test_a_load_past_the_pool_queues_completes_and_stays_within_the_budget(tmp_path):
-    out = tmp_path / "kv.json"
-    subprocess.run([sys.executable, str(HERE / "kv_pool_footprint.py"), "--model", "smollm2-135m", "--memory",
-                    "cpu=1GB", "--context", "2048", "--clients", "32", "--json", str(out)], check=True, timeout=1800)
-    res = json.loads(out.read_text())
+    res = run_json(tmp_path, "kv_pool_footprint.py", "--model", "smollm2-135m", "--memory", "cpu=1GB",
+                   "--context", "2048", "--clients", "32")
     assert res["tokens_asked_at_once"] > res["pool_tokens"] and res["most_waiting"] >= 1, res
     assert res["failed"] == 0, res
     assert res["peak_footprint_bytes"] <= 1.05 * res["budget_bytes"], res

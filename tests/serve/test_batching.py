@@ -63,7 +63,9 @@ def _concurrently(fns):
 
 
 def test_concurrent_streams_each_get_their_text_alone_and_metrics_show_the_batch(tiny_engine, alone):
-    app = create_app(tiny_engine, max_concurrency=8, max_queue=8, prefill_chunk=8)
+    # fixed chunks (prefill_stall=0): a prompt is cut where it would be alone, so its bits are the
+    # same; with the adaptive policy its cuts follow what shares the step (a different rounding)
+    app = create_app(tiny_engine, max_concurrency=8, max_queue=8, prefill_chunk=8, prefill_stall=0)
     assert isinstance(app.state.scheduler, BatchScheduler)
     slow_steps(app.state.scheduler, STEP_S)
     with Server(app) as srv:
@@ -100,7 +102,7 @@ def test_concurrent_streams_each_get_their_text_alone_and_metrics_show_the_batch
 
 def test_a_request_joins_while_another_streams(tiny_engine):
     long_p, short_p = "Long running story:", "The quick brown fox jumps over the lazy dog " * 6
-    app = create_app(tiny_engine, max_concurrency=4, max_queue=4, prefill_chunk=16)
+    app = create_app(tiny_engine, max_concurrency=4, max_queue=4, prefill_chunk=16, prefill_stall=0)
     slow_steps(app.state.scheduler, STEP_S)
     runner = app.state.scheduler.runner
     with Server(app) as srv:

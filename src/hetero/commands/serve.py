@@ -68,7 +68,7 @@ def serve(
     batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Continuous batching: requests share each forward step (default: wherever the architecture supports it; else they are interleaved)."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="The batch's KV pool, e.g. 512MB (default: the plan's KV plus half its headroom, up to --max-concurrency whole contexts)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens a batched step prefills with nothing else decoding (a long prompt takes several steps)."),
-    prefill_stall: float = typer.Option(1.0, "--prefill-stall", help="Beside decoding streams, a prefill chunk costs about this many of their steps (sized from timed steps; 0: always --prefill-chunk)."),
+    prefill_stall: float = typer.Option(1.0, "--prefill-stall", help="Beside decoding streams, a prefill chunk costs about this many of their steps (sized from timed steps; 0: always --prefill-chunk, which also keeps greedy output bit for bit what a request gets alone)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format) as a side path on the base."),

@@ -23,7 +23,10 @@ The contract a server builds on:
   reported too; "length": max_new_tokens or the context reached) leaves the batch and its blocks
   return to the pool in the same step; new requests join at the next step.
 - `cancel` drops a request, queued or running (a client that went away).
-- Greedy output of a request is the same as runtime.generate.generate_step gives it alone.
+- Greedy output of a request is the same as runtime.generate.generate_step gives it alone, with
+  fixed chunks (no `stall`): a prompt is then cut where it would be alone. With `stall` a prompt's
+  cuts follow what shares its steps, and a chunk's GEMMs and attention round differently for a
+  different cut, so a near-tie in the logits can go the other way (decode rows keep their bits).
 Not thread-safe: one caller drives add/step/cancel (a server's engine thread).
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...
     None picks batching wherever the architecture takes ragged steps. kv_bytes: the batch's KV pool
     (None: sized from the plan, serve.kvsize); prefill_chunk: prompt tokens a batched step takes;
     prefill_stall: beside decoding streams, a chunk costs about this many of their steps (0: always
-    prefill_chunk)."""
+    prefill_chunk, and greedy output bit for bit a request's alone: runtime.batch)."""
     spec = engine.model.spec
     model_id = model_id or spec.name
     metrics = Metrics()

@@ -51,6 +51,9 @@ def _others_running(samples: int = 3, gap_s: float = 0.01) -> int | None:
     return max(0, min(seen) - 1) if seen else None
 
 
+SERVE_SPINCOUNT = 30000  # libgomp spins before a waiting worker sleeps (~100k a millisecond)
+
+
 def _wait_policy(argv: list[str] | None = None) -> None:
     """On a machine already running more work than it has cores, OpenMP threads that spin while
     they wait take CPU from each other and from every other process: a 2-thread prefill ran ~10x
@@ -61,15 +64,17 @@ def _wait_policy(argv: list[str] | None = None) -> None:
     Busy means busy now (threads running at start), not the 1-minute load average: that average
     still counts the hetero command that just finished, and sleeping threads cost the compiled
     decode step ~2.7x on a quiet machine (a `hetero bench` right after `--calibrate` measured that)."""
-    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ or "torch" in sys.modules:
         return
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["serve"] and "--no-batching" not in args:
         # a batching server's worker, event loop and clients share the engine's cores every step:
-        # spinning waits lose their cores mid-step (measured on the built-in model, 1 client: 54-58
-        # tok/s sleeping against 42 spinning; 8 clients 73-79 against 49-63 aggregate). Serving one
-        # stream at a time (--no-batching) is the other way round (114 against 74), so it spins.
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        # workers that spin without end take a core from them between steps, workers that sleep at
+        # once are woken through the kernel at every parallel region. A short spin (~0.1 ms) spans
+        # the gaps inside a step and sleeps between steps: on the built-in model, 1 client 71-80
+        # tok/s against 48 sleeping and 72 spinning (docs/BENCHMARKS.md, "Serving"). Serving one
+        # stream at a time (--no-batching) keeps the default.
+        os.environ["GOMP_SPINCOUNT"] = str(SERVE_SPINCOUNT)
         return
     try:
         cores = len(os.sched_getaffinity(0))

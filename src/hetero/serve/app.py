@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from hetero.serve.limits import BODY_IDLE_S, RequestLimits
 from hetero.serve.batched import PREFILL_CHUNK, PREFILL_STALL, BatchScheduler, can_batch
 from hetero.serve.budget import BudgetWatch
+from hetero.runtime.omp import release_pool
 from hetero.serve.errors import install_error_handlers
 from hetero.serve.gauges import register_gauges
 from hetero.serve.metrics import Metrics
@@ -77,6 +78,9 @@ def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # the event loop's thread computes nothing from here on (the scheduler's worker does): its
+        # OpenMP workers, if loading the model made them, would halve the worker's step (runtime/omp.py)
+        release_pool()
         scheduler.start()
         try:
             yield

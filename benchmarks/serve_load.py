@@ -90,7 +90,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
 
 async def run_phase(url: str, model: str, clients: int, duration: float | None, requests: int | None,
                     max_tokens: int, temperature: float, api_key: str | None, prompts: list[str] = PROMPTS,
-                    top_p: float = 1.0) -> dict:
+                    top_p: float = 1.0, unique: bool = False) -> dict:
     out = {"requests": 0, "failed": 0, "tokens": 0, "ttft": [], "itl": [], "rates": [], "errors": []}
     t0 = time.perf_counter()
     deadline = t0 + duration if duration else None
@@ -103,7 +103,10 @@ async def run_phase(url: str, model: str, clients: int, duration: float | None, 
         while (deadline is None or time.perf_counter() < deadline) and (requests is None or started < requests):
             started += 1
             n += clients
-            body = {"model": model, "messages": [{"role": "user", "content": prompts[n % len(prompts)]}],
+            text = prompts[n % len(prompts)]
+            if unique:  # no two requests share more than the chat template's opening
+                text = f"Request {started}: {text}"
+            body = {"model": model, "messages": [{"role": "user", "content": text}],
                     "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": n, "stream": True,
                     "stream_options": {"include_usage": True}}
             try:
@@ -169,6 +172,9 @@ def main() -> None:
     ap.add_argument("--prompt", help="send this one prompt (default: a round of eight short questions)")
     ap.add_argument("--baseline", type=float, default=0.0,
                     help="first run ONE client this many seconds on the same server, for a side-by-side reference")
+    ap.add_argument("--unique-prompts", action="store_true",
+                    help="start each request's question with its own number, so that a server's prompt cache "
+                         "saves at most the chat template's opening (the default round of eight repeats)")
     ap.add_argument("--json", dest="json_out", help="also write the results here")
     a = ap.parse_args()
     if a.clients < 1:
@@ -192,7 +198,8 @@ def main() -> None:
             base = asyncio.run(run_phase(url, model, 1, a.baseline, None, a.max_tokens, a.temperature, a.api_key,
                                          prompts, a.top_p))
         res = asyncio.run(run_phase(url, model, a.clients, duration, a.requests, a.max_tokens, a.temperature,
-                                    a.api_key, prompts, a.top_p))
+                                    a.api_key, prompts, a.top_p, a.unique_prompts))
+        res["unique_prompts"] = a.unique_prompts
         try:
             res["health_after"] = httpx.get(url + "/health", timeout=60).json().get("status")
         except (httpx.HTTPError, ValueError):

@@ -205,3 +205,22 @@ def test_pool_is_sized_from_the_plan(tiny_engine):
         assert tb * ctx <= b <= tb * ctx * conc
     s = BatchScheduler(tiny_engine, max_concurrency=4, context=ctx)
     assert s.runner.pool.n_blocks == pool_bytes(plan, tb, ctx, 4) // s.runner.pool.block_bytes
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(tiny_engine):
+    app = create_app(tiny_engine, max_concurrency=2, max_queue=4, prefix_cache=True)
+    prompt = "The quick brown fox jumps over the lazy dog " * 4  # several whole 16-token blocks
+    n_prompt = len(tiny_engine.model.prompt_ids(prompt, chat=False))
+    with Server(app) as srv:
+        c = srv.client()
+        first = _stream(c, prompt, 8)
+        assert _metric(srv, "hetero_prefix_cached_tokens") == 0
+        prefilled = _metric(srv, "hetero_batch_prefill_tokens_total")
+        again = _stream(c, prompt, 8)
+        cached = _metric(srv, "hetero_prefix_cached_tokens")
+        assert cached == (n_prompt - 1) // 16 * 16 > 0
+        # only the rest of the prompt ran
+        assert _metric(srv, "hetero_batch_prefill_tokens_total") - prefilled == n_prompt - cached
+        assert again[1] == first[1] == "length" and again[0]
+        assert _metric(srv, "hetero_kv_blocks_cached") >= cached // 16
+        assert _metric(srv, "hetero_kv_blocks_used") == 0

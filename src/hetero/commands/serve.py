@@ -69,6 +69,7 @@ def serve(
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="The batch's KV pool, e.g. 512MB (default: the plan's KV plus half its headroom, up to --max-concurrency whole contexts)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens a batched step prefills with nothing else decoding (a long prompt takes several steps)."),
     prefill_stall: float = typer.Option(1.0, "--prefill-stall", help="Beside decoding streams, a prefill chunk costs about this many of their steps (sized from timed steps; 0: always --prefill-chunk, which also keeps greedy output bit for bit what a request gets alone)."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Keep whole 16-token blocks of prompts in the KV pool and share them with later prompts that start the same (a system prompt, a repeated prompt): those tokens are not prefilled again. A request served from the cache rounds like one whose prompt was cut where its cached part ends."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format) as a side path on the base."),
@@ -119,10 +120,11 @@ def serve(
         app = create_app(e, model_id=model_name, aliases=(model,) if model else (), api_key=api_key,
                          max_concurrency=max_concurrency, max_queue=max_queue, max_body_bytes=max_body_bytes,
                          batching=batching, kv_bytes=kv_bytes, prefill_chunk=prefill_chunk,
-                         prefill_stall=prefill_stall)
+                         prefill_stall=prefill_stall, prefix_cache=prefix_cache)
         runner = getattr(app.state.scheduler, "runner", None)
         mode = (f"batching, KV pool {runner.pool.n_blocks} blocks of {runner.pool.block} tokens "
-                f"({fmt_bytes(runner.pool.nbytes())})" if runner is not None else "interleaved")
+                f"({fmt_bytes(runner.pool.nbytes())}){', prefix cache' if runner.pool.prefix_cache else ''}"
+                if runner is not None else "interleaved")
         print(f"serving {app.state.model_id} at http://{host}:{port}/v1  [context {app.state.serve.context}, "
               f"max concurrency {max_concurrency}, queue {max_queue}, {mode}"
               f"{', API key required' if api_key else ''}]", file=sys.stderr, flush=True)

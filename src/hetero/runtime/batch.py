@@ -67,6 +67,8 @@ class _Seq:
     prefilled: int = 0                  # prompt tokens whose KV is written
     generated: int = 0
     blocks: tuple[int, ...] = ()
+    keys: list = field(default_factory=list)  # the prompt's block keys (a pool with a prefix cache)
+    published: int = 0                  # prompt blocks offered to the prefix cache so far
 
 
 class BatchRunner:
@@ -85,6 +87,7 @@ class BatchRunner:
         self._next = 0
         self.steps = 0
         self.tokens = 0                     # tokens sampled so far
+        self.cached_tokens = 0              # prompt tokens taken from the pool's prefix cache
         self.last_decode_rows = self.last_prefill_tokens = 0   # what the latest step ran (metrics)
 
     @property
@@ -106,7 +109,8 @@ class BatchRunner:
             raise HeteroError(f"a request of {total} tokens needs {self.pool.blocks_for(total)} KV blocks; "
                               f"the pool has {self.pool.n_blocks}")
         seq = _Seq(self._next, list(prompt_ids), total, max_new_tokens, Sampler(params),
-                   frozenset(stop_ids or ()), history=list(prompt_ids))
+                   frozenset(stop_ids or ()), history=list(prompt_ids),
+                   keys=self.pool.prefix_keys(prompt_ids) if self.pool.prefix_cache else [])
         self._next += 1
         self.queue.append(seq)
         return seq.id
@@ -126,7 +130,10 @@ class BatchRunner:
         # FIFO: the head waits for blocks rather than being overtaken (no starvation of long prompts)
         while self.queue and len(self.running) < self.max_batch and self.pool.fits(self.queue[0].total):
             s = self.queue.popleft()
-            s.blocks = self.pool.allocate(s.id, s.total)
+            s.blocks = self.pool.allocate(s.id, s.total, s.keys, len(s.prompt))
+            s.prefilled = self.pool.cached.get(s.id, 0)   # its cached prefix is not run again
+            s.published = s.prefilled // self.pool.block
+            self.cached_tokens += s.prefilled
             self.running.append(s)
 
     def _leave(self, s: _Seq) -> None:
@@ -168,6 +175,10 @@ class BatchRunner:
                                            self.pool.kv, torch.tensor(want, dtype=torch.long))
         self.steps += 1
         self.last_decode_rows, self.last_prefill_tokens = n_decode, most - budget
+        for s in self.running:   # prompt blocks now whole: later prompts with the same start share them
+            while s.published < min(s.prefilled, len(s.keys) * self.pool.block) // self.pool.block:
+                self.pool.publish(s.id, s.published, s.keys[s.published])
+                s.published += 1
         events = []
         for s, lg in zip(sampled, logits):
             tok = s.sampler(lg, s.history)

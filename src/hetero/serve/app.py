@@ -30,12 +30,13 @@ def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...
                max_concurrency: int = 8, max_queue: int = 64, max_body_bytes: int = DEFAULT_MAX_BODY,
                watch: BudgetWatch | None = None, body_idle_s: float = BODY_IDLE_S, batching: bool | None = None,
                kv_bytes: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-               prefill_stall: float = PREFILL_STALL) -> FastAPI:
+               prefill_stall: float = PREFILL_STALL, prefix_cache: bool = False) -> FastAPI:
     """batching: continuous batching (serve.batched) or interleaved single sequences (serve.scheduler);
     None picks batching wherever the architecture takes ragged steps. kv_bytes: the batch's KV pool
     (None: sized from the plan, serve.kvsize); prefill_chunk: prompt tokens a batched step takes;
     prefill_stall: beside decoding streams, a chunk costs about this many of their steps (0: always
-    prefill_chunk, and greedy output bit for bit a request's alone: runtime.batch)."""
+    prefill_chunk, and greedy output bit for bit a request's alone: runtime.batch); prefix_cache:
+    whole prompt blocks are kept and shared by later prompts that start the same (runtime.kvcache)."""
     spec = engine.model.spec
     model_id = model_id or spec.name
     metrics = Metrics()
@@ -71,7 +72,7 @@ def create_app(engine: Any, model_id: str | None = None, aliases: tuple[str, ...
     if batching:
         scheduler: Scheduler = BatchScheduler(engine, max_concurrency, max_queue, on_token, on_done, on_step,
                                               kv_bytes=kv_bytes, context=context, prefill_tokens=prefill_chunk,
-                                              stall=prefill_stall)
+                                              stall=prefill_stall, prefix_cache=prefix_cache)
     else:
         scheduler = Scheduler(engine, max_concurrency, max_queue, on_token, on_done)
     register_gauges(metrics, scheduler, engine, watch)

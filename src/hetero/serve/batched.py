@@ -49,14 +49,15 @@ class BatchScheduler(Scheduler):
                  on_done: Callable[[Job, str], None] | None = None,
                  on_step: Callable[[BatchRunner, float], None] | None = None,
                  kv_bytes: int | None = None, context: int | None = None,
-                 prefill_tokens: int = PREFILL_CHUNK, stall: float | None = PREFILL_STALL):
+                 prefill_tokens: int = PREFILL_CHUNK, stall: float | None = PREFILL_STALL,
+                 prefix_cache: bool = False):
         super().__init__(engine, max_concurrency, max_queue, on_token, on_done)
         net = engine.model.net
         context = min(context or net.spec.max_context, net.spec.max_context)
         if kv_bytes is None:
             kv_bytes = pool_bytes(engine.plan, token_bytes(net), context, max_concurrency)
         # one place beyond max_concurrency: /health never waits for a stream to end
-        self.runner = BatchRunner(net, pool=KVPool(net, kv_bytes), max_batch=max_concurrency + 1,
+        self.runner = BatchRunner(net, pool=KVPool(net, kv_bytes, prefix_cache=prefix_cache), max_batch=max_concurrency + 1,
                                   prefill_tokens=prefill_tokens, stall=stall or None)
         self.on_step = on_step
         self.jobs: dict[int, Job] = {}  # runner request id -> job

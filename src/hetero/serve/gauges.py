@@ -51,6 +51,8 @@ def register_gauges(metrics: Metrics, scheduler: Scheduler, engine: Any, watch: 
         metrics.gauge("hetero_batch_prefill_tokens", lambda: {(): runner.last_prefill_tokens})
         metrics.gauge("hetero_kv_blocks_used", lambda: {(): runner.pool.used_blocks})
         metrics.gauge("hetero_kv_blocks_total", lambda: {(): runner.pool.n_blocks})
+        metrics.gauge("hetero_kv_blocks_cached", lambda: {(): runner.pool.cached_blocks})
+        metrics.gauge("hetero_prefix_cached_tokens", lambda: {(): runner.cached_tokens})
         metrics.gauge("hetero_kv_block_tokens", lambda: {(): runner.pool.block})
         # the pool's pages in memory: its budget is only reserved address space until tokens are written
         metrics.gauge("hetero_kv_resident_bytes", lambda: {(): runner.pool.resident_bytes()})

@@ -73,6 +73,8 @@ class Metrics:
         "hetero_batch_prefill_tokens": ("gauge", "Prompt tokens prefilled in the latest batched step."),
         "hetero_kv_blocks_used": ("gauge", "KV pool blocks held by running sequences."),
         "hetero_kv_blocks_total": ("gauge", "KV pool blocks in all."),
+        "hetero_kv_blocks_cached": ("gauge", "KV pool blocks the prefix cache holds (shared, or idle and free to evict)."),
+        "hetero_prefix_cached_tokens": ("gauge", "Prompt tokens since start taken from the prefix cache instead of prefilled."),
         "hetero_kv_block_tokens": ("gauge", "Tokens one KV pool block holds."),
         "hetero_kv_resident_bytes": ("gauge", "Bytes of the KV pool in memory (pages written so far; the rest is only reserved)."),
         "hetero_batch_steps_total": ("counter", "Batched forward steps run."),

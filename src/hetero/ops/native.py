@@ -6,6 +6,7 @@ file mixes Q4_K and Q6_K rows within one fused QKV. The bytes held are the file'
 
   decode, CPU with the compiled kernels  one AVX-512 GEMV per segment over the blocks as stored
                                          (kernels/blocks.h): exact weights, fp32 accumulation
+  up to SMALL_M rows (a short prompt)    the row kernels: each weight's blocks read once for all rows
   prefill                                each segment dequantised exactly in bounded row blocks to
                                          x's dtype (compiled on the CPU, else blocks.dequantize_rows:
                                          the same values), then a GEMM
@@ -106,6 +107,10 @@ class NativeLinear(torch.nn.Module):
             y = ys[0] if len(ys) == 1 else torch.cat(ys)
             return self._add_bias(y).view(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, k).to(dt)
+        if self._k is not None and x.device.type == "cpu" and x2.shape[0] <= SMALL_M:
+            # a short prompt or chunk: the row kernels read each weight once for all its rows
+            # (2.8x dequantise + GEMM at 8 rows, even at ~32); single and batched paths alike
+            return self._add_bias(self._rows(x2.contiguous(), False)).reshape(*shape[:-1], self.out_features)
         return self._add_bias(self.matmul(x2)).reshape(*shape[:-1], self.out_features)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,17 @@ class DecoderLayer(torch.nn.Module):
         k_pool[r.write_blocks, :, r.write_offsets] = k.to(k_pool.dtype)
         v_pool[r.write_blocks, :, r.write_offsets] = v.reshape(N, K, D).to(v_pool.dtype)
         out = torch.empty(N, H, D, dtype=v_pool.dtype, device=x.device)
-        if r.decode_blocks is not None:  # every one-token row together, padding masked
+        if r.decode_blocks is not None and self._fused is None and x.device.type == "cpu":
+            # no compiled ops: the one-token path attends with _attention over exactly its own keys,
+            # so each row does the same here (the padded batch below would round otherwise)
+            for j, row in enumerate(r.decode_rows.tolist()):
+                end = int(r.positions[row]) + 1
+                blocks = r.decode_blocks[j, :-(-end // r.block)]
+                ks = k_pool[blocks].transpose(0, 1).reshape(K, -1, D)[None, :, :end]    # [1, K, S, D]
+                vs = v_pool[blocks].transpose(0, 1).reshape(K, -1, D)[None, :, :end]
+                qs = q[row:row + 1].to(k_pool.dtype).transpose(0, 1)[None]              # [1, H, 1, D]
+                out[row] = self._attention(qs, ks, vs, end - 1)[0, :, 0]
+        elif r.decode_blocks is not None:  # every one-token row together, padding masked
             Bd, nb = r.decode_blocks.shape
             G, bs = H // K, r.block
             qd = q[r.decode_rows].to(k_pool.dtype).view(Bd, 1, K, G, D)

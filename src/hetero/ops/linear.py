@@ -18,7 +18,7 @@ from hetero.dtypes import DEQUANT_ELEMENTS, INT4_GROUP
 from hetero.errors import HeteroError
 from hetero.ops import kernels
 from hetero.ops.blocks import BlockTensor, QUANTIZABLE, quantize_blocks
-from hetero.ops.native import SMALL_M, NativeLinear, merge_segments
+from hetero.ops.native import SMALL_M, NativeLinear, each_row, merge_segments
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # GGUF block formats run as stored (ops/native.py): "native" keeps each segment's own type; a type
@@ -170,7 +170,9 @@ class Int8Linear(torch.nn.Module):
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """The decode rows of a batched step ([.., M, K], M <= SMALL_M): each row exactly as forward
         gives it alone (the GEMV's bits), the weight read once for all (gemm_rows.cpp)."""
-        xr = _rows_input(x, self.in_features, self.pad) if self._gemv is not None else None
+        if self._gemv is None:
+            return each_row(self.forward, x)
+        xr = _rows_input(x, self.in_features, self.pad)
         if xr is None:
             return self.forward(x)
         y = self._gemv.gemm_rows_int8(xr, self.qweight, self._scales_f32).to(torch.bfloat16)
@@ -203,7 +205,8 @@ class Int4Linear(torch.nn.Module):
                 scales_zeros [N, K/g, 2]. Read by the compiled AVX-512 GEMV at decode and dequantised
                 to bf16 for a GEMM at prefill (CPU, group 32), or dequantised in blocks per call
                 (off the CPU when torch's kernel is missing or disagrees).
-      torch-cpu torch._weight_int4pack_mm_for_cpu's packing (CPU without the compiled kernels).
+      torch-cpu torch._weight_int4pack_mm_for_cpu's packing (CPU without the compiled kernels, N a
+                multiple of 16 as that kernel needs; otherwise the rows layout dequantised).
       tinygemm  torch._weight_int4pack_mm's packing (CUDA; the kernel the profile times), used only
                 when a check at build time matches it against the rows layout dequantised.
     """
@@ -219,7 +222,7 @@ class Int4Linear(torch.nn.Module):
         self.bias = None if bias is None else bias.to(device=device, dtype=torch.bfloat16)
         cpu = on_cpu(device)
         self._k = kernels.get() if cpu and group == 32 else None
-        if cpu and self._k is None:
+        if cpu and self._k is None and n % 16 == 0:
             # torch CPU packing wants int32 [N, K] values in [0, 15]; scales_and_zeros is [K/g, N, 2] bf16.
             self.layout = "torch-cpu"
             self.packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
@@ -263,7 +266,9 @@ class Int4Linear(torch.nn.Module):
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """As Int8Linear.rows: each row's bits as forward gives it alone (bf16 activations take the
         GEMV's bf16 dot-product kernel, as forward's GEMV does)."""
-        xr = _rows_input(x, self.in_features, self.pad) if self._k is not None else None
+        if self._k is None:
+            return each_row(self.forward, x)
+        xr = _rows_input(x, self.in_features, self.pad)
         if xr is None:
             return self.forward(x)
         y = self._k.gemm_rows_int4(xr, self.packed, self.scales_zeros, x.dtype == torch.bfloat16).to(torch.bfloat16)

@@ -57,6 +57,17 @@ class Segment(torch.nn.Module):
         return BlockTensor(self.ggml_type, self.data, self.shape)
 
 
+
+def each_row(forward, x: torch.Tensor) -> torch.Tensor:
+    """forward over each row of x [.., M, K] alone: without the compiled row kernels, the bits a
+    single-sequence step gives every row (torch's kernels block differently for M = 1 and M > 1, so
+    one call over all rows would round differently), at the cost of reading W once per row."""
+    m = x.shape[-2] if x.dim() >= 2 else 1
+    if m <= 1:
+        return forward(x)
+    return torch.cat([forward(x[..., i:i + 1, :]) for i in range(m)], dim=-2)
+
+
 class NativeLinear(torch.nn.Module):
 
     def __init__(self, segments: list[BlockTensor] | BlockTensor, bias: torch.Tensor | None = None,
@@ -130,6 +141,8 @@ class NativeLinear(torch.nn.Module):
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """The decode rows of a batched step ([.., M, K], M <= SMALL_M): each row exactly as forward
         gives it alone (the GEMV's bits), each segment's bytes read once for all (gemm_rows_gguf)."""
+        if self._k is None:
+            return each_row(self.forward, x)
         x2 = self._rows_input(x)
         if x2 is None:
             return self.forward(x)

@@ -265,3 +265,24 @@ def test_a_long_prompt_prefills_in_timed_chunks_between_the_running_streams_toke
     _collect(runner, out)
     assert [out[i] for i in ids] == [_alone(net, p, 30) for p in short]
     assert out[lid] == _alone(net, long_, 5)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_without_compiled_kernels_batched_greedy_equals_alone(monkeypatch, precision):
+    # A CPU without AVX-512 runs torch's kernels: each decode row still gets the bits it gets alone
+    # (rows one by one through the linears, attention over exactly its own keys)
+    from hetero.ops import kernels
+
+    monkeypatch.setattr(kernels, "get", lambda: None)
+    net = hetero.load("synthetic:tiny", dtype=precision).net
+    assert net._decode_stack() is None
+    prompts, n_new = _prompts(), [12, 7, 10, 15, 6, 11]
+    ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
+    runner = BatchRunner(net, kv_bytes=4 << 20, max_batch=8)
+    ids = [runner.add(p, n) for p, n in zip(prompts, n_new)]
+    out, widest = {}, 0
+    while not runner.idle:
+        for ev in runner.step():
+            out.setdefault(ev.request, []).append(ev.token)
+        widest = max(widest, runner.last_decode_rows)
+    assert widest == len(prompts) and [out[i] for i in ids] == ref

@@ -39,6 +39,16 @@ def _collect(runner, out, steps=None):
     return out
 
 
+def _collect_widest(runner):
+    """Every request's tokens, stepping until idle, and the most decode rows one step ran."""
+    out, widest = {}, 0
+    while not runner.idle:
+        for ev in runner.step():
+            out.setdefault(ev.request, []).append(ev.token)
+        widest = max(widest, runner.last_decode_rows)
+    return out, widest
+
+
 def _native_net():
     from tests.ops.test_native_model import SPEC, tiny_weights
     from hetero.model.decoder import Decoder
@@ -78,11 +88,7 @@ def test_full_batches_equal_each_request_alone(nets, precision, batch):
     ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
     runner = BatchRunner(net, kv_bytes=4 << 20, max_batch=batch)
     ids = [runner.add(p, n) for p, n in zip(prompts, n_new)]
-    out, widest = {}, 0
-    while not runner.idle:
-        for ev in runner.step():
-            out.setdefault(ev.request, []).append(ev.token)
-        widest = max(widest, runner.last_decode_rows)
+    out, widest = _collect_widest(runner)
     assert widest == batch and [out[i] for i in ids] == ref
 
 
@@ -280,9 +286,5 @@ def test_without_compiled_kernels_batched_greedy_equals_alone(monkeypatch, preci
     ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
     runner = BatchRunner(net, kv_bytes=4 << 20, max_batch=8)
     ids = [runner.add(p, n) for p, n in zip(prompts, n_new)]
-    out, widest = {}, 0
-    while not runner.idle:
-        for ev in runner.step():
-            out.setdefault(ev.request, []).append(ev.token)
-        widest = max(widest, runner.last_decode_rows)
+    out, widest = _collect_widest(runner)
     assert widest == len(prompts) and [out[i] for i in ids] == ref

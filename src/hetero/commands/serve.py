@@ -68,7 +68,7 @@ def serve(
     batching: Optional[bool] = typer.Option(None, "--batching/--no-batching", help="Continuous batching: requests share each forward step (default: wherever the architecture supports it; else they are interleaved)."),
     kv_memory: Optional[str] = typer.Option(None, "--kv-memory", help="The batch's KV pool, e.g. 512MB (default: the plan's KV plus half its headroom, up to --max-concurrency whole contexts)."),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", help="Prompt tokens a batched step prefills with nothing else decoding (a long prompt takes several steps)."),
-    prefill_stall: float = typer.Option(1.0, "--prefill-stall", help="Beside decoding streams, a prefill chunk costs about this many of their steps (sized from timed steps; 0: always --prefill-chunk, which also keeps greedy output bit for bit what a request gets alone)."),
+    prefill_stall: float = typer.Option(0.6, "--prefill-stall", help="Beside decoding streams, a prefill chunk costs about this many of their steps (sized from timed steps; 0: always --prefill-chunk, which also keeps greedy output bit for bit what a request gets alone)."),
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Keep whole 16-token blocks of prompts in the KV pool and share them with later prompts that start the same (a system prompt, a repeated prompt): those tokens are not prefilled again. A request served from the cache rounds like one whose prompt was cut where its cached part ends."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
     kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help=KV_HELP),

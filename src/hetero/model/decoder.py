@@ -18,7 +18,7 @@ import torch
 from hetero.errors import HeteroError
 from hetero.model.arch import architecture
 from hetero.model.llama import KVCache, RotaryTable, rms_norm
-from hetero.model.paged import PagedKV, Ragged
+from hetero.model.paged import PagedKV, Ragged, Segment
 from hetero.model.spec import ModelSpec
 from hetero.model.units import UnitConfig, build_unit, final_norm, tie_embedding
 from hetero.ops.linear import activation_dtype
@@ -130,12 +130,29 @@ class Decoder(torch.nn.Module):
         return PagedKV(self.spec, n_blocks, block, [layer.dtype for layer in self.layers],
                        [layer.device for layer in self.layers], self.kv_dtype if kv_dtype is None else kv_dtype)
 
+    def _rows_stack(self, kv: PagedKV) -> object | None:
+        """The compiled stack when a ragged step over `kv` may run through it, else None: it reads
+        plain K/V pools (int8 or cast stores run layer by layer in torch)."""
+        plain = all(isinstance(t, torch.Tensor) for t in kv.k + kv.v)
+        return self._decode_stack() if self.stack_decode and self.layers and plain else None
+
+    def chunks_as_rows(self, kv: PagedKV) -> bool:
+        """Whether forward_ragged(chunks_as_rows=True) can take prefill chunks as rows of the stack."""
+        return self._rows_stack(kv) is not None
+
     @torch.inference_mode()
-    def forward_ragged(self, ids: torch.Tensor, r: Ragged, kv: PagedKV, want: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_ragged(self, ids: torch.Tensor, r: Ragged, kv: PagedKV, want: torch.Tensor | None = None,
+                       chunks_as_rows: bool = False) -> torch.Tensor:
         """One step of several sequences: ids [N] the step's tokens packed segment after segment
         (r: their positions and blocks). Returns fp32 logits [n, V] at the last token of each
         segment, or of the segments indexed by `want` (a prefill chunk that is not a prompt's last
-        has nothing to sample)."""
+        has nothing to sample).
+
+        chunks_as_rows: every prefill token is one more row of the compiled stack's step, as a
+        decode row is (the stack writes every row's K/V before any row attends, so a chunk's token
+        at position p sees exactly keys 0..p). One call and one read of the weights for the whole
+        step: a short chunk beside decoding streams costs its rows' compute, not a layer-by-layer
+        pass. The chunk's rows round as decode rows do, not as the chunk's GEMMs alone would."""
         if ids.numel() != r.n_tokens:
             raise ValueError(f"{ids.numel()} ids for a step of {r.n_tokens} tokens")
         self._ensure_rope(int(r.positions.max()) + 1)
@@ -143,10 +160,11 @@ class Decoder(torch.nn.Module):
         if self.embed_scale is not None:
             x = x.to(self.embed_dtype)
             x = x * torch.tensor(self.embed_scale, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-        # the compiled rows step reads plain K/V pools; int8 or cast stores run layer by layer in torch
-        plain = all(isinstance(t, torch.Tensor) for t in kv.k + kv.v)
-        stack = self._decode_stack() if self.stack_decode and self.layers and plain else None
-        if stack is not None and r.chunks and r.decode_blocks is not None:
+        stack = self._rows_stack(kv)
+        if stack is not None and r.chunks and chunks_as_rows:
+            rows = Ragged([Segment(s.start + i, 1, s.blocks) for s in r.segments for i in range(s.length)], r.block)
+            x = self._hidden(x, rows, kv, stack)
+        elif stack is not None and r.chunks and r.decode_blocks is not None:
             x = self._split_hidden(x, r, kv, stack)
         else:
             x = self._hidden(x, r, kv, stack if not r.chunks else None)

@@ -25,8 +25,9 @@ The contract a server builds on:
 - `cancel` drops a request, queued or running (a client that went away).
 - Greedy output of a request is the same as runtime.generate.generate_step gives it alone, with
   fixed chunks (no `stall`): a prompt is then cut where it would be alone. With `stall` a prompt's
-  cuts follow what shares its steps, and a chunk's GEMMs and attention round differently for a
-  different cut, so a near-tie in the logits can go the other way (decode rows keep their bits).
+  cuts follow what shares its steps, and a chunk beside decoding streams runs as rows of the
+  compiled stack (model/decoder.forward_ragged's chunks_as_rows), which round otherwise than the
+  chunk's GEMMs alone, so a near-tie in the logits can go the other way (decode rows keep their bits).
 Not thread-safe: one caller drives add/step/cancel (a server's engine thread).
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from hetero.runtime.kvcache import BLOCK, KVPool
 from hetero.runtime.sampling import Sampler, SamplingParams
 
 DEFAULT_KV_BYTES = 256 << 20
+ROWS_CHUNK = 32   # most prompt tokens a timed chunk takes as stack rows beside decoding streams
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class BatchRunner:
         self.pool = pool or KVPool(model, kv_bytes if kv_bytes is not None else DEFAULT_KV_BYTES, block=block)
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         # None: fixed chunks of prefill_tokens (a prompt cut where it would be alone)
-        self.chunks = ChunkPolicy(prefill_tokens, stall=stall) if stall else None
+        self.chunks = ChunkPolicy(prefill_tokens, least=4, stall=stall) if stall else None
         self.queue: deque[_Seq] = deque()
         self.running: list[_Seq] = []       # in admission order
         self._next = 0
@@ -154,6 +156,11 @@ class BatchRunner:
                 sampled.append(s)
         n_decode = len(segs)
         most = self.prefill_tokens if self.chunks is None else self.chunks.tokens(n_decode)
+        # timed chunks beside decoding streams ride in the compiled stack's step as more rows (its
+        # row kernels win up to ~32 rows, a GEMM past them): one call, the weights read once
+        as_rows = bool(self.chunks is not None and n_decode and self.model.chunks_as_rows(self.pool.kv))
+        if as_rows:
+            most = min(most, ROWS_CHUNK)
         budget = most
         for s in self.running:
             n = len(s.prompt)
@@ -172,7 +179,7 @@ class BatchRunner:
             return []
         t0 = time.perf_counter()
         logits = self.model.forward_ragged(torch.tensor(ids, dtype=torch.long), Ragged(segs, self.pool.block),
-                                           self.pool.kv, torch.tensor(want, dtype=torch.long))
+                                           self.pool.kv, torch.tensor(want, dtype=torch.long), chunks_as_rows=as_rows)
         self.steps += 1
         self.last_decode_rows, self.last_prefill_tokens = n_decode, most - budget
         for s in self.running:   # prompt blocks now whole: later prompts with the same start share them

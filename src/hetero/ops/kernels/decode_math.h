@@ -145,6 +145,24 @@ void attend_head_q8(const In* qkv, const T* c, const T* s, const int8_t* kc, con
   }
 }
 
+// The K or V rows of KV head kh at positions 0, 1, 2, .. of a paged pool ([n_blocks, K, bs, D]), one
+// per next(): the block table is read once per block, not divided into once per position.
+template <typename T>
+struct PagedRows {
+  const T* pool;
+  const int64_t* table;
+  int64_t bs, K, kh, D, blk = 0, off = 0;
+  const T* base = nullptr;
+  PagedRows(const T* pool_, const int64_t* table_, int64_t bs_, int64_t K_, int64_t kh_, int64_t D_)
+      : pool(pool_), table(table_), bs(bs_), K(K_), kh(kh_), D(D_) {}
+  const T* next() {   // (the table is read at a block's first position only: never past the last one used)
+    if (off == 0) base = pool + (table[blk] * K + kh) * bs * D;
+    const T* r = base + off * D;
+    if (++off == bs) { off = 0; ++blk; }
+    return r;
+  }
+};
+
 // attend_head over paged KV ([n_blocks, K, bs, D]; position j of this sequence in block
 // table[j / bs] at offset j % bs): the same operations in the same order, so a sequence's bits are
 // those it gets from a contiguous cache.
@@ -154,10 +172,10 @@ void attend_head_paged(const In* qkv, const T* c, const T* s, const T* kp, const
                        float* q, float* p) {
   const int64_t S = pos + 1, kh = h / (H / K);
   rope_head<T, In>(qkv + h * D, c, s, q, D);
-  auto at = [&](const T* pool, int64_t j) { return pool + ((table[j / bs] * K + kh) * bs + j % bs) * D; };
+  PagedRows<T> keys(kp, table, bs, K, kh, D);
   float m = -INFINITY;
   for (int64_t j = 0; j < S; ++j) {
-    const T* kj = at(kp, j);
+    const T* kj = keys.next();
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16<T>(kj + i), acc);
     const float v = rnd<T>(rnd<T>(_mm512_reduce_add_ps(acc)) * scale);
@@ -170,7 +188,8 @@ void attend_head_paged(const In* qkv, const T* c, const T* s, const T* kp, const
   for (int64_t j = 0; j < S; ++j) p[j] = rnd<T>(p[j] * inv);
   for (int64_t i = 0; i < D; i += 16) {
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < S; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16<T>(at(vp, j) + i), acc);
+    PagedRows<T> values(vp, table, bs, K, kh, D);
+    for (int64_t j = 0; j < S; ++j) acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16<T>(values.next() + i), acc);
     float tmp[16];
     _mm512_storeu_ps(tmp, acc);
     for (int k = 0; k < 16; ++k) out[h * D + i + k] = static_cast<Out>(rnd<T>(tmp[k]));

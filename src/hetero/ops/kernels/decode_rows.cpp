@@ -143,13 +143,33 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
   Input* in = ri.in.data();
   int64_t longest = 0;
   for (int64_t m = 0; m < M; ++m) longest = std::max(longest, pos[m]);
-#pragma omp parallel num_threads(at::get_num_threads())
+  // the attention tasks (a row's KV head, or head) split over the threads by their keys, not their
+  // count: a prefill chunk's rows at a long position beside short decode rows would otherwise all
+  // land on one thread
+  const int nth_all = at::get_num_threads();
+  const bool grouped = H % K == 0 && H / K <= MAX_GROUP && D <= MAX_GROUP_DIM;
+  const int64_t per_row = grouped ? K : H;
+  std::vector<int64_t> att_split(nth_all + 1, M * per_row);
+  {
+    double total = 0;
+    for (int64_t m = 0; m < M; ++m) total += per_row * static_cast<double>(pos[m] + 1 + 32);
+    double run = 0;
+    int th = 1;
+    att_split[0] = 0;
+    for (int64_t t = 0; t < M * per_row && th < nth_all; ++t) {
+      while (th < nth_all && run >= total * th / nth_all) att_split[th++] = t;
+      run += static_cast<double>(pos[t / per_row] + 1 + 32);
+    }
+  }
+#pragma omp parallel num_threads(nth_all)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t t_lo = nth == nth_all ? att_split[tid] : M * per_row * tid / nth;
+    const int64_t t_hi = nth == nth_all ? att_split[tid + 1] : M * per_row * (tid + 1) / nth;
     int64_t ch = 0;
     for (const Layer& ly : layers_)
       for (const Lin* L : {&ly.qkv, &ly.o, &ly.gu, &ly.down}) ch = std::max(ch, chunk_rows(*L));
-    const bool group = H % K == 0 && H / K <= MAX_GROUP;  // a GQA group's heads at once
+    const bool group = grouped;  // a GQA group's heads at once
     const int64_t G = group ? H / K : 1;
     std::vector<float> q(G * D), p(G * (longest + 1)), ybuf(2 * M * ch);
     alignas(64) __m512 sacc[16 * MAX_GROUP];
@@ -191,13 +211,13 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
       }
 #pragma omp barrier
       if (group) {
-        for (int64_t t = M * K * tid / nth; t < M * K * (tid + 1) / nth; ++t) {
+        for (int64_t t = t_lo; t < t_hi; ++t) {
           const int64_t m = t / K, kh = t % K;
           attend_group_paged<T>(qkv.data() + m * Q, c + m * D, s + m * D, kpp, vpp, tables + m * nb, bs,
                                 attn.data() + m * W, pos[m], kh, H, K, D, scale_, q.data(), p.data(), sacc);
         }
       } else {
-        for (int64_t t = M * H * tid / nth; t < M * H * (tid + 1) / nth; ++t) {
+        for (int64_t t = t_lo; t < t_hi; ++t) {
           const int64_t m = t / H, hh = t % H;
           attend_head_paged<T, float, float>(qkv.data() + m * Q, c + m * D, s + m * D, kpp, vpp, tables + m * nb, bs,
                                              attn.data() + m * W, pos[m], hh, H, K, D, scale_, q.data(), p.data());

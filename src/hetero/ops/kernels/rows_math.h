@@ -126,6 +126,8 @@ inline void prepare_rows(const Lin& L, const float* x, Input& in) {
 }
 
 constexpr int64_t MAX_GROUP = 16;  // query heads per KV head that attend_group_paged takes at once
+constexpr int64_t MAX_GROUP_DIM = 256;  // and the head dim it takes (its scratch: 16 * MAX_GROUP vectors)
+
 
 // attend_head_paged (decode_math.h) for the G = H / K query heads of KV head kh at once: per head
 // the same operations in the same order; each key and value row is read and widened once for the
@@ -137,14 +139,15 @@ void attend_group_paged(const float* qkv, const T* c, const T* s, const T* kp, c
                         float scale, float* q, float* p, __m512* acc) {
   const int64_t S = pos + 1, G = H / K, h0 = kh * G;
   for (int64_t g = 0; g < G; ++g) rope_head<T, float>(qkv + (h0 + g) * D, c, s, q + g * D, D);
-  auto at = [&](const T* pool, int64_t j) { return pool + ((table[j / bs] * K + kh) * bs + j % bs) * D; };
+  // position j's row: block table[j / bs], offset j % bs, walked in order (no division per position)
+  PagedRows<T> keys(kp, table, bs, K, kh, D);
   float mx[MAX_GROUP], sums[16];
   for (int64_t g = 0; g < G; ++g) mx[g] = -INFINITY;
   for (int64_t j0 = 0; j0 < S; j0 += 16) {
     const int64_t nj = std::min<int64_t>(16, S - j0);
     for (int64_t jj = 0; jj < 16; ++jj) {
       if (jj >= nj) { for (int64_t g = 0; g < G; ++g) acc[g * 16 + jj] = _mm512_setzero_ps(); continue; }
-      const T* kj = at(kp, j0 + jj);
+      const T* kj = keys.next();
       for (int64_t g = 0; g < G; ++g) acc[g * 16 + jj] = _mm512_setzero_ps();
       for (int64_t i = 0; i < D; i += 16) {
         const __m512 kv = load16<T>(kj + i);
@@ -171,14 +174,20 @@ void attend_group_paged(const float* qkv, const T* c, const T* s, const T* kp, c
       _mm512_mask_storeu_ps(pg + j, k, rnd16<T>(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, pg + j), inv)));
     }
   }
-  for (int64_t i = 0; i < D; i += 16) {
-    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < S; ++j) {
-      const __m512 v = load16<T>(at(vp, j) + i);
-      for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), v, acc[g]);
+  // values: each row read once for all D / 16 lane groups of every head (acc[g * NI + i]); each
+  // lane still sums over j in order, so the bits are those of one lane group at a time
+  const int64_t NI = D / 16;
+  for (int64_t t = 0; t < G * NI; ++t) acc[t] = _mm512_setzero_ps();
+  PagedRows<T> values(vp, table, bs, K, kh, D);
+  for (int64_t j = 0; j < S; ++j) {
+    const T* vj = values.next();
+    for (int64_t i = 0; i < NI; ++i) {
+      const __m512 v = load16<T>(vj + 16 * i);
+      for (int64_t g = 0; g < G; ++g) acc[g * NI + i] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * S + j]), v, acc[g * NI + i]);
     }
-    for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(out + (h0 + g) * D + i, rnd16<T>(acc[g]));
   }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < NI; ++i) _mm512_storeu_ps(out + (h0 + g) * D + 16 * i, rnd16<T>(acc[g * NI + i]));
 }
 
 }  // namespace

@@ -7,7 +7,7 @@ import torch
 
 import hetero
 from hetero.errors import HeteroError
-from hetero.runtime.batch import BatchRunner
+from hetero.runtime.batch import ROWS_CHUNK, BatchRunner
 from hetero.runtime.generate import generate_step
 from hetero.runtime.kvcache import KVPool
 from hetero.runtime.sampling import Sampler, SamplingParams
@@ -268,6 +268,8 @@ def test_a_long_prompt_prefills_in_timed_chunks_between_the_running_streams_toke
         assert runner.last_decode_rows == len(short)  # no stream skipped a step for the prefill
         chunks.append(runner.last_prefill_tokens)
     assert sum(chunks) == len(long_) and len(chunks) > 1 and max(chunks) < 100
+    if net.chunks_as_rows(runner.pool.kv):  # beside decode rows a chunk rides in the stack's step as rows
+        assert max(chunks) <= ROWS_CHUNK
     _collect(runner, out)
     assert [out[i] for i in ids] == [_alone(net, p, 30) for p in short]
     assert out[lid] == _alone(net, long_, 5)
@@ -288,3 +290,32 @@ def test_without_compiled_kernels_batched_greedy_equals_alone(monkeypatch, preci
     ids = [runner.add(p, n) for p, n in zip(prompts, n_new)]
     out, widest = _collect_widest(runner)
     assert widest == len(prompts) and [out[i] for i in ids] == ref
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_chunks_as_rows_give_the_chunk_path_logits(nets, precision):
+    # A prefill chunk taken as rows of the compiled step (chunks_as_rows) must see exactly its
+    # causal keys: its logits, and the decode rows' beside it, agree with the layer-by-layer chunk path
+    from hetero.model.paged import Ragged, Segment
+
+    net = nets[precision]
+    pool = KVPool(net, 4 << 20)
+    if not net.chunks_as_rows(pool.kv):
+        pytest.skip("no compiled stack on this CPU (chunks_as_rows needs it)")
+    dec, chunk = _prompts((9, 7, 12), seed=3), _prompts((20,), seed=4)[0]
+    logits = {}
+    for rows in (False, True):
+        # the same KV state both times: decode sequences prefilled, the long prompt's first 8 tokens in
+        blocks = [pool.allocate(100 * rows + i, 64) for i in range(4)]
+        for b, first in zip(blocks, [p[:-1] for p in dec] + [chunk[:8]]):
+            net.forward_ragged(torch.tensor(first), Ragged([Segment(0, len(first), b)], pool.block), pool.kv)
+        segs = [Segment(len(p) - 1, 1, b) for p, b in zip(dec, blocks)] + [Segment(8, 12, blocks[3])]
+        ids = [p[-1] for p in dec] + chunk[8:]
+        logits[rows] = net.forward_ragged(torch.tensor(ids), Ragged(segs, pool.block), pool.kv, chunks_as_rows=rows)
+        for i in range(4):
+            pool.free(100 * rows + i)
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    assert logits[True].shape == logits[False].shape == (4, net.spec.vocab_size)
+    assert torch.allclose(logits[True], logits[False], atol=tol * logits[False].abs().max().item(), rtol=0)
+    # and the decode rows keep their bits whichever way the chunk beside them runs
+    assert torch.equal(logits[True][:3], logits[False][:3])

@@ -147,8 +147,8 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
   // count: a prefill chunk's rows at a long position beside short decode rows would otherwise all
   // land on one thread
   const int nth_all = at::get_num_threads();
-  const bool grouped = H % K == 0 && H / K <= MAX_GROUP && D <= MAX_GROUP_DIM;
-  const int64_t per_row = grouped ? K : H;
+  const bool group = H % K == 0 && H / K <= MAX_GROUP && D <= MAX_GROUP_DIM;  // a GQA group's heads at once
+  const int64_t per_row = group ? K : H;
   std::vector<int64_t> att_split(nth_all + 1, M * per_row);
   {
     double total = 0;
@@ -169,7 +169,6 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
     int64_t ch = 0;
     for (const Layer& ly : layers_)
       for (const Lin* L : {&ly.qkv, &ly.o, &ly.gu, &ly.down}) ch = std::max(ch, chunk_rows(*L));
-    const bool group = grouped;  // a GQA group's heads at once
     const int64_t G = group ? H / K : 1;
     std::vector<float> q(G * D), p(G * (longest + 1)), ybuf(2 * M * ch);
     alignas(64) __m512 sacc[16 * MAX_GROUP];

@@ -128,7 +128,6 @@ inline void prepare_rows(const Lin& L, const float* x, Input& in) {
 constexpr int64_t MAX_GROUP = 16;  // query heads per KV head that attend_group_paged takes at once
 constexpr int64_t MAX_GROUP_DIM = 256;  // and the head dim it takes (its scratch: 16 * MAX_GROUP vectors)
 
-
 // attend_head_paged (decode_math.h) for the G = H / K query heads of KV head kh at once: per head
 // the same operations in the same order; each key and value row is read and widened once for the
 // group, and the score sums reduced 16 positions at a time (reduce_many: the same tree).

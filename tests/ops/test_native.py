@@ -44,6 +44,19 @@ def test_decode_and_prefill_match_float64(t, path):
 
 
 @pytest.mark.parametrize("t", NATIVE_TYPES)
+def test_wide_rows_go_in_fours_and_still_match_float64(t, path):
+    """Past 16 KB of x a GEMV reads its rows four at a time (below that, one by one in memory order):
+    a width of 8448 takes that path for fp32 and bf16 x alike, 9 rows include a tail row."""
+    bt = random_blocks(t, 9, 8448, seed=5)
+    w64 = reference(bt)
+    lin = make_linear(bt, None, "native")
+    x = torch.randn(1, 1, 8448, generator=torch.Generator().manual_seed(3))
+    assert rel(lin(x).reshape(1, 9), x.reshape(1, 8448).double() @ w64.T) < 1e-5
+    xb = x.reshape(8448).to(torch.bfloat16)
+    assert rel(lin(xb), w64 @ xb.double()) < 1e-2   # bf16 output (and, on the torch path, bf16 sums)
+
+
+@pytest.mark.parametrize("t", NATIVE_TYPES)
 def test_bf16_activations_within_bf16_rounding(t, path):
     bt = random_blocks(t, 64, 256, seed=2)
     w64 = reference(bt)

@@ -67,10 +67,14 @@ def test_native_layers_match_their_exact_values(variant):
     bf16 = Decoder.build(SPEC, floats.get, default=UnitConfig(precision="bf16"))  # the yardstick
     stacked = native._decode_stack() is not None
     assert stacked == (kernels.get() is not None)
-    tokens = torch.randint(0, SPEC.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
-    want = run(ref, tokens, 6)
-    err = {name: float((run(net, tokens, 6) - want).norm() / want.norm()) for name, net in
-           (("native", native), ("int4", int4), ("bf16", bf16))}
+    # summed over four token sequences: one sequence's error moves +-10% with the summation order alone
+    # (one flipped bf16 rounding), and its native/bf16 ratio sat at 1.47 on the sequence once used alone
+    err = {"native": 0.0, "int4": 0.0, "bf16": 0.0}
+    for seed in range(3, 7):
+        tokens = torch.randint(0, SPEC.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))
+        want = run(ref, tokens, 6)
+        for name, net in (("native", native), ("int4", int4), ("bf16", bf16)):
+            err[name] += float((run(net, tokens, 6) - want).norm() / want.norm()) / 4
     # bf16 activations cost what a bf16 model costs (which also rounds its weights); int4 far more
     assert err["native"] < 1.5 * err["bf16"] and err["native"] < 3e-2, err
     assert err["int4"] > 3 * err["native"], err

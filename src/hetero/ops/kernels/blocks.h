@@ -275,26 +275,19 @@ BF16_TARGET inline void q4_rows_bf16(const Int4Bf16Consts& c, const uint16_t* xb
 }
 
 // The 8 scales and 8 mins of a K-type block's 12 scale bytes, bytes 0-7 / 8-15 of the result
-// (llama.cpp's uint32 unpacking of get_scale_min_k4, all 16 at once).
-inline void scales_mins_k4(const uint8_t* q, uint8_t out[16]) {
-  constexpr uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
-  uint32_t u[4];
-  std::memcpy(u, q, 12);
-  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-  const uint32_t mins_lo = u[1] & m1;
-  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-  u[2] = mins_lo;
-  u[0] &= m1;
-  std::memcpy(out, u, 16);
+// (llama.cpp's uint32 unpacking of get_scale_min_k4, in SIMD: no trip through general registers).
+inline __m128i scales_mins_simd(const uint8_t* q) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));   // u0, u1, u2 (+4 bytes unused)
+  const __m128i a = _mm_srlv_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)), _mm_set_epi32(4, 0, 0, 0));
+  const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0)), 2), _mm_set1_epi32(0x30303030));
+  return _mm_blend_epi32(_mm_and_si128(a, _mm_set1_epi32(0x3f3f3f3f)),
+                         _mm_ternarylogic_epi32(a, _mm_set1_epi32(0x0f0f0f0f), top, 0xEA), 0b1010);  // (a & 15) | top
 }
 
-// Q4_K (FIFTH = false) / Q5_K: 32 bytes of nibbles are sub-blocks 2j (low) and 2j+1 (high). Q5_K's
-// fifth bits (qh byte l, bit s: weight l of sub-block s) are shifted to bit 4 of each word and
-// merged in with one bit-select; vpermw reads 5 index bits, so the table holds bf16(0 .. 31) and the
-// bits above 4 do not matter (Q4_K's table repeats 0 .. 15 and ignores bit 4).
-template <bool FIFTH>
-BF16_TARGET inline __m512i k_word_index(__m512i nib, __m512i qhw, int s) {
-  if (!FIFTH) return nib;
+// Q5_K: 32 bytes of nibbles are sub-blocks 2j (low) and 2j+1 (high); the fifth bits (qh byte l, bit
+// s: weight l of sub-block s) are shifted to bit 4 of each word and merged in with one bit-select;
+// vpermw reads 5 index bits, so the table holds bf16(0 .. 31). (Q4_K has its own kernel below.)
+BF16_TARGET inline __m512i q5_word_index(__m512i nib, __m512i qhw, int s) {
   const __m512i sh = s < 4 ? _mm512_slli_epi16(qhw, 4 - s) : _mm512_srli_epi16(qhw, s - 4);
   return _mm512_ternarylogic_epi32(_mm512_set1_epi16(0xF), nib, sh, 0xCA);  // (nib & 15) | (sh & ~15)
 }
@@ -308,24 +301,24 @@ struct Q5Bf16Consts {
   }
 };
 
-template <bool FIFTH, int NR>
-BF16_TARGET inline void qk_rows_bf16(__m512i table, const uint16_t* xb, const float* xs, const uint8_t* w,
-                                     int64_t K, int64_t n0, float* y) {
-  constexpr int64_t B = FIFTH ? 176 : 144, QS = FIFTH ? 48 : 16;
+template <int NR>
+BF16_TARGET inline void q5k_rows_bf16(__m512i table, const uint16_t* xb, const float* xs, const uint8_t* w,
+                                      int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = 176, QS = 48;
   const int64_t rb = K / 256 * B, nb = K / 256;
   const uint8_t* wb = w + n0 * rb;
-  __m512 acc[NR];
+  // two sums per row, sub-block pairs j even / odd: one sum took 8 dependent FMAs a block, and a
+  // row read alone (rows_one_by_one) waited on them
+  __m512 acc[2][NR];
   __m256 off[NR];   // dmin * mn * (sum of the sub-block's x), 8 sub-blocks in 8 lanes
-  for (int r = 0; r < NR; ++r) { acc[r] = _mm512_setzero_ps(); off[r] = _mm256_setzero_ps(); }
+  for (int r = 0; r < NR; ++r) { acc[0][r] = acc[1][r] = _mm512_setzero_ps(); off[r] = _mm256_setzero_ps(); }
   alignas(32) float sc[NR][8];
   for (int64_t i = 0; i < nb; ++i) {
     prefetch_rows<NR>(wb, rb, i * B, B);
     const __m256 xs8 = _mm256_loadu_ps(xs + 8 * i);
     for (int r = 0; r < NR; ++r) {  // the rows' scales first, so x is loaded once for all rows
       const uint8_t* b = wb + r * rb + i * B;
-      alignas(16) uint8_t sm[16];
-      scales_mins_k4(b + 4, sm);
-      const __m128i smv = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
+      const __m128i smv = scales_mins_simd(b + 4);
       _mm256_store_ps(sc[r], _mm256_mul_ps(_mm256_set1_ps(f16(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv))));
       const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)));
       off[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(f16(b + 2)), mn), xs8, off[r]);
@@ -336,14 +329,13 @@ BF16_TARGET inline void qk_rows_bf16(__m512i table, const uint16_t* xb, const fl
       for (int r = 0; r < NR; ++r) {
         const uint8_t* b = wb + r * rb + i * B;
         const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + QS + 32 * j)));
-        const __m512i qhw = FIFTH ? _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)))
-                                  : _mm512_setzero_si512();
-        const __m512i wl = _mm512_permutexvar_epi16(k_word_index<FIFTH>(v, qhw, 2 * j), table);
-        const __m512i wh = _mm512_permutexvar_epi16(k_word_index<FIFTH>(_mm512_srli_epi16(v, 4), qhw, 2 * j + 1), table);
+        const __m512i qhw = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+        const __m512i wl = _mm512_permutexvar_epi16(q5_word_index(v, qhw, 2 * j), table);
+        const __m512i wh = _mm512_permutexvar_epi16(q5_word_index(_mm512_srli_epi16(v, 4), qhw, 2 * j + 1), table);
         const __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)xl);
         const __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wh, (__m512bh)xh);
-        acc[r] = _mm512_fmadd_ps(d0, _mm512_set1_ps(sc[r][2 * j]), acc[r]);
-        acc[r] = _mm512_fmadd_ps(d1, _mm512_set1_ps(sc[r][2 * j + 1]), acc[r]);
+        const __m512 t = _mm512_fmadd_ps(d1, _mm512_set1_ps(sc[r][2 * j + 1]), _mm512_mul_ps(d0, _mm512_set1_ps(sc[r][2 * j])));
+        acc[j & 1][r] = _mm512_add_ps(acc[j & 1][r], t);
       }
     }
   }
@@ -353,7 +345,7 @@ BF16_TARGET inline void qk_rows_bf16(__m512i table, const uint16_t* xb, const fl
     _mm256_store_ps(t, o);
     float s = 0.f;
     for (float v : t) s += v;
-    y[n0 + r] = _mm512_reduce_add_ps(acc[r]) - s;
+    y[n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) - s;
   }
 }
 
@@ -378,8 +370,8 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
   const int64_t rb = K / 256 * B, nb = K / 256;
   const uint8_t* wb = w + n0 * rb;
   const __m512i m15 = _mm512_set1_epi16(0xF);
-  __m512 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[2][NR];   // groups 0-1 / 2-3 of each half: two short chains a row, as in q5k_rows_bf16
+  for (int r = 0; r < NR; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
   for (int64_t i = 0; i < nb; ++i) {
     prefetch_rows<NR>(wb, rb, i * B, B);
     for (int r = 0; r < NR; ++r) {
@@ -400,19 +392,122 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
                               _mm512_ternarylogic_epi32(m15, l1, _mm512_slli_epi16(qh, 2), 0xCA),
                               _mm512_ternarylogic_epi32(m15, _mm512_srli_epi16(l0, 4), qh, 0xCA),
                               _mm512_ternarylogic_epi32(m15, _mm512_srli_epi16(l1, 4), _mm512_srli_epi16(qh, 2), 0xCA)};
+        __m512 part[4];
 #pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) {
           const __m512i wv = _mm512_permutex2var_epi16(c.lo, q[g], c.hi);
           const int e = 128 * h + 32 * g;
-          const __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xb + 256 * i + e));
+          part[g] = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wv, (__m512bh)_mm512_loadu_si512(xb + 256 * i + e));
           // scales of sub-blocks e/16 (lanes 0-7) and e/16 + 1 (lanes 8-15)
           const __m512 scv = _mm512_permutexvar_ps(_mm512_add_epi32(c.pair, _mm512_set1_epi32(e / 16)), s16);
-          acc[r] = _mm512_fmadd_ps(dot, scv, acc[r]);
+          part[g] = g % 2 ? _mm512_fmadd_ps(part[g], scv, part[g - 1]) : _mm512_mul_ps(part[g], scv);
         }
+        acc[0][r] = _mm512_add_ps(acc[0][r], part[1]);
+        acc[1][r] = _mm512_add_ps(acc[1][r], part[3]);
       }
     }
   }
-  for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < NR; ++r) y[n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]));
+}
+
+// ---- Q4_K on bf16 x, 128 weights a step -------------------------------------------------------
+// 64 bytes of nibbles (runs j, j+1 of 32 bytes) load as one zmm of 32 words; the four nibbles of
+// each word (even byte low/high, odd byte low/high) become four bf16 vectors with one shift and one
+// bit-select each: bits 0x4300 | q are exactly 128 + q, and each product starts from -128 times its
+// lane's x (k4_x_bias). Their weights are x's in a fixed interleaved order (k4_x_order), so x is permuted
+// once per call and each pair of words a dot product sums stays in one sub-block: lanes 0-7 of a
+// product are sub-block 2j (+1 for the high nibbles), lanes 8-15 sub-block 2j+2 (+1). Two products
+// share a scale vector, so a block costs 4 scale FMAs, not the 16 broadcast multiply-adds of
+// q5k_rows_bf16's loop.
+// A standalone copy of the two loops, 256 rows of K 2048 in L2, one thread: 10.4-11.2 -> 13.5-17.5 GB/s;
+// streamed from memory at 2 threads the gain is ~5-10% (docs/BENCHMARKS.md).
+
+// Word w of x's 128-word chunk c (c = 0, 1 of a 256-block) in the order the kernel's four vectors
+// read it: vectors A, B, C, D = words [0, 32), [32, 64), [64, 96), [96, 128).
+BF16_TARGET inline void k4_x_order(const uint16_t* xb, int64_t K, uint16_t* xk) {
+  alignas(64) static const uint16_t lo[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                              32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+  // A: even words of x[0, 32) then of x[64, 96); B: of x[32, 64), x[96, 128); C, D: the odd words
+  const __m512i ie = _mm512_load_si512(lo), io = _mm512_add_epi16(ie, _mm512_set1_epi16(1));
+  for (int64_t c = 0; c < K; c += 128) {
+    const __m512i x0 = _mm512_loadu_si512(xb + c), x1 = _mm512_loadu_si512(xb + c + 32);
+    const __m512i x2 = _mm512_loadu_si512(xb + c + 64), x3 = _mm512_loadu_si512(xb + c + 96);
+    _mm512_storeu_si512(xk + c, _mm512_permutex2var_epi16(x0, ie, x2));
+    _mm512_storeu_si512(xk + c + 32, _mm512_permutex2var_epi16(x1, ie, x3));
+    _mm512_storeu_si512(xk + c + 64, _mm512_permutex2var_epi16(x0, io, x2));
+    _mm512_storeu_si512(xk + c + 96, _mm512_permutex2var_epi16(x1, io, x3));
+  }
+}
+
+// -128 times the sums of x each product lane of q4k_rows_bf16 reads (K / 4 floats: per 128 words,
+// 16 lanes for the (A, C) products, then 16 for (B, D)), from xk. The products start from them, so
+// each lane's 128s cancel inside its own four exact products; taken off once a block with the other
+// offsets instead, fp32 rounding at 128 times the scale flipped enough bf16 roundings downstream to
+// double a small model's logit error (the native-model test: 0.006 -> 0.011).
+BF16_TARGET inline void k4_x_bias(const uint16_t* xk, int64_t K, float* xn) {
+  const __m512i m128 = _mm512_set1_epi16(static_cast<int16_t>(0xC300));   // bf16 -128
+  for (int64_t c = 0; c < K; c += 128) {
+    const __m512i* v = reinterpret_cast<const __m512i*>(xk + c);
+    const __m512 ac = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)m128, (__m512bh)_mm512_loadu_si512(v)),
+                                       (__m512bh)m128, (__m512bh)_mm512_loadu_si512(v + 2));
+    const __m512 bd = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)m128, (__m512bh)_mm512_loadu_si512(v + 1)),
+                                       (__m512bh)m128, (__m512bh)_mm512_loadu_si512(v + 3));
+    _mm512_storeu_ps(xn + c / 4, ac);
+    _mm512_storeu_ps(xn + c / 4 + 16, bd);
+  }
+}
+
+template <int NR>
+BF16_TARGET inline void q4k_rows_bf16(const uint16_t* xk, const float* xn, const float* xs, const uint8_t* w,
+                                      int64_t K, int64_t n0, float* y) {
+  constexpr int64_t B = 144;
+  const int64_t rb = K / 256 * B, nb = K / 256;
+  const uint8_t* wb = w + n0 * rb;
+  const __m512i m15 = _mm512_set1_epi16(0xF), bias = _mm512_set1_epi16(0x4300);
+  // scale lanes of the (A, C) / (B, D) products of chunk c: [sc[4c] x8, sc[4c+2] x8] / [sc[4c+1] x8, sc[4c+3] x8]
+  const __m512i iac[2] = {_mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0),
+                          _mm512_set_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4)};
+  const __m512i ibd[2] = {_mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1),
+                          _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 5, 5, 5, 5, 5, 5, 5, 5)};
+  __m512 acc[2][NR];
+  __m256 off[NR];   // dmin * mn * (sum of the sub-block's x), 8 sub-blocks in 8 lanes
+  for (int r = 0; r < NR; ++r) { acc[0][r] = acc[1][r] = _mm512_setzero_ps(); off[r] = _mm256_setzero_ps(); }
+  for (int64_t i = 0; i < nb; ++i) {
+    prefetch_rows<NR>(wb, rb, i * B, B);
+    const __m256 xs8 = _mm256_loadu_ps(xs + 8 * i);
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* b = wb + r * rb + i * B;
+      const __m128i smv = scales_mins_simd(b + 4);
+      const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int*>(b)));   // d, dmin
+      const __m256 scv = _mm256_mul_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv)));
+      const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8)));
+      off[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dd)), mn), xs8, off[r]);
+      const __m512 sz = _mm512_castps256_ps512(scv);
+#pragma GCC unroll 2
+      for (int c = 0; c < 2; ++c) {
+        const uint16_t* xp = xk + 256 * i + 128 * c;
+        const float* np = xn + 64 * i + 32 * c;
+        const __m512i v = _mm512_loadu_si512(b + 16 + 64 * c);
+        const __m512i wa = _mm512_ternarylogic_epi32(m15, v, bias, 0xEA);   // (v & 15) | 0x4300
+        const __m512i wb4 = _mm512_ternarylogic_epi32(m15, _mm512_srli_epi16(v, 4), bias, 0xEA);
+        const __m512i wc = _mm512_ternarylogic_epi32(m15, _mm512_srli_epi16(v, 8), bias, 0xEA);
+        const __m512i wd = _mm512_or_si512(_mm512_srli_epi16(v, 12), bias);
+        __m512 ac = _mm512_dpbf16_ps(_mm512_loadu_ps(np), (__m512bh)wa, (__m512bh)_mm512_loadu_si512(xp));
+        __m512 bd = _mm512_dpbf16_ps(_mm512_loadu_ps(np + 16), (__m512bh)wb4, (__m512bh)_mm512_loadu_si512(xp + 32));
+        ac = _mm512_dpbf16_ps(ac, (__m512bh)wc, (__m512bh)_mm512_loadu_si512(xp + 64));
+        bd = _mm512_dpbf16_ps(bd, (__m512bh)wd, (__m512bh)_mm512_loadu_si512(xp + 96));
+        acc[0][r] = _mm512_fmadd_ps(ac, _mm512_permutexvar_ps(iac[c], sz), acc[0][r]);
+        acc[1][r] = _mm512_fmadd_ps(bd, _mm512_permutexvar_ps(ibd[c], sz), acc[1][r]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, off[r]);
+    float s = 0.f;
+    for (float v : t) s += v;
+    y[n0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) - s;
+  }
 }
 
 // Rows [b0 * ROWS, b1 * ROWS) of y for a bf16_kind, from block_prep_bf16's inputs.
@@ -421,13 +516,23 @@ BF16_TARGET void q_blocks_bf16(int64_t kind, const uint16_t* xb, const float* xs
   static const Int4Bf16Consts c;
   static const Q6Bf16Consts c6;
   static const Q5Bf16Consts c5;
+  // Q4_K reads x in k4_x_order: permuted here, per call (K words, a few hundred cycles beside the rows)
+  thread_local std::vector<uint16_t> xk_buf;
+  thread_local std::vector<float> xn_buf;
+  if (kind == KIND_Q4_K) {
+    if (static_cast<int64_t>(xk_buf.size()) < K) { xk_buf.resize(K); xn_buf.resize(K / 4); }
+    k4_x_order(xb, K, xk_buf.data());
+    k4_x_bias(xk_buf.data(), K, xn_buf.data());
+  }
+  const uint16_t* xk = xk_buf.data();
+  const float* xn = xn_buf.data();
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * ROWS;
     const bool full = N - n0 >= ROWS && !rows_one_by_one(K * 2);
     for (int64_t n = n0; n < (full ? n0 + 1 : std::min(N, n0 + ROWS)); ++n) {
       if (kind == KIND_Q6_K) { if (full) q6k_rows_bf16<ROWS>(c6, xb, w, K, n, y); else q6k_rows_bf16<1>(c6, xb, w, K, n, y); }
-      else if (kind == KIND_Q4_K) { if (full) qk_rows_bf16<false, ROWS>(c.table, xb, xs, w, K, n, y); else qk_rows_bf16<false, 1>(c.table, xb, xs, w, K, n, y); }
-      else if (kind == KIND_Q5_K) { if (full) qk_rows_bf16<true, ROWS>(c5.table, xb, xs, w, K, n, y); else qk_rows_bf16<true, 1>(c5.table, xb, xs, w, K, n, y); }
+      else if (kind == KIND_Q4_K) { if (full) q4k_rows_bf16<ROWS>(xk, xn, xs, w, K, n, y); else q4k_rows_bf16<1>(xk, xn, xs, w, K, n, y); }
+      else if (kind == KIND_Q5_K) { if (full) q5k_rows_bf16<ROWS>(c5.table, xb, xs, w, K, n, y); else q5k_rows_bf16<1>(c5.table, xb, xs, w, K, n, y); }
       else if (kind == KIND_Q4_1) { if (full) q4_rows_bf16<true, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<true, 1>(c, xb, xs8, w, K, n, y); }
       else { if (full) q4_rows_bf16<false, ROWS>(c, xb, xs8, w, K, n, y); else q4_rows_bf16<false, 1>(c, xb, xs8, w, K, n, y); }
     }

@@ -105,7 +105,7 @@ void dequant_block(int64_t kind, const uint8_t* b, float* o) {
       const bool fifth = kind == KIND_Q5_K;
       const float d = f16(b), dmin = f16(b + 2);
       alignas(16) uint8_t sm[16];
-      scales_mins_k4(b + 4, sm);
+      _mm_store_si128(reinterpret_cast<__m128i*>(sm), scales_mins_simd(b + 4));
       const uint8_t* qs = b + (fifth ? 48 : 16);
       const __m512i h0 = fifth ? u8x16i(b + 16) : _mm512_setzero_si512(), h1 = fifth ? u8x16i(b + 32) : _mm512_setzero_si512();
       const __m512i one = _mm512_set1_epi32(1);

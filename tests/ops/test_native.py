@@ -56,6 +56,23 @@ def test_wide_rows_go_in_fours_and_still_match_float64(t, path):
     assert rel(lin(xb), w64 @ xb.double()) < 1e-2   # bf16 output (and, on the torch path, bf16 sums)
 
 
+@needs_kernels
+@pytest.mark.parametrize("t", NATIVE_TYPES)
+@pytest.mark.parametrize("k", [2048, 8448])
+def test_bf16_dot_products_keep_fp32_sums(t, k):
+    """The bf16-x kernels' unrounded fp32 outputs (a head's logits) equal W x in float64 for W the
+    file's exact values and x the bf16 values, up to fp32 summation: rows one by one (K 2048) and in
+    fours (K 8448), 9 rows with a tail. Q4_K reads 128 + q and starts each product from -128 x, so a
+    sloppy cancellation of the 128s would show here first."""
+    kernels.set_enabled(True)
+    bt = random_blocks(t, 9, k, seed=11)
+    lin = make_linear(bt, None, "native")
+    xb = torch.randn(k, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    y = lin.logits(xb.reshape(1, 1, k))
+    assert y.dtype == torch.float32
+    assert rel(y.reshape(9), reference(bt) @ xb.double()) < 1e-6   # measured 0.6-3.8e-7
+
+
 @pytest.mark.parametrize("t", NATIVE_TYPES)
 def test_bf16_activations_within_bf16_rounding(t, path):
     bt = random_blocks(t, 64, 256, seed=2)

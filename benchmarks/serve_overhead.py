@@ -88,7 +88,10 @@ class ReplayNet:
         self.spec, self.ids, self.pace_s, self.i = net.spec, ids, pace_s, 0
         self.vocab = net.spec.vocab_size
 
-    def forward_ragged(self, ids, r, kv, want=None):
+    def chunks_as_rows(self, kv) -> bool:
+        return False
+
+    def forward_ragged(self, ids, r, kv, want=None, chunks_as_rows=False):
         import torch
 
         if self.pace_s:
@@ -137,6 +140,8 @@ def replay(engine, model: str, tokens: int, requests: int, rounds: int, pace_s: 
             s = served(url, model, tokens, requests)
             cpu, wall, th1 = time.process_time() - c0, time.perf_counter() - t0, thread_cpu()
             n = s["completion_tokens"]
+            if not n:
+                sys.exit(f"serve_overhead: the served request returned no tokens: {s.get('errors')}")
             per_thread = {k: round((v - th0.get(k, 0.0)) / n * 1e6, 1) for k, v in th1.items()}
             out.append({"server_cpu_us_per_token": round(cpu / n * 1e6, 1), "tokens": n,
                         "by_thread_us_per_token": {k: v for k, v in per_thread.items() if v > 0},

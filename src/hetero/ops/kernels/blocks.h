@@ -419,7 +419,7 @@ BF16_TARGET inline void q6k_rows_bf16(const Q6Bf16Consts& c, const uint16_t* xb,
 // product are sub-block 2j (+1 for the high nibbles), lanes 8-15 sub-block 2j+2 (+1). Two products
 // share a scale vector, so a block costs 4 scale FMAs, not the 16 broadcast multiply-adds of
 // q5k_rows_bf16's loop.
-// A standalone copy of the two loops, 256 rows of K 2048 in L2, one thread: 10.4-11.2 -> 13.5-17.5 GB/s;
+// A standalone copy of the two loops, 256 rows of K 2048 in L2, one thread: 10.3-12.1 -> 13.3-17.5 GB/s;
 // streamed from memory at 2 threads the gain is ~5-10% (docs/BENCHMARKS.md).
 
 // Word w of x's 128-word chunk c (c = 0, 1 of a 256-block) in the order the kernel's four vectors
@@ -441,9 +441,9 @@ BF16_TARGET inline void k4_x_order(const uint16_t* xb, int64_t K, uint16_t* xk) 
 
 // -128 times the sums of x each product lane of q4k_rows_bf16 reads (K / 4 floats: per 128 words,
 // 16 lanes for the (A, C) products, then 16 for (B, D)), from xk. The products start from them, so
-// each lane's 128s cancel inside its own four exact products; taken off once a block with the other
-// offsets instead, fp32 rounding at 128 times the scale flipped enough bf16 roundings downstream to
-// double a small model's logit error (the native-model test: 0.006 -> 0.011).
+// each lane's 128s cancel inside its own four exact products. Taken off once a block with the other
+// offsets instead, the fp32 sums carried 128 times the magnitude: a GEMV's outputs were 10x noisier
+// (8e-6 of their size against 6e-7), enough to flip bf16 roundings in a small model's logits.
 BF16_TARGET inline void k4_x_bias(const uint16_t* xk, int64_t K, float* xn) {
   const __m512i m128 = _mm512_set1_epi16(static_cast<int16_t>(0xC300));   // bf16 -128
   for (int64_t c = 0; c < K; c += 128) {

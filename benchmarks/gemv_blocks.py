@@ -2,6 +2,9 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/gemv_blocks.py [--threads 2] [--rounds 7]
 
+"T i8" columns: the same kernel call with int8 activations (kernels.set_act_int8: the VNNI loops
+of blocks_i8.h for Q8_0, Q4_0, Q4_1, Q4_K).
+
 Same matrices for every kernel ([5632, 2048] and [2048, 5632], a 1B model's MLP), bf16 and fp32
 activations. Each kernel cycles over copies of its matrix totalling > 100 MB (past any L3, so every
 call streams from DRAM); kernels are interleaved round by round and each keeps its best round, so a
@@ -20,6 +23,7 @@ from hetero.ops.linear import Int4Linear
 
 SPAN = 100e6
 TYPES = ("Q4_1", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+INT8_TYPES = ("Q4_1", "Q4_0", "Q8_0", "Q4_K")   # those with an int8-activation loop
 
 
 def blocks_of(w: torch.Tensor, t: str) -> BlockTensor:
@@ -28,6 +32,14 @@ def blocks_of(w: torch.Tensor, t: str) -> BlockTensor:
     n, k = w.shape
     block, size = SIZES[t]   # K types: random bytes (the rate does not depend on the values)
     return BlockTensor(t, torch.randint(0, 256, (n, k // block * size), dtype=torch.uint8), (n, k))
+
+
+def int8_call(m, x, data, kind, k):
+    m.set_act_int8(True)
+    try:
+        return m.gemv_gguf(x, data, kind, k)
+    finally:
+        m.set_act_int8(False)
 
 
 def main() -> None:
@@ -53,6 +65,9 @@ def main() -> None:
             calls = {"int4": lambda i: m.gemv_int4(x, *copies["int4"][0][i % len(copies["int4"][0])])}
             for t in TYPES:
                 calls[t] = (lambda i, d=copies[t][0], kd=kinds[t.lower()]: m.gemv_gguf(x, d[i % len(d)], kd, k))
+            for t in INT8_TYPES if hasattr(m, "set_act_int8") else ():
+                copies[f"{t} i8"] = copies[t]
+                calls[f"{t} i8"] = (lambda i, d=copies[t][0], kd=kinds[t.lower()]: int8_call(m, x, d[i % len(d)], kd, k))
             best = dict.fromkeys(calls, float("inf"))
             for _ in range(a.rounds):
                 for name, f in calls.items():

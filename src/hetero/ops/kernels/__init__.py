@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 # One extension from these sources; every header is hashed too (the build key).
 SOURCES = tuple(HERE / n for n in ("gemv.cpp", "gemv_blocks.cpp", "gemm_rows.cpp", "decode_ops.cpp", "decode_stack.cpp",
                                      "decode_rows.cpp", "experts.cpp", "module.cpp"))
-HEADERS = tuple(HERE / n for n in ("kernels.h", "common.h", "rows.h", "blocks.h", "decode_math.h", "stack_lin.h", "tiles.h",
+HEADERS = tuple(HERE / n for n in ("kernels.h", "common.h", "rows.h", "blocks.h", "decode_math.h", "stack_lin.h", "tiles.h", "blocks_i8.h",
                                    "rows_math.h"))
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512dq", "-mfma", "-mf16c"]
@@ -163,7 +163,29 @@ def get():
     """The compiled kernel module, or None when unavailable (the caller falls back to torch)."""
     if "mod" not in _state:
         _state["mod"], _state["reason"] = _load()
+        if _state["mod"] is not None and os.environ.get(DECODE_ACT_ENV, "").strip().lower() == "int8":
+            _state["mod"].set_act_int8(True)
     return _state["mod"]
+
+
+# HETERO_DECODE_ACT=int8: decode GEMVs over Q8_0 / Q4_0 / Q4_1 / Q4_K blocks round x to int8 (one
+# scale per 32 values; per 256 for Q4_K, as llama.cpp rounds them) and run VNNI integer dot products
+# (kernels/blocks_i8.h): ~1.3-1.6x the bf16 loops' weight rate. Off by default: it changes decode numerics.
+DECODE_ACT_ENV = "HETERO_DECODE_ACT"
+
+
+def set_decode_act(mode: str) -> None:
+    """'int8' or 'bf16' (the default) for every decode GEMV over GGUF blocks in this process."""
+    if mode not in ("int8", "bf16"):
+        raise ValueError(f"decode activations: 'int8' or 'bf16', not {mode!r}")
+    mod = get()
+    if mod is not None and hasattr(mod, "set_act_int8"):
+        mod.set_act_int8(mode == "int8")
+
+
+def decode_act() -> str:
+    mod = get()
+    return "int8" if mod is not None and hasattr(mod, "act_int8") and mod.act_int8() else "bf16"
 
 
 def status() -> dict:
@@ -174,6 +196,7 @@ def status() -> dict:
             "gemv": list(SERVED) if mod is not None else [],
             "fused_decode": mod is not None,
             "int4_bf16_dot": bool(mod.has_bf16_dot()) if mod is not None else False,
+            "decode_act": decode_act(),
             "reason": _state.get("reason"),
             "log": str(log) if log.exists() else None,
             "build": str(_state["path"]) if _state.get("path") else None}

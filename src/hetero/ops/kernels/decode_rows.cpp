@@ -102,6 +102,13 @@ void lin_rows_m(const Lin& L, const Input* in, int64_t M, int64_t c0, int64_t c1
       const uint8_t* w = static_cast<const uint8_t*>(p.w);
       auto rin = [&](int64_t m) { return BlockRowsIn{in[m].x, in[m].xb, in[m].xs8}; };
       auto out = [&](int64_t m) { return y[m] + (a - c0); };
+      if (const int f = i8_kind(p.kind, K); f != I8_NONE) {   // int8 activations: every row's in one pass
+        std::vector<XI8> xv(M);
+        std::vector<float*> ys(M);
+        for (int64_t m = 0; m < M; ++m) { xv[m] = in[m].i8[f]; ys[m] = out(m); }
+        i8_rows_chunked(p.kind, xv.data(), M, w + (a - p.n0) * block_row_bytes(p.kind, K), K, ys.data(), 0, b - a);
+        continue;
+      }
       // (block linears run bf16 activations: add_layer checks it)
       if (block_tiles(p.kind, K, true, M, rin, w, a - p.n0, b - p.n0, out)) continue;
       const uint8_t* wp = w + (a - p.n0) * block_row_bytes(p.kind, K);
@@ -124,10 +131,15 @@ struct RowInputs {
   std::vector<float> xs, xs8;
   std::vector<uint16_t> xb, xp;
   std::vector<Input> in;
+  std::vector<XI8Buf> i8;
   RowInputs(int64_t M, int64_t width) : xs(M * width / 32), xs8(M * width / 4), xb(M * width), xp(M * width) {
-    for (int64_t m = 0; m < M; ++m)
+    i8.reserve(M);
+    for (int64_t m = 0; m < M; ++m) {
       in.push_back({nullptr, xs.data() + m * width / 32, xb.data() + m * width, xs8.data() + m * width / 4,
-                    xp.data() + m * width});
+                    xp.data() + m * width, {}});
+      i8.emplace_back(width);
+      bind_i8(in.back(), i8.back());
+    }
   }
 };
 

@@ -110,7 +110,9 @@ void DecodeStack::run(T* x, int64_t pos, int64_t L, const T* c, const T* s, std:
     std::vector<float> h(width_, 0.f), xs(width_ / 32), xs8(width_ / 4), q(D), p(pos + 1),
         y(2 * round_up(std::max({E, I, (H + 2 * K) * D}), ROWS));
     std::vector<uint16_t> xb(width_), xp(width_);
-    Input in{nullptr, xs.data(), xb.data(), xs8.data(), xp.data()};
+    Input in{nullptr, xs.data(), xb.data(), xs8.data(), xp.data(), {}};
+    XI8Buf i8buf(width_);
+    bind_i8(in, i8buf);
     int64_t n0, n1;
     // this thread's share of lin's rows over src, added into the residual stream x
     auto rows_into_residual = [&](const Lin& lin, const float* src) {

@@ -2,6 +2,12 @@
 #include "kernels.h"
 #include "blocks.h"
 #include "tiles.h"
+#include "blocks_i8.h"
+#include <atomic>
+
+namespace { std::atomic<bool> g_act_int8{false}; }
+void set_act_int8(bool on) { g_act_int8 = on; }
+bool act_int8() { return g_act_int8; }
 
 // x: K values (fp32 or bf16; y in x's dtype, or fp32 with fp32_out: unrounded logits), data: [N, row bytes] uint8 blocks of `kind` -> [N].
 torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out) {
@@ -13,7 +19,18 @@ torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64
   const uint8_t* w = data.data_ptr<uint8_t>();
   // bf16 activations take the BF16 dot-product kernel where there is one (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)
   const bool dot_bf16 = x.scalar_type() == torch::kBFloat16 && bf16_kind(kind, K);
+  const int f8 = i8_kind(kind, K);
   return with_act(x, K, N, fp32_out, [&](const float* xp, float* yp) {
+    if (f8 != I8_NONE) {
+      XI8Buf buf(K);
+      const XI8 v = buf.view(f8);
+      i8_prep(f8, xp, K, v);
+      at::parallel_for(0, (N + ROWS - 1) / ROWS, 16, [&](int64_t b0, int64_t b1) {
+        float* ys[1] = {yp};
+        i8_rows(kind, &v, 1, w, K, ys, b0 * ROWS, std::min(N, b1 * ROWS));
+      });
+      return;
+    }
     std::vector<float> xs(K / 32);
     if (dot_bf16) {
       std::vector<uint16_t> xb(K);
@@ -47,6 +64,22 @@ torch::Tensor gemm_rows_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, 
   const bool dot_bf16 = bf16_x && bf16_kind(kind, K);   // Q8_0 reads fp32 x, as gemv_gguf does
   auto xf = x.to(torch::kFloat32).contiguous();
   const float* xp = xf.data_ptr<float>();
+  const int f8 = i8_kind(kind, K);
+  if (f8 != I8_NONE) {   // int8 activations: each weight row unpacked once for 8 activation rows
+    std::vector<XI8Buf> bufs;
+    std::vector<XI8> v;
+    bufs.reserve(M);
+    for (int64_t m = 0; m < M; ++m) { bufs.emplace_back(K); v.push_back(bufs.back().view(f8)); i8_prep(f8, xp + m * K, K, v.back()); }
+    auto yf = torch::empty({M, N}, xf.options());
+    float* yp = yf.data_ptr<float>();
+    std::vector<float*> ys(M);
+    for (int64_t m = 0; m < M; ++m) ys[m] = yp + m * N;
+    const int64_t ch = std::max<int64_t>(4, 24576 / block_row_bytes(kind, K));
+    at::parallel_for(0, (N + ch - 1) / ch, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) i8_rows_chunked(kind, v.data(), M, w, K, ys.data(), c * ch, std::min(N, (c + 1) * ch));
+    });
+    return fp32_out || !bf16_x ? yf : yf.to(torch::kBFloat16);
+  }
   std::vector<float> xs(M * (K / 32)), xs8(dot_bf16 ? M * (K / 4) : 0);
   std::vector<uint16_t> xb(dot_bf16 ? M * K : 0);
   for (int64_t m = 0; m < M; ++m) {

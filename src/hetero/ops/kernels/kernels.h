@@ -29,6 +29,12 @@ torch::Tensor gemm_rows_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, 
 torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out);
 torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);
 
+// Process-wide: whether the block GEMVs with an int8 loop (Q8_0, Q4_0, Q4_1, Q4_K: blocks_i8.h) round
+// x to int8 as llama.cpp does and run VNNI dot products (on), or keep bf16 / fp32 x (off, the default).
+// Single, batched and whole-stack steps read it alike, so a batched row keeps the single step's bits.
+void set_act_int8(bool on);
+bool act_int8();
+
 // ---- A MoE layer's k routed experts for one token, one call (experts.cpp) ---------------------
 torch::Tensor experts_ffn(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,
                           std::vector<torch::Tensor> down_w, std::vector<torch::Tensor> down_s,

@@ -112,9 +112,13 @@ inline void int4_prep_rows(const float* x, int64_t K, uint16_t* xb, float* xs8, 
 inline void prepare_rows(const Lin& L, const float* x, Input& in) {
   in.x = x;
   if (!L.parts.empty()) {
+    bool need[3];
+    const bool other = i8_needs(L, need);
+    prepare_i8(L, x, in, need);
+    if (!other) return;
     bool i4 = false, plain = false;
     for (const auto& p : L.parts)
-      if (bf16_kind(p.kind, L.K)) (int4_order(p.kind) ? i4 : plain) = true;
+      if (i8_kind(p.kind, L.K) == I8_NONE && bf16_kind(p.kind, L.K)) (int4_order(p.kind) ? i4 : plain) = true;
     if (i4) int4_prep_rows(x, L.K, in.xb, in.xs8, in.xs);
     else group_sums(x, L.K / 32, in.xs);
     if (plain) for (int64_t k = 0; k < L.K; k += 16) bf16_words(x + k, in.xp + k);

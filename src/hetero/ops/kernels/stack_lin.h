@@ -5,6 +5,7 @@
 #include "kernels.h"
 #include "rows.h"
 #include "blocks.h"
+#include "blocks_i8.h"
 
 using stack::Layer;
 using stack::Lin;
@@ -13,23 +14,47 @@ namespace {
 
 // A GEMV input as the row kernels read it: x (fp32, zero beyond the layer's input width) and, for
 // int4 and the GGUF block kinds, its per-group sums (xs) and its BF16 dot-product layouts: xb, xs8
-// (int4_prep_bf16's order: int4, Q4_0, Q4_1) and xp (plain bf16: the other block kinds).
+// (int4_prep_bf16's order: int4, Q4_0, Q4_1) and xp (plain bf16: the other block kinds); with int8
+// activations on, i8[f] holds x in int8 family f's layout (blocks_i8.h; bound by bind_i8).
 struct Input {
   const float* x;
   float* xs;
   uint16_t* xb;
   float* xs8;
   uint16_t* xp;
+  XI8 i8[3];
 };
+
+inline void bind_i8(Input& in, XI8Buf& b) { for (int f = 0; f < 3; ++f) in.i8[f] = b.view(f); }
+
+// Which int8 layouts L's parts read (none when int8 activations are off), into need[3]; true if
+// some part reads another layout.
+inline bool i8_needs(const Lin& L, bool* need) {
+  bool other = false;
+  for (int f = 0; f < 3; ++f) need[f] = false;
+  for (const auto& p : L.parts) {
+    const int f = i8_kind(p.kind, L.K);
+    if (f == I8_NONE) other = true; else need[f] = true;
+  }
+  return other;
+}
+
+inline void prepare_i8(const Lin& L, const float* x, Input& in, const bool* need) {
+  for (int f = 0; f < 3; ++f) if (need[f]) i8_prep(f, x, L.K, in.i8[f]);
+}
 
 inline bool int4_order(int64_t kind) { return kind == KIND_Q4_0 || kind == KIND_Q4_1; }
 
 void prepare(const Lin& L, const float* x, Input& in) {
   in.x = x;
   if (!L.parts.empty()) {  // block kinds: the layouts its parts read (a mixed linear may need both)
+    bool need[3];
+    const bool other = i8_needs(L, need);
+    prepare_i8(L, x, in, need);
+    if (!other) return;
     bool i4 = false, plain = false;
     for (const auto& p : L.parts)
-      if (bf16_kind(p.kind, L.K)) (int4_order(p.kind) ? i4 : plain) = true;
+      if (i8_kind(p.kind, L.K) == I8_NONE && bf16_kind(p.kind, L.K)) (int4_order(p.kind) ? i4 : plain) = true;
     if (i4) int4_prep_bf16(x, L.K, in.xb, in.xs8, in.xs);
     else group_sums(x, L.K / 32, in.xs);
     if (plain) bf16_bits(x, L.K, in.xp);
@@ -47,7 +72,10 @@ void block_rows(const Lin& L, const Input& in, int64_t n0, int64_t n1, float* y)
     if (a >= b) continue;
     const uint8_t* wp = static_cast<const uint8_t*>(p.w) + (a - p.n0) * block_row_bytes(p.kind, L.K);
     const int64_t N = b - a, blocks = (N + ROWS - 1) / ROWS;
-    if (bf16_kind(p.kind, L.K))
+    if (const int f = i8_kind(p.kind, L.K); f != I8_NONE) {
+      float* ys[1] = {y + (a - n0)};
+      i8_rows(p.kind, &in.i8[f], 1, wp, L.K, ys, 0, N);
+    } else if (bf16_kind(p.kind, L.K))
       q_blocks_bf16(p.kind, int4_order(p.kind) ? in.xb : in.xp, in.xs8, in.xs, wp, N, L.K, y + (a - n0), 0, blocks);
     else
       q_blocks(p.kind, in.x, in.xs, wp, N, L.K, y + (a - n0), 0, blocks);

@@ -1,0 +1,310 @@
+// GEMV rows over GGUF blocks as stored, on int8 activations (AVX512-VNNI): Q8_0, Q4_0, Q4_1, Q4_K.
+//
+// The weights stay the file's integers; x is rounded to int8 as llama.cpp rounds it for these
+// kinds: one scale per 32 values (Q8_0, Q4_0, Q4_1) or per 256 with per-32 sums (Q4_K, llama.cpp's
+// q8_K). Each block's integer dot is exact (int32), scaled once in fp32. vpdpbusd does 64 multiply-
+// adds per 512-bit operation, twice the bf16 pair products of blocks.h, and the per-block float work
+// is shared by four blocks (Q4_0/Q4_1) or a whole 256-block (Q4_K): these loops spend about half the
+// 512-bit operations per byte of the bf16 ones, which ran compute-bound near one thread's share of
+// the memory rate.
+//
+// Every loop takes NX activation rows: the weights are unpacked once and each row gets the same
+// operations in the same order as alone, so a batched step's row has the single step's bits.
+#pragma once
+#include "common.h"
+#include "blocks.h"
+
+#define I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni,f16c,fma")))
+
+namespace {
+
+bool cpu_has_i8dot() {
+  static const bool has = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+                          __builtin_cpu_supports("gfni");
+  return has;
+}
+
+// The three x layouts (families) the int8 loops read.
+enum I8Family : int { I8_NONE = -1, I8_Q8 = 0, I8_Q4 = 1, I8_K4 = 2 };
+
+inline int i8_family(int64_t kind, int64_t K) {
+  if (kind == KIND_Q8_0 && K % 64 == 0) return I8_Q8;
+  if ((kind == KIND_Q4_0 || kind == KIND_Q4_1) && K % 32 == 0) return I8_Q4;
+  if (kind == KIND_Q4_K && K % 256 == 0) return I8_K4;
+  return I8_NONE;
+}
+
+// Whether `kind` at width K runs on int8 activations now (the process-wide mode, and a CPU with it).
+inline int i8_kind(int64_t kind, int64_t K) { return act_int8() && cpu_has_i8dot() ? i8_family(kind, K) : I8_NONE; }
+
+// Sizes of one activation row's buffers (elements), for any family at width K.
+inline int64_t i8_q_len(int64_t K) { return round_up(K, 256); }
+inline int64_t i8_f_len(int64_t K) { return round_up(K, 256) / 4; }
+
+// One activation row as a family's loop reads it (K rounded up to 128 or 256 with zeros).
+//   Q8: q  natural order;  lane  per pair of blocks, 16 lanes (8 a block): dx, and c (-128 * sum q
+//       in the block's first lane: the loop adds 128 to the weights to make them unsigned).
+//   Q4: q  per 4 blocks: their weights 0-15, then 16-31 (the nibble order); 16 lanes (4 a block):
+//       dx, c (-8 * sum q, first lane), m (dx * sum q, first lane: Q4_1's offset term).
+//   K4: q  per 128: sub-blocks 4c, 4c+2 (the low nibbles of a 64-byte load), then 4c+1, 4c+3;
+//       d: dx per 256; bs: sum q per sub-block of 32.
+struct XI8 {
+  int8_t* q;
+  float* d;
+  int32_t* c;
+  float* m;
+  int16_t* bs;
+};
+
+// Per-group int8 rounding of x (G groups of `g` values): q, the scale per group, the sum per 32.
+I8_TARGET inline void quant_groups(const float* x, int64_t K, int64_t g, int8_t* q, float* dx, int32_t* s32) {
+  for (int64_t k0 = 0; k0 < K; k0 += g) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k0 + g; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    const float amax = _mm512_reduce_max_ps(mx), d = amax / 127.f;
+    dx[k0 / g] = d;
+    const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    for (int64_t k = k0; k < k0 + g; k += 32) {
+      const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));
+      const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k + 16), inv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(a));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k + 16), _mm512_cvtsepi32_epi8(b));
+      s32[k / 32] = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+    }
+  }
+}
+
+// x (K fp32) into family f's layout; scratch: K int8 + K / 32 floats and ints.
+I8_TARGET inline void i8_prep(int f, const float* x, int64_t K, const XI8& o) {
+  const int64_t nb = K / 32;
+  thread_local std::vector<int8_t> qn;
+  thread_local std::vector<float> dn;
+  thread_local std::vector<int32_t> sn;
+  qn.resize(K); dn.resize(nb); sn.resize(nb);
+  if (f == I8_K4) {
+    quant_groups(x, K, 256, qn.data(), o.d, sn.data());
+    for (int64_t i = 0; i < K / 256; ++i)
+      for (int c = 0; c < 2; ++c) {
+        const int8_t* src = qn.data() + 256 * i + 128 * c;
+        int8_t* dst = o.q + 256 * i + 128 * c;
+        std::memcpy(dst, src, 32); std::memcpy(dst + 32, src + 64, 32);
+        std::memcpy(dst + 64, src + 32, 32); std::memcpy(dst + 96, src + 96, 32);
+      }
+    for (int64_t b = 0; b < nb; ++b) o.bs[b] = static_cast<int16_t>(sn[b]);
+    return;
+  }
+  quant_groups(x, K, 32, qn.data(), dn.data(), sn.data());
+  if (f == I8_Q8) {
+    std::memcpy(o.q, qn.data(), K);
+    for (int64_t b = 0; b < nb; ++b)
+      for (int j = 0; j < 8; ++j) { o.d[8 * b + j] = dn[b]; o.c[8 * b + j] = j ? 0 : -128 * sn[b]; }
+    return;
+  }
+  const int64_t G = (nb + 3) / 4;   // Q4: groups of 4 blocks, the last padded with zero blocks
+  std::memset(o.q, 0, G * 128);
+  for (int64_t b = 0; b < 4 * G; ++b) {
+    const bool in = b < nb;
+    const int64_t g = b / 4, j = b % 4;
+    if (in) {
+      std::memcpy(o.q + 128 * g + 16 * j, qn.data() + 32 * b, 16);
+      std::memcpy(o.q + 128 * g + 64 + 16 * j, qn.data() + 32 * b + 16, 16);
+    }
+    for (int l = 0; l < 4; ++l) {
+      o.d[16 * g + 4 * j + l] = in ? dn[b] : 0.f;
+      o.c[16 * g + 4 * j + l] = in && !l ? -8 * sn[b] : 0;
+      o.m[16 * g + 4 * j + l] = in && !l ? dn[b] * static_cast<float>(sn[b]) : 0.f;
+    }
+  }
+}
+
+// The high nibble of each byte (a right shift by 4 per byte, in one GF(2) affine operation).
+I8_TARGET inline __m512i hi_nibbles(__m512i v) {
+  return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
+}
+
+// ---- Q8_0: two blocks a step --------------------------------------------------------------------
+template <int NX>
+I8_TARGET inline void q8_row_i8(const XI8* xs, const uint8_t* row, int64_t rb, int64_t K, float* const* y, int64_t n) {
+  constexpr int64_t B = 34;
+  const int64_t P = K / 64;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[NX];
+  for (int x = 0; x < NX; ++x) acc[x] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    prefetch_rows<1>(row, rb, 2 * B * p, 2 * B);
+    const uint8_t* b0 = row + 2 * B * p;
+    const __m512i w = _mm512_xor_si512(flip, _mm512_inserti64x4(  // w + 128: unsigned
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + B + 2)), 1));
+    int16_t h0, h1;   // the two blocks' scales in lanes 0-7 / 8-15
+    std::memcpy(&h0, b0, 2);
+    std::memcpy(&h1, b0 + B, 2);
+    const __m512 sc = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(h0)), _mm_set1_epi16(h1), 1));
+    for (int x = 0; x < NX; ++x) {
+      const __m512i t = _mm512_dpbusd_epi32(_mm512_loadu_si512(xs[x].c + 16 * p), w, _mm512_loadu_si512(xs[x].q + 64 * p));
+      acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc, _mm512_loadu_ps(xs[x].d + 16 * p)), acc[x]);
+    }
+  }
+  for (int x = 0; x < NX; ++x) y[x][n] = _mm512_reduce_add_ps(acc[x]);
+}
+
+// ---- Q4_0 / Q4_1: four blocks a step ------------------------------------------------------------
+// Two loads cover four blocks' bytes (72 or 80); one byte permute gathers their 64 nibble bytes, one
+// word permute their scales (four lanes each, as the dot product's lanes fall).
+template <bool M1>
+struct Q4I8Consts {
+  __m512i iq, id, im;
+  I8_TARGET Q4I8Consts() {
+    constexpr int B = M1 ? 20 : 18, OFF = M1 ? 4 : 2;
+    alignas(64) uint8_t q[64];
+    alignas(64) uint16_t d[32], m[32];
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < 16; ++i) q[16 * j + i] = static_cast<uint8_t>(B * j + OFF + i);
+    for (int l = 0; l < 32; ++l) {
+      const int j = (l % 16) / 4;
+      d[l] = static_cast<uint16_t>(B * j / 2);
+      m[l] = static_cast<uint16_t>(B * j / 2 + 1);
+    }
+    iq = _mm512_load_si512(q);
+    id = _mm512_load_si512(d);
+    im = _mm512_load_si512(m);
+  }
+};
+
+template <bool M1, int NX>
+I8_TARGET inline void q4_row_i8(const Q4I8Consts<M1>& c, const XI8* xs, const uint8_t* row, int64_t rb, int64_t K,
+                                float* const* y, int64_t n) {
+  constexpr int64_t B = M1 ? 20 : 18;
+  const int64_t nb = K / 32, G = (nb + 3) / 4;
+  const __m512i m15 = _mm512_set1_epi8(0xF);
+  __m512 acc[NX];
+  for (int x = 0; x < NX; ++x) acc[x] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    prefetch_rows<1>(row, rb, 4 * B * g, 4 * B);
+    const uint8_t* p = row + 4 * B * g;
+    const int64_t L = std::min<int64_t>(4, nb - 4 * g) * B;   // bytes of this step's blocks
+    const __mmask64 ma = L >= 64 ? ~0ULL : (1ULL << L) - 1, mb = L > 64 ? (1ULL << (L - 64)) - 1 : 0;
+    const __m512i a = _mm512_maskz_loadu_epi8(ma, p), b = _mm512_maskz_loadu_epi8(mb, p + 64);
+    const __m512i z = _mm512_permutex2var_epi8(a, c.iq, b);
+    const __m512i lo = _mm512_and_si512(z, m15), hi = hi_nibbles(z);
+    const __m512 dv = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(a, c.id, b)));
+    __m512 mv = _mm512_setzero_ps();
+    if (M1) mv = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(a, c.im, b)));
+    for (int x = 0; x < NX; ++x) {
+      const XI8& r = xs[x];
+      __m512i t = M1 ? _mm512_setzero_si512() : _mm512_loadu_si512(r.c + 16 * g);
+      t = _mm512_dpbusd_epi32(t, lo, _mm512_loadu_si512(r.q + 128 * g));
+      t = _mm512_dpbusd_epi32(t, hi, _mm512_loadu_si512(r.q + 128 * g + 64));
+      acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dv, _mm512_loadu_ps(r.d + 16 * g)), acc[x]);
+      if (M1) acc[x] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(r.m + 16 * g), acc[x]);
+    }
+  }
+  for (int x = 0; x < NX; ++x) y[x][n] = _mm512_reduce_add_ps(acc[x]);
+}
+
+// ---- Q4_K: a 256-block a step -------------------------------------------------------------------
+// The sub-block scales (6-bit integers) multiply inside the integer sums (vpmaddubsw pairs, then
+// vpdpwssd by a word vector of scales), so a block's float work is one convert and one FMA.
+struct K4I8Consts {
+  __m512i isc[4];   // byte permutes: scale s of sub-blocks (4c, 4c+2), (4c+1, 4c+3) into words
+  I8_TARGET K4I8Consts() {
+    const int subs[4][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}};
+    for (int v = 0; v < 4; ++v) {
+      alignas(64) uint8_t ix[64];
+      for (int i = 0; i < 64; ++i) ix[i] = static_cast<uint8_t>(subs[v][i / 32]);
+      isc[v] = _mm512_load_si512(ix);
+    }
+  }
+};
+
+template <int NX>
+I8_TARGET inline void q4k_row_i8(const K4I8Consts& c, const XI8* xs, const uint8_t* row, int64_t rb, int64_t K,
+                                 float* const* y, int64_t n) {
+  constexpr int64_t B = 144;
+  const int64_t nb = K / 256;
+  const __m512i m15 = _mm512_set1_epi8(0xF);
+  constexpr __mmask64 even = 0x5555555555555555ULL;
+  __m512 acc[NX];
+  __m128 off[NX];
+  for (int x = 0; x < NX; ++x) { acc[x] = _mm512_setzero_ps(); off[x] = _mm_setzero_ps(); }
+  for (int64_t i = 0; i < nb; ++i) {
+    prefetch_rows<1>(row, rb, B * i, B);
+    const uint8_t* b = row + B * i;
+    const __m128i smv = scales_mins_simd(b + 4);
+    const __m512i sz = _mm512_castsi128_si512(smv);
+    __m512i sc[4];
+    for (int v = 0; v < 4; ++v) sc[v] = _mm512_maskz_permutexvar_epi8(even, c.isc[v], sz);
+    const __m128i mn = _mm_cvtepu8_epi16(_mm_srli_si128(smv, 8));
+    const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int*>(b)));   // d, dmin
+    const __m512i v0 = _mm512_loadu_si512(b + 16), v1 = _mm512_loadu_si512(b + 80);
+    const __m512i w[4] = {_mm512_and_si512(v0, m15), hi_nibbles(v0), _mm512_and_si512(v1, m15), hi_nibbles(v1)};
+    for (int x = 0; x < NX; ++x) {
+      const XI8& r = xs[x];
+      const int8_t* q = r.q + 256 * i;
+      __m512i s = _mm512_setzero_si512();
+      for (int v = 0; v < 4; ++v)
+        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(w[v], _mm512_loadu_si512(q + 64 * v)), sc[v]);
+      const __m128 ddx = _mm_mul_ps(dd, _mm_set1_ps(r.d[i]));
+      acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_broadcastss_ps(ddx), acc[x]);
+      const __m128i mi = _mm_madd_epi16(mn, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.bs + 8 * i)));
+      off[x] = _mm_fmadd_ps(_mm_cvtepi32_ps(mi), _mm_shuffle_ps(ddx, ddx, 0x55), off[x]);
+    }
+  }
+  for (int x = 0; x < NX; ++x) {
+    alignas(16) float t[4];
+    _mm_store_ps(t, off[x]);
+    y[x][n] = _mm512_reduce_add_ps(acc[x]) - (t[0] + t[1] + t[2] + t[3]);
+  }
+}
+
+// Rows [n0, n1) of W (`kind`, family f, [N, row bytes] from w) for NX activation rows into y[x][n].
+template <int NX>
+I8_TARGET void i8_rows_t(int64_t kind, const XI8* xs, const uint8_t* w, int64_t K, float* const* y, int64_t n0, int64_t n1) {
+  static const Q4I8Consts<false> c40;
+  static const Q4I8Consts<true> c41;
+  static const K4I8Consts ck;
+  const int64_t rb = block_row_bytes(kind, K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * rb;
+    switch (kind) {
+      case KIND_Q8_0: q8_row_i8<NX>(xs, row, rb, K, y, n); break;
+      case KIND_Q4_0: q4_row_i8<false, NX>(c40, xs, row, rb, K, y, n); break;
+      case KIND_Q4_1: q4_row_i8<true, NX>(c41, xs, row, rb, K, y, n); break;
+      default: q4k_row_i8<NX>(ck, xs, row, rb, K, y, n);
+    }
+  }
+}
+
+// ... for M activation rows, in passes of up to 8 (each weight row unpacked once a pass).
+inline void i8_rows(int64_t kind, const XI8* xs, int64_t M, const uint8_t* w, int64_t K, float* const* y, int64_t n0,
+                    int64_t n1) {
+  for (int64_t m = 0; m < M;) {
+    const int64_t left = M - m;
+    if (left >= 8) { i8_rows_t<8>(kind, xs + m, w, K, y + m, n0, n1); m += 8; }
+    else if (left >= 4) { i8_rows_t<4>(kind, xs + m, w, K, y + m, n0, n1); m += 4; }
+    else if (left >= 2) { i8_rows_t<2>(kind, xs + m, w, K, y + m, n0, n1); m += 2; }
+    else { i8_rows_t<1>(kind, xs + m, w, K, y + m, n0, n1); m += 1; }
+  }
+}
+
+// i8_rows over [n0, n1) in chunks of rows (~24 KB) when M takes more than one pass, so the later
+// passes read a chunk from cache, not memory.
+inline void i8_rows_chunked(int64_t kind, const XI8* xs, int64_t M, const uint8_t* w, int64_t K, float* const* y,
+                            int64_t n0, int64_t n1) {
+  const int64_t ch = M <= 8 ? n1 - n0 : std::max<int64_t>(4, 24576 / block_row_bytes(kind, K));
+  for (int64_t a = n0; a < n1; a += ch) i8_rows(kind, xs, M, w, K, y, a, std::min(n1, a + ch));
+}
+
+// One activation row's buffers for every family (K rounded up), owned.
+struct XI8Buf {
+  std::vector<int8_t> q[3];
+  std::vector<float> d[3], m;
+  std::vector<int32_t> c[3];
+  std::vector<int16_t> bs;
+  explicit XI8Buf(int64_t K) : m(i8_f_len(K)), bs(i8_q_len(K) / 32) {
+    for (int f = 0; f < 3; ++f) { q[f].resize(i8_q_len(K)); d[f].resize(i8_f_len(K)); c[f].resize(i8_f_len(K)); }
+  }
+  XI8 view(int f) { return {q[f].data(), d[f].data(), c[f].data(), m.data(), bs.data()}; }
+};
+
+}  // namespace

@@ -1,0 +1,97 @@
+"""Int8 activations for the decode GEMVs over GGUF blocks (kernels/blocks_i8.h, HETERO_DECODE_ACT=int8):
+each output is the exact dot of the file's weights with x rounded to int8 per block (32 values; 256
+for Q4_K), a batched call gives each row the single call's bits, and the compiled decode stack gives
+the per-layer path's logits in this mode too."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetero.model.decoder import Decoder
+from hetero.model.units import UnitConfig
+from hetero.ops import kernels
+from hetero.ops.blocks import dequantize_rows
+from tests.ops.blocks_helpers import random_blocks
+from tests.ops.test_native_model import SPEC, run, tiny_weights
+
+
+def _vnni() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return all(f in flags for f in ("avx512_vnni", "avx512vbmi", "gfni"))
+
+
+pytestmark = pytest.mark.skipif(kernels.get() is None or not _vnni(),
+                                reason="compiled kernels or AVX512-VNNI/VBMI/GFNI unavailable here")
+
+
+@pytest.fixture
+def int8_mode():
+    kernels.set_decode_act("int8")
+    yield
+    kernels.set_decode_act("bf16")
+
+
+def int8_rounded(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x through the kernels' rounding: d = amax / 127 per group, q = nearest-even(x * (1 / d))."""
+    xs = x.float().reshape(-1, group)
+    d = xs.abs().amax(1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(xs * inv[:, None]).clamp(-127, 127)
+    return (q.double() * d.double()[:, None]).reshape(-1)
+
+
+@pytest.mark.parametrize("ggml_type,n,k", [("Q8_0", 40, 576), ("Q4_0", 37, 576), ("Q4_1", 64, 2048),
+                                            ("Q4_K", 33, 2048), ("Q4_K", 5, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_gemv_is_the_exact_dot_with_x_rounded(ggml_type, n, k, dtype, int8_mode):
+    m, kind = kernels.get(), kernels.kinds()[ggml_type.lower()]
+    bt = random_blocks(ggml_type, n, k, seed=3, scale=1.0 / k ** 0.5)
+    w = dequantize_rows(ggml_type, bt.data, k).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(k, generator=g).to(dtype)
+    y = m.gemv_gguf(x, bt.data, kind, k, True).double()
+    ref = w @ int8_rounded(x, 256 if ggml_type == "Q4_K" else 32)
+    scale = ref.abs().max()
+    assert scale > 0 and (y - ref).abs().max() / scale < 2e-6
+    # the mode took effect: x in bf16 / fp32 gives other sums, off by about the int8 step
+    kernels.set_decode_act("bf16")
+    y0 = m.gemv_gguf(x, bt.data, kind, k, True).double()
+    kernels.set_decode_act("int8")
+    assert 1e-4 < (y - y0).abs().max() / scale < 5e-2
+    # a batched call: each row the single call's bits (11 rows: passes of 8, 2 and 1)
+    xb = torch.randn(11, k, generator=g).to(dtype)
+    rows = m.gemm_rows_gguf(xb, bt.data, kind, k, True)
+    assert torch.equal(rows, torch.stack([m.gemv_gguf(xb[i], bt.data, kind, k, True) for i in range(11)]))
+
+
+def test_mode_switch_and_status():
+    kernels.set_decode_act("int8")
+    try:
+        assert kernels.decode_act() == "int8" and kernels.status()["decode_act"] == "int8"
+    finally:
+        kernels.set_decode_act("bf16")
+    assert kernels.decode_act() == "bf16"
+    with pytest.raises(ValueError):
+        kernels.set_decode_act("int4")
+
+
+@pytest.mark.parametrize("variant", ["mixed3", "uniform"])
+def test_int8_decode_stack_gives_the_per_layer_logits(variant, int8_mode):
+    """Linears mixing int8-loop kinds (Q4_0, Q4_K, Q8_0) with bf16 ones (Q6_K, Q5_K) in one QKV."""
+    kernels.set_enabled(True)
+    net = Decoder.build(SPEC, tiny_weights(variant).get, default=UnitConfig(precision="native"))
+    assert net._decode_stack() is not None
+    tokens = torch.randint(0, SPEC.vocab_size, (1, 10), generator=torch.Generator().manual_seed(5))
+    stacked = run(net, tokens, 4)
+    net.stack_decode = False
+    layered = run(net, tokens, 4)
+    assert torch.equal(stacked, layered)
+    kernels.set_decode_act("bf16")
+    net.stack_decode = True
+    plain = run(net, tokens, 4)
+    # the logits move by about the activation rounding (a short prompt runs the row kernels, so the
+    # int8 loops too)
+    d = (plain - stacked).abs().max() / plain.abs().max()
+    assert 0 < d < 0.1

@@ -95,3 +95,16 @@ def test_int8_decode_stack_gives_the_per_layer_logits(variant, int8_mode):
     # int8 loops too)
     d = (plain - stacked).abs().max() / plain.abs().max()
     assert 0 < d < 0.1
+
+
+@pytest.mark.parametrize("value,mode", [("int8", "int8"), ("bf16", "bf16"), ("int4", "bf16")])
+def test_env_sets_the_mode_and_a_bad_value_says_so(value, mode):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, kernels.DECODE_ACT_ENV: value}
+    r = subprocess.run([sys.executable, "-c", "from hetero.ops import kernels; print(kernels.decode_act())"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == mode
+    assert ("ignored" in r.stderr) == (value == "int4")

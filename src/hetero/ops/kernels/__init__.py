@@ -163,7 +163,10 @@ def get():
     """The compiled kernel module, or None when unavailable (the caller falls back to torch)."""
     if "mod" not in _state:
         _state["mod"], _state["reason"] = _load()
-        if _state["mod"] is not None and os.environ.get(DECODE_ACT_ENV, "").strip().lower() == "int8":
+        mode = os.environ.get(DECODE_ACT_ENV, "").strip().lower()
+        if mode not in ("", "int8", "bf16"):
+            print(f"hetero: {DECODE_ACT_ENV}={mode!r} ignored: it takes int8 or bf16", file=sys.stderr)
+        elif _state["mod"] is not None and mode == "int8":
             _state["mod"].set_act_int8(True)
     return _state["mod"]
 

@@ -3,7 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/gemv_blocks.py [--threads 2] [--rounds 7]
 
 "T i8" columns: the same kernel call with int8 activations (kernels.set_act_int8: the VNNI loops
-of blocks_i8.h for Q8_0, Q4_0, Q4_1, Q4_K).
+of blocks_i8.h for Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
 
 Same matrices for every kernel ([5632, 2048] and [2048, 5632], a 1B model's MLP), bf16 and fp32
 activations. Each kernel cycles over copies of its matrix totalling > 100 MB (past any L3, so every
@@ -23,7 +23,7 @@ from hetero.ops.linear import Int4Linear
 
 SPAN = 100e6
 TYPES = ("Q4_1", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
-INT8_TYPES = ("Q4_1", "Q4_0", "Q8_0", "Q4_K")   # those with an int8-activation loop
+INT8_TYPES = ("Q4_1", "Q4_0", "Q8_0", "Q4_K", "Q6_K")   # those with an int8-activation loop
 
 
 def blocks_of(w: torch.Tensor, t: str) -> BlockTensor:

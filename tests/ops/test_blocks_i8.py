@@ -1,6 +1,6 @@
 """Int8 activations for the decode GEMVs over GGUF blocks (kernels/blocks_i8.h, HETERO_DECODE_ACT=int8):
 each output is the exact dot of the file's weights with x rounded to int8 per block (32 values; 256
-for Q4_K), a batched call gives each row the single call's bits, and the compiled decode stack gives
+for Q4_K and Q6_K), a batched call gives each row the single call's bits, and the compiled decode stack gives
 the per-layer path's logits in this mode too."""
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def int8_rounded(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("ggml_type,n,k", [("Q8_0", 40, 576), ("Q4_0", 37, 576), ("Q4_1", 64, 2048),
-                                            ("Q4_K", 33, 2048), ("Q4_K", 5, 256)])
+                                            ("Q4_K", 33, 2048), ("Q4_K", 5, 256), ("Q6_K", 29, 2048),
+                                            ("Q6_K", 3, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_gemv_is_the_exact_dot_with_x_rounded(ggml_type, n, k, dtype, int8_mode):
     m, kind = kernels.get(), kernels.kinds()[ggml_type.lower()]
@@ -52,7 +53,7 @@ def test_int8_gemv_is_the_exact_dot_with_x_rounded(ggml_type, n, k, dtype, int8_
     g = torch.Generator().manual_seed(1)
     x = torch.randn(k, generator=g).to(dtype)
     y = m.gemv_gguf(x, bt.data, kind, k, True).double()
-    ref = w @ int8_rounded(x, 256 if ggml_type == "Q4_K" else 32)
+    ref = w @ int8_rounded(x, 256 if ggml_type in ("Q4_K", "Q6_K") else 32)
     scale = ref.abs().max()
     assert scale > 0 and (y - ref).abs().max() / scale < 2e-6
     # the mode took effect: x in bf16 / fp32 gives other sums, off by about the int8 step
@@ -79,7 +80,7 @@ def test_mode_switch_and_status():
 
 @pytest.mark.parametrize("variant", ["mixed3", "uniform"])
 def test_int8_decode_stack_gives_the_per_layer_logits(variant, int8_mode):
-    """Linears mixing int8-loop kinds (Q4_0, Q4_K, Q8_0) with bf16 ones (Q6_K, Q5_K) in one QKV."""
+    """Linears mixing int8-loop kinds (Q4_0, Q4_K, Q6_K, Q8_0) with a bf16 one (Q5_K) in one stack."""
     kernels.set_enabled(True)
     net = Decoder.build(SPEC, tiny_weights(variant).get, default=UnitConfig(precision="native"))
     assert net._decode_stack() is not None

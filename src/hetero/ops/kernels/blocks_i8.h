@@ -1,8 +1,8 @@
-// GEMV rows over GGUF blocks as stored, on int8 activations (AVX512-VNNI): Q8_0, Q4_0, Q4_1, Q4_K.
+// GEMV rows over GGUF blocks as stored, on int8 activations (AVX512-VNNI): Q8_0, Q4_0, Q4_1, Q4_K, Q6_K.
 //
 // The weights stay the file's integers; x is rounded to int8 as llama.cpp rounds it for these
-// kinds: one scale per 32 values (Q8_0, Q4_0, Q4_1) or per 256 with per-32 sums (Q4_K, llama.cpp's
-// q8_K). Each block's integer dot is exact (int32), scaled once in fp32. vpdpbusd does 64 multiply-
+// kinds: one scale per 32 values (Q8_0, Q4_0, Q4_1) or per 256 with per-32 or per-16 sums (Q4_K,
+// Q6_K: llama.cpp's q8_K). Each block's integer dot is exact (int32), scaled once in fp32. vpdpbusd does 64 multiply-
 // adds per 512-bit operation, twice the bf16 pair products of blocks.h, and the per-block float work
 // is shared by four blocks (Q4_0/Q4_1) or a whole 256-block (Q4_K): these loops spend about half the
 // 512-bit operations per byte of the bf16 ones, which ran compute-bound near one thread's share of
@@ -25,12 +25,14 @@ bool cpu_has_i8dot() {
 }
 
 // The three x layouts (families) the int8 loops read.
-enum I8Family : int { I8_NONE = -1, I8_Q8 = 0, I8_Q4 = 1, I8_K4 = 2 };
+enum I8Family : int { I8_NONE = -1, I8_Q8 = 0, I8_Q4 = 1, I8_K4 = 2, I8_K6 = 3 };
+constexpr int I8_FAMILIES = 4;
 
 inline int i8_family(int64_t kind, int64_t K) {
   if (kind == KIND_Q8_0 && K % 64 == 0) return I8_Q8;
   if ((kind == KIND_Q4_0 || kind == KIND_Q4_1) && K % 32 == 0) return I8_Q4;
   if (kind == KIND_Q4_K && K % 256 == 0) return I8_K4;
+  if (kind == KIND_Q6_K && K % 256 == 0) return I8_K6;
   return I8_NONE;
 }
 
@@ -48,6 +50,7 @@ inline int64_t i8_f_len(int64_t K) { return round_up(K, 256) / 4; }
 //       dx, c (-8 * sum q, first lane), m (dx * sum q, first lane: Q4_1's offset term).
 //   K4: q  per 128: sub-blocks 4c, 4c+2 (the low nibbles of a 64-byte load), then 4c+1, 4c+3;
 //       d: dx per 256; bs: sum q per sub-block of 32.
+//   K6: q  natural order; d: dx per 256; bs: sum q per 16 (Q6_K's sub-block).
 struct XI8 {
   int8_t* q;
   float* d;
@@ -91,6 +94,15 @@ I8_TARGET inline void i8_prep(int f, const float* x, int64_t K, const XI8& o) {
         std::memcpy(dst + 64, src + 32, 32); std::memcpy(dst + 96, src + 96, 32);
       }
     for (int64_t b = 0; b < nb; ++b) o.bs[b] = static_cast<int16_t>(sn[b]);
+    return;
+  }
+  if (f == I8_K6) {
+    quant_groups(x, K, 256, o.q, o.d, sn.data());
+    for (int64_t j = 0; j < K / 16; ++j) {
+      int s16 = 0;
+      for (int k = 0; k < 16; ++k) s16 += o.q[16 * j + k];
+      o.bs[j] = static_cast<int16_t>(s16);
+    }
     return;
   }
   quant_groups(x, K, 32, qn.data(), dn.data(), sn.data());
@@ -257,12 +269,71 @@ I8_TARGET inline void q4k_row_i8(const K4I8Consts& c, const XI8* xs, const uint8
   }
 }
 
+// ---- Q6_K: a 256-block a step -------------------------------------------------------------------
+// Weights 0-63 as stored (low nibbles from ql, two high bits from qh, llama.cpp's order: within each
+// 128, ql's 64 bytes' low nibbles are values 0-63, high nibbles 64-127, qh's 32 bytes give bits
+// 0-1 / 2-3 / 4-5 / 6-7 to values l, l+32, l+64, l+96), so x stays in natural order. The signed
+// sub-block scales (16 values each) multiply inside the integer sums; the -32 offset is one madd of
+// the scales with x's per-16 sums.
+struct K6I8Consts {
+  __m512i isc[4];   // word permutes: the scale of each word pair's sub-block, per 64 values
+  __m512i shl, shr; // per-64-bit-lane shifts bringing qh's bit pairs to bits 4-5
+  I8_TARGET K6I8Consts() {
+    for (int v = 0; v < 4; ++v) {
+      alignas(64) uint16_t ix[32];
+      for (int l = 0; l < 32; ++l) ix[l] = static_cast<uint16_t>(4 * v + l / 8);
+      isc[v] = _mm512_load_si512(ix);
+    }
+    shl = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4);   // values l (bits 0-1), l+32 (bits 2-3)
+    shr = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);   // values l+64 (bits 4-5), l+96 (bits 6-7)
+  }
+};
+
+template <int NX>
+I8_TARGET inline void q6k_row_i8(const K6I8Consts& c, const XI8* xs, const uint8_t* row, int64_t rb, int64_t K,
+                                 float* const* y, int64_t n) {
+  constexpr int64_t B = 210;
+  const int64_t nb = K / 256;
+  const __m512i m15 = _mm512_set1_epi8(0xF), m48 = _mm512_set1_epi8(0x30);
+  __m512 acc[NX];
+  for (int x = 0; x < NX; ++x) acc[x] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nb; ++i) {
+    prefetch_rows<1>(row, rb, B * i, B);
+    const uint8_t* b = row + B * i;
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+    const __m512i scz = _mm512_castsi256_si512(sc16);
+    __m512i sc[4], w[4];
+    for (int v = 0; v < 4; ++v) sc[v] = _mm512_permutexvar_epi16(c.isc[v], scz);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i l = _mm512_loadu_si512(b + 64 * h);
+      const __m512i q = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+      w[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m15), _mm512_and_si512(_mm512_sllv_epi64(q, c.shl), m48));
+      w[2 * h + 1] = _mm512_or_si512(hi_nibbles(l), _mm512_and_si512(_mm512_srlv_epi64(q, c.shr), m48));
+    }
+    uint16_t dh;
+    std::memcpy(&dh, b + 208, 2);
+    const float d = _cvtsh_ss(dh);
+    for (int x = 0; x < NX; ++x) {
+      const XI8& r = xs[x];
+      const int8_t* q = r.q + 256 * i;
+      __m512i s = _mm512_setzero_si512();
+      for (int v = 0; v < 4; ++v)
+        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(w[v], _mm512_loadu_si512(q + 64 * v)), sc[v]);
+      const __m256i o = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.bs + 16 * i)));
+      s = _mm512_sub_epi32(s, _mm512_slli_epi32(_mm512_zextsi256_si512(o), 5));   // - 32 * sum sc * x
+      acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * r.d[i]), acc[x]);
+    }
+  }
+  for (int x = 0; x < NX; ++x) y[x][n] = _mm512_reduce_add_ps(acc[x]);
+}
+
 // Rows [n0, n1) of W (`kind`, family f, [N, row bytes] from w) for NX activation rows into y[x][n].
 template <int NX>
 I8_TARGET void i8_rows_t(int64_t kind, const XI8* xs, const uint8_t* w, int64_t K, float* const* y, int64_t n0, int64_t n1) {
   static const Q4I8Consts<false> c40;
   static const Q4I8Consts<true> c41;
   static const K4I8Consts ck;
+  static const K6I8Consts c6;
   const int64_t rb = block_row_bytes(kind, K);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * rb;
@@ -270,6 +341,7 @@ I8_TARGET void i8_rows_t(int64_t kind, const XI8* xs, const uint8_t* w, int64_t 
       case KIND_Q8_0: q8_row_i8<NX>(xs, row, rb, K, y, n); break;
       case KIND_Q4_0: q4_row_i8<false, NX>(c40, xs, row, rb, K, y, n); break;
       case KIND_Q4_1: q4_row_i8<true, NX>(c41, xs, row, rb, K, y, n); break;
+      case KIND_Q6_K: q6k_row_i8<NX>(c6, xs, row, rb, K, y, n); break;
       default: q4k_row_i8<NX>(ck, xs, row, rb, K, y, n);
     }
   }
@@ -297,14 +369,16 @@ inline void i8_rows_chunked(int64_t kind, const XI8* xs, int64_t M, const uint8_
 
 // One activation row's buffers for every family (K rounded up), owned.
 struct XI8Buf {
-  std::vector<int8_t> q[3];
-  std::vector<float> d[3], m;
-  std::vector<int32_t> c[3];
-  std::vector<int16_t> bs;
-  explicit XI8Buf(int64_t K) : m(i8_f_len(K)), bs(i8_q_len(K) / 32) {
-    for (int f = 0; f < 3; ++f) { q[f].resize(i8_q_len(K)); d[f].resize(i8_f_len(K)); c[f].resize(i8_f_len(K)); }
+  std::vector<int8_t> q[I8_FAMILIES];
+  std::vector<float> d[I8_FAMILIES], m;
+  std::vector<int32_t> c[I8_FAMILIES];
+  std::vector<int16_t> bs[I8_FAMILIES];
+  explicit XI8Buf(int64_t K) : m(i8_f_len(K)) {
+    for (int f = 0; f < I8_FAMILIES; ++f) {
+      q[f].resize(i8_q_len(K)); d[f].resize(i8_f_len(K)); c[f].resize(i8_f_len(K)); bs[f].resize(i8_q_len(K) / 16);
+    }
   }
-  XI8 view(int f) { return {q[f].data(), d[f].data(), c[f].data(), m.data(), bs.data()}; }
+  XI8 view(int f) { return {q[f].data(), d[f].data(), c[f].data(), m.data(), bs[f].data()}; }
 };
 
 }  // namespace

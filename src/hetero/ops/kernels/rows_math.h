@@ -112,7 +112,7 @@ inline void int4_prep_rows(const float* x, int64_t K, uint16_t* xb, float* xs8, 
 inline void prepare_rows(const Lin& L, const float* x, Input& in) {
   in.x = x;
   if (!L.parts.empty()) {
-    bool need[3];
+    bool need[I8_FAMILIES];
     const bool other = i8_needs(L, need);
     prepare_i8(L, x, in, need);
     if (!other) return;

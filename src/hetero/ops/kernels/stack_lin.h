@@ -22,16 +22,16 @@ struct Input {
   uint16_t* xb;
   float* xs8;
   uint16_t* xp;
-  XI8 i8[3];
+  XI8 i8[I8_FAMILIES];
 };
 
-inline void bind_i8(Input& in, XI8Buf& b) { for (int f = 0; f < 3; ++f) in.i8[f] = b.view(f); }
+inline void bind_i8(Input& in, XI8Buf& b) { for (int f = 0; f < I8_FAMILIES; ++f) in.i8[f] = b.view(f); }
 
-// Which int8 layouts L's parts read (none when int8 activations are off), into need[3]; true if
+// Which int8 layouts L's parts read (none when int8 activations are off), into need[]; true if
 // some part reads another layout.
 inline bool i8_needs(const Lin& L, bool* need) {
   bool other = false;
-  for (int f = 0; f < 3; ++f) need[f] = false;
+  for (int f = 0; f < I8_FAMILIES; ++f) need[f] = false;
   for (const auto& p : L.parts) {
     const int f = i8_kind(p.kind, L.K);
     if (f == I8_NONE) other = true; else need[f] = true;
@@ -40,7 +40,7 @@ inline bool i8_needs(const Lin& L, bool* need) {
 }
 
 inline void prepare_i8(const Lin& L, const float* x, Input& in, const bool* need) {
-  for (int f = 0; f < 3; ++f) if (need[f]) i8_prep(f, x, L.K, in.i8[f]);
+  for (int f = 0; f < I8_FAMILIES; ++f) if (need[f]) i8_prep(f, x, L.K, in.i8[f]);
 }
 
 inline bool int4_order(int64_t kind) { return kind == KIND_Q4_0 || kind == KIND_Q4_1; }
@@ -48,7 +48,7 @@ inline bool int4_order(int64_t kind) { return kind == KIND_Q4_0 || kind == KIND_
 void prepare(const Lin& L, const float* x, Input& in) {
   in.x = x;
   if (!L.parts.empty()) {  // block kinds: the layouts its parts read (a mixed linear may need both)
-    bool need[3];
+    bool need[I8_FAMILIES];
     const bool other = i8_needs(L, need);
     prepare_i8(L, x, in, need);
     if (!other) return;

@@ -198,24 +198,29 @@ def _ratio(h: list[float], l: list[float]) -> str:
     return f"**{statistics.median(r):.2f}×** ({min(r):.2f}–{max(r):.2f})"
 
 
-def speed_table(shape: str, want: str, rounds: int, prompt_n: int, steps: int, threads: int, kquant: str) -> None:
+def speed_table(shape: str, want: str, rounds: int, prompt_n: int, steps: int, threads: int, kquant: str,
+                acts: list[str] | None = None) -> None:
     from hetero.model.sources import resolve_spec
 
     files_speed_table(f"synthetic:{shape}", resolve_spec(f"synthetic:{shape}"), shape_files(shape, kquant),
-                      want, rounds, prompt_n, steps, threads)
+                      want, rounds, prompt_n, steps, threads, acts)
 
 
-def file_speed_table(model: str, want: str, rounds: int, prompt_n: int, steps: int, threads: int) -> None:
+def file_speed_table(model: str, want: str, rounds: int, prompt_n: int, steps: int, threads: int,
+                     acts: list[str] | None = None) -> None:
     """The same table for one GGUF a user has (a path, or a built-in name such as gemma3-270m)."""
     from hetero.model.sources import resolve, resolve_spec
 
     path = Path(resolve(model).path)
-    files_speed_table(model, resolve_spec(model), [(path.stem, path)], want, rounds, prompt_n, steps, threads)
+    files_speed_table(model, resolve_spec(model), [(path.stem, path)], want, rounds, prompt_n, steps, threads, acts)
 
 
 def files_speed_table(name: str, spec, files: list[tuple[str, Path]], want: str, rounds: int, prompt_n: int,
-                      steps: int, threads: int) -> None:
+                      steps: int, threads: int, acts: list[str] | None = None) -> None:
+    """acts: hetero's decode activation modes (kernels.set_decode_act), each run in every round
+    beside llama.cpp (llama.cpp, then each mode), one row per mode."""
     from hetero.eval.corpus import eval_ids
+    from hetero.ops import kernels
 
     import llama_cpp
 
@@ -234,23 +239,34 @@ def files_speed_table(name: str, spec, files: list[tuple[str, Path]], want: str,
           "prefill ratio (min–max) | prefill % of GEMM peak hetero / llama.cpp |")
     print("|---|---|---|---|---|---|---|---|")
     med = statistics.median
+    start_act = kernels.decode_act()
+    acts = acts or [start_act]
     for kind, path in files:
         model, ran = load_hetero(path, want, kind, threads)
         llm = load_llama(path, threads, n_ctx=prompt_n + steps + 16)
         prompt = eval_ids(model.tokenizer, tokens=prompt_n)
         assert len(prompt) == prompt_n, f"the corpus gives {len(prompt)} tokens"
         hetero_run(model, prompt[:64], 4), llama_run(llm, prompt[:64], 4)  # warm both
-        h, l = [], []
-        for _ in range(rounds):
-            h.append(hetero_run(model, prompt, steps))
-            l.append(llama_run(llm, prompt, steps))
-        hd, hp = [x[1] for x in h], [x[0] for x in h]
+        h: dict[str, list] = {a: [] for a in acts}
+        l = []
+        try:
+            for _ in range(rounds):
+                l.append(llama_run(llm, prompt, steps))
+                for a in acts:
+                    kernels.set_decode_act(a)
+                    h[a].append(hetero_run(model, prompt, steps))
+        finally:
+            kernels.set_decode_act(start_act)
         ld, lp = [x[1] for x in l], [x[0] for x in l]
         hb, lb = hetero_bytes_per_token(model), file_bytes_per_token(path)
-        print(f"| {path.name} | {ran} | {med(hd):.1f} / {med(ld):.1f} | {_ratio(hd, ld)} | "
-              f"{100 * med(hd) * hb / read_bs:.0f}% ({hb / 1e6:.0f} MB/tok) / {100 * med(ld) * lb / read_bs:.0f}% "
-              f"({lb / 1e6:.0f} MB/tok) | {med(hp):.1f} / {med(lp):.1f} | {_ratio(hp, lp)} | "
-              f"{100 * med(hp) * flops_tok / gemm:.0f}% / {100 * med(lp) * flops_tok / gemm:.0f}% |", flush=True)
+        for a in acts:
+            hd, hp = [x[1] for x in h[a]], [x[0] for x in h[a]]
+            label = ran + (f", x {a} in decode" if len(acts) > 1 or a != "bf16" else "")
+            print(f"| {path.name} | {label} | {med(hd):.1f} / {med(ld):.1f} | {_ratio(hd, ld)} | "
+                  f"{100 * med(hd) * hb / read_bs:.0f}% ({hb / 1e6:.0f} MB/tok) / "
+                  f"{100 * med(ld) * lb / read_bs:.0f}% ({lb / 1e6:.0f} MB/tok) | {med(hp):.1f} / {med(lp):.1f} | "
+                  f"{_ratio(hp, lp)} | {100 * med(hp) * flops_tok / gemm:.0f}% / "
+                  f"{100 * med(lp) * flops_tok / gemm:.0f}% |", flush=True)
         del model, llm
 
 

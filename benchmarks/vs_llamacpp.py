@@ -143,6 +143,9 @@ def main() -> int:
     ap.add_argument("--perplexity", action="store_true", help="same-file perplexity of the built-in model")
     ap.add_argument("--hetero-precision", default="native",
                     help="--shape/--perplexity: hetero's precision (native: the file's own types)")
+    ap.add_argument("--decode-acts", default=None,
+                    help="--shape/--file: hetero's decode activation modes to run, alternated with llama.cpp in "
+                         "each round (bf16,int8; default: the current one, HETERO_DECODE_ACT)")
     ap.add_argument("--kquant", default="Q4_K_M", choices=("Q4_K_M", "Q4_K_S"),
                     help="--shape/--perplexity: the k-quant file llama.cpp's quantizer makes")
     a = ap.parse_args()
@@ -151,10 +154,12 @@ def main() -> int:
     if a.shape or a.perplexity or a.file:
         import same_file
 
+        acts = a.decode_acts.split(",") if a.decode_acts else None
         if a.file:
-            same_file.file_speed_table(a.file, a.hetero_precision, a.rounds, a.prefill, a.tokens, a.threads)
+            same_file.file_speed_table(a.file, a.hetero_precision, a.rounds, a.prefill, a.tokens, a.threads, acts)
         if a.shape:
-            same_file.speed_table(a.shape, a.hetero_precision, a.rounds, a.prefill, a.tokens, a.threads, a.kquant)
+            same_file.speed_table(a.shape, a.hetero_precision, a.rounds, a.prefill, a.tokens, a.threads, a.kquant,
+                                  acts)
         if a.perplexity:
             same_file.perplexity_table(a.hetero_precision, a.ppl_tokens, a.threads, a.kquant)
         return 0

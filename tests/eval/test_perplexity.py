@@ -115,3 +115,14 @@ def test_eval_cli_bad_input_exits_2_with_one_line(args, msg, capsys):
     code, _, err = run_cli(["eval", "synthetic:tiny", "--tokens", "200", *args], capsys)
     assert code == 2
     assert err.startswith("error:") and msg in err and err.count("\n") == 1
+
+
+def test_decode_path_scores_the_same_tokens_one_step_each():
+    net = BigramNet()
+    ids = torch.randint(0, 50, (60,), generator=torch.Generator().manual_seed(2))
+    a = perplexity(net, ids, context=16, stride=8, progress=False)
+    net.calls = 0
+    b = perplexity(net, ids, context=16, stride=8, progress=False, decode=True)
+    assert b.perplexity == pytest.approx(a.perplexity, rel=1e-6) and b.tokens == a.tokens
+    # one call per scored token, plus one prefill of the history of every window after the first
+    assert net.calls == b.tokens + b.windows - 1

@@ -109,3 +109,19 @@ def test_env_sets_the_mode_and_a_bad_value_says_so(value, mode):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == mode
     assert ("ignored" in r.stderr) == (value == "int4")
+
+
+def test_decode_perplexity_moves_by_the_activation_rounding(int8_mode):
+    """`hetero eval --decode` scores through the decode step: in bf16 mode it gives the prefill's
+    perplexity, in int8 mode a nearby one (the quality cost of the mode, measured the same way)."""
+    from hetero.eval.perplexity import perplexity
+
+    kernels.set_enabled(True)
+    net = Decoder.build(SPEC, tiny_weights("mixed3").get, default=UnitConfig(precision="native"))
+    ids = torch.randint(0, SPEC.vocab_size, (48,), generator=torch.Generator().manual_seed(7))
+    i8 = perplexity(net, ids, 24, 12, progress=False, decode=True)
+    kernels.set_decode_act("bf16")
+    bf = perplexity(net, ids, 24, 12, progress=False, decode=True)
+    pre = perplexity(net, ids, 24, 12, progress=False)
+    assert abs(bf.nll - pre.nll) < 2e-3 * pre.nll, (bf.nll, pre.nll)
+    assert 0 < abs(i8.nll - bf.nll) < 2e-2 * bf.nll, (i8.nll, bf.nll)

@@ -32,6 +32,8 @@ def eval_cmd(
                                   "too (a generation's prefill runs the head on one token only, so by default it is left out)."),
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help=KV_HELP),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Apply this LoRA adapter dir (PEFT format) on the base."),
+    decode: bool = typer.Option(False, "--decode", help="Score every token through the decode step, one token a "
+                                "call (the kernels a generation runs, e.g. HETERO_DECODE_ACT=int8); slower."),
 ) -> None:
     """Token-level perplexity with a fixed context and stride (one evaluator for every variant)."""
     import hetero
@@ -66,11 +68,14 @@ def eval_cmd(
         from hetero.ops.actquant import act_int8 as int8_acts
 
         with int8_acts(m.net, act_group, act_head):
-            r = perplexity(m.net, ids, context, stride, progress=progress)
+            r = perplexity(m.net, ids, context, stride, progress=progress, decode=decode)
     else:
-        r = perplexity(m.net, ids, context, stride, progress=progress)
+        r = perplexity(m.net, ids, context, stride, progress=progress, decode=decode)
     acts = (f"int8/{act_group}" if act_group else "int8/token") + ("+head" if act_head else "") if act_int8 else "default"
+    from hetero.ops import kernels
+
     out = {"model": m.spec.name, "dtype": dtype, "kv_dtype": kv_dtype, "activations": acts,
+           "path": "decode" if decode else "prefill", "decode_act": kernels.decode_act(),
            "text": text or BUILTIN_NAME, "adapter": adapter, **r.to_dict(),
            "tok_s": round(r.tokens / r.seconds, 1) if r.seconds else None, "compression": read_record(model)}
     if as_json:
@@ -78,7 +83,7 @@ def eval_cmd(
         return
     print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens of {out['text']}, KV {kv_dtype}, context {context}, "
           f"{acts + ' activations, ' if act_int8 else ''}"
-          f"stride {stride}, {r.windows} windows, {r.seconds:.1f} s)")
+          f"stride {stride}, {r.windows} windows, {'decode steps, ' if decode else ''}{r.seconds:.1f} s)")
     if out["compression"]:
         print(f"compression: {out['compression'].get('method')} "
               f"({out['compression'].get('format') or out['compression'].get('pattern') or ''})")

@@ -5,6 +5,10 @@ to it, so every token after the first is scored exactly once, with at least cont
 of history (the sliding-window method of the transformers perplexity guide). stride == context gives
 (nearly) disjoint windows, the fastest; a smaller stride gives every scored token more history.
 The result is exp(mean NLL over scored tokens).
+
+decode=True scores each token through the decode step instead (one token a call, the path a
+generation runs, with its kernels and their activation rounding): a window's unscored history is
+prefilled, then every scored position is one step.
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def check_settings(n: int, context: int, stride: int, max_context: int | None = 
 
 def perplexity(net, ids: list[int] | torch.Tensor, context: int = 512, stride: int = 256,
                progress: bool = True, reference: list[torch.Tensor] | None = None,
-               keep: list[torch.Tensor] | None = None) -> PplResult:
+               keep: list[torch.Tensor] | None = None, decode: bool = False) -> PplResult:
     """Perplexity of `net` (a Decoder or anything with `new_cache` and the same call) on `ids`.
 
     `keep`, when a list, receives each window's log-probabilities of the scored positions
@@ -79,8 +83,11 @@ def perplexity(net, ids: list[int] | torch.Tensor, context: int = 512, stride: i
     t0 = time.perf_counter()
     with progress_bar("perplexity", len(spans), enabled=progress) as advance, torch.inference_mode():
         for w, (b, e, first) in enumerate(spans):
-            logits = net(ids[b:e].unsqueeze(0), 0, cache, last_only=False)[0]   # [e-b, V]
-            pred = logits[first - b - 1:e - b - 1].float()                        # predicts ids[first:e]
+            if decode:
+                pred = _decoded(net, ids, b, e, first, cache)
+            else:
+                logits = net(ids[b:e].unsqueeze(0), 0, cache, last_only=False)[0]   # [e-b, V]
+                pred = logits[first - b - 1:e - b - 1].float()                        # predicts ids[first:e]
             logp = torch.log_softmax(pred, dim=-1)
             target = ids[first:e]
             nll_sum += float(-logp.gather(1, target[:, None]).sum())
@@ -95,3 +102,14 @@ def perplexity(net, ids: list[int] | torch.Tensor, context: int = 512, stride: i
     return PplResult(perplexity=math.exp(nll), nll=nll, tokens=count, windows=len(spans), context=context,
                      stride=stride, seconds=time.perf_counter() - t0,
                      kl=None if reference is None else kl_sum / count)
+
+
+def _decoded(net, ids: torch.Tensor, b: int, e: int, first: int, cache) -> torch.Tensor:
+    """Logits predicting ids[first:e], one decode step per position after prefilling ids[b:first-1]."""
+    if first - 1 > b:
+        net(ids[b:first - 1].unsqueeze(0), 0, cache, last_only=True)
+    rows = []
+    for t in range(first - 1, e - 1):
+        out = net(ids[t:t + 1].unsqueeze(0), t - b, cache, last_only=True)
+        rows.append(out.reshape(-1, out.shape[-1])[-1].float())
+    return torch.stack(rows)

@@ -1,9 +1,14 @@
-"""Shared fixtures: an isolated cache dir per session and GPU skipping."""
+"""Shared fixtures: an isolated cache dir per session, bf16 decode activations, GPU skipping."""
 from __future__ import annotations
 
 import os
 
 import pytest
+
+# The numerics tests check kernels against exact sums with x in bf16 or fp32, so the suite runs decode
+# with bf16 activations (subprocesses too, through the environment). The int8 default is tested on its
+# own (tests/ops/test_blocks_i8.py: its loops, batch equality, the default and the switch).
+os.environ["HETERO_DECODE_ACT"] = "bf16"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -12,6 +17,16 @@ def _isolated_cache(tmp_path_factory):
     if "HETERO_CACHE" not in os.environ or os.environ.get("HETERO_TEST_KEEP_CACHE") != "1":
         os.environ["HETERO_CACHE"] = str(tmp_path_factory.mktemp("hetero-cache"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _bf16_decode_acts():
+    # a test that switches the mode (an int8_mode fixture, a benchmark helper) leaves it switched
+    yield
+    from hetero.ops import kernels
+
+    if kernels.get() is not None:
+        kernels.set_decode_act("bf16")
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""Int8 activations for the decode GEMVs over GGUF blocks (kernels/blocks_i8.h, HETERO_DECODE_ACT=int8):
+"""Int8 activations for the decode GEMVs over GGUF blocks (kernels/blocks_i8.h; the default, or
+HETERO_DECODE_ACT=int8):
 each output is the exact dot of the file's weights with x rounded to int8 per block (32 values; 256
 for Q4_K and Q6_K), a batched call gives each row the single call's bits, and the compiled decode stack gives
 the per-layer path's logits in this mode too."""
@@ -98,13 +99,16 @@ def test_int8_decode_stack_gives_the_per_layer_logits(variant, int8_mode):
     assert 0 < d < 0.1
 
 
-@pytest.mark.parametrize("value,mode", [("int8", "int8"), ("bf16", "bf16"), ("int4", "bf16")])
-def test_env_sets_the_mode_and_a_bad_value_says_so(value, mode):
+@pytest.mark.parametrize("value,mode", [(None, "int8"), ("int8", "int8"), ("bf16", "bf16"), ("int4", "int8")])
+def test_int8_is_the_default_the_env_switches_it_and_a_bad_value_says_so(value, mode):
+    """A fresh process (no env: the default) on a CPU with the loops; a bad value keeps the default."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, kernels.DECODE_ACT_ENV: value}
+    env = {k: v for k, v in os.environ.items() if k != kernels.DECODE_ACT_ENV}
+    if value is not None:
+        env[kernels.DECODE_ACT_ENV] = value
     r = subprocess.run([sys.executable, "-c", "from hetero.ops import kernels; print(kernels.decode_act())"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == mode

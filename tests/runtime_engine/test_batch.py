@@ -49,6 +49,18 @@ def _collect_widest(runner):
     return out, widest
 
 
+def _net(nets, precision):
+    """`native-i8`: the GGUF-block net with int8 decode activations (the default on a CPU with the
+    loops; the suite runs bf16, tests/conftest.py, which resets it after the test)."""
+    if precision == "native-i8":
+        from hetero.ops import kernels
+
+        kernels.set_decode_act("int8")
+    net = _native_net() if precision.startswith("native") else nets[precision]
+    assert precision != "native-i8" or kernels.decode_act() == "int8" or not kernels.status()["active"]
+    return net
+
+
 def _native_net():
     from tests.ops.test_native_model import SPEC, tiny_weights
     from hetero.model.decoder import Decoder
@@ -58,15 +70,15 @@ def _native_net():
 
 
 @pytest.mark.parametrize("precision,prefill", [("fp32", 16), ("fp32", 512), ("int8", 512), ("int4", 512),
-                                               ("native", 512)])
+                                               ("native", 512), ("native-i8", 512)])
 def test_batched_greedy_equals_each_request_alone(nets, precision, prefill):
     # Mixed lengths; half join after a few steps, while the first half decode. Quantised layers
     # (bf16 activations) give the single path's bits only for a prompt cut into the same chunks
     # (the single path's 512); fp32 also with the prompts cut into 16-token pieces. GGUF blocks
     # (native) too.
-    net = _native_net() if precision == "native" else nets[precision]
+    net = _net(nets, precision)
     # (the native test model's context is 64)
-    prompts, n_new = _prompts((5, 17, 30, 1, 40, 9) if precision == "native" else LENGTHS), [12, 7, 10, 15, 6, 11]
+    prompts, n_new = _prompts((5, 17, 30, 1, 40, 9) if precision.startswith("native") else LENGTHS), [12, 7, 10, 15, 6, 11]
     ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]
     runner = BatchRunner(net, kv_bytes=4 << 20, max_batch=8, prefill_tokens=prefill)
     ids = [runner.add(p, n) for p, n in zip(prompts[:3], n_new[:3])]
@@ -79,10 +91,11 @@ def test_batched_greedy_equals_each_request_alone(nets, precision, prefill):
     assert runner.steps < sum(n_new)
 
 
-@pytest.mark.parametrize("precision,batch", [("native", 8), ("native", 16), ("int4", 16), ("int8", 8), ("fp32", 16)])
+@pytest.mark.parametrize("precision,batch", [("native", 8), ("native", 16), ("native-i8", 16), ("int4", 16),
+                                             ("int8", 8), ("fp32", 16)])
 def test_full_batches_equal_each_request_alone(nets, precision, batch):
     # B = 8 and 16 running at once (the batched decode stack's steps), GGUF blocks included
-    net = _native_net() if precision == "native" else nets[precision]
+    net = _net(nets, precision)
     lengths = [(7 * i) % 23 + 1 for i in range(batch)]
     prompts, n_new = _prompts(lengths, seed=batch), [6 + i % 5 for i in range(batch)]
     ref = [_alone(net, p, n) for p, n in zip(prompts, n_new)]

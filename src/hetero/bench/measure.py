@@ -286,8 +286,10 @@ def predicted_of(plan) -> dict:
 
 def compare(plan, m: Measured) -> dict:
     """{"predicted", "measured", "error"}: errors relative to measured, per metric and per unit."""
+    from hetero.ops import kernels
+
     pred = predicted_of(plan)
-    meas = {"ttft_s": m.ttft_s.median, "prefill_tok_s": m.prefill_tok_s.median,
+    meas = {"decode_act": kernels.decode_act(), "ttft_s": m.ttft_s.median, "prefill_tok_s": m.prefill_tok_s.median,
             "decode_tok_s": m.decode_tok_s.median,
             "decode_tok_s_mean": m.decode_tok_s_mean.median if m.decode_tok_s_mean else None,
             "unit_decode_ms": m.unit_decode_ms,

@@ -96,7 +96,8 @@ def _kernels_line(st: dict) -> str:
     if not st["active"]:
         return f"kernels: torch — compiled kernels off: {st['reason']}"
     int4 = ", int4 with AVX512-BF16 dot products" if st["int4_bf16_dot"] else ""
-    return f"kernels: compiled — {'/'.join(st['gemv'])} GEMV, fused decode ops{int4} ({st['build']})"
+    act = f", GGUF-block decode on {st.get('decode_act', 'bf16')} activations"
+    return f"kernels: compiled — {'/'.join(st['gemv'])} GEMV, fused decode ops{int4}{act} ({st['build']})"
 
 
 def register(app: typer.Typer) -> None:

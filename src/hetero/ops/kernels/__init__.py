@@ -163,22 +163,33 @@ def get():
     """The compiled kernel module, or None when unavailable (the caller falls back to torch)."""
     if "mod" not in _state:
         _state["mod"], _state["reason"] = _load()
-        mode = os.environ.get(DECODE_ACT_ENV, "").strip().lower()
-        if mode not in ("", "int8", "bf16"):
-            print(f"hetero: {DECODE_ACT_ENV}={mode!r} ignored: it takes int8 or bf16", file=sys.stderr)
-        elif _state["mod"] is not None and mode == "int8":
-            _state["mod"].set_act_int8(True)
+        mod = _state["mod"]
+        # the decode activation mode: set once a process (set_enabled reloading keeps a switched one)
+        if mod is not None and hasattr(mod, "set_act_int8") and not _state.get("act_set"):
+            _state["act_set"] = True
+            mode = os.environ.get(DECODE_ACT_ENV, "").strip().lower()
+            if mode not in ("", "int8", "bf16"):
+                print(f"hetero: {DECODE_ACT_ENV}={mode!r} ignored: it takes int8 or bf16", file=sys.stderr)
+                mode = ""
+            mod.set_act_int8(mode != "bf16" and _has_int8(mod))   # int8 unless asked for bf16
     return _state["mod"]
 
 
-# HETERO_DECODE_ACT=int8: decode GEMVs over Q8_0 / Q4_0 / Q4_1 / Q4_K blocks round x to int8 (one
-# scale per 32 values; per 256 for Q4_K, as llama.cpp rounds them) and run VNNI integer dot products
-# (kernels/blocks_i8.h): ~1.3-1.6x the bf16 loops' weight rate. Off by default: it changes decode numerics.
+def _has_int8(mod) -> bool:
+    return hasattr(mod, "has_act_int8") and bool(mod.has_act_int8())
+
+
+# Decode activations. int8 (the default where the CPU has AVX512-VNNI, VBMI and GFNI): decode GEMVs
+# over Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks round x to int8 (one scale per 32 values; per 256 for
+# the K types, as llama.cpp rounds them) and run VNNI integer dot products (kernels/blocks_i8.h):
+# 1.1-1.5x the bf16 loops' weight rate, at +0.3-0.5% perplexity (docs/BENCHMARKS.md).
+# HETERO_DECODE_ACT=bf16 keeps x in bf16 (the prefill's numerics).
 DECODE_ACT_ENV = "HETERO_DECODE_ACT"
 
 
 def set_decode_act(mode: str) -> None:
-    """'int8' or 'bf16' (the default) for every decode GEMV over GGUF blocks in this process."""
+    """'int8' (the default where the CPU has the loops) or 'bf16' for every decode GEMV over GGUF
+    blocks in this process; 'int8' on a CPU without them runs bf16."""
     if mode not in ("int8", "bf16"):
         raise ValueError(f"decode activations: 'int8' or 'bf16', not {mode!r}")
     mod = get()
@@ -188,7 +199,7 @@ def set_decode_act(mode: str) -> None:
 
 def decode_act() -> str:
     mod = get()
-    return "int8" if mod is not None and hasattr(mod, "act_int8") and mod.act_int8() else "bf16"
+    return "int8" if mod is not None and hasattr(mod, "act_int8") and mod.act_int8() and _has_int8(mod) else "bf16"
 
 
 def status() -> dict:

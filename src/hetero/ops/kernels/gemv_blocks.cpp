@@ -8,6 +8,7 @@
 namespace { std::atomic<bool> g_act_int8{false}; }
 void set_act_int8(bool on) { g_act_int8 = on; }
 bool act_int8() { return g_act_int8; }
+bool has_act_int8() { return cpu_has_i8dot(); }
 
 // x: K values (fp32 or bf16; y in x's dtype, or fp32 with fp32_out: unrounded logits), data: [N, row bytes] uint8 blocks of `kind` -> [N].
 torch::Tensor gemv_gguf(torch::Tensor x, torch::Tensor data, int64_t kind, int64_t K, bool fp32_out) {

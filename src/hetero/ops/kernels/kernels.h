@@ -34,6 +34,7 @@ torch::Tensor dequant_gguf(torch::Tensor data, int64_t kind, int64_t K);
 // Single, batched and whole-stack steps read it alike, so a batched row keeps the single step's bits.
 void set_act_int8(bool on);
 bool act_int8();
+bool has_act_int8();   // this CPU has the int8 loops (AVX512-VNNI, VBMI, GFNI)
 
 // ---- A MoE layer's k routed experts for one token, one call (experts.cpp) ---------------------
 torch::Tensor experts_ffn(torch::Tensor x, int64_t kind, std::vector<torch::Tensor> gu_w, std::vector<torch::Tensor> gu_s,

@@ -35,6 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_gguf", &dequant_gguf, nogil);
   m.def("set_act_int8", &set_act_int8);
   m.def("act_int8", &act_int8);
+  m.def("has_act_int8", &has_act_int8);
   m.def("rmsnorm", &rmsnorm, nogil);
   m.def("add_rmsnorm", &add_rmsnorm, nogil);
   m.def("decode_attention", &decode_attention, nogil);

@@ -43,7 +43,8 @@ def int8_rounded(x: torch.Tensor, group: int) -> torch.Tensor:
     return (q.double() * d.double()[:, None]).reshape(-1)
 
 
-@pytest.mark.parametrize("ggml_type,n,k", [("Q8_0", 40, 576), ("Q4_0", 37, 576), ("Q4_1", 64, 2048),
+@pytest.mark.parametrize("ggml_type,n,k", [("Q8_0", 40, 576), ("Q8_0", 9, 224), ("Q8_0", 3, 32), ("Q8_0", 17, 2048),
+                                            ("Q4_0", 37, 576), ("Q4_0", 6, 96), ("Q4_1", 64, 2048), ("Q4_1", 5, 224),
                                             ("Q4_K", 33, 2048), ("Q4_K", 5, 256), ("Q6_K", 29, 2048),
                                             ("Q6_K", 3, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

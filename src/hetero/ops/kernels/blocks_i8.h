@@ -4,7 +4,7 @@
 // kinds: one scale per 32 values (Q8_0, Q4_0, Q4_1) or per 256 with per-32 or per-16 sums (Q4_K,
 // Q6_K: llama.cpp's q8_K). Each block's integer dot is exact (int32), scaled once in fp32. vpdpbusd does 64 multiply-
 // adds per 512-bit operation, twice the bf16 pair products of blocks.h, and the per-block float work
-// is shared by four blocks (Q4_0/Q4_1) or a whole 256-block (Q4_K): these loops spend about half the
+// is shared by four blocks (Q8_0, Q4_0, Q4_1) or a whole 256-block (Q4_K, Q6_K): these loops spend about half the
 // 512-bit operations per byte of the bf16 ones, which ran compute-bound near one thread's share of
 // the memory rate.
 //
@@ -29,7 +29,7 @@ enum I8Family : int { I8_NONE = -1, I8_Q8 = 0, I8_Q4 = 1, I8_K4 = 2, I8_K6 = 3 }
 constexpr int I8_FAMILIES = 4;
 
 inline int i8_family(int64_t kind, int64_t K) {
-  if (kind == KIND_Q8_0 && K % 64 == 0) return I8_Q8;
+  if (kind == KIND_Q8_0 && K % 32 == 0) return I8_Q8;
   if ((kind == KIND_Q4_0 || kind == KIND_Q4_1) && K % 32 == 0) return I8_Q4;
   if (kind == KIND_Q4_K && K % 256 == 0) return I8_K4;
   if (kind == KIND_Q6_K && K % 256 == 0) return I8_K6;
@@ -44,10 +44,12 @@ inline int64_t i8_q_len(int64_t K) { return round_up(K, 256); }
 inline int64_t i8_f_len(int64_t K) { return round_up(K, 256) / 4; }
 
 // One activation row as a family's loop reads it (K rounded up to 128 or 256 with zeros).
-//   Q8: q  natural order;  lane  per pair of blocks, 16 lanes (8 a block): dx, and c (-128 * sum q
-//       in the block's first lane: the loop adds 128 to the weights to make them unsigned).
-//   Q4: q  per 4 blocks: their weights 0-15, then 16-31 (the nibble order); 16 lanes (4 a block):
-//       dx, c (-8 * sum q, first lane), m (dx * sum q, first lane: Q4_1's offset term).
+//   Q8, Q4: q  per 4 blocks (128 values), two 64-byte vectors: lane l (4 bytes) of the first holds
+//       values 4(l/4)..+3 of block l%4, of the second values 16 + 4(l/4)..+3 (for Q4_0/Q4_1 the
+//       low and high nibbles); so every lane's sum is one block's, and a block's per-row terms are
+//       4 values a group (lanes 0-3, or broadcast to all): d: dx; c: -128 * sum q (Q8: the loop
+//       adds 128 to the weights to make them unsigned) or -8 * sum q (Q4); m: dx * sum q (Q4_1's
+//       offset term).
 //   K4: q  per 128: sub-blocks 4c, 4c+2 (the low nibbles of a 64-byte load), then 4c+1, 4c+3;
 //       d: dx per 256; bs: sum q per sub-block of 32.
 //   K6: q  natural order; d: dx per 256; bs: sum q per 16 (Q6_K's sub-block).
@@ -106,26 +108,18 @@ I8_TARGET inline void i8_prep(int f, const float* x, int64_t K, const XI8& o) {
     return;
   }
   quant_groups(x, K, 32, qn.data(), dn.data(), sn.data());
-  if (f == I8_Q8) {
-    std::memcpy(o.q, qn.data(), K);
-    for (int64_t b = 0; b < nb; ++b)
-      for (int j = 0; j < 8; ++j) { o.d[8 * b + j] = dn[b]; o.c[8 * b + j] = j ? 0 : -128 * sn[b]; }
-    return;
-  }
-  const int64_t G = (nb + 3) / 4;   // Q4: groups of 4 blocks, the last padded with zero blocks
+  const int64_t G = (nb + 3) / 4;   // Q8, Q4: groups of 4 blocks, the last padded with zero blocks
   std::memset(o.q, 0, G * 128);
   for (int64_t b = 0; b < 4 * G; ++b) {
     const bool in = b < nb;
     const int64_t g = b / 4, j = b % 4;
-    if (in) {
-      std::memcpy(o.q + 128 * g + 16 * j, qn.data() + 32 * b, 16);
-      std::memcpy(o.q + 128 * g + 64 + 16 * j, qn.data() + 32 * b + 16, 16);
-    }
-    for (int l = 0; l < 4; ++l) {
-      o.d[16 * g + 4 * j + l] = in ? dn[b] : 0.f;
-      o.c[16 * g + 4 * j + l] = in && !l ? -8 * sn[b] : 0;
-      o.m[16 * g + 4 * j + l] = in && !l ? dn[b] * static_cast<float>(sn[b]) : 0.f;
-    }
+    if (in)
+      for (int h = 0; h < 2; ++h)
+        for (int w = 0; w < 4; ++w)   // lane 4w + j of vector h: values 16h + 4w .. +3 of block j
+          std::memcpy(o.q + 128 * g + 64 * h + 4 * (4 * w + j), qn.data() + 32 * b + 16 * h + 4 * w, 4);
+    o.d[4 * g + j] = in ? dn[b] : 0.f;
+    o.c[4 * g + j] = in ? (f == I8_Q8 ? -128 : -8) * sn[b] : 0;
+    o.m[4 * g + j] = in ? dn[b] * static_cast<float>(sn[b]) : 0.f;
   }
 }
 
@@ -134,35 +128,59 @@ I8_TARGET inline __m512i hi_nibbles(__m512i v) {
   return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
 }
 
-// ---- Q8_0: two blocks a step --------------------------------------------------------------------
+// ---- Q8_0: four blocks a step --------------------------------------------------------------------
+// Four 32-byte loads, two dword permutes into the lane order above; per activation row two vpdpbusd,
+// and one convert and one FMA for the four blocks.
+struct Q8I8Consts {
+  __m512i pa, pb;   // dwords of (blocks 0, 1 | blocks 2, 3) into the two vectors
+  I8_TARGET Q8I8Consts() {
+    alignas(64) uint32_t a[16], b[16];
+    for (int l = 0; l < 16; ++l) {
+      const int blk = l % 4, dw = l / 4, base = (blk < 2 ? 0 : 16) + 8 * (blk % 2);
+      a[l] = static_cast<uint32_t>(base + dw);
+      b[l] = static_cast<uint32_t>(base + 4 + dw);
+    }
+    pa = _mm512_load_si512(a);
+    pb = _mm512_load_si512(b);
+  }
+};
+
 template <int NX>
-I8_TARGET inline void q8_row_i8(const XI8* xs, const uint8_t* row, int64_t rb, int64_t K, float* const* y, int64_t n) {
+I8_TARGET inline void q8_row_i8(const Q8I8Consts& c, const XI8* xs, const uint8_t* row, int64_t rb, int64_t K,
+                                float* const* y, int64_t n) {
   constexpr int64_t B = 34;
-  const int64_t P = K / 64;
+  const int64_t nb = K / 32, G = (nb + 3) / 4;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[NX];
   for (int x = 0; x < NX; ++x) acc[x] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
-    prefetch_rows<1>(row, rb, 2 * B * p, 2 * B);
-    const uint8_t* b0 = row + 2 * B * p;
-    const __m512i w = _mm512_xor_si512(flip, _mm512_inserti64x4(  // w + 128: unsigned
-        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + B + 2)), 1));
-    int16_t h0, h1;   // the two blocks' scales in lanes 0-7 / 8-15
-    std::memcpy(&h0, b0, 2);
-    std::memcpy(&h1, b0 + B, 2);
-    const __m512 sc = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(h0)), _mm_set1_epi16(h1), 1));
+  for (int64_t g = 0; g < G; ++g) {
+    prefetch_rows<1>(row, rb, 4 * B * g, 4 * B);
+    const uint8_t* p = row + 4 * B * g;
+    const int64_t nbk = std::min<int64_t>(4, nb - 4 * g);   // blocks in this step (the last may have fewer)
+    auto blk = [&](int j) {
+      return j < nbk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + B * j + 2)) : _mm256_setzero_si256();
+    };
+    const __m512i z0 = _mm512_inserti64x4(_mm512_castsi256_si512(blk(0)), blk(1), 1);
+    const __m512i z1 = _mm512_inserti64x4(_mm512_castsi256_si512(blk(2)), blk(3), 1);
+    const __m512i wa = _mm512_xor_si512(flip, _mm512_permutex2var_epi32(z0, c.pa, z1));   // w + 128: unsigned
+    const __m512i wb = _mm512_xor_si512(flip, _mm512_permutex2var_epi32(z0, c.pb, z1));
+    uint16_t h[4] = {0, 0, 0, 0};
+    for (int j = 0; j < nbk; ++j) std::memcpy(h + j, p + B * j, 2);
+    const __m512 sc = _mm512_broadcast_f32x4(_mm_cvtph_ps(_mm_setr_epi16(h[0], h[1], h[2], h[3], 0, 0, 0, 0)));
     for (int x = 0; x < NX; ++x) {
-      const __m512i t = _mm512_dpbusd_epi32(_mm512_loadu_si512(xs[x].c + 16 * p), w, _mm512_loadu_si512(xs[x].q + 64 * p));
-      acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc, _mm512_loadu_ps(xs[x].d + 16 * p)), acc[x]);
+      const XI8& r = xs[x];
+      __m512i t = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.c + 4 * g)));
+      t = _mm512_dpbusd_epi32(t, wa, _mm512_loadu_si512(r.q + 128 * g));
+      t = _mm512_dpbusd_epi32(t, wb, _mm512_loadu_si512(r.q + 128 * g + 64));
+      acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(sc, _mm512_broadcast_f32x4(_mm_loadu_ps(r.d + 4 * g))), acc[x]);
     }
   }
   for (int x = 0; x < NX; ++x) y[x][n] = _mm512_reduce_add_ps(acc[x]);
 }
 
 // ---- Q4_0 / Q4_1: four blocks a step ------------------------------------------------------------
-// Two loads cover four blocks' bytes (72 or 80); one byte permute gathers their 64 nibble bytes, one
-// word permute their scales (four lanes each, as the dot product's lanes fall).
+// Two loads cover four blocks' bytes (72 or 80); one byte permute gathers their 64 nibble bytes into
+// the lane order above, one word permute their scales (lane l: block l%4's).
 template <bool M1>
 struct Q4I8Consts {
   __m512i iq, id, im;
@@ -170,10 +188,10 @@ struct Q4I8Consts {
     constexpr int B = M1 ? 20 : 18, OFF = M1 ? 4 : 2;
     alignas(64) uint8_t q[64];
     alignas(64) uint16_t d[32], m[32];
-    for (int j = 0; j < 4; ++j)
-      for (int i = 0; i < 16; ++i) q[16 * j + i] = static_cast<uint8_t>(B * j + OFF + i);
+    for (int l = 0; l < 16; ++l)   // lane l: bytes 4(l/4)..+3 of block l%4's nibbles
+      for (int b = 0; b < 4; ++b) q[4 * l + b] = static_cast<uint8_t>(B * (l % 4) + OFF + 4 * (l / 4) + b);
     for (int l = 0; l < 32; ++l) {
-      const int j = (l % 16) / 4;
+      const int j = l % 4;
       d[l] = static_cast<uint16_t>(B * j / 2);
       m[l] = static_cast<uint16_t>(B * j / 2 + 1);
     }
@@ -204,11 +222,12 @@ I8_TARGET inline void q4_row_i8(const Q4I8Consts<M1>& c, const XI8* xs, const ui
     if (M1) mv = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(a, c.im, b)));
     for (int x = 0; x < NX; ++x) {
       const XI8& r = xs[x];
-      __m512i t = M1 ? _mm512_setzero_si512() : _mm512_loadu_si512(r.c + 16 * g);
+      __m512i t = M1 ? _mm512_setzero_si512()
+                     : _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.c + 4 * g)));
       t = _mm512_dpbusd_epi32(t, lo, _mm512_loadu_si512(r.q + 128 * g));
       t = _mm512_dpbusd_epi32(t, hi, _mm512_loadu_si512(r.q + 128 * g + 64));
-      acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dv, _mm512_loadu_ps(r.d + 16 * g)), acc[x]);
-      if (M1) acc[x] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(r.m + 16 * g), acc[x]);
+      acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dv, _mm512_broadcast_f32x4(_mm_loadu_ps(r.d + 4 * g))), acc[x]);
+      if (M1) acc[x] = _mm512_fmadd_ps(mv, _mm512_zextps128_ps512(_mm_loadu_ps(r.m + 4 * g)), acc[x]);
     }
   }
   for (int x = 0; x < NX; ++x) y[x][n] = _mm512_reduce_add_ps(acc[x]);
@@ -330,6 +349,7 @@ I8_TARGET inline void q6k_row_i8(const K6I8Consts& c, const XI8* xs, const uint8
 // Rows [n0, n1) of W (`kind`, family f, [N, row bytes] from w) for NX activation rows into y[x][n].
 template <int NX>
 I8_TARGET void i8_rows_t(int64_t kind, const XI8* xs, const uint8_t* w, int64_t K, float* const* y, int64_t n0, int64_t n1) {
+  static const Q8I8Consts c8;
   static const Q4I8Consts<false> c40;
   static const Q4I8Consts<true> c41;
   static const K4I8Consts ck;
@@ -338,7 +358,7 @@ I8_TARGET void i8_rows_t(int64_t kind, const XI8* xs, const uint8_t* w, int64_t 
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * rb;
     switch (kind) {
-      case KIND_Q8_0: q8_row_i8<NX>(xs, row, rb, K, y, n); break;
+      case KIND_Q8_0: q8_row_i8<NX>(c8, xs, row, rb, K, y, n); break;
       case KIND_Q4_0: q4_row_i8<false, NX>(c40, xs, row, rb, K, y, n); break;
       case KIND_Q4_1: q4_row_i8<true, NX>(c41, xs, row, rb, K, y, n); break;
       case KIND_Q6_K: q6k_row_i8<NX>(c6, xs, row, rb, K, y, n); break;

@@ -103,10 +103,15 @@ void lin_rows_m(const Lin& L, const Input* in, int64_t M, int64_t c0, int64_t c1
       auto rin = [&](int64_t m) { return BlockRowsIn{in[m].x, in[m].xb, in[m].xs8}; };
       auto out = [&](int64_t m) { return y[m] + (a - c0); };
       if (const int f = i8_kind(p.kind, K); f != I8_NONE) {   // int8 activations: every row's in one pass
-        std::vector<XI8> xv(M);
-        std::vector<float*> ys(M);
-        for (int64_t m = 0; m < M; ++m) { xv[m] = in[m].i8[f]; ys[m] = out(m); }
-        i8_rows_chunked(p.kind, xv.data(), M, w + (a - p.n0) * block_row_bytes(p.kind, K), K, ys.data(), 0, b - a);
+        constexpr int64_t S = 32;   // on the stack for a decode step's rows (this runs per chunk)
+        XI8 xs_s[S];
+        float* ys_s[S];
+        std::vector<XI8> xv(M > S ? M : 0);
+        std::vector<float*> yv(M > S ? M : 0);
+        XI8* xv_p = M > S ? xv.data() : xs_s;
+        float** ys = M > S ? yv.data() : ys_s;
+        for (int64_t m = 0; m < M; ++m) { xv_p[m] = in[m].i8[f]; ys[m] = out(m); }
+        i8_rows_chunked(p.kind, xv_p, M, w + (a - p.n0) * block_row_bytes(p.kind, K), K, ys, 0, b - a);
         continue;
       }
       // (block linears run bf16 activations: add_layer checks it)

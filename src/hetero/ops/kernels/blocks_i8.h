@@ -233,6 +233,14 @@ I8_TARGET inline void q4_row_i8(const Q4I8Consts<M1>& c, const XI8* xs, const ui
   for (int x = 0; x < NX; ++x) y[x][n] = _mm512_reduce_add_ps(acc[x]);
 }
 
+// A 256-block's integer dot: unsigned weights w (4 vectors) by x q (signed), pair sums (vpmaddubsw)
+// times word scales sc per sub-block (vpdpwssd). Q4_K's and Q6_K's inner step.
+I8_TARGET inline __m512i scaled_dot256(const __m512i* w, const int8_t* q, const __m512i* sc) {
+  __m512i s = _mm512_setzero_si512();
+  for (int v = 0; v < 4; ++v) s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(w[v], _mm512_loadu_si512(q + 64 * v)), sc[v]);
+  return s;
+}
+
 // ---- Q4_K: a 256-block a step -------------------------------------------------------------------
 // The sub-block scales (6-bit integers) multiply inside the integer sums (vpmaddubsw pairs, then
 // vpdpwssd by a word vector of scales), so a block's float work is one convert and one FMA.
@@ -271,10 +279,7 @@ I8_TARGET inline void q4k_row_i8(const K4I8Consts& c, const XI8* xs, const uint8
     const __m512i w[4] = {_mm512_and_si512(v0, m15), hi_nibbles(v0), _mm512_and_si512(v1, m15), hi_nibbles(v1)};
     for (int x = 0; x < NX; ++x) {
       const XI8& r = xs[x];
-      const int8_t* q = r.q + 256 * i;
-      __m512i s = _mm512_setzero_si512();
-      for (int v = 0; v < 4; ++v)
-        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(w[v], _mm512_loadu_si512(q + 64 * v)), sc[v]);
+      __m512i s = scaled_dot256(w, r.q + 256 * i, sc);
       const __m128 ddx = _mm_mul_ps(dd, _mm_set1_ps(r.d[i]));
       acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_broadcastss_ps(ddx), acc[x]);
       const __m128i mi = _mm_madd_epi16(mn, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.bs + 8 * i)));
@@ -334,10 +339,7 @@ I8_TARGET inline void q6k_row_i8(const K6I8Consts& c, const XI8* xs, const uint8
     const float d = _cvtsh_ss(dh);
     for (int x = 0; x < NX; ++x) {
       const XI8& r = xs[x];
-      const int8_t* q = r.q + 256 * i;
-      __m512i s = _mm512_setzero_si512();
-      for (int v = 0; v < 4; ++v)
-        s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(w[v], _mm512_loadu_si512(q + 64 * v)), sc[v]);
+      __m512i s = scaled_dot256(w, r.q + 256 * i, sc);
       const __m256i o = _mm256_madd_epi16(sc16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.bs + 16 * i)));
       s = _mm512_sub_epi32(s, _mm512_slli_epi32(_mm512_zextsi256_si512(o), 5));   // - 32 * sum sc * x
       acc[x] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * r.d[i]), acc[x]);

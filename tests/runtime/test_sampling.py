@@ -16,12 +16,14 @@ def reference_nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
 
 def test_nucleus_is_the_full_sorts_for_peaked_and_flat_distributions():
     g = torch.Generator().manual_seed(0)
-    for scale in (0.1, 1.0, 3.0, 8.0):  # flat (falls back to sorting more) to peaked (top 64 hold it)
+    for scale in (0.1, 1.0, 3.0, 8.0):  # flat (bucketed by value) to peaked (the top 64 hold it)
         for top_p in (0.05, 0.5, 0.9, 0.99):
             probs = torch.softmax(torch.randn(5000, generator=g) * scale, 0)
             p, ids = _nucleus(probs, None, top_p)
             assert set(ids.tolist()) == reference_nucleus(probs, top_p)
-            assert torch.equal(p, probs[ids]) and bool((p[:-1] >= p[1:]).all())
+            assert torch.equal(p, probs[ids])
+            if scale >= 8.0:   # the top 64 hold it: most likely first
+                assert bool((p[:-1] >= p[1:]).all())
 
 
 def test_draws_follow_the_distribution():
@@ -52,3 +54,14 @@ def test_a_seed_repeats_and_another_differs():
         a, b, c = (Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=s)) for s in (7, 7, 8))
         da, db, dc = ([x(logits, []) for _ in range(10)] for x in (a, b, c))
         assert da == db and da != dc
+
+
+def test_nucleus_of_a_flat_vocabulary_with_masked_tokens():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(32000, generator=g)
+    logits[::3] = float("-inf")   # probability 0: never in the nucleus
+    probs = torch.softmax(logits, 0)
+    for top_p in (0.3, 0.95, 0.999999):
+        p, ids = _nucleus(probs, None, top_p)
+        assert set(ids.tolist()) == reference_nucleus(probs, top_p) - {i for i in range(0, 32000, 3)}
+        assert bool((p > 0).all()) and torch.equal(p, probs[ids])

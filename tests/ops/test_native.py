@@ -125,6 +125,21 @@ def test_mixed_segments_bias_and_stack_operands(path):
         assert ops[0] == kernels.kinds()["q4_k"] and ops[1].data_ptr() == one.segments[0].data.data_ptr()
 
 
+@pytest.mark.parametrize("act", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_rows_are_each_groups_alone(dtype, act, path):
+    """A ragged step's groups (decode rows, a 1-token chunk, short and long prefill chunks) share
+    the weight reads and keep the bits each group gets alone, to the bit."""
+    fused = cat_rows([random_blocks("Q4_K", 32, 256, 1), random_blocks("Q6_K", 16, 256, 2)])
+    kernels.set_decode_act(act)   # int8: the row kernels and GEMV on int8 activations (where the CPU has them)
+    lin = make_linear(fused, torch.randn(48), "native")
+    groups = [(0, 3, True), (3, 4, False), (4, 11, False), (11, 51, False), (51, 80, False), (80, 120, False)]
+    x = torch.randn(1, 120, 256, generator=torch.Generator().manual_seed(4)).to(dtype)
+    alone = torch.cat([(lin.rows if dec else lin)(x[:, a:b]) for a, b, dec in groups], dim=1)
+    got = lin.grouped(x, groups)
+    assert got.shape == (1, 120, 48) and got.dtype == dtype and torch.equal(got, alone)
+
+
 def test_a_block_precision_converts_other_segments_and_floats():
     w = torch.randn(40, 256) * 0.05
     a = make_linear(w, None, "q4_1")

@@ -235,6 +235,8 @@ class DecoderLayer(torch.nn.Module):
         # x: [1, N, in]: the decode rows in one call (M = B: the weight read once for all; `rows`
         # where the linear has a small-M kernel), each prefill chunk in its own forward (as alone:
         # a compute-bound GEMM gains nothing from sharing)
+        if len(r.groups) > 1 and hasattr(linear, "grouped"):  # the weight read once for the groups
+            return linear.grouped(x, r.groups)
         rows = getattr(linear, "rows", linear)
         parts = [(rows if dec and b - a > 1 else linear)(x[:, a:b]) for a, b, dec in r.groups]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -160,22 +160,51 @@ class NativeLinear(torch.nn.Module):
         ys = [self._k.gemm_rows_gguf(x2, s.data, kind, k, fp32_out) for s, kind in zip(self.segments, self._kinds)]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
+    def grouped(self, x: torch.Tensor, groups: list[tuple[int, int, bool]]) -> torch.Tensor:
+        """A ragged step's rows x [1, N, K], group by group (decode rows, prefill chunks: (first, end,
+        decode)) with the bits each gets alone, in fewer reads of the weight: groups of up to SMALL_M
+        rows run as rows of shared row-kernel calls (each row its GEMV's bits either way), longer
+        chunks share each dequantised weight block (the same per-chunk GEMMs). Eight short prompts
+        prefilled together read the weight once, not eight times."""
+        k = self.in_features
+        if self._k is None or x.device.type != "cpu" or len(groups) < 2:
+            return torch.cat([(self.rows if dec and b - a > 1 else self)(x[:, a:b]) for a, b, dec in groups], dim=1)
+        dt = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        x2 = x.reshape(-1, k).to(dt)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=dt, device=x.device)
+        small = torch.tensor([i for a, b, _ in groups if b - a <= SMALL_M for i in range(a, b)], dtype=torch.long)
+        for c in range(0, small.numel(), SMALL_M):
+            rows = small[c:c + SMALL_M]
+            xr = x2[rows].contiguous()
+            out[rows] = self.forward(xr) if rows.numel() == 1 else self._add_bias(self._rows(xr, False))
+        long = [(a, b) for a, b, _ in groups if b - a > SMALL_M]
+        if long:
+            for (a, b), y in zip(long, self._matmuls([x2[a:b] for a, b in long])):
+                out[a:b] = self._add_bias(y)
+        return out.view(1, -1, self.out_features)
+
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 [M, K] @ W.T in x2's dtype, dequantising DEQUANT_ELEMENTS weights at a time."""
+        return self._matmuls([x2])[0]
+
+    def _matmuls(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each x [M, K] @ W.T in its dtype, each block of W dequantised once for all of them."""
         k = self.in_features
         rows = max(16, DEQUANT_ELEMENTS // max(1, k) // 16 * 16)
-        out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)
+        outs = [torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device) for x2 in xs]
         o = 0
         for j, s in enumerate(self.segments):
             kind = self._kinds[j] if self._k is not None else None
             for r in range(0, s.shape[0], rows):
-                if kind is not None and x2.device.type == "cpu":   # compiled, the same exact values
-                    w = self._k.dequant_gguf(s.data[r:r + rows], kind, k).to(x2.dtype)
+                if kind is not None and xs[0].device.type == "cpu":   # compiled, the same exact values
+                    w = self._k.dequant_gguf(s.data[r:r + rows], kind, k)
                 else:
-                    w = dequantize_rows(s.ggml_type, s.data[r:r + rows], k).to(x2.dtype)
-                out[:, o + r:o + r + w.shape[0]] = F.linear(x2, w)
+                    w = dequantize_rows(s.ggml_type, s.data[r:r + rows], k)
+                w = w.to(xs[0].dtype)   # one dtype for all of them (a step's rows)
+                for x2, out in zip(xs, outs):
+                    out[:, o + r:o + r + w.shape[0]] = F.linear(x2, w)
             o += s.shape[0]
-        return out
+        return outs
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 rows `ids` (1-D, output features) of the weight: an embedding tied to this head."""

@@ -63,10 +63,12 @@ def test_int8_gemv_is_the_exact_dot_with_x_rounded(ggml_type, n, k, dtype, int8_
     y0 = m.gemv_gguf(x, bt.data, kind, k, True).double()
     kernels.set_decode_act("int8")
     assert 1e-4 < (y - y0).abs().max() / scale < 5e-2
-    # a batched call: each row the single call's bits (11 rows: passes of 8, 2 and 1)
+    # a batched call: each row the single call's bits (3 rows ride a 4-row pass, 6 and 7 an 8-row
+    # one, 11 a pass of 8 then a padded 4)
     xb = torch.randn(11, k, generator=g).to(dtype)
-    rows = m.gemm_rows_gguf(xb, bt.data, kind, k, True)
-    assert torch.equal(rows, torch.stack([m.gemv_gguf(xb[i], bt.data, kind, k, True) for i in range(11)]))
+    alone = torch.stack([m.gemv_gguf(xb[i], bt.data, kind, k, True) for i in range(11)])
+    for M in (2, 3, 6, 7, 11):
+        assert torch.equal(m.gemm_rows_gguf(xb[:M].contiguous(), bt.data, kind, k, True), alone[:M])
 
 
 def test_mode_switch_and_status():

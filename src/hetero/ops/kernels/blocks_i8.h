@@ -369,20 +369,40 @@ I8_TARGET void i8_rows_t(int64_t kind, const XI8* xs, const uint8_t* w, int64_t 
   }
 }
 
-// ... for M activation rows, in passes of up to 8 (each weight row unpacked once a pass).
+// ... for M activation rows, in passes of up to 8 (each weight row unpacked once a pass). 3 rows run
+// as a 4-row pass and 5 to 7 as an 8-row one, the spare rows repeating the last input into a scratch
+// output: a pass of 1 (or 2) more rows costs less than another pass (a 3-row step as 2 + 1 cost more
+// than a 4-row one, a 7-row one as 4 + 2 + 1 more than an 8-row one). Each row's arithmetic does not
+// depend on the pass it rides in, so its bits do not either.
+template <int T>
+inline void i8_rows_padded(int64_t kind, const XI8* xs, int64_t left, const uint8_t* w, int64_t K, float* const* y,
+                           int64_t n0, int64_t n1) {
+  static thread_local std::vector<float> spare;
+  if (static_cast<int64_t>(spare.size()) < n1) spare.resize(n1);
+  XI8 xp[T];
+  float* yp[T];
+  for (int i = 0; i < T; ++i) {
+    xp[i] = xs[std::min<int64_t>(i, left - 1)];
+    yp[i] = i < left ? y[i] : spare.data();
+  }
+  i8_rows_t<T>(kind, xp, w, K, yp, n0, n1);
+}
+
 inline void i8_rows(int64_t kind, const XI8* xs, int64_t M, const uint8_t* w, int64_t K, float* const* y, int64_t n0,
                     int64_t n1) {
   for (int64_t m = 0; m < M;) {
     const int64_t left = M - m;
     if (left >= 8) { i8_rows_t<8>(kind, xs + m, w, K, y + m, n0, n1); m += 8; }
-    else if (left >= 4) { i8_rows_t<4>(kind, xs + m, w, K, y + m, n0, n1); m += 4; }
-    else if (left >= 2) { i8_rows_t<2>(kind, xs + m, w, K, y + m, n0, n1); m += 2; }
+    else if (left >= 5) { i8_rows_padded<8>(kind, xs + m, left, w, K, y + m, n0, n1); m = M; }
+    else if (left == 4) { i8_rows_t<4>(kind, xs + m, w, K, y + m, n0, n1); m += 4; }
+    else if (left == 3) { i8_rows_padded<4>(kind, xs + m, left, w, K, y + m, n0, n1); m = M; }
+    else if (left == 2) { i8_rows_t<2>(kind, xs + m, w, K, y + m, n0, n1); m += 2; }
     else { i8_rows_t<1>(kind, xs + m, w, K, y + m, n0, n1); m += 1; }
   }
 }
 
-// i8_rows over [n0, n1) in chunks of rows (~24 KB) when M takes more than one pass, so the later
-// passes read a chunk from cache, not memory.
+// i8_rows over [n0, n1) in chunks of rows (~24 KB) when M takes more than one pass (past 8 rows), so
+// the later passes read a chunk from cache, not memory.
 inline void i8_rows_chunked(int64_t kind, const XI8* xs, int64_t M, const uint8_t* w, int64_t K, float* const* y,
                             int64_t n0, int64_t n1) {
   const int64_t ch = M <= 8 ? n1 - n0 : std::max<int64_t>(4, 24576 / block_row_bytes(kind, K));

@@ -183,22 +183,27 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t t_lo = nth == nth_all ? att_split[tid] : M * per_row * tid / nth;
     const int64_t t_hi = nth == nth_all ? att_split[tid + 1] : M * per_row * (tid + 1) / nth;
+    int64_t n0 = 0, n1 = 0;
+    // One row reuses nothing from cache: it takes its whole share of a linear in one call, as the
+    // one-token stack does (chunks of ~24 KB cost a 1-row step ~15% over that stack's).
+    const bool one = M == 1;
+    auto rows_per_call = [&](const Lin& L) { return one ? std::max<int64_t>(1, n1 - n0) : chunk_rows(L); };
     int64_t ch = 0;
     for (const Layer& ly : layers_)
-      for (const Lin* L : {&ly.qkv, &ly.o, &ly.gu, &ly.down}) ch = std::max(ch, chunk_rows(*L));
+      for (const Lin* L : {&ly.qkv, &ly.o, &ly.gu, &ly.down}) ch = std::max(ch, one ? L->N + ROWS : chunk_rows(*L));
     const int64_t G = group ? H / K : 1;
     std::vector<float> q(G * D), p(G * (longest + 1)), ybuf(2 * M * ch);
     alignas(64) __m512 sacc[16 * MAX_GROUP];
     std::vector<float*> y(M), yu(M);
     for (int64_t m = 0; m < M; ++m) { y[m] = ybuf.data() + 2 * m * ch; yu[m] = y[m] + ch; }
-    int64_t n0, n1;
     // the step's rows split over the threads (norms, input layouts)
     const int64_t r0 = M * tid / nth, r1 = M * (tid + 1) / nth;
     // this thread's share of lin's rows over every row's (prepared) input, added into x
     auto rows_into_residual = [&](const Lin& lin) {
       share_lin(lin, tid, nth, n0, n1);
-      for (int64_t a = n0; a < n1; a += chunk_rows(lin)) {
-        const int64_t b = std::min(n1, a + chunk_rows(lin));
+      const int64_t cr = rows_per_call(lin);
+      for (int64_t a = n0; a < n1; a += cr) {
+        const int64_t b = std::min(n1, a + cr);
         lin_rows_m(lin, in, M, a, b, y.data());
         for (int64_t m = 0; m < M; ++m) add_rows<T>(lin, y[m], a, b, x + m * E);
       }
@@ -213,8 +218,9 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
       }
 #pragma omp barrier
       share_lin(ly.qkv, tid, nth, n0, n1);
-      for (int64_t a = n0; a < n1; a += chunk_rows(ly.qkv)) {
-        const int64_t b = std::min(n1, a + chunk_rows(ly.qkv));
+      const int64_t cq = rows_per_call(ly.qkv);
+      for (int64_t a = n0; a < n1; a += cq) {
+        const int64_t b = std::min(n1, a + cq);
         lin_rows_m(ly.qkv, in, M, a, b, y.data());
         for (int64_t m = 0; m < M; ++m) put_rows<T>(ly.qkv, y[m], a, b, qkv.data() + m * Q);
       }
@@ -251,7 +257,7 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
 #pragma omp barrier
       // gate and up rows of the same range, so silu(gate) * up needs no barrier
       share(I, tid, nth, n0, n1);
-      const int64_t cg = std::max<int64_t>(ROWS, chunk_rows(ly.gu) / 2 / ROWS * ROWS);
+      const int64_t cg = one ? std::max<int64_t>(1, n1 - n0) : std::max<int64_t>(ROWS, chunk_rows(ly.gu) / 2 / ROWS * ROWS);
       for (int64_t a = n0; a < n1; a += cg) {
         const int64_t b = std::min(n1, a + cg);
         lin_rows_m(ly.gu, in, M, a, b, y.data());

@@ -32,6 +32,14 @@ int64_t lin_row_bytes(const Lin& L) {
   }
 }
 
+// Whether every part of L runs on int8 activations (i8_rows: all of a step's rows in one pass).
+bool all_i8(const Lin& L) {
+  if (L.parts.empty()) return false;
+  for (const auto& p : L.parts)
+    if (i8_kind(p.kind, L.K) == I8_NONE) return false;
+  return true;
+}
+
 // Weight rows per chunk: ~24 KB of them (L1 holds them while every activation row passes).
 int64_t chunk_rows(const Lin& L) { return std::max<int64_t>(ROWS, 24576 / lin_row_bytes(L) / ROWS * ROWS); }
 
@@ -184,13 +192,15 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
     const int64_t t_lo = nth == nth_all ? att_split[tid] : M * per_row * tid / nth;
     const int64_t t_hi = nth == nth_all ? att_split[tid + 1] : M * per_row * (tid + 1) / nth;
     int64_t n0 = 0, n1 = 0;
-    // One row reuses nothing from cache: it takes its whole share of a linear in one call, as the
-    // one-token stack does (chunks of ~24 KB cost a 1-row step ~15% over that stack's).
-    const bool one = M == 1;
-    auto rows_per_call = [&](const Lin& L) { return one ? std::max<int64_t>(1, n1 - n0) : chunk_rows(L); };
+    // A linear whose rows all pass in one go takes its whole share in one call, as the one-token
+    // stack does: one row (it reuses nothing from cache), or up to 8 over int8-activation blocks
+    // (one pass of i8_rows for every row). Chunks of ~24 KB, there for kernels that run row by
+    // row, cost a 1-row step 1.25-1.3x the one-token stack.
+    auto whole = [&](const Lin& L) { return M == 1 || (M <= 8 && all_i8(L)); };
+    auto rows_per_call = [&](const Lin& L) { return whole(L) ? std::max<int64_t>(1, n1 - n0) : chunk_rows(L); };
     int64_t ch = 0;
     for (const Layer& ly : layers_)
-      for (const Lin* L : {&ly.qkv, &ly.o, &ly.gu, &ly.down}) ch = std::max(ch, one ? L->N + ROWS : chunk_rows(*L));
+      for (const Lin* L : {&ly.qkv, &ly.o, &ly.gu, &ly.down}) ch = std::max(ch, whole(*L) ? L->N + ROWS : chunk_rows(*L));
     const int64_t G = group ? H / K : 1;
     std::vector<float> q(G * D), p(G * (longest + 1)), ybuf(2 * M * ch);
     alignas(64) __m512 sacc[16 * MAX_GROUP];
@@ -257,7 +267,7 @@ void DecodeStack::run_rows(T* x, int64_t M, const int64_t* pos, const T* c, cons
 #pragma omp barrier
       // gate and up rows of the same range, so silu(gate) * up needs no barrier
       share(I, tid, nth, n0, n1);
-      const int64_t cg = one ? std::max<int64_t>(1, n1 - n0) : std::max<int64_t>(ROWS, chunk_rows(ly.gu) / 2 / ROWS * ROWS);
+      const int64_t cg = whole(ly.gu) ? std::max<int64_t>(1, n1 - n0) : std::max<int64_t>(ROWS, chunk_rows(ly.gu) / 2 / ROWS * ROWS);
       for (int64_t a = n0; a < n1; a += cg) {
         const int64_t b = std::min(n1, a + cg);
         lin_rows_m(ly.gu, in, M, a, b, y.data());

@@ -83,7 +83,9 @@ class BatchRunner:
         self.pool = pool or KVPool(model, kv_bytes if kv_bytes is not None else DEFAULT_KV_BYTES, block=block)
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
         # None: fixed chunks of prefill_tokens (a prompt cut where it would be alone)
-        self.chunks = ChunkPolicy(prefill_tokens, least=4, stall=stall) if stall else None
+        # least 1: the timed size, not a floor, bounds the streams' gap (4 rows at ~1,900 positions
+        # cost about a whole decode step of 7 streams; docs/BENCHMARKS.md, chunked prefill)
+        self.chunks = ChunkPolicy(prefill_tokens, least=1, stall=stall) if stall else None
         self.queue: deque[_Seq] = deque()
         self.running: list[_Seq] = []       # in admission order
         self._next = 0

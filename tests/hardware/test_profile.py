@@ -179,6 +179,26 @@ def test_other_thread_count_remeasures(cache, counted):
     assert len(counted) == 2
 
 
+def test_other_decode_activations_remeasure(cache, counted):
+    """The GGUF GEMV rates depend on the decode activations (int8 loops or bf16): a profile holds for
+    the mode it was measured in; one from before the mode was recorded counts as bf16."""
+    get_profile(progress=False)
+    path = cache / "profiles" / f"{host_name()}.json"
+    d = json.loads(path.read_text())
+    assert d["versions"]["decode_act"] == profile.decode_act()
+    other = "int8" if profile.decode_act() == "bf16" else "bf16"
+    d["versions"]["decode_act"] = other
+    path.write_text(json.dumps(d))
+    with pytest.warns(ProfileCacheWarning, match=f"measured with {other} decode activations"):
+        get_profile(progress=False)
+    assert len(counted) == 2
+    d = json.loads(path.read_text())
+    del d["versions"]["decode_act"]
+    path.write_text(json.dumps(d))
+    get_profile(progress=False)
+    assert len(counted) == (2 if profile.decode_act() == "bf16" else 3)
+
+
 def test_save_is_atomic_on_failure(cache, counted, monkeypatch):
     prof = get_profile(progress=False)
     path = cache / "profiles" / f"{host_name()}.json"

@@ -2,8 +2,9 @@
 under cache_dir()/profiles/<host>.json (<host>.t<N>.json at a thread count N other than the CPU count),
 so planning never waits on a benchmark twice.
 
-A cached file that is corrupt, of an older schema version, measured with another thread count, or
-quick when a full one is asked for, is ignored with a warning and re-measured.
+A cached file that is corrupt, of an older schema version, measured with another thread count or
+other decode activations (int8 or bf16, ops.kernels.decode_act), or quick when a full one is asked
+for, is ignored with a warning and re-measured.
 """
 from __future__ import annotations
 
@@ -49,7 +50,15 @@ def versions() -> dict[str, str]:
     except Exception:
         hetero_v = "unknown"
     return {"torch": torch.__version__, "python": platform.python_version(), "numpy": numpy.__version__,
-            "hetero": hetero_v, "threads": str(torch.get_num_threads())}
+            "hetero": hetero_v, "threads": str(torch.get_num_threads()), "decode_act": decode_act()}
+
+
+def decode_act() -> str:
+    """The decode activations the GGUF GEMV probes run on in this process (ops.kernels): int8 loops
+    stream the blocks 1.1-1.5x as fast as bf16 ones, so a profile holds for one mode."""
+    from hetero.ops import kernels
+
+    return kernels.decode_act()
 
 
 @contextmanager
@@ -163,6 +172,12 @@ def load_cached(host: str, quick: bool = True) -> Profile | None:
         warnings.warn(f"cached profile {path} was measured with {prof.versions.get('threads')} threads, "
                       f"now {threads}; re-measuring", ProfileCacheWarning, stacklevel=3)
         return None
+    # a profile from before the mode was recorded was measured on bf16 activations
+    act = prof.versions.get("decode_act", "bf16")
+    if act != decode_act():
+        warnings.warn(f"cached profile {path} was measured with {act} decode activations, now "
+                      f"{decode_act()}; re-measuring", ProfileCacheWarning, stacklevel=3)
+        return None
     if not quick and prof.mode != "full":
         return None  # a full profile was asked for: a quick one does not count, no warning needed
     return prof
@@ -249,6 +264,7 @@ def get_profile_isolated() -> Profile:
     # a profile from before the batched-decode probe: only that is measured, the rest kept
     refresh = cached is None
     code = (f"import torch; torch.set_num_threads({threads}); "
+            f"from hetero.ops import kernels; kernels.set_decode_act({decode_act()!r}); "
             f"from hetero.hardware.profile import get_profile; get_profile(refresh={refresh}, progress=False)")
     print("note: measuring this machine's profile once, in a child process" if refresh else
           "note: measuring this machine's batched-decode rates once, in a child process", file=sys.stderr, flush=True)

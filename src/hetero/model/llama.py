@@ -233,9 +233,9 @@ class DecoderLayer(torch.nn.Module):
     @staticmethod
     def _grouped(linear, x: torch.Tensor, r: Ragged) -> torch.Tensor:
         # x: [1, N, in]: the decode rows in one call (M = B: the weight read once for all; `rows`
-        # where the linear has a small-M kernel), each prefill chunk in its own forward (as alone:
-        # a compute-bound GEMM gains nothing from sharing)
-        if len(r.groups) > 1 and hasattr(linear, "grouped"):  # the weight read once for the groups
+        # where the linear has a small-M kernel), each prefill chunk as its own forward gives it
+        # alone; a GGUF linear (`grouped`) shares its weight reads across the groups, bits unchanged
+        if len(r.groups) > 1 and hasattr(linear, "grouped"):
             return linear.grouped(x, r.groups)
         rows = getattr(linear, "rows", linear)
         parts = [(rows if dec and b - a > 1 else linear)(x[:, a:b]) for a, b, dec in r.groups]
